@@ -1,0 +1,2 @@
+//! CA signing benchmark (filled in next).
+fn main() {}

@@ -1,0 +1,249 @@
+//! The `ca` command line: `serve`, `token`, `root`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::authority::{Authority, AuthorityOptions, ImportOutcome};
+
+/// weft's certificate authority: issues SPIFFE workload certificates to token-authenticated callers.
+#[derive(Debug, Parser)]
+#[command(name = "ca", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve CreateCertificate over gRPC/TLS. Prints `listening on ADDR` once bound.
+    Serve(ServeArgs),
+    /// Print a bootstrap token for a namespace/service account.
+    Token(TokenArgs),
+    /// Print the root certificate (PEM), what clients take as --ca-root.
+    Root(RootArgs),
+}
+
+/// `ca serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory holding the CA key, certificate chain and token key (created on first start).
+    #[arg(long, env = "WEFT_CA_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address to listen on, e.g. 127.0.0.1:15010 (port 0 picks a free port).
+    #[arg(long, env = "WEFT_CA_LISTEN")]
+    pub listen: String,
+    /// Trust domain of issued SPIFFE IDs.
+    #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Validity of a workload certificate when the request names none (e.g. 24h, 90m, 30s).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+    /// Longest validity issued; longer requests are capped to it.
+    #[arg(long, default_value = "90d", value_parser = parse_duration)]
+    pub max_cert_ttl: Duration,
+    /// Plug in an operator's CA: its certificate (a root or an intermediate) followed by the rest of
+    /// its chain up to and including the self-signed root. Installed into --data-dir. Needs --root-key.
+    #[arg(long, requires = "root_key")]
+    pub root_cert: Option<PathBuf>,
+    /// The private key of --root-cert's first certificate (PKCS#8 PEM).
+    #[arg(long, requires = "root_cert")]
+    pub root_key: Option<PathBuf>,
+}
+
+/// `ca token` flags.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// The CA's data directory (the token is signed with its token key).
+    #[arg(long, env = "WEFT_CA_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Namespace of the identity.
+    #[arg(long)]
+    pub namespace: String,
+    /// Service account of the identity.
+    #[arg(long)]
+    pub service_account: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Trust domain (must match the CA's, to refuse identities it could not issue).
+    #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
+    pub trust_domain: String,
+}
+
+/// `ca root` flags.
+#[derive(Debug, clap::Args)]
+pub struct RootArgs {
+    /// The CA's data directory.
+    #[arg(long, env = "WEFT_CA_DATA_DIR")]
+    pub data_dir: PathBuf,
+}
+
+/// Parses `24h`, `90d`, `1h30m`, `45s`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: use e.g. 30s, 90m, 24h, 90d, 1h30m");
+    if s.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86400),
+            _ => return Err(err()),
+        };
+        total = unit
+            .checked_mul(u32::try_from(n).map_err(|_| err())?)
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(err)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => {
+            let authority = load(&args.data_dir, &args.trust_domain)?;
+            let token = authority
+                .issue_token(&args.namespace, &args.service_account, args.ttl)
+                .context("cannot issue token")?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Root(args) => {
+            let path = args.data_dir.join(crate::authority::ROOT_FILE);
+            let pem = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "cannot read {} (has `ca serve --data-dir {}` run?)",
+                    path.display(),
+                    args.data_dir.display()
+                )
+            })?;
+            print!("{pem}");
+            Ok(())
+        }
+    }
+}
+
+fn load(dir: &std::path::Path, trust_domain: &str) -> Result<Authority> {
+    Authority::load_or_create(
+        dir,
+        AuthorityOptions {
+            trust_domain: trust_domain.to_owned(),
+            ..AuthorityOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot load the CA from {}", dir.display()))
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    init_logging();
+    if args.workload_cert_ttl > args.max_cert_ttl {
+        anyhow::bail!(
+            "--workload-cert-ttl ({:?}) exceeds --max-cert-ttl ({:?})",
+            args.workload_cert_ttl,
+            args.max_cert_ttl
+        );
+    }
+    if let (Some(cert), Some(key)) = (&args.root_cert, &args.root_key) {
+        let outcome = Authority::import(&args.data_dir, cert, key)
+            .context("cannot plug in the operator's CA")?;
+        match outcome {
+            ImportOutcome::Installed => tracing::info!("installed the operator's CA"),
+            ImportOutcome::Replaced => tracing::warn!(
+                "replaced the CA in the data directory with the operator's; workloads need the new root"
+            ),
+            ImportOutcome::Unchanged => {}
+        }
+    }
+    let authority = Authority::load_or_create(
+        &args.data_dir,
+        AuthorityOptions {
+            trust_domain: args.trust_domain.clone(),
+            default_ttl: args.workload_cert_ttl,
+            max_ttl: args.max_cert_ttl,
+        },
+    )
+    .with_context(|| format!("cannot load the CA from {}", args.data_dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr().context("no local address")?;
+        // The one line of stdout: scripts and tests read the bound address from it.
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+        tracing::info!(%addr, trust_domain = %args.trust_domain, "CA serving");
+        crate::server::serve(listener, Arc::new(authority), shutdown_signal())
+            .await
+            .context("CA server failed")
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "h", "10", "10x", "-5s", "1.5h", "99999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! weft's identity: SPIFFE IDs, the certificate authority, its client, and mesh mTLS configs.
+//!
+//! Everything that proves or checks who a workload is lives here, so pilot and the sidecar share one
+//! implementation: [`spiffe`] parses IDs, [`authority`] and [`server`] are the CA, [`token`] its
+//! bootstrap credentials, [`csr`] and [`client`] what a workload uses to get a certificate, [`tls`]
+//! the rustls configs and SPIFFE verifiers, [`grpc`] gRPC over those configs.
+
+pub mod authority;
+pub mod cli;
+pub mod client;
+pub mod csr;
+pub mod grpc;
+pub mod server;
+pub mod spiffe;
+pub mod tls;
+pub mod token;
+
+pub use spiffe::SpiffeId;

@@ -1,0 +1,175 @@
+//! The CA's gRPC service: `CreateCertificate`, authenticated by bootstrap token, over TLS.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use weft_proto::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use weft_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+
+use crate::authority::{Authority, SignError};
+use crate::spiffe::SpiffeId;
+use crate::tls::{self, ClientAuth, CredentialStore, Credentials, SvidError, TrustBundle};
+use crate::token::TokenError;
+
+/// Namespace of the CA's own identity.
+pub const CA_NAMESPACE: &str = "weft-system";
+/// Service account of the CA's own identity.
+pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
+/// Largest request message accepted; anything bigger is refused by tonic before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Validity of the CA's serving certificate; re-issued at every start.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Metadata key of Istio's impersonation request.
+const IMPERSONATION_KEY: &str = "ImpersonatedIdentity";
+
+/// The identity the CA serves with in `trust_domain`, which clients verify.
+pub fn ca_identity(trust_domain: &str) -> Result<SpiffeId, crate::spiffe::SpiffeIdError> {
+    SpiffeId::new(trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT)
+}
+
+/// Why `CreateCertificate` failed; converted to a gRPC status in exactly one place.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// No `authorization: Bearer` metadata.
+    #[error("authentication failed: no bearer token in the authorization metadata")]
+    MissingToken,
+    /// The token was refused.
+    #[error("authentication failed: {0}")]
+    Token(#[from] TokenError),
+    /// The caller asked to act as another identity.
+    #[error("authentication failed: impersonation is not allowed (no trusted node authorizer)")]
+    Impersonation,
+    /// The CSR or validity was refused.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+}
+
+impl From<CaError> for Status {
+    fn from(e: CaError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CaError::MissingToken | CaError::Token(_) | CaError::Impersonation => {
+                Status::unauthenticated(msg)
+            }
+            CaError::Sign(SignError::IdentityMismatch { .. }) => Status::permission_denied(msg),
+            CaError::Sign(SignError::CaExpired) => Status::failed_precondition(msg),
+            CaError::Sign(SignError::Sign(_)) => Status::internal(msg),
+            CaError::Sign(_) => Status::invalid_argument(msg),
+        }
+    }
+}
+
+/// Failures starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The serving identity could not be issued or loaded.
+    #[error("serving certificate: {0}")]
+    Identity(String),
+    /// TLS setup failed.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] SvidError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The `IstioCertificateService` implementation.
+#[derive(Debug, Clone)]
+pub struct CaService {
+    authority: Arc<Authority>,
+}
+
+impl CaService {
+    /// Serves certificates from `authority`.
+    pub fn new(authority: Arc<Authority>) -> Self {
+        Self { authority }
+    }
+
+    fn create(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        req: &IstioCertificateRequest,
+    ) -> Result<Vec<String>, CaError> {
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(CaError::MissingToken)?;
+        let now = SystemTime::now();
+        let identity = self.authority.authenticate(token, now)?;
+        if req
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.fields.contains_key(IMPERSONATION_KEY))
+        {
+            return Err(CaError::Impersonation);
+        }
+        let chain = self
+            .authority
+            .sign_csr(&req.csr, &identity, req.validity_duration, now)?;
+        tracing::info!(%identity, validity_secs = req.validity_duration, "issued certificate");
+        Ok(chain)
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        match self.create(request.metadata(), request.get_ref()) {
+            Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
+            Err(e) => {
+                tracing::info!(error = %e, "certificate request refused");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Issues the CA's own serving credentials (identity [`ca_identity`]) from its authority.
+pub fn serving_credentials(authority: &Authority) -> Result<Credentials, ServeError> {
+    let id =
+        ca_identity(authority.trust_domain()).map_err(|e| ServeError::Identity(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServeError::Identity(e.to_string()))?;
+    let chain = authority
+        .issue_for_key(&key, &id, SERVING_CERT_TTL, SystemTime::now())
+        .map_err(|e| ServeError::Identity(e.to_string()))?;
+    Ok(Credentials::from_pem(&chain, &key.serialize_pem())?)
+}
+
+/// Serves the CA on `listener` over TLS until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    authority: Arc<Authority>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let creds = serving_credentials(&authority)?;
+    let bundle = TrustBundle::from_pem(authority.root_pem())?;
+    let config = tls::server_config(
+        CredentialStore::new(creds),
+        &bundle,
+        ClientAuth::None,
+        &[tls::ALPN_H2],
+    )?;
+    let incoming = crate::grpc::tls_incoming(listener, Arc::new(config));
+    let service = IstioCertificateServiceServer::new(CaService::new(authority))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! weft's gRPC contracts, generated from `proto/*.proto` at build time (protox, no `protoc`).
+
+#![allow(missing_docs, unreachable_pub, clippy::all)]
+
+/// The CA service, wire-compatible with Istio's `istio.v1.auth.IstioCertificateService`.
+pub mod ca {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+/// The discovery service pilot serves to sidecars.
+pub mod discovery {
+    tonic::include_proto!("weft.discovery.v1");
+}

@@ -1,0 +1,1 @@
+//! weft end-to-end harness (filled in with the first cross-process tests).
