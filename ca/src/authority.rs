@@ -298,8 +298,13 @@ impl Authority {
         ttl: Duration,
     ) -> Result<String, TokenError> {
         // Refuse to mint a token whose identity could never become a certificate.
-        SpiffeId::new(&self.options.trust_domain, namespace, service_account)
-            .map_err(|e| TokenError::Subject(format!("{namespace}:{service_account}: {e}")))?;
+        SpiffeId::new(&self.options.trust_domain, namespace, service_account).map_err(
+            |reason| TokenError::InvalidIdentity {
+                namespace: namespace.to_owned(),
+                service_account: service_account.to_owned(),
+                reason,
+            },
+        )?;
         self.token_signer
             .issue(namespace, service_account, ttl, SystemTime::now())
     }

@@ -24,6 +24,8 @@ pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Validity of the CA's serving certificate; re-issued at every start.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long open connections may finish their requests after shutdown begins.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata key of Istio's impersonation request.
 const IMPERSONATION_KEY: &str = "ImpersonatedIdentity";
 
@@ -150,7 +152,9 @@ pub fn serving_credentials(authority: &Authority) -> Result<Credentials, ServeEr
     Ok(Credentials::from_pem(&chain, &key.serialize_pem())?)
 }
 
-/// Serves the CA on `listener` over TLS until `shutdown` completes.
+/// Serves the CA on `listener` over TLS until `shutdown` completes, then lets in-flight requests
+/// finish for at most [`DRAIN_GRACE`] (idle clients keep HTTP/2 connections open indefinitely, so a
+/// purely graceful stop could wait forever).
 pub async fn serve(
     listener: TcpListener,
     authority: Arc<Authority>,
@@ -167,9 +171,21 @@ pub async fn serve(
     let incoming = crate::grpc::tls_incoming(listener, Arc::new(config));
     let service = IstioCertificateServiceServer::new(CaService::new(authority))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    tonic::transport::Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => return Ok(res?),
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(DRAIN_GRACE, server).await {
+        Ok(res) => res?,
+        Err(_) => tracing::info!("drain grace elapsed; closing remaining connections"),
+    }
     Ok(())
 }

@@ -54,6 +54,18 @@ pub enum TokenError {
     /// `sub` is not `system:serviceaccount:<ns>:<sa>`.
     #[error("token subject {0:?} is not system:serviceaccount:<namespace>:<name>")]
     Subject(String),
+    /// A token was requested for an identity that is not a valid SPIFFE workload ID.
+    #[error(
+        "cannot issue a token for namespace {namespace:?}, service account {service_account:?}: {reason}"
+    )]
+    InvalidIdentity {
+        /// Requested namespace.
+        namespace: String,
+        /// Requested service account.
+        service_account: String,
+        /// Why the identity is invalid.
+        reason: crate::spiffe::SpiffeIdError,
+    },
     /// The key could not be used for signing.
     #[error("signing key is not an ECDSA P-256 PKCS#8 key: {0}")]
     Key(String),

@@ -1,1 +1,6 @@
+//! End-to-end tests: real binaries as processes, real gRPC over loopback. One test binary with a
+//! module per area, so the workspace links one e2e executable.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod ca;

@@ -1,1 +1,148 @@
-//! weft end-to-end harness (filled in with the first cross-process tests).
+//! weft's end-to-end harness: finds the built binaries, runs them as real processes, and makes sure
+//! every process a test starts is killed (by PID) when the test ends, pass or fail.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary (`ca`, `pilot`, `sidecar`). `WEFT_BIN_DIR` overrides the default, which
+/// is the target directory this test binary was built into (`target/debug`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WEFT_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            // target/debug/deps/e2e-<hash> -> target/debug
+            std::env::current_exe()
+                .ok()?
+                .parent()?
+                .parent()
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --workspace --bins) or set WEFT_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    stderr_log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` and waits until it prints `listening on ADDR` on stdout; returns ADDR.
+    /// Its stderr goes to a log file whose tail is shown if it fails to come up.
+    pub fn spawn_listening(
+        name: &str,
+        mut cmd: Command,
+        log_dir: &std::path::Path,
+    ) -> Result<(Self, SocketAddr)> {
+        let stderr_log = log_dir.join(format!("{name}.stderr.log"));
+        let stderr = std::fs::File::create(&stderr_log)
+            .with_context(|| format!("create {}", stderr_log.display()))?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut proc = Proc {
+            name: name.to_owned(),
+            child,
+            stderr_log,
+        };
+        let (tx, rx) = mpsc::channel();
+        // Keep draining stdout for the process's whole life so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => {
+                let addr = addr
+                    .parse()
+                    .with_context(|| format!("{name} printed a bad address {addr:?}"))?;
+                Ok((proc, addr))
+            }
+            Err(_) => {
+                let status = proc.child.try_wait().ok().flatten();
+                bail!(
+                    "{name} did not start listening (exit: {status:?}); stderr:\n{}",
+                    proc.stderr_tail()
+                )
+            }
+        }
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the process's stderr, for failure messages.
+    pub fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for a clean exit; returns whether it exited with status 0.
+    pub fn terminate(&mut self, grace: Duration) -> Result<bool> {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("kill -TERM")?;
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.success());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} (pid {pid}) did not exit within {grace:?} of SIGTERM",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion; returns (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> Result<(bool, String, String)> {
+    let out = cmd.stdin(Stdio::null()).output().context("run command")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Installs the rustls crypto provider for in-test clients.
+pub fn init() {
+    weft_ca::tls::install_default_provider();
+}

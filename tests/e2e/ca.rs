@@ -1,0 +1,219 @@
+//! The `ca` binary as a process: serve, token, root, restart, plug-in CA, bad invocations.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use weft_ca::SpiffeId;
+use weft_ca::client::CaClient;
+use weft_ca::server::ca_identity;
+use weft_ca::tls::TrustBundle;
+use weft_tests::{Proc, bin, run};
+
+fn serve(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(bin("ca"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra);
+    let (p, addr) = Proc::spawn_listening("ca", cmd, dir).unwrap();
+    (p, addr.to_string())
+}
+
+fn ca_cmd(args: &[&str]) -> (bool, String, String) {
+    run(Command::new(bin("ca")).args(args)).unwrap()
+}
+
+fn token(dir: &std::path::Path, ns: &str, sa: &str) -> String {
+    let d = dir.to_str().unwrap();
+    let (ok, out, err) = ca_cmd(&[
+        "token",
+        "--data-dir",
+        d,
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+    ]);
+    assert!(ok, "ca token failed: {err}");
+    out.trim().to_owned()
+}
+
+fn root(dir: &std::path::Path) -> String {
+    let (ok, out, err) = ca_cmd(&["root", "--data-dir", dir.to_str().unwrap()]);
+    assert!(ok, "ca root failed: {err}");
+    out
+}
+
+async fn fetch(
+    addr: &str,
+    root_pem: &str,
+    token: &str,
+    ns: &str,
+    sa: &str,
+) -> Result<weft_ca::tls::Credentials, String> {
+    let bundle = TrustBundle::from_pem(root_pem).unwrap();
+    let client =
+        CaClient::new(addr, &bundle, ca_identity("cluster.local").unwrap(), token).unwrap();
+    client
+        .fetch_credentials(
+            &SpiffeId::new("cluster.local", ns, sa).unwrap(),
+            Duration::from_secs(600),
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn serve_token_root_issue_and_restart_keep_the_same_root() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ca, addr) = serve(dir.path(), &[]);
+    let root1 = root(dir.path());
+    assert!(root1.starts_with("-----BEGIN CERTIFICATE-----"), "{root1}");
+    let mode = std::fs::metadata(dir.path().join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let t = token(dir.path(), "default", "sleep");
+    let creds = fetch(&addr, &root1, &t, "default", "sleep").await.unwrap();
+    assert_eq!(
+        creds.identity().as_str(),
+        "spiffe://cluster.local/ns/default/sa/sleep"
+    );
+    // The token names sleep: asking for httpbin is refused with both identities named.
+    let err = fetch(&addr, &root1, &t, "default", "httpbin")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("PermissionDenied") || err.contains("permission"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sa/httpbin") && err.contains("sa/sleep"),
+        "{err}"
+    );
+
+    assert!(
+        ca.terminate(Duration::from_secs(10)).unwrap(),
+        "ca exited uncleanly on SIGTERM"
+    );
+    let (_ca2, addr2) = serve(dir.path(), &[]);
+    assert_eq!(root(dir.path()), root1, "restart must keep the root");
+    // The old token and the old root still work against the restarted CA.
+    let creds = fetch(&addr2, &root1, &t, "default", "sleep").await.unwrap();
+    assert_eq!(creds.identity().service_account(), "sleep");
+}
+
+#[tokio::test]
+async fn plugged_in_operator_intermediate() {
+    weft_tests::init();
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let root_key = KeyPair::generate().unwrap();
+    let mut rp = CertificateParams::default();
+    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root_cert = rp.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(rp, root_key);
+    let int_key = KeyPair::generate().unwrap();
+    let mut ip = CertificateParams::default();
+    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let int_cert = ip.signed_by(&int_key, &root_issuer).unwrap();
+
+    let src = tempfile::tempdir().unwrap();
+    let chain = src.path().join("cert-chain.pem");
+    let key = src.path().join("ca-key.pem");
+    std::fs::write(&chain, format!("{}{}", int_cert.pem(), root_cert.pem())).unwrap();
+    std::fs::write(&key, int_key.serialize_pem()).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, addr) = serve(
+        dir.path(),
+        &[
+            "--root-cert",
+            chain.to_str().unwrap(),
+            "--root-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(root(dir.path()), root_cert.pem());
+    let t = token(dir.path(), "default", "httpbin");
+    // Clients trust only the operator's root; the chain carries the intermediate.
+    let creds = fetch(&addr, &root_cert.pem(), &t, "default", "httpbin")
+        .await
+        .unwrap();
+    assert_eq!(creds.identity().service_account(), "httpbin");
+}
+
+#[test]
+fn bad_invocations_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+
+    let (ok, _, err) = ca_cmd(&[
+        "serve",
+        "--data-dir",
+        d,
+        "--listen",
+        "127.0.0.1:0",
+        "--root-cert",
+        "x.pem",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--root-key"), "{err}");
+
+    let (ok, _, err) = ca_cmd(&[
+        "serve",
+        "--data-dir",
+        d,
+        "--listen",
+        "127.0.0.1:0",
+        "--max-cert-ttl",
+        "1h",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("exceeds --max-cert-ttl"), "{err}");
+
+    let (ok, _, err) = ca_cmd(&[
+        "serve",
+        "--data-dir",
+        d,
+        "--listen",
+        "127.0.0.1:0",
+        "--workload-cert-ttl",
+        "soon",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("invalid duration"), "{err}");
+
+    let (ok, _, err) = ca_cmd(&[
+        "token",
+        "--data-dir",
+        d,
+        "--namespace",
+        "default",
+        "--service-account",
+        "a/b",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot issue a token") && err.contains("\"a/b\""),
+        "{err}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, err) = ca_cmd(&["root", "--data-dir", empty.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("has `ca serve"), "{err}");
+
+    // A port already in use is a startup error, not a silent retry.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().to_string();
+    let (ok, _, err) = ca_cmd(&["serve", "--data-dir", d, "--listen", &port]);
+    assert!(!ok);
+    assert!(err.contains("cannot listen"), "{err}");
+}
