@@ -1,0 +1,165 @@
+//! Cross-object warnings over a whole configuration, like `istioctl analyze`.
+//!
+//! These never block an apply: Istio accepts the same objects and fails at request time instead
+//! (a route to a missing subset gives 503 `NC`), so the warning is what tells the user why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::host;
+use crate::resource::{Resource, ResourceKey};
+use crate::virtual_service::{Destination, VirtualService};
+
+/// Istio's code for a reference to something that does not exist.
+pub const REFERENCED_RESOURCE_NOT_FOUND: &str = "IST0101";
+/// Istio's code for a destination without a port to a Service with several ports.
+pub const DESTINATION_PORT_SELECTOR_REQUIRED: &str = "IST0112";
+
+/// One analyzer finding.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Warning {
+    /// Istio message code, e.g. `IST0101`.
+    pub code: &'static str,
+    /// The object the warning is about.
+    pub object: ResourceKey,
+    /// The full sentence, starting with the object: `VirtualService default/httpbin: ...`.
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Warning [{}] {}", self.code, self.message)
+    }
+}
+
+/// Analyzes a whole set of objects (the ones being applied plus those already stored) and
+/// returns warnings sorted by object, then message. Objects are taken as valid.
+pub fn analyze(resources: &[Resource]) -> Vec<Warning> {
+    let index = Index::new(resources);
+    let mut warnings = BTreeSet::new();
+    for resource in resources {
+        match resource {
+            Resource::VirtualService(vs) => {
+                check_virtual_service(&index, resource, vs, &mut warnings)
+            }
+            Resource::DestinationRule(dr) => {
+                let fqdn = host::expand(&dr.spec.host, resource.namespace());
+                if let Some(message) = index.missing_service(&fqdn) {
+                    warnings.insert(warning(resource, &message));
+                }
+            }
+            Resource::PeerAuthentication(_) | Resource::Service(_) => {}
+        }
+    }
+    warnings.into_iter().collect()
+}
+
+/// What the checks look up: Service ports by FQDN and subset names by DestinationRule host FQDN.
+struct Index {
+    service_ports: BTreeMap<String, usize>,
+    subsets: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Index {
+    fn new(resources: &[Resource]) -> Self {
+        let mut service_ports = BTreeMap::new();
+        let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for resource in resources {
+            match resource {
+                Resource::Service(svc) => {
+                    let fqdn = host::expand(resource.name(), resource.namespace());
+                    service_ports.insert(fqdn, svc.spec.ports.len());
+                }
+                // exportTo is not taken into account: every rule counts in every namespace.
+                Resource::DestinationRule(dr) => {
+                    let fqdn = host::expand(&dr.spec.host, resource.namespace());
+                    subsets
+                        .entry(fqdn)
+                        .or_default()
+                        .extend(dr.spec.subsets.iter().map(|s| s.name.clone()));
+                }
+                _ => {}
+            }
+        }
+        Self {
+            service_ports,
+            subsets,
+        }
+    }
+
+    /// A message if `fqdn` is a cluster-local name without a Service (other hosts are external).
+    fn missing_service(&self, fqdn: &str) -> Option<String> {
+        if fqdn.starts_with('*') || host::service_of(fqdn).is_none() {
+            return None;
+        }
+        (!self.service_ports.contains_key(fqdn)).then(|| format!("host {fqdn} has no Service"))
+    }
+}
+
+fn check_virtual_service(
+    index: &Index,
+    resource: &Resource,
+    vs: &VirtualService,
+    warnings: &mut BTreeSet<Warning>,
+) {
+    let namespace = resource.namespace();
+    for route in &vs.spec.http {
+        let routes = route.route.iter().map(|r| ("route to", &r.destination));
+        let mirror = route.mirror.iter().map(|d| ("mirror to", d));
+        let mirrors = route
+            .mirrors
+            .iter()
+            .filter_map(|m| m.destination.as_ref())
+            .map(|d| ("mirror to", d));
+        for (what, destination) in routes.chain(mirror).chain(mirrors) {
+            check_destination(index, resource, namespace, what, destination, warnings);
+        }
+    }
+}
+
+fn check_destination(
+    index: &Index,
+    resource: &Resource,
+    namespace: &str,
+    what: &str,
+    destination: &Destination,
+    warnings: &mut BTreeSet<Warning>,
+) {
+    let fqdn = host::expand(&destination.host, namespace);
+    if let Some(subset) = &destination.subset {
+        let defined = index
+            .subsets
+            .get(&fqdn)
+            .is_some_and(|names| names.contains(subset));
+        if !defined {
+            warnings.insert(warning(
+                resource,
+                &format!(
+                    "{what} subset {subset} of host {fqdn}, but no DestinationRule defines it"
+                ),
+            ));
+        }
+    }
+    if let Some(message) = index.missing_service(&fqdn) {
+        warnings.insert(warning(resource, &message));
+    }
+    let port_given = destination.port.as_ref().and_then(|p| p.number).is_some();
+    if !port_given && index.service_ports.get(&fqdn).is_some_and(|n| *n > 1) {
+        warnings.insert(Warning {
+            code: DESTINATION_PORT_SELECTOR_REQUIRED,
+            object: resource.key(),
+            message: format!(
+                "{}: {what} host {fqdn} gives no port, but its Service has several; set destination.port.number",
+                resource.key()
+            ),
+        });
+    }
+}
+
+fn warning(resource: &Resource, detail: &str) -> Warning {
+    Warning {
+        code: REFERENCED_RESOURCE_NOT_FOUND,
+        object: resource.key(),
+        message: format!("{}: {detail}", resource.key()),
+    }
+}
