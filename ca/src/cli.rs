@@ -28,6 +28,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Print the root certificate (PEM), what clients take as --ca-root.
     Root(RootArgs),
+    /// Obtain a workload certificate from a running CA, as a sidecar does (for scripts and debugging).
+    Request(RequestArgs),
 }
 
 /// `ca serve` flags.
@@ -85,6 +87,38 @@ pub struct RootArgs {
     pub data_dir: PathBuf,
 }
 
+/// `ca request` flags.
+#[derive(Debug, clap::Args)]
+pub struct RequestArgs {
+    /// The CA's address (host:port).
+    #[arg(long, env = "WEFT_CA_ADDR")]
+    pub ca: String,
+    /// Root certificate the CA must chain to (what `ca root` prints).
+    #[arg(long, env = "WEFT_CA_ROOT")]
+    pub ca_root: PathBuf,
+    /// File holding the bootstrap token (what `ca token` prints).
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Namespace of the identity to request (must match the token).
+    #[arg(long)]
+    pub namespace: String,
+    /// Service account of the identity to request (must match the token).
+    #[arg(long)]
+    pub service_account: String,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Requested validity (0s = the CA's default).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Write the certificate chain (PEM, leaf first) here.
+    #[arg(long)]
+    pub cert_out: Option<PathBuf>,
+    /// Write the private key (PEM, mode 0600) here.
+    #[arg(long)]
+    pub key_out: Option<PathBuf>,
+}
+
 /// Parses `24h`, `90d`, `1h30m`, `45s`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("invalid duration {s:?}: use e.g. 30s, 90m, 24h, 90d, 1h30m");
@@ -132,6 +166,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Request(args) => request(args),
         Command::Root(args) => {
             let path = args.data_dir.join(crate::authority::ROOT_FILE);
             let pem = std::fs::read_to_string(&path).with_context(|| {
@@ -145,6 +180,47 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn request(args: RequestArgs) -> Result<()> {
+    let root = std::fs::read_to_string(&args.ca_root)
+        .with_context(|| format!("cannot read --ca-root {}", args.ca_root.display()))?;
+    let bundle = crate::tls::TrustBundle::from_pem(&root)
+        .with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read --token-file {}", args.token_file.display()))?;
+    let identity = crate::SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+        .context("invalid identity")?;
+    let ca_id = crate::server::ca_identity(&args.trust_domain).context("invalid trust domain")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (chain, key_pem) = runtime.block_on(async {
+        let client = crate::client::CaClient::new(&args.ca, &bundle, ca_id, &token)?;
+        let kc = crate::csr::generate(&identity)?;
+        let chain = client.create_certificate(&kc.csr_pem, args.ttl).await?;
+        Ok::<_, crate::client::ClientError>((chain, kc.key_pem))
+    })?;
+    let creds = crate::tls::Credentials::from_pem(&chain, &key_pem)
+        .context("the CA returned an unusable certificate")?;
+    let left = creds
+        .not_after()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    println!(
+        "issued {} (chain of {} certificates, expires in {}s)",
+        creds.identity(),
+        chain.len(),
+        left.as_secs()
+    );
+    if let Some(path) = &args.cert_out {
+        crate::authority::write_atomic(path, chain.concat().as_bytes(), 0o644)?;
+    }
+    if let Some(path) = &args.key_out {
+        crate::authority::write_atomic(path, key_pem.as_bytes(), 0o600)?;
+    }
+    Ok(())
 }
 
 fn load(dir: &std::path::Path, trust_domain: &str) -> Result<Authority> {

@@ -28,9 +28,10 @@ pub enum ClientError {
     /// The token cannot be sent as metadata (e.g. it has a newline).
     #[error("token is not valid as gRPC metadata")]
     TokenFormat,
-    /// The CA refused or could not be reached.
-    #[error("CA request failed: {}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    /// The CA refused or could not be reached. (Not a `#[source]`: the status is fully rendered
+    /// here, and a source would print it a second time in `{:#}` chains.)
+    #[error("CA request failed: {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
     /// The CA answered with a certificate for someone else.
     #[error("CA issued a certificate for {got}, expected {expected}")]
     WrongIdentity {
@@ -39,6 +40,12 @@ pub enum ClientError {
         /// What was asked for.
         expected: SpiffeId,
     },
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 /// A client of the CA service.

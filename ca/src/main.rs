@@ -2,7 +2,14 @@
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     weft_ca::tls::install_default_provider();
-    weft_ca::cli::run(weft_ca::cli::Cli::parse())
+    match weft_ca::cli::run(weft_ca::cli::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line, without a backtrace: this is for operators.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

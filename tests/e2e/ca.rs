@@ -217,3 +217,50 @@ fn bad_invocations_fail_with_clear_errors() {
     assert!(!ok);
     assert!(err.contains("cannot listen"), "{err}");
 }
+
+#[test]
+fn request_command_fetches_a_certificate_like_a_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, addr) = serve(dir.path(), &[]);
+    let root_file = dir.path().join("root-cert.pem");
+    let token_file = dir.path().join("sleep.token");
+    std::fs::write(&token_file, token(dir.path(), "default", "sleep")).unwrap();
+    let cert = dir.path().join("out/cert.pem");
+    let key = dir.path().join("out/key.pem");
+    std::fs::create_dir_all(dir.path().join("out")).unwrap();
+    let args = |sa: &str| {
+        vec![
+            "request".to_string(),
+            "--ca".into(),
+            addr.clone(),
+            "--ca-root".into(),
+            root_file.to_str().unwrap().into(),
+            "--token-file".into(),
+            token_file.to_str().unwrap().into(),
+            "--namespace".into(),
+            "default".into(),
+            "--service-account".into(),
+            sa.into(),
+            "--ttl".into(),
+            "1h".into(),
+            "--cert-out".into(),
+            cert.to_str().unwrap().into(),
+            "--key-out".into(),
+            key.to_str().unwrap().into(),
+        ]
+    };
+    let (ok, out, err) = run(Command::new(bin("ca")).args(args("sleep"))).unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("issued spiffe://cluster.local/ns/default/sa/sleep (chain of 2 certificates"),
+        "{out}"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let chain = std::fs::read_to_string(&cert).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+
+    let (ok, _, err) = run(Command::new(bin("ca")).args(args("httpbin"))).unwrap();
+    assert!(!ok);
+    assert!(err.contains("PermissionDenied") || err.contains("permission"), "{err}");
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what weft's tests and demo need on a Debian machine, idempotently:
+#   apt:  iptables, iproute2, curl (and python3-venv if venvs cannot be made)
+#   PyPI: httpbin + gunicorn in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
+#         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise)
+# As non-root it cannot apt-get: it says what is missing and goes on (root-only tests skip then).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ "$(id -u)" = 0 ]; then
+  venv="${WEFT_VENV:-/opt/weft-venv}"
+else
+  venv="${WEFT_VENV:-$HOME/.cache/weft/venv}"
+fi
+
+missing=()
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(iptables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+probe="$(mktemp -d)"
+python3 -m venv "$probe/v" >/dev/null 2>&1 || missing+=(python3-venv)
+rm -rf "$probe"
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "install-deps: apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "install-deps: missing ${missing[*]}; run as root to install them (root-only tests will skip)"
+  fi
+fi
+
+if [ ! -x "$venv/bin/gunicorn" ] || ! "$venv/bin/python" -c 'import httpbin' >/dev/null 2>&1; then
+  echo "install-deps: creating $venv with httpbin and gunicorn"
+  mkdir -p "$(dirname "$venv")"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
+  chmod -R a+rX "$venv"
+fi
+echo "install-deps: ok (venv $venv)"
