@@ -109,3 +109,65 @@ impl CaClient {
         Ok(creds)
     }
 }
+
+/// When to renew credentials that are valid for `lifetime` from now: at half of it, with ±1% jitter so
+/// a fleet started together does not renew together (Istio's `SECRET_GRACE_PERIOD_RATIO` 0.5, jitter 0.01).
+pub fn renew_after(lifetime: Duration, jitter_seed: u64) -> Duration {
+    // jitter in [-0.01, +0.01] of the lifetime, from the seed (any well-mixed u64 will do).
+    let unit = (jitter_seed % 2001) as f64 / 1000.0 - 1.0;
+    lifetime.mul_f64((0.5 + 0.01 * unit).clamp(0.0, 1.0))
+}
+
+/// Keeps `store` fresh for ever: renews at about half the certificate's lifetime; if the CA cannot be
+/// reached, keeps the valid certificate and retries with capped exponential backoff (500 ms to 150 s,
+/// as ztunnel's identity manager). Run it as a task; it ends only when the task is dropped.
+pub async fn keep_rotated(
+    client: CaClient,
+    identity: SpiffeId,
+    validity: Duration,
+    store: Arc<tls::CredentialStore>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    let mut seed = u64::from(std::process::id());
+    loop {
+        let left = store
+            .current()
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        tokio::time::sleep(renew_after(left, seed >> 11)).await;
+        loop {
+            match client.fetch_credentials(&identity, validity).await {
+                Ok(creds) => {
+                    tracing::info!(%identity, "certificate rotated");
+                    store.rotate(creds);
+                    backoff = Duration::from_millis(500);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(%identity, error = %e, retry_in = ?backoff, "certificate renewal failed; keeping the current one");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(150));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renews_at_half_life_within_one_percent() {
+        let life = Duration::from_secs(24 * 3600);
+        for seed in [0, 1, 1000, 2000, u64::MAX, 12345678901] {
+            let at = renew_after(life, seed).as_secs_f64() / life.as_secs_f64();
+            assert!((0.49..=0.51).contains(&at), "seed {seed}: {at}");
+        }
+        assert_eq!(renew_after(Duration::ZERO, 7), Duration::ZERO);
+    }
+}

@@ -310,3 +310,41 @@ async fn clients_verify_the_ca_against_their_root() {
     let s = status(c.fetch_credentials(&me, Duration::ZERO).await.unwrap_err());
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
 }
+
+#[tokio::test]
+async fn credentials_rotate_at_half_life_and_survive_a_ca_outage() {
+    let ca = start(Duration::from_secs(86400)).await;
+    let token = ca
+        .authority
+        .issue_token("default", "sleep", Duration::from_secs(600))
+        .unwrap();
+    let c = client(&ca, &token);
+    let me = sid("default", "sleep");
+    let creds = c
+        .fetch_credentials(&me, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let store = weft_ca::tls::CredentialStore::new(creds);
+    let first = store.current();
+    let task = tokio::spawn(weft_ca::client::keep_rotated(
+        c.clone(),
+        me.clone(),
+        Duration::from_secs(2),
+        store.clone(),
+    ));
+    // Renewal is due after about 1 s; allow generous scheduling slack but a bounded wait.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::ptr_eq(&first, &store.current()) {
+        assert!(tokio::time::Instant::now() < deadline, "no rotation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = store.current();
+    assert!(second.not_after() > first.not_after());
+    assert_eq!(second.identity(), &me);
+
+    // CA gone: the store keeps the last good certificate (no panic, no removal).
+    drop(ca);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.current().identity(), &me);
+    task.abort();
+}

@@ -252,7 +252,9 @@ fn request_command_fetches_a_certificate_like_a_sidecar() {
     let (ok, out, err) = run(Command::new(bin("ca")).args(args("sleep"))).unwrap();
     assert!(ok, "{err}");
     assert!(
-        out.starts_with("issued spiffe://cluster.local/ns/default/sa/sleep (chain of 2 certificates"),
+        out.starts_with(
+            "issued spiffe://cluster.local/ns/default/sa/sleep (chain of 2 certificates"
+        ),
         "{out}"
     );
     let mode = std::fs::metadata(&key).unwrap().permissions().mode();
@@ -262,5 +264,8 @@ fn request_command_fetches_a_certificate_like_a_sidecar() {
 
     let (ok, _, err) = run(Command::new(bin("ca")).args(args("httpbin"))).unwrap();
     assert!(!ok);
-    assert!(err.contains("PermissionDenied") || err.contains("permission"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") || err.contains("permission"),
+        "{err}"
+    );
 }
