@@ -15,6 +15,7 @@ mod parse;
 pub mod peer_authentication;
 pub mod resource;
 pub mod service;
+pub mod translate;
 mod validate;
 pub mod virtual_service;
 

@@ -1,0 +1,246 @@
+//! Translation: config objects plus live workloads in, one sidecar's data-plane model out.
+//!
+//! [`translate`] is pure and deterministic: the same inputs, in any order, give the same
+//! [`pb::ProxyConfig`] (services sorted by hostname, clusters by name, endpoints by address), so
+//! pilot can compare [`fingerprint`]s to decide whether a sidecar needs a push. Each Istio rule it
+//! reproduces is documented where it is applied, with its source in `istio-semantics.md` (§ numbers
+//! below refer to that page); weft's own decisions are listed in `README.md`, "Translation".
+//!
+//! Layout: `catalog` indexes the inputs and picks the VirtualService/DestinationRule for a host,
+//! `cluster` builds clusters and endpoints, `route` compiles VirtualService rules, `inbound` resolves
+//! PeerAuthentication, and `json` renders the model for golden files and fingerprints.
+
+mod catalog;
+mod cluster;
+mod inbound;
+mod json;
+mod route;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_proto::discovery as pb;
+
+use crate::resource::Resource;
+use crate::service::ServicePort;
+use catalog::{Catalog, ServiceView};
+use cluster::ClusterId;
+
+pub use json::{fingerprint, to_json};
+
+/// Istio's default root namespace (meshConfig `rootNamespace`): its selector-less PeerAuthentication
+/// is mesh-wide.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// A live workload (registered by its sidecar's discovery stream): what the registry knows of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account (the identity's `sa` part).
+    pub service_account: String,
+    /// Pod labels: select the workload into Services and DestinationRule subsets.
+    pub labels: BTreeMap<String, String>,
+    /// Pod IP. A workload without one is never an endpoint.
+    pub ip: String,
+    /// Container ports the application listens on; empty = unknown.
+    pub ports: Vec<u32>,
+    /// The sidecar's inbound listener port (dialled when the pod is not captured).
+    pub inbound_port: u32,
+    /// True when iptables captures the pod's traffic, so peers dial the application port.
+    pub captured: bool,
+}
+
+impl Workload {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn identity(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+
+    /// `<namespace>/<name>`, as endpoints name their workload.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl From<&pb::Node> for Workload {
+    fn from(node: &pb::Node) -> Self {
+        Self {
+            name: node.name.clone(),
+            namespace: node.namespace.clone(),
+            service_account: node.service_account.clone(),
+            labels: node
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ip: node.ip.clone(),
+            ports: node.ports.clone(),
+            inbound_port: node.inbound_port,
+            captured: node.captured,
+        }
+    }
+}
+
+/// Mesh-wide settings (Istio's MeshConfig, the parts weft uses).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshOptions {
+    /// SPIFFE trust domain, `cluster.local` by default.
+    pub trust_domain: String,
+    /// Append `-shadow` to mirrored requests' host (Istio ≤ 1.27, the seed); default true.
+    pub mirror_shadow_suffix: bool,
+    /// Trace sampling, 0..=100; default 100 (this product's demo; Istio's default is 1).
+    pub sampling_percent: f64,
+    /// Where selector-less PeerAuthentication is mesh-wide; default `istio-system`.
+    pub root_namespace: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_string(),
+            mirror_shadow_suffix: true,
+            sampling_percent: 100.0,
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
+        }
+    }
+}
+
+/// Compiles the view of one sidecar (`node`) from the stored objects and the live workloads.
+///
+/// `workloads` are the endpoint candidates (include the node itself if it should be reachable
+/// through its Services; the registry normally does). Objects are taken as validated; anything
+/// that cannot be resolved (a missing subset, a host without a Service) still yields a cluster,
+/// with no endpoints, so the sidecar answers 503 as Envoy does (§2.6).
+pub fn translate(
+    resources: &[Resource],
+    workloads: &[Workload],
+    node: &Workload,
+    mesh: &MeshOptions,
+) -> pb::ProxyConfig {
+    let catalog = Catalog::new(resources, workloads, node, mesh);
+    let mut wanted: BTreeSet<ClusterId> = BTreeSet::new();
+
+    let services = catalog
+        .services()
+        .iter()
+        .map(|svc| outbound_service(&catalog, svc, &mut wanted))
+        .collect();
+
+    pb::ProxyConfig {
+        mesh: Some(pb::MeshSettings {
+            trust_domain: mesh.trust_domain.clone(),
+            mirror_shadow_suffix: mesh.mirror_shadow_suffix,
+        }),
+        services,
+        clusters: cluster::build_all(&catalog, &wanted),
+        inbound: Some(inbound::build(&catalog, node)),
+        tracing: Some(pb::Tracing {
+            sampling_percent: mesh.sampling_percent.clamp(0.0, 100.0),
+            service_name: tracing_service_name(&catalog, node),
+        }),
+    }
+}
+
+/// One Service as seen from the node: names, VIP, and per port the protocol and the routes.
+fn outbound_service(
+    catalog: &Catalog<'_>,
+    svc: &ServiceView<'_>,
+    wanted: &mut BTreeSet<ClusterId>,
+) -> pb::OutboundService {
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let number = u32::try_from(port.port).ok()?;
+            let protocol = protocol_of(port);
+            let routes = route::for_port(catalog, svc, number, protocol, wanted);
+            Some(pb::ServicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                target_port: cluster::numeric_target_port(port).unwrap_or(0),
+                protocol: protocol.to_string(),
+                routes,
+            })
+        })
+        .collect();
+    pb::OutboundService {
+        hostname: svc.fqdn.clone(),
+        aliases: aliases(svc, &catalog.node().namespace),
+        vip: svc.vip.to_string(),
+        ports,
+        namespace: svc.namespace.to_string(),
+        name: svc.name.to_string(),
+    }
+}
+
+/// Names that reach the Service from `from_namespace`, as Kubernetes DNS search paths allow and
+/// Istio's sidecar virtual-host domains list them (§1.1, `generateVirtualHostDomains`): the short
+/// name only within the Service's own namespace, then `name.ns`, `name.ns.svc`, and the FQDN.
+fn aliases(svc: &ServiceView<'_>, from_namespace: &str) -> Vec<String> {
+    let mut names = Vec::with_capacity(4);
+    if svc.namespace == from_namespace {
+        names.push(svc.name.to_string());
+    }
+    names.push(format!("{}.{}", svc.name, svc.namespace));
+    names.push(format!("{}.{}.svc", svc.name, svc.namespace));
+    names.push(svc.fqdn.clone());
+    names
+}
+
+/// Istio's protocol selection (`protocol.Parse` on appProtocol, then the port-name prefix
+/// `<proto>` or `<proto>-<suffix>`, case-insensitive), mapped onto the four values the data-plane
+/// model knows. TLS-carrying and non-HTTP protocols (`https`, `tls`, `mongo`, `mysql`, `redis`, ...)
+/// are opaque bytes to a sidecar that does not terminate them, so they become `tcp`. Anything
+/// unnamed or unknown is `http`: Istio sniffs such ports, and weft's sidecar detects HTTP/1.1 and
+/// h2c on every outbound connection anyway, falling back to opaque TCP (design.md, request path).
+pub(crate) fn protocol_of(port: &ServicePort) -> &'static str {
+    if let Some(app) = port.app_protocol.as_deref()
+        && let Some(protocol) = known_protocol(app)
+    {
+        return protocol;
+    }
+    let name = port.name.as_deref().unwrap_or("");
+    let prefix = name.split('-').next().unwrap_or("");
+    known_protocol(prefix).unwrap_or("http")
+}
+
+fn known_protocol(value: &str) -> Option<&'static str> {
+    let value = value.to_ascii_lowercase();
+    Some(match value.as_str() {
+        "http" | "http1" | "kubernetes.io/ws" | "grpc-web" => "http",
+        "http2" | "h2c" | "kubernetes.io/h2c" => "http2",
+        "grpc" => "grpc",
+        "tcp" | "https" | "tls" | "kubernetes.io/wss" | "mongo" | "mysql" | "redis" | "thrift" => {
+            "tcp"
+        }
+        _ => return None,
+    })
+}
+
+/// OTLP `service.name` (issue 5): the first Service (by name) in the node's namespace whose selector
+/// picks the node, else the node's `app` label, else the pod name.
+fn tracing_service_name(catalog: &Catalog<'_>, node: &Workload) -> String {
+    let mut selecting: Vec<&str> = catalog
+        .services()
+        .iter()
+        .filter(|svc| catalog::selects(svc, node))
+        .map(|svc| svc.name)
+        .collect();
+    selecting.sort_unstable();
+    if let Some(name) = selecting.first() {
+        return (*name).to_string();
+    }
+    node.labels
+        .get("app")
+        .filter(|app| !app.is_empty())
+        .cloned()
+        .unwrap_or_else(|| node.name.clone())
+}

@@ -1,0 +1,279 @@
+//! The inputs of one translation, indexed and sorted, and the rules that pick which
+//! VirtualService and DestinationRule apply to a host.
+
+use std::collections::BTreeMap;
+
+use crate::destination_rule::DestinationRuleSpec;
+use crate::host;
+use crate::peer_authentication::PeerAuthenticationSpec;
+use crate::resource::Resource;
+use crate::service::ServiceSpec;
+use crate::virtual_service::VirtualServiceSpec;
+
+use super::{MeshOptions, Workload};
+
+/// A Service with its FQDN.
+#[derive(Debug)]
+pub(super) struct ServiceView<'a> {
+    pub(super) fqdn: String,
+    pub(super) name: &'a str,
+    pub(super) namespace: &'a str,
+    /// `spec.clusterIP` (the store writes the allocated one); empty when absent.
+    pub(super) vip: &'a str,
+    pub(super) spec: &'a ServiceSpec,
+}
+
+/// A DestinationRule with its host expanded in its own namespace.
+#[derive(Debug)]
+pub(super) struct RuleView<'a, S> {
+    pub(super) namespace: &'a str,
+    pub(super) name: &'a str,
+    pub(super) spec: &'a S,
+    /// Expanded hosts (`host::expand` in the rule's namespace, §1.1).
+    pub(super) hosts: Vec<String>,
+}
+
+impl<S> RuleView<'_, S> {
+    fn by_key(a: &Self, b: &Self) -> std::cmp::Ordering {
+        (a.namespace, a.name).cmp(&(b.namespace, b.name))
+    }
+}
+
+/// Everything a translation looks at, sorted so the result does not depend on input order.
+#[derive(Debug)]
+pub(super) struct Catalog<'a> {
+    services: Vec<ServiceView<'a>>,
+    by_fqdn: BTreeMap<String, usize>,
+    virtual_services: Vec<RuleView<'a, VirtualServiceSpec>>,
+    destination_rules: Vec<RuleView<'a, DestinationRuleSpec>>,
+    peer_authentications: Vec<RuleView<'a, PeerAuthenticationSpec>>,
+    workloads: Vec<&'a Workload>,
+    /// Indexes into `workloads` by (namespace, label key, label value), for selector lookups.
+    by_label: BTreeMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    node: &'a Workload,
+    mesh: &'a MeshOptions,
+}
+
+impl<'a> Catalog<'a> {
+    pub(super) fn new(
+        resources: &'a [Resource],
+        workloads: &'a [Workload],
+        node: &'a Workload,
+        mesh: &'a MeshOptions,
+    ) -> Self {
+        let mut services = Vec::new();
+        let mut virtual_services = Vec::new();
+        let mut destination_rules = Vec::new();
+        let mut peer_authentications = Vec::new();
+        for resource in resources {
+            let namespace = resource.namespace();
+            let name = resource.name();
+            match resource {
+                Resource::Service(svc) => services.push(ServiceView {
+                    fqdn: host::expand(name, namespace),
+                    name,
+                    namespace,
+                    vip: svc.spec.cluster_ip.as_deref().unwrap_or(""),
+                    spec: &svc.spec,
+                }),
+                Resource::VirtualService(vs) => virtual_services.push(RuleView {
+                    namespace,
+                    name,
+                    spec: &vs.spec,
+                    hosts: vs
+                        .spec
+                        .hosts
+                        .iter()
+                        .map(|h| host::expand(h, namespace))
+                        .collect(),
+                }),
+                Resource::DestinationRule(dr) => destination_rules.push(RuleView {
+                    namespace,
+                    name,
+                    spec: &dr.spec,
+                    hosts: vec![host::expand(&dr.spec.host, namespace)],
+                }),
+                Resource::PeerAuthentication(pa) => peer_authentications.push(RuleView {
+                    namespace,
+                    name,
+                    spec: &pa.spec,
+                    hosts: Vec::new(),
+                }),
+            }
+        }
+        services.sort_by(|a, b| a.fqdn.cmp(&b.fqdn));
+        services.dedup_by(|a, b| a.fqdn == b.fqdn);
+        let by_fqdn = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.fqdn.clone(), i))
+            .collect();
+        virtual_services.sort_by(RuleView::by_key);
+        destination_rules.sort_by(RuleView::by_key);
+        peer_authentications.sort_by(RuleView::by_key);
+        let mut workloads: Vec<&Workload> = workloads.iter().filter(|w| !w.ip.is_empty()).collect();
+        workloads
+            .sort_by(|a, b| (&a.namespace, &a.name, &a.ip).cmp(&(&b.namespace, &b.name, &b.ip)));
+        workloads.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+        let mut by_label: BTreeMap<(&str, &str, &str), Vec<usize>> = BTreeMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            for (key, value) in &w.labels {
+                by_label
+                    .entry((w.namespace.as_str(), key.as_str(), value.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        Self {
+            services,
+            by_fqdn,
+            virtual_services,
+            destination_rules,
+            peer_authentications,
+            workloads,
+            by_label,
+            node,
+            mesh,
+        }
+    }
+
+    /// Services sorted by FQDN (one per FQDN).
+    pub(super) fn services(&self) -> &[ServiceView<'a>] {
+        &self.services
+    }
+
+    pub(super) fn service(&self, fqdn: &str) -> Option<&ServiceView<'a>> {
+        self.by_fqdn.get(fqdn).and_then(|&i| self.services.get(i))
+    }
+
+    /// The workloads a Service selects (see [`selects`]), sorted by namespace and name; only
+    /// workloads with an IP count, one per name. Looked up through one selector label, so a
+    /// translation costs about the number of endpoints, not Services × workloads.
+    pub(super) fn selected_by(&self, svc: &ServiceView<'_>) -> Vec<&'a Workload> {
+        let Some((key, value)) = svc.spec.selector.iter().next() else {
+            return Vec::new();
+        };
+        self.by_label
+            .get(&(svc.namespace, key.as_str(), value.as_str()))
+            .map(|indexes| {
+                indexes
+                    .iter()
+                    .filter_map(|&i| self.workloads.get(i).copied())
+                    .filter(|w| selects(svc, w))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(super) fn peer_authentications(&self) -> &[RuleView<'a, PeerAuthenticationSpec>] {
+        &self.peer_authentications
+    }
+
+    pub(super) fn node(&self) -> &'a Workload {
+        self.node
+    }
+
+    pub(super) fn mesh(&self) -> &'a MeshOptions {
+        self.mesh
+    }
+
+    /// The VirtualService whose rules route `fqdn` for this sidecar.
+    ///
+    /// Only VirtualServices bound to the sidecar gateway count (`gateways` absent or containing
+    /// `mesh`). For sidecars Istio does not merge several VirtualServices for one host (merging is
+    /// for gateways): one wins. Istio picks the oldest by `creationTimestamp`, which weft's store does
+    /// not keep, so the order here is: an exact host over a `*.` wildcard (the longest wildcard
+    /// first), then the node's namespace, the Service's namespace, other namespaces by name, and
+    /// within a namespace the name. `exportTo` is not considered.
+    pub(super) fn virtual_service_for(
+        &self,
+        fqdn: &str,
+        service_namespace: &str,
+    ) -> Option<&RuleView<'a, VirtualServiceSpec>> {
+        self.virtual_services
+            .iter()
+            .filter(|vs| {
+                vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh")
+            })
+            .filter_map(|vs| {
+                let specificity = vs.hosts.iter().filter_map(|h| host_match(h, fqdn)).max()?;
+                Some((specificity, vs))
+            })
+            .min_by_key(|(specificity, vs)| {
+                (
+                    std::cmp::Reverse(*specificity),
+                    self.namespace_rank(vs.namespace, service_namespace),
+                    vs.namespace,
+                    vs.name,
+                )
+            })
+            .map(|(_, vs)| vs)
+    }
+
+    /// The DestinationRule for `fqdn`: the same precedence as [`Self::virtual_service_for`]
+    /// (Istio looks in the client's namespace, then the Service's, then the root namespace). Istio
+    /// can merge the subsets of several rules for one host; weft takes the first rule only.
+    pub(super) fn destination_rule_for(
+        &self,
+        fqdn: &str,
+        service_namespace: &str,
+    ) -> Option<&RuleView<'a, DestinationRuleSpec>> {
+        self.destination_rules
+            .iter()
+            .filter_map(|dr| {
+                let specificity = dr.hosts.iter().filter_map(|h| host_match(h, fqdn)).max()?;
+                Some((specificity, dr))
+            })
+            .min_by_key(|(specificity, dr)| {
+                (
+                    std::cmp::Reverse(*specificity),
+                    self.namespace_rank(dr.namespace, service_namespace),
+                    dr.namespace,
+                    dr.name,
+                )
+            })
+            .map(|(_, dr)| dr)
+    }
+
+    fn namespace_rank(&self, namespace: &str, service_namespace: &str) -> u8 {
+        if namespace == self.node.namespace {
+            0
+        } else if namespace == service_namespace {
+            1
+        } else if namespace == self.mesh.root_namespace {
+            2
+        } else {
+            3
+        }
+    }
+}
+
+/// How well a rule host matches an FQDN: `None` if it does not, otherwise larger is more specific
+/// (an exact match beats any wildcard, a longer wildcard beats a shorter one).
+fn host_match(rule_host: &str, fqdn: &str) -> Option<usize> {
+    if rule_host.eq_ignore_ascii_case(fqdn) {
+        return Some(usize::MAX);
+    }
+    let suffix = rule_host.strip_prefix('*')?;
+    let matches = fqdn.len() > suffix.len()
+        && fqdn
+            .get(fqdn.len() - suffix.len()..)
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix));
+    matches.then_some(suffix.len())
+}
+
+/// Kubernetes label selection: every selector label is on the workload. An empty selector
+/// selects nothing for Services (they then have no endpoints, as with manual Endpoints).
+pub(super) fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether a Service picks a workload: same namespace, non-empty selector, all labels present.
+pub(super) fn selects(svc: &ServiceView<'_>, workload: &Workload) -> bool {
+    svc.namespace == workload.namespace
+        && !svc.spec.selector.is_empty()
+        && labels_match(&svc.spec.selector, &workload.labels)
+}

@@ -1,0 +1,555 @@
+//! Unit tests of the translation rules: precedence, defaults and determinism.
+
+use std::collections::BTreeMap;
+
+use weft_proto::discovery as pb;
+
+use super::*;
+use crate::parse_documents;
+
+fn parse(yaml: &str) -> Vec<Resource> {
+    match parse_documents("test.yaml", yaml, "default") {
+        Ok(resources) => resources,
+        Err(errors) => panic!("test YAML does not parse:\n{errors}"),
+    }
+}
+
+fn workload(namespace: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Workload {
+    Workload {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        service_account: name.to_string(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect(),
+        ip: ip.to_string(),
+        ports: vec![],
+        inbound_port: 15006,
+        captured: true,
+    }
+}
+
+fn sleep() -> Workload {
+    workload("default", "sleep", &[("app", "sleep")], "10.0.0.1")
+}
+
+fn httpbin(version: &str, ip: &str) -> Workload {
+    workload(
+        "default",
+        &format!("httpbin-{version}"),
+        &[("app", "httpbin"), ("version", version)],
+        ip,
+    )
+}
+
+const HTTPBIN_SERVICE: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin}
+spec:
+  ports: [{name: http, port: 8000, targetPort: 80}]
+  selector: {app: httpbin}
+";
+
+fn view(yaml: &str, node: &Workload) -> pb::ProxyConfig {
+    let workloads = vec![
+        httpbin("v1", "10.0.0.11"),
+        httpbin("v2", "10.0.0.12"),
+        node.clone(),
+    ];
+    translate(&parse(yaml), &workloads, node, &MeshOptions::default())
+}
+
+fn routes(config: &pb::ProxyConfig) -> &[pb::HttpRoute] {
+    config
+        .services
+        .first()
+        .and_then(|s| s.ports.first())
+        .map(|p| p.routes.as_slice())
+        .unwrap_or_default()
+}
+
+// === PeerAuthentication precedence ===
+
+fn pa(namespace: &str, name: &str, selector: Option<&str>, mode: &str) -> String {
+    let selector = selector
+        .map(|app| format!("  selector: {{matchLabels: {{app: {app}}}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{selector}  mtls: {{mode: {mode}}}\n---\n"
+    )
+}
+
+fn inbound_mode(yaml: &str, node: &Workload) -> pb::MtlsMode {
+    let config = translate(&parse(yaml), &[], node, &MeshOptions::default());
+    config
+        .inbound
+        .and_then(|i| pb::MtlsMode::try_from(i.mode).ok())
+        .unwrap_or(pb::MtlsMode::Permissive)
+}
+
+#[test]
+fn peer_authentication_precedence() {
+    use pb::MtlsMode::{Disable, Permissive, Strict};
+    let mesh_strict = pa("istio-system", "default", None, "STRICT");
+    let ns_permissive = pa("default", "default", None, "PERMISSIVE");
+    let ns_disable = pa("default", "default", None, "DISABLE");
+    let ns_unset = pa("default", "default", None, "UNSET");
+    let wl_strict = pa("default", "sleep", Some("sleep"), "STRICT");
+    let wl_unset = pa("default", "sleep", Some("sleep"), "UNSET");
+    let wl_other = pa("default", "other", Some("other"), "DISABLE");
+    let root_selector = pa("istio-system", "sel", Some("sleep"), "DISABLE");
+    let other_ns = pa("elsewhere", "default", None, "DISABLE");
+    let cases: Vec<(&str, String, pb::MtlsMode)> = vec![
+        ("nothing: PERMISSIVE", String::new(), Permissive),
+        ("mesh-wide", mesh_strict.clone(), Strict),
+        (
+            "namespace over mesh",
+            format!("{mesh_strict}{ns_permissive}"),
+            Permissive,
+        ),
+        (
+            "workload over namespace",
+            format!("{mesh_strict}{ns_disable}{wl_strict}"),
+            Strict,
+        ),
+        (
+            "UNSET inherits at each level",
+            format!("{mesh_strict}{ns_unset}{wl_unset}"),
+            Strict,
+        ),
+        (
+            "a selector for other workloads is ignored",
+            format!("{ns_disable}{wl_other}"),
+            Disable,
+        ),
+        (
+            "selector policies in the root namespace are ignored",
+            format!("{mesh_strict}{root_selector}"),
+            Strict,
+        ),
+        ("other namespaces do not apply", other_ns, Permissive),
+    ];
+    for (what, yaml, want) in cases {
+        assert_eq!(inbound_mode(&yaml, &sleep()), want, "{what}");
+    }
+}
+
+#[test]
+fn several_policies_at_one_level_take_the_first_by_name() {
+    let yaml = format!(
+        "{}{}",
+        pa("default", "b-disable", None, "DISABLE"),
+        pa("default", "a-strict", None, "STRICT")
+    );
+    assert_eq!(inbound_mode(&yaml, &sleep()), pb::MtlsMode::Strict);
+}
+
+#[test]
+fn port_level_mtls_comes_from_the_workload_policy() {
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: sleep}
+spec:
+  selector: {matchLabels: {app: sleep}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    8080: {mode: DISABLE}
+    9090: {mode: UNSET}
+";
+    let config = translate(&parse(yaml), &[], &sleep(), &MeshOptions::default());
+    let inbound = config.inbound.unwrap_or_default();
+    assert_eq!(inbound.mode, pb::MtlsMode::Strict as i32);
+    let ports: BTreeMap<u32, i32> = inbound.port_modes.into_iter().collect();
+    assert_eq!(
+        ports,
+        BTreeMap::from([(8080, pb::MtlsMode::Disable as i32)])
+    );
+}
+
+// === which rule applies ===
+
+#[test]
+fn destination_rule_in_the_client_namespace_wins() {
+    // Same host from two namespaces: the node's own namespace comes first (Istio's lookup order).
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin, namespace: default}}
+spec:
+  host: httpbin.default.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: RANDOM}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin, namespace: client}}
+spec:
+  host: httpbin.default.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+"
+    );
+    let lb = |node: &Workload| {
+        view(&yaml, node)
+            .clusters
+            .iter()
+            .find(|c| c.subset.is_empty())
+            .map(|c| c.lb_policy)
+    };
+    assert_eq!(lb(&sleep()), Some(pb::LbPolicy::Random as i32));
+    let remote = workload("client", "sleep", &[("app", "sleep")], "10.0.9.1");
+    assert_eq!(lb(&remote), Some(pb::LbPolicy::RoundRobin as i32));
+}
+
+#[test]
+fn exact_host_beats_wildcard_and_first_name_breaks_ties() {
+    let vs = |name: &str, host: &str, subset: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}}}
+spec:
+  hosts: [\"{host}\"]
+  http: [{{route: [{{destination: {{host: httpbin, subset: {subset}}}}}]}}]
+"
+        )
+    };
+    let first_cluster = |yaml: &str| {
+        routes(&view(yaml, &sleep()))
+            .first()
+            .and_then(|r| r.destinations.first())
+            .map(|d| d.cluster.clone())
+    };
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}{}{}",
+        vs("a-wildcard", "*.default.svc.cluster.local", "wild"),
+        vs("b-exact", "httpbin", "exact")
+    );
+    assert_eq!(
+        first_cluster(&yaml).as_deref(),
+        Some("outbound|8000|exact|httpbin.default.svc.cluster.local")
+    );
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}{}{}",
+        vs("b-second", "httpbin", "second"),
+        vs("a-first", "httpbin", "first")
+    );
+    assert_eq!(
+        first_cluster(&yaml).as_deref(),
+        Some("outbound|8000|first|httpbin.default.svc.cluster.local")
+    );
+}
+
+#[test]
+fn a_virtual_service_with_no_rule_for_this_sidecar_leaves_the_default_route() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{sourceLabels: {{app: other}}}}, {{port: 9999}}]
+    route: [{{destination: {{host: httpbin, subset: v2}}}}]
+"
+    );
+    let config = view(&yaml, &sleep());
+    let names: Vec<&str> = routes(&config).iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["default"]);
+    // The rule applies to a workload with the source labels.
+    let other = workload("default", "other", &[("app", "other")], "10.0.0.9");
+    let config = view(&yaml, &other);
+    let names: Vec<&str> = routes(&config).iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["default/httpbin/0"]);
+}
+
+// === route details ===
+
+fn single_rule(rule: &str) -> pb::HttpRoute {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - {rule}
+"
+    );
+    let config = view(&yaml, &sleep());
+    routes(&config).first().cloned().unwrap_or_default()
+}
+
+#[test]
+fn weights_single_destination_and_zero_weights() {
+    let route = single_rule("route: [{destination: {host: httpbin, subset: v1}, weight: 7}]");
+    let weights: Vec<u32> = route.destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(weights, vec![100], "a single destination takes all traffic");
+    let route = single_rule(
+        "route: [{destination: {host: httpbin, subset: v1}, weight: 30}, {destination: {host: httpbin, subset: v2}, weight: 30}, {destination: {host: httpbin}, weight: 0}]",
+    );
+    let weights: Vec<u32> = route.destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(weights, vec![30, 30], "relative weights, 0 dropped");
+}
+
+#[test]
+fn mirror_percentages() {
+    let percents = |rule: &str| -> Vec<f64> {
+        single_rule(rule)
+            .mirrors
+            .iter()
+            .map(|m| m.percent)
+            .collect()
+    };
+    let route = "route: [{destination: {host: httpbin, subset: v1}}]";
+    assert_eq!(
+        percents(&format!(
+            "{{{route}, mirror: {{host: httpbin, subset: v2}}}}"
+        )),
+        vec![100.0]
+    );
+    assert_eq!(
+        percents(&format!(
+            "{{{route}, mirror: {{host: httpbin}}, mirrorPercentage: {{value: 0}}}}"
+        )),
+        Vec::<f64>::new()
+    );
+    assert_eq!(
+        percents(&format!(
+            "{{{route}, mirror: {{host: httpbin}}, mirrorPercent: 30}}"
+        )),
+        vec![30.0]
+    );
+    assert_eq!(
+        percents(&format!(
+            "{{{route}, mirrors: [{{destination: {{host: httpbin}}, percentage: {{value: 0.5}}}}, {{destination: {{host: httpbin, subset: v2}}}}]}}"
+        )),
+        vec![0.5, 100.0]
+    );
+}
+
+#[test]
+fn retries_default_disabled_and_custom() {
+    let route = "route: [{destination: {host: httpbin}}]";
+    let default = single_rule(route).retries.unwrap_or_default();
+    assert_eq!(default.attempts, 2);
+    assert_eq!(
+        default.retry_on,
+        vec![
+            "connect-failure",
+            "refused-stream",
+            "unavailable",
+            "cancelled",
+            "retriable-status-codes",
+            "503"
+        ]
+    );
+    assert_eq!(
+        single_rule(&format!("{{{route}, retries: {{attempts: 0}}}}")).retries,
+        None
+    );
+    let custom = single_rule(&format!(
+        "{{{route}, retries: {{attempts: 4, retryOn: \"502,reset\"}}}}"
+    ))
+    .retries
+    .unwrap_or_default();
+    assert_eq!(custom.attempts, 4);
+    assert_eq!(
+        custom.retry_on,
+        vec!["reset", "retriable-status-codes", "502"]
+    );
+}
+
+#[test]
+fn faults_without_percentage_do_nothing() {
+    let route = "route: [{destination: {host: httpbin}}]";
+    let fault = single_rule(&format!(
+        "{{{route}, fault: {{delay: {{fixedDelay: 1s}}, abort: {{httpStatus: 500}}}}}}"
+    ))
+    .fault
+    .unwrap_or_default();
+    assert_eq!((fault.delay_ms, fault.delay_percent), (1000, 0.0));
+    assert_eq!((fault.abort_status, fault.abort_percent), (500, 0.0));
+}
+
+#[test]
+fn destination_to_another_service_uses_its_only_port() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  ports: [{{name: http, port: 9000}}]
+  selector: {{app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http: [{{route: [{{destination: {{host: echo}}}}]}}]
+"
+    );
+    let config = view(&yaml, &sleep());
+    let httpbin = config
+        .services
+        .iter()
+        .find(|s| s.name == "httpbin")
+        .and_then(|s| s.ports.first())
+        .and_then(|p| p.routes.first())
+        .and_then(|r| r.destinations.first())
+        .map(|d| d.cluster.as_str());
+    assert_eq!(
+        httpbin,
+        Some("outbound|9000||echo.default.svc.cluster.local")
+    );
+}
+
+#[test]
+fn protocol_selection() {
+    let port = |name: Option<&str>, app: Option<&str>| {
+        let mut port = ServicePort::default();
+        port.name = name.map(str::to_string);
+        port.port = 80;
+        port.app_protocol = app.map(str::to_string);
+        port
+    };
+    let cases = [
+        (Some("http"), None, "http"),
+        (Some("http-web"), None, "http"),
+        (Some("HTTP2"), None, "http2"),
+        (Some("grpc-api"), None, "grpc"),
+        (Some("tcp-db"), None, "tcp"),
+        (Some("https"), None, "tcp"),
+        (Some("mysql"), None, "tcp"),
+        (Some("web"), None, "http"),
+        (None, None, "http"),
+        (Some("web"), Some("grpc"), "grpc"),
+        (Some("tcp"), Some("kubernetes.io/h2c"), "http2"),
+        (Some("grpc"), Some("unknown-thing"), "grpc"),
+    ];
+    for (name, app, want) in cases {
+        assert_eq!(protocol_of(&port(name, app)), want, "{name:?} {app:?}");
+    }
+}
+
+// === identity, mesh options, determinism ===
+
+#[test]
+fn workload_from_node_and_identity() {
+    let node = pb::Node {
+        name: "sleep-1".into(),
+        namespace: "prod".into(),
+        service_account: "sleep".into(),
+        labels: [("app".to_string(), "sleep".to_string())].into(),
+        ip: "10.1.1.1".into(),
+        ports: vec![80],
+        inbound_port: 15006,
+        captured: false,
+    };
+    let w = Workload::from(&node);
+    assert_eq!(
+        w.identity("example.org"),
+        "spiffe://example.org/ns/prod/sa/sleep"
+    );
+    assert_eq!(w.key(), "prod/sleep-1");
+    assert_eq!(w.labels.get("app").map(String::as_str), Some("sleep"));
+    assert!(!w.captured);
+}
+
+#[test]
+fn mesh_options_reach_the_view() {
+    let mesh = MeshOptions {
+        trust_domain: "example.org".into(),
+        mirror_shadow_suffix: false,
+        sampling_percent: 250.0,
+        ..MeshOptions::default()
+    };
+    let workloads = vec![httpbin("v1", "10.0.0.11")];
+    let config = translate(&parse(HTTPBIN_SERVICE), &workloads, &sleep(), &mesh);
+    let settings = config.mesh.unwrap_or_default();
+    assert_eq!(settings.trust_domain, "example.org");
+    assert!(!settings.mirror_shadow_suffix);
+    assert_eq!(config.tracing.map(|t| t.sampling_percent), Some(100.0));
+    let identity = config
+        .clusters
+        .first()
+        .and_then(|c| c.endpoints.first())
+        .map(|e| e.identity.as_str());
+    assert_eq!(
+        identity,
+        Some("spiffe://example.org/ns/default/sa/httpbin-v1")
+    );
+}
+
+#[test]
+fn tracing_service_name_falls_back_to_app_label_then_pod_name() {
+    let node = httpbin("v1", "10.0.0.11");
+    let name = |yaml: &str, node: &Workload| {
+        translate(&parse(yaml), &[], node, &MeshOptions::default())
+            .tracing
+            .map(|t| t.service_name)
+    };
+    assert_eq!(name(HTTPBIN_SERVICE, &node).as_deref(), Some("httpbin"));
+    let mut unlabelled = node.clone();
+    unlabelled.labels.clear();
+    assert_eq!(
+        name(HTTPBIN_SERVICE, &unlabelled).as_deref(),
+        Some("httpbin-v1")
+    );
+    let mut other_app = node;
+    other_app.labels.insert("app".into(), "api".into());
+    other_app.namespace = "prod".into();
+    assert_eq!(name(HTTPBIN_SERVICE, &other_app).as_deref(), Some("api"));
+}
+
+#[test]
+fn fingerprint_is_stable_and_sensitive() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{headers: {{a: {{exact: '1'}}, b: {{exact: '2'}}, c: {{prefix: '3'}}, d: {{}}, e: {{regex: '5.*'}}}}}}]
+    headers: {{request: {{set: {{x1: a, x2: b, x3: c, x4: d}}}}}}
+    route: [{{destination: {{host: httpbin}}}}]
+"
+    );
+    let first = view(&yaml, &sleep());
+    let again = view(&yaml, &sleep());
+    assert_eq!(fingerprint(&first), fingerprint(&again));
+    // Rebuilding every hash map gives another iteration order; the fingerprint must not change.
+    let rebuilt = pb::ProxyConfig::decode_roundtrip(&first);
+    assert_eq!(first, rebuilt);
+    assert_eq!(fingerprint(&first), fingerprint(&rebuilt));
+    // Any change to the view changes it.
+    let mut moved = sleep();
+    moved.namespace = "prod".into();
+    assert_ne!(fingerprint(&first), fingerprint(&view(&yaml, &moved)));
+    let mut changed = first.clone();
+    if let Some(c) = changed.clusters.first_mut() {
+        c.lb_policy = pb::LbPolicy::Random as i32;
+    }
+    assert_ne!(fingerprint(&first), fingerprint(&changed));
+}
+
+/// Encoding and decoding through protobuf, which rebuilds the maps.
+trait DecodeRoundtrip: Sized {
+    fn decode_roundtrip(config: &Self) -> Self;
+}
+
+impl DecodeRoundtrip for pb::ProxyConfig {
+    fn decode_roundtrip(config: &Self) -> Self {
+        use prost::Message;
+        Self::decode(config.encode_to_vec().as_slice()).unwrap_or_default()
+    }
+}
