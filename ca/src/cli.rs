@@ -299,7 +299,8 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by RUST_LOG (default info); shared by the weft binaries.
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

@@ -11,3 +11,8 @@ pub mod ca {
 pub mod discovery {
     tonic::include_proto!("weft.discovery.v1");
 }
+
+/// The config API `pilot apply|get|delete|analyze` call on pilot's unix socket.
+pub mod config {
+    tonic::include_proto!("weft.config.v1");
+}

@@ -46,9 +46,36 @@ impl Proc {
     /// Its stderr goes to a log file whose tail is shown if it fails to come up.
     pub fn spawn_listening(
         name: &str,
-        mut cmd: Command,
+        cmd: Command,
         log_dir: &std::path::Path,
     ) -> Result<(Self, SocketAddr)> {
+        let (proc, addr) = Self::spawn_announcing(name, cmd, log_dir)?;
+        let addr = addr
+            .parse()
+            .with_context(|| format!("{name} printed a bad address {addr:?}"))?;
+        Ok((proc, addr))
+    }
+
+    /// Like [`Proc::spawn_listening`] for a process that listens on a unix socket and prints
+    /// `listening on unix:PATH`; returns PATH.
+    pub fn spawn_listening_unix(
+        name: &str,
+        cmd: Command,
+        log_dir: &std::path::Path,
+    ) -> Result<(Self, PathBuf)> {
+        let (proc, addr) = Self::spawn_announcing(name, cmd, log_dir)?;
+        let path = addr
+            .strip_prefix("unix:")
+            .with_context(|| format!("{name} printed {addr:?}, not unix:PATH"))?;
+        Ok((proc, PathBuf::from(path)))
+    }
+
+    /// Spawns `cmd` and waits until it prints `listening on ADDR` on stdout; returns ADDR as printed.
+    fn spawn_announcing(
+        name: &str,
+        mut cmd: Command,
+        log_dir: &std::path::Path,
+    ) -> Result<(Self, String)> {
         let stderr_log = log_dir.join(format!("{name}.stderr.log"));
         let stderr = std::fs::File::create(&stderr_log)
             .with_context(|| format!("create {}", stderr_log.display()))?;
@@ -74,12 +101,7 @@ impl Proc {
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => {
-                let addr = addr
-                    .parse()
-                    .with_context(|| format!("{name} printed a bad address {addr:?}"))?;
-                Ok((proc, addr))
-            }
+            Ok(addr) => Ok((proc, addr)),
             Err(_) => {
                 let status = proc.child.try_wait().ok().flatten();
                 bail!(
@@ -93,6 +115,13 @@ impl Proc {
     /// The process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        self.child.wait().context("wait for killed process")?;
+        Ok(())
     }
 
     /// The last lines of the process's stderr, for failure messages.

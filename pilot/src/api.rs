@@ -1,0 +1,396 @@
+//! The config API server (`weft.config.v1.ConfigService`): parses and validates the user's documents
+//! with `weft-pilot-config`, stores them, and answers reads from the store's snapshot.
+//!
+//! Generated types stay in this module (aliased `pb::`); errors become a `tonic::Status` in exactly
+//! one place, `impl From<ApiError> for Status`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weft_pilot_config::{Kind, Resource, ResourceKey, Warning};
+use weft_proto::config as pb;
+use weft_proto::config::config_service_server::{ConfigService, ConfigServiceServer};
+
+use crate::store::{Outcome, Snapshot, Store, StoreError};
+
+/// Largest request accepted: applies carry whole YAML files.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Namespace used when a request names none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Why a config API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The documents did not parse or validate; one line per problem. Nothing was stored.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    /// The kind named in a request is not one weft knows.
+    #[error(
+        "the server doesn't have a resource type {0:?} (use virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc)"
+    )]
+    UnknownKind(String),
+    /// A request combined options that do not go together.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored object could not be encoded for the response.
+    #[error("cannot encode {key}: {source}")]
+    Encode {
+        /// The object.
+        key: ResourceKey,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The blocking store task did not complete.
+    #[error("store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::Invalid(_) | ApiError::UnknownKind(_) | ApiError::BadRequest(_) => {
+                Status::invalid_argument(message)
+            }
+            ApiError::Store(StoreError::NotFound(keys)) => Status::not_found(
+                keys.iter()
+                    .map(not_found_line)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            ApiError::Store(
+                StoreError::ClusterIpOutOfRange { .. }
+                | StoreError::ClusterIpTaken { .. }
+                | StoreError::ClusterIpImmutable { .. }
+                | StoreError::ClusterIpsExhausted(_),
+            ) => Status::invalid_argument(message),
+            ApiError::Store(
+                StoreError::Open { .. } | StoreError::Storage(_) | StoreError::Corrupt { .. },
+            )
+            | ApiError::Encode { .. }
+            | ApiError::Task(_) => Status::internal(message),
+        }
+    }
+}
+
+/// kubectl's wording: `virtualservices.networking.istio.io "x" not found`.
+fn not_found_line(key: &ResourceKey) -> String {
+    // Every supported kind's plural is its lowercase name plus `s`.
+    let plural = format!("{}s", key.kind.as_str().to_ascii_lowercase());
+    let resource = match key.kind.group() {
+        "" => plural,
+        group => format!("{plural}.{group}"),
+    };
+    format!("{resource} {:?} not found", key.name)
+}
+
+/// The ConfigService implementation over a [`Store`].
+#[derive(Debug, Clone)]
+pub struct ConfigApi {
+    store: Arc<Store>,
+}
+
+impl ConfigApi {
+    /// A server for `store`, with message limits set for whole YAML files.
+    pub fn server(store: Arc<Store>) -> ConfigServiceServer<ConfigApi> {
+        ConfigServiceServer::new(ConfigApi { store })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    async fn apply(&self, request: pb::ApplyRequest) -> Result<pb::ApplyResponse, ApiError> {
+        let resources = parse_all(&request.documents, &request.default_namespace)?;
+        if resources.is_empty() {
+            return Err(ApiError::BadRequest("no objects passed to apply"));
+        }
+        let store = self.store.clone();
+        let input = resources.clone();
+        let outcomes = tokio::task::spawn_blocking(move || {
+            if request.dry_run {
+                store.dry_run(input)
+            } else {
+                store.apply(input)
+            }
+        })
+        .await??;
+        // After a real apply the snapshot already holds the objects; after a dry run the overlay
+        // shows the analyzer the world as it would be.
+        let snapshot = self.store.snapshot();
+        let applied: BTreeSet<ResourceKey> = resources.iter().map(Resource::key).collect();
+        let warnings = weft_pilot_config::analyze(&overlay(&snapshot, resources))
+            .into_iter()
+            .filter(|w| applied.contains(&w.object))
+            .map(to_pb_warning)
+            .collect();
+        Ok(pb::ApplyResponse {
+            results: outcomes
+                .into_iter()
+                .map(|(key, outcome)| pb::ObjectOutcome {
+                    object: Some(to_pb_ref(&key)),
+                    outcome: to_pb_outcome(outcome).into(),
+                })
+                .collect(),
+            warnings,
+            revision: snapshot.revision(),
+        })
+    }
+
+    fn get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
+        let kind = parse_kind(&request.kind)?;
+        if request.all_namespaces && !request.name.is_empty() {
+            return Err(ApiError::BadRequest(
+                "a resource cannot be retrieved by name across all namespaces",
+            ));
+        }
+        let namespace = namespace_or_default(&request.namespace);
+        let snapshot = self.store.snapshot();
+        let objects = snapshot
+            .of_kind(kind)
+            .filter(|o| request.all_namespaces || o.resource.namespace() == namespace)
+            .filter(|o| request.name.is_empty() || o.resource.name() == request.name)
+            .map(|o| {
+                let key = o.resource.key();
+                let json =
+                    serde_json::to_string(&o.resource).map_err(|source| ApiError::Encode {
+                        key: key.clone(),
+                        source,
+                    })?;
+                Ok(pb::StoredObject {
+                    json,
+                    resource_version: o.resource_version,
+                    generation: o.generation,
+                    creation_timestamp: o
+                        .created
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                        .unwrap_or(0),
+                    object: Some(to_pb_ref(&key)),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        if objects.is_empty() && !request.name.is_empty() {
+            return Err(StoreError::NotFound(vec![ResourceKey {
+                kind,
+                namespace: namespace.to_string(),
+                name: request.name,
+            }])
+            .into());
+        }
+        Ok(pb::GetResponse {
+            objects,
+            revision: snapshot.revision(),
+        })
+    }
+
+    async fn delete(&self, request: pb::DeleteRequest) -> Result<pb::DeleteResponse, ApiError> {
+        let namespace = namespace_or_default(&request.default_namespace);
+        let mut keys = Vec::new();
+        for object in &request.objects {
+            keys.push(ResourceKey {
+                kind: parse_kind(&object.kind)?,
+                namespace: match object.namespace.as_str() {
+                    "" => namespace.to_string(),
+                    given => given.to_string(),
+                },
+                name: object.name.clone(),
+            });
+        }
+        let parsed = parse_all(&request.documents, namespace)?;
+        keys.extend(parsed.iter().map(Resource::key));
+        let store = self.store.clone();
+        let to_delete = keys.clone();
+        let revision = tokio::task::spawn_blocking(move || store.delete(&to_delete)).await??;
+        Ok(pb::DeleteResponse {
+            deleted: keys.iter().map(to_pb_ref).collect(),
+            revision,
+        })
+    }
+
+    fn analyze(&self, request: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, ApiError> {
+        let extra = parse_all(&request.documents, &request.default_namespace)?;
+        let all = overlay(&self.store.snapshot(), extra);
+        Ok(pb::AnalyzeResponse {
+            warnings: weft_pilot_config::analyze(&all)
+                .into_iter()
+                .map(to_pb_warning)
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigService for ConfigApi {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        Ok(Response::new(
+            ConfigApi::apply(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        Ok(Response::new(ConfigApi::get(self, request.into_inner())?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        Ok(Response::new(
+            ConfigApi::delete(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn analyze(
+        &self,
+        request: Request<pb::AnalyzeRequest>,
+    ) -> Result<Response<pb::AnalyzeResponse>, Status> {
+        Ok(Response::new(ConfigApi::analyze(
+            self,
+            request.into_inner(),
+        )?))
+    }
+}
+
+/// Parses every document; on any error, returns every error line of every document.
+fn parse_all(documents: &[pb::Document], namespace: &str) -> Result<Vec<Resource>, ApiError> {
+    let namespace = namespace_or_default(namespace);
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for document in documents {
+        match weft_pilot_config::parse_documents(&document.file, &document.text, namespace) {
+            Ok(parsed) => resources.extend(parsed),
+            Err(e) => errors.extend(e.errors().iter().map(ToString::to_string)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(resources)
+    } else {
+        Err(ApiError::Invalid(errors))
+    }
+}
+
+/// The stored objects with `extra` replacing those of the same key.
+fn overlay(snapshot: &Snapshot, extra: Vec<Resource>) -> Vec<Resource> {
+    let mut all: BTreeMap<ResourceKey, Resource> = snapshot
+        .iter()
+        .map(|o| (o.resource.key(), o.resource.clone()))
+        .collect();
+    all.extend(extra.into_iter().map(|r| (r.key(), r)));
+    all.into_values().collect()
+}
+
+fn parse_kind(name: &str) -> Result<Kind, ApiError> {
+    Kind::from_cli(name).ok_or_else(|| ApiError::UnknownKind(name.to_string()))
+}
+
+fn namespace_or_default(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        DEFAULT_NAMESPACE
+    } else {
+        namespace
+    }
+}
+
+fn to_pb_ref(key: &ResourceKey) -> pb::ObjectRef {
+    pb::ObjectRef {
+        kind: key.kind.as_str().to_string(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
+}
+
+fn to_pb_outcome(outcome: Outcome) -> pb::Outcome {
+    match outcome {
+        Outcome::Created => pb::Outcome::Created,
+        Outcome::Configured => pb::Outcome::Configured,
+        Outcome::Unchanged => pb::Outcome::Unchanged,
+    }
+}
+
+fn to_pb_warning(warning: Warning) -> pb::Warning {
+    pb::Warning {
+        code: warning.code.to_string(),
+        object: Some(to_pb_ref(&warning.object)),
+        message: warning.message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> (tempfile::TempDir, ConfigApi) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        (dir, ConfigApi { store })
+    }
+
+    fn apply_request(text: &str, dry_run: bool) -> pb::ApplyRequest {
+        pb::ApplyRequest {
+            documents: vec![pb::Document {
+                file: "in.yaml".into(),
+                text: text.into(),
+            }],
+            default_namespace: String::new(),
+            dry_run,
+        }
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.96.0.7\n  ports: [{port: 80}]\n";
+    const VS_TO_SUBSET: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\nspec:\n  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a, subset: v1}\n";
+
+    #[tokio::test]
+    async fn errors_map_to_statuses_with_every_line() {
+        let (_dir, api) = api();
+        let bad = "kind: Nope\n---\napiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: []}\n";
+        let status = Status::from(api.apply(apply_request(bad, false)).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message().lines().count(), 2, "{}", status.message());
+        assert!(status.message().lines().all(|l| l.starts_with("in.yaml")));
+
+        api.apply(apply_request(SERVICE, false)).await.unwrap();
+        let taken = SERVICE.replace("name: a", "name: b");
+        let status = Status::from(api.apply(apply_request(&taken, false)).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("already allocated"), "{status:?}");
+
+        let get = pb::GetRequest {
+            kind: "vs".into(),
+            name: "missing".into(),
+            ..Default::default()
+        };
+        let status = Status::from(api.get(get).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(
+            status.message(),
+            r#"virtualservices.networking.istio.io "missing" not found"#
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_warns_about_applied_objects_and_dry_run_stores_nothing() {
+        let (_dir, api) = api();
+        let response = api.apply(apply_request(VS_TO_SUBSET, true)).await.unwrap();
+        assert_eq!(response.results[0].outcome(), pb::Outcome::Created);
+        assert!(response.warnings.iter().any(|w| w.code == "IST0101"));
+        assert!(api.store.snapshot().is_empty());
+
+        let response = api.apply(apply_request(VS_TO_SUBSET, false)).await.unwrap();
+        assert_eq!(response.revision, 1);
+        // A later apply of something else does not repeat the stored VirtualService's warning.
+        let response = api.apply(apply_request(SERVICE, false)).await.unwrap();
+        assert!(response.warnings.is_empty(), "{:?}", response.warnings);
+        let all = api.analyze(pb::AnalyzeRequest::default()).unwrap();
+        assert!(all.warnings.iter().any(|w| w.code == "IST0101"));
+    }
+}

@@ -1,0 +1,638 @@
+//! The `pilot` command line: `serve`, and the kubectl-like config commands `apply`, `get`,
+//! `delete`, `analyze`, which talk to `pilot serve` over its unix socket.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+use weft_pilot_config::Kind;
+use weft_proto::config as pb;
+use weft_proto::config::config_service_client::ConfigServiceClient;
+
+use crate::serve::{SOCKET_FILE, ServeArgs};
+
+/// Largest response accepted (a `get` of many objects).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// weft's control plane: stores Istio config and serves it to sidecars; also its command line.
+#[derive(Debug, Parser)]
+#[command(name = "pilot", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `pilot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane: the config store and the config API on unix:<data-dir>/pilot.sock
+    /// (owner-only; the config API is never served over TCP). Prints `listening on unix:PATH`.
+    Serve(ServeArgs),
+    /// Create or update objects from YAML files (all or nothing), like `kubectl apply`.
+    Apply(ApplyArgs),
+    /// Show stored objects, like `kubectl get`.
+    Get(GetArgs),
+    /// Delete objects by kind and name, or those a file defines (all or nothing).
+    Delete(DeleteArgs),
+    /// Print analyzer warnings (e.g. IST0101) for the stored objects, plus files as if applied.
+    Analyze(AnalyzeArgs),
+}
+
+/// How the config commands reach `pilot serve`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Config API address: unix:PATH (the only transport; pilot never serves config over TCP).
+    /// Defaults to unix:<data-dir>/pilot.sock when --data-dir is given.
+    #[arg(long, env = "PILOT_SERVER")]
+    pub server: Option<String>,
+    /// pilot's data directory, to find its socket when --server is not given.
+    #[arg(long, env = "WEFT_PILOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `pilot apply` flags.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A YAML file, a directory (its *.yaml and *.yml files, sorted by name) or `-` for stdin.
+    /// Repeatable; everything given is applied in one transaction.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<String>,
+    /// Namespace for objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// Validate, analyze and report outcomes without storing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Output formats of `pilot get`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// The objects as YAML documents separated by `---`, with server-set metadata.
+    Yaml,
+    /// One object, or a kubectl-style `List`, as JSON.
+    Json,
+}
+
+/// `pilot get` flags.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Kind: virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc.
+    pub kind: String,
+    /// One object's name (default: all of the kind).
+    pub name: Option<String>,
+    /// Namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// List objects in every namespace.
+    #[arg(short = 'A', long, conflicts_with = "name")]
+    pub all_namespaces: bool,
+    /// Output format (default: a table).
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<Output>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `pilot delete` flags.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Kind of the object to delete (with NAME).
+    #[arg(requires = "name", conflicts_with = "files")]
+    pub kind: Option<String>,
+    /// Name of the object to delete.
+    pub name: Option<String>,
+    /// Delete the objects these files define instead (file, directory or `-`; repeatable).
+    #[arg(short = 'f', long = "filename", required_unless_present = "kind")]
+    pub files: Vec<String>,
+    /// Namespace of NAME, and of file objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `pilot analyze` flags.
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    /// Also analyze these files as if applied (file, directory or `-`; repeatable). Nothing is stored.
+    #[arg(short = 'f', long = "filename")]
+    pub files: Vec<String>,
+    /// Namespace for file objects that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Runs the parsed command; prints errors on stderr and returns a non-zero code on any error.
+pub fn run(cli: Cli) -> ExitCode {
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            print_error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    if let Command::Serve(args) = cli.command {
+        weft_ca::cli::init_logging();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        return Ok(runtime.block_on(crate::serve::run(args))?);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(_) => Ok(()),
+            Command::Apply(args) => apply(args).await,
+            Command::Get(args) => get(args).await,
+            Command::Delete(args) => delete(args).await,
+            Command::Analyze(args) => analyze(args).await,
+        }
+    })
+}
+
+/// Server errors print one line per problem, kubectl style; anything else as `error: ...`.
+fn print_error(error: &anyhow::Error) {
+    let Some(status) = error.downcast_ref::<tonic::Status>() else {
+        eprintln!("error: {error:#}");
+        return;
+    };
+    let prefix = match status.code() {
+        tonic::Code::InvalidArgument => "error: ".to_string(),
+        tonic::Code::NotFound => "Error from server (NotFound): ".to_string(),
+        tonic::Code::Unavailable => "error: cannot reach pilot: ".to_string(),
+        code => format!("Error from server ({code:?}): "),
+    };
+    for line in status.message().lines() {
+        eprintln!("{prefix}{line}");
+    }
+}
+
+async fn apply(args: ApplyArgs) -> Result<()> {
+    let documents = read_documents(&args.files)?;
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .apply(pb::ApplyRequest {
+            documents,
+            default_namespace: args.namespace,
+            dry_run: args.dry_run,
+        })
+        .await?
+        .into_inner();
+    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    for result in &response.results {
+        let outcome = match result.outcome() {
+            pb::Outcome::Created => "created",
+            pb::Outcome::Configured => "configured",
+            pb::Outcome::Unchanged => "unchanged",
+            pb::Outcome::Unspecified => "applied",
+        };
+        println!("{} {outcome}{suffix}", object_name(result.object.as_ref()));
+    }
+    print_warnings(&response.warnings);
+    Ok(())
+}
+
+async fn get(args: GetArgs) -> Result<()> {
+    let kind = Kind::from_cli(&args.kind).with_context(|| {
+        format!(
+            "the server doesn't have a resource type {:?} (use virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc)",
+            args.kind
+        )
+    })?;
+    let mut client = connect(&args.server).await?;
+    let named = args.name.is_some();
+    let response = client
+        .get(pb::GetRequest {
+            kind: kind.as_str().to_string(),
+            name: args.name.unwrap_or_default(),
+            namespace: args.namespace.clone(),
+            all_namespaces: args.all_namespaces,
+        })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Some(Output::Yaml) => {
+            for (i, object) in response.objects.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out, "---")?;
+                }
+                let value = with_server_fields(object)?;
+                write!(out, "{}", serde_saphyr::to_string(&value)?)?;
+            }
+        }
+        Some(Output::Json) => {
+            let mut items = response
+                .objects
+                .iter()
+                .map(with_server_fields)
+                .collect::<Result<Vec<_>>>()?;
+            let value = match items.pop() {
+                Some(item) if named => item,
+                last => {
+                    items.extend(last);
+                    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+                }
+            };
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        None if response.objects.is_empty() => {
+            if args.all_namespaces {
+                eprintln!("No resources found");
+            } else {
+                eprintln!("No resources found in {} namespace.", args.namespace);
+            }
+        }
+        None => write!(
+            out,
+            "{}",
+            table(kind, &response.objects, args.all_namespaces)?
+        )?,
+    }
+    Ok(())
+}
+
+async fn delete(args: DeleteArgs) -> Result<()> {
+    let mut request = pb::DeleteRequest {
+        default_namespace: args.namespace.clone(),
+        ..pb::DeleteRequest::default()
+    };
+    if let (Some(kind), Some(name)) = (&args.kind, &args.name) {
+        let kind = Kind::from_cli(kind)
+            .with_context(|| format!("the server doesn't have a resource type {kind:?}"))?;
+        request.objects.push(pb::ObjectRef {
+            kind: kind.as_str().to_string(),
+            namespace: args.namespace.clone(),
+            name: name.clone(),
+        });
+    }
+    request.documents = read_documents(&args.files)?;
+    let mut client = connect(&args.server).await?;
+    let response = client.delete(request).await?.into_inner();
+    for object in &response.deleted {
+        println!("{} deleted", object_name(Some(object)));
+    }
+    Ok(())
+}
+
+async fn analyze(args: AnalyzeArgs) -> Result<()> {
+    let documents = read_documents(&args.files)?;
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .analyze(pb::AnalyzeRequest {
+            documents,
+            default_namespace: args.namespace,
+        })
+        .await?
+        .into_inner();
+    if response.warnings.is_empty() {
+        println!("No validation issues found.");
+    }
+    print_warnings(&response.warnings);
+    Ok(())
+}
+
+fn print_warnings(warnings: &[pb::Warning]) {
+    for warning in warnings {
+        eprintln!("Warning: [{}] {}", warning.code, warning.message);
+    }
+}
+
+/// `virtualservice.networking.istio.io/httpbin`, `service/httpbin`.
+fn object_name(object: Option<&pb::ObjectRef>) -> String {
+    let Some(object) = object else {
+        return "<unknown>".to_string();
+    };
+    match Kind::from_cli(&object.kind) {
+        Some(kind) => format!("{}/{}", kind.api_resource(), object.name),
+        None => format!("{}/{}", object.kind, object.name),
+    }
+}
+
+// === server connection ===
+
+/// Connects to the config API at `--server`, `PILOT_SERVER`, or `<data-dir>/pilot.sock`.
+async fn connect(args: &ServerArgs) -> Result<ConfigServiceClient<Channel>> {
+    let path = socket_path(args)?;
+    // The URI is required by the API but unused: the connector always dials the socket.
+    let endpoint = Endpoint::try_from("http://pilot.sock")?;
+    let dial = path.clone();
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let dial = dial.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(dial).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|error| {
+            // tonic nests the I/O error a few times; its innermost message is the useful one.
+            let mut cause: &dyn std::error::Error = &error;
+            while let Some(source) = cause.source() {
+                cause = source;
+            }
+            anyhow::anyhow!(
+                "cannot reach pilot at unix:{} ({cause}); is `pilot serve` running with that data directory?",
+                path.display()
+            )
+        })?;
+    Ok(ConfigServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn socket_path(args: &ServerArgs) -> Result<PathBuf> {
+    match (&args.server, &args.data_dir) {
+        (Some(server), _) => match server.strip_prefix("unix:") {
+            Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+            _ => bail!(
+                "--server {server:?}: the config API is only served on a unix socket; use unix:PATH (e.g. unix:/var/lib/weft/pilot/{SOCKET_FILE})"
+            ),
+        },
+        (None, Some(dir)) => Ok(dir.join(SOCKET_FILE)),
+        (None, None) => bail!(
+            "no pilot to talk to: give --server unix:PATH (or PILOT_SERVER), or --data-dir DIR (or WEFT_PILOT_DATA_DIR) to use unix:DIR/{SOCKET_FILE}"
+        ),
+    }
+}
+
+// === input files ===
+
+/// Reads every `-f` argument: a file, a directory's `*.yaml`/`*.yml` (sorted), or `-` for stdin.
+fn read_documents(args: &[String]) -> Result<Vec<pb::Document>> {
+    let mut documents = Vec::new();
+    for arg in args {
+        if arg == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read standard input")?;
+            documents.push(pb::Document {
+                file: "<stdin>".to_string(),
+                text,
+            });
+            continue;
+        }
+        let path = Path::new(arg);
+        if path.is_dir() {
+            let files = yaml_files(path)?;
+            if files.is_empty() {
+                bail!("{arg}: no *.yaml or *.yml files in this directory");
+            }
+            for file in files {
+                documents.push(read_file(&file)?);
+            }
+        } else {
+            documents.push(read_file(path)?);
+        }
+    }
+    Ok(documents)
+}
+
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .path();
+        let yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        if yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> Result<pb::Document> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(pb::Document {
+        file: path.display().to_string(),
+        text,
+    })
+}
+
+// === output ===
+
+/// The object's JSON with the server-set metadata kubectl shows (`resourceVersion`, `generation`,
+/// `creationTimestamp`); applying it again ignores them.
+fn with_server_fields(object: &pb::StoredObject) -> Result<serde_json::Value> {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&object.json).context("the server sent an unreadable object")?;
+    if let Some(metadata) = value
+        .get_mut("metadata")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        metadata.insert(
+            "resourceVersion".into(),
+            object.resource_version.to_string().into(),
+        );
+        metadata.insert("generation".into(), object.generation.into());
+        metadata.insert(
+            "creationTimestamp".into(),
+            rfc3339(object.creation_timestamp).into(),
+        );
+    }
+    Ok(value)
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A kubectl-like table with the columns that fit the kind.
+fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Result<String> {
+    let mut header = vec!["NAME"];
+    header.extend(match kind {
+        Kind::VirtualService => vec!["HOSTS"],
+        Kind::DestinationRule => vec!["HOST"],
+        Kind::PeerAuthentication => vec!["MODE"],
+        Kind::Service => vec!["TYPE", "CLUSTER-IP", "PORT(S)"],
+    });
+    header.push("AGE");
+    if all_namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
+    let now = SystemTime::now();
+    for object in objects {
+        let value: serde_json::Value =
+            serde_json::from_str(&object.json).context("the server sent an unreadable object")?;
+        let text = |pointer: &str| {
+            value
+                .pointer(pointer)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let mut row = Vec::new();
+        if all_namespaces {
+            row.push(text("/metadata/namespace"));
+        }
+        row.push(text("/metadata/name"));
+        match kind {
+            Kind::VirtualService => row.push(format!(
+                "{}",
+                value.pointer("/spec/hosts").cloned().unwrap_or_default()
+            )),
+            Kind::DestinationRule => row.push(text("/spec/host")),
+            Kind::PeerAuthentication => {
+                let mode = text("/spec/mtls/mode");
+                row.push(if mode.is_empty() {
+                    "UNSET".to_string()
+                } else {
+                    mode
+                });
+            }
+            Kind::Service => {
+                let kind = text("/spec/type");
+                row.push(if kind.is_empty() {
+                    "ClusterIP".to_string()
+                } else {
+                    kind
+                });
+                row.push(text("/spec/clusterIP"));
+                row.push(ports(&value));
+            }
+        }
+        let created =
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(object.creation_timestamp).unwrap_or(0));
+        row.push(age(now.duration_since(created).unwrap_or_default()));
+        rows.push(row);
+    }
+    Ok(columns(&rows))
+}
+
+/// `8000/TCP,9000/TCP`, as kubectl prints Service ports.
+fn ports(service: &serde_json::Value) -> String {
+    let Some(ports) = service
+        .pointer("/spec/ports")
+        .and_then(serde_json::Value::as_array)
+    else {
+        return "<none>".to_string();
+    };
+    ports
+        .iter()
+        .map(|p| {
+            let port = p
+                .get("port")
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(0);
+            let protocol = p
+                .get("protocol")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("TCP");
+            format!("{port}/{protocol}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Left-aligned columns separated by three spaces, as kubectl prints.
+fn columns(rows: &[Vec<String>]) -> String {
+    let mut widths = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len().saturating_sub(1);
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}   "));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// kubectl's short ages: `45s`, `3m20s`, `42m`, `5h10m`, `30h`, `3d4h`, `12d`.
+fn age(elapsed: Duration) -> String {
+    let s = elapsed.as_secs();
+    let (m, h, d) = (s / 60, s / 3600, s / 86400);
+    match s {
+        _ if s < 120 => format!("{s}s"),
+        _ if m < 10 && !s.is_multiple_of(60) => format!("{m}m{}s", s % 60),
+        _ if h < 3 => format!("{m}m"),
+        _ if h < 8 && !m.is_multiple_of(60) => format!("{h}h{}m", m % 60),
+        _ if h < 48 => format!("{h}h"),
+        _ if d < 8 && !h.is_multiple_of(24) => format!("{d}d{}h", h % 24),
+        _ => format!("{d}d"),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        for (secs, want) in [
+            (5, "5s"),
+            (119, "119s"),
+            (200, "3m20s"),
+            (600, "10m"),
+            (2 * 3600 + 60, "121m"),
+            (5 * 3600 + 600, "5h10m"),
+            (30 * 3600, "30h"),
+            (3 * 86400 + 4 * 3600, "3d4h"),
+            (12 * 86400, "12d"),
+        ] {
+            assert_eq!(age(Duration::from_secs(secs)), want, "{secs}s");
+        }
+    }
+
+    #[test]
+    fn server_address() {
+        let args = |server: Option<&str>, dir: Option<&str>| ServerArgs {
+            server: server.map(String::from),
+            data_dir: dir.map(PathBuf::from),
+        };
+        assert_eq!(
+            socket_path(&args(None, Some("/d"))).unwrap(),
+            PathBuf::from("/d/pilot.sock")
+        );
+        assert_eq!(
+            socket_path(&args(Some("unix:/s"), Some("/d"))).unwrap(),
+            PathBuf::from("/s")
+        );
+        assert!(socket_path(&args(Some("127.0.0.1:15012"), None)).is_err());
+        assert!(socket_path(&args(None, None)).is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! weft's control plane: the durable config store, the config API, and the `pilot` command line.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod serve;
+pub mod store;
