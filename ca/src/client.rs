@@ -110,6 +110,32 @@ impl CaClient {
     }
 }
 
+/// Gets a first certificate, retrying with capped exponential backoff (200 ms to 15 s) until the CA
+/// answers; `None` if `stop` completes first. Start-up uses this: a workload starting before its CA
+/// waits for it instead of failing.
+pub async fn fetch_with_retry(
+    client: &CaClient,
+    identity: &SpiffeId,
+    validity: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> Option<Credentials> {
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.fetch_credentials(identity, validity).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(%identity, error = %e, retry_in = ?backoff, "cannot get a certificate yet")
+            }
+        }
+        tokio::select! {
+            () = &mut stop => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
 /// When to renew credentials that are valid for `lifetime` from now: at half of it, with ±1% jitter so
 /// a fleet started together does not renew together (Istio's `SECRET_GRACE_PERIOD_RATIO` 0.5, jitter 0.01).
 pub fn renew_after(lifetime: Duration, jitter_seed: u64) -> Duration {

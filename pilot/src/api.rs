@@ -93,12 +93,17 @@ fn not_found_line(key: &ResourceKey) -> String {
 #[derive(Debug, Clone)]
 pub struct ConfigApi {
     store: Arc<Store>,
+    /// Connected sidecars; `None` when pilot runs without discovery.
+    proxies: Option<Arc<crate::discovery::ProxyTable>>,
 }
 
 impl ConfigApi {
     /// A server for `store`, with message limits set for whole YAML files.
-    pub fn server(store: Arc<Store>) -> ConfigServiceServer<ConfigApi> {
-        ConfigServiceServer::new(ConfigApi { store })
+    pub fn server(
+        store: Arc<Store>,
+        proxies: Option<Arc<crate::discovery::ProxyTable>>,
+    ) -> ConfigServiceServer<ConfigApi> {
+        ConfigServiceServer::new(ConfigApi { store, proxies })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -259,6 +264,37 @@ impl ConfigService for ConfigApi {
             request.into_inner(),
         )?))
     }
+
+    async fn proxy_status(
+        &self,
+        _request: Request<pb::ProxyStatusRequest>,
+    ) -> Result<Response<pb::ProxyStatusResponse>, Status> {
+        let proxies = self
+            .proxies
+            .as_ref()
+            .map(|t| t.list())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| pb::ProxyStatus {
+                state: p.state().to_owned(),
+                name: p.name,
+                namespace: p.namespace,
+                identity: p.identity,
+                version_sent: p.version_sent,
+                version_acked: p.version_acked,
+                error: p.nack.unwrap_or_default(),
+                last_push: p
+                    .last_push
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::ProxyStatusResponse {
+            proxies,
+            discovery_enabled: self.proxies.is_some(),
+        }))
+    }
 }
 
 /// Parses every document; on any error, returns every error line of every document.
@@ -332,7 +368,13 @@ mod tests {
     fn api() -> (tempfile::TempDir, ConfigApi) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        (dir, ConfigApi { store })
+        (
+            dir,
+            ConfigApi {
+                store,
+                proxies: None,
+            },
+        )
     }
 
     fn apply_request(text: &str, dry_run: bool) -> pb::ApplyRequest {

@@ -42,6 +42,8 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Print analyzer warnings (e.g. IST0101) for the stored objects, plus files as if applied.
     Analyze(AnalyzeArgs),
+    /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED.
+    ProxyStatus(ServerArgs),
 }
 
 /// How the config commands reach `pilot serve`.
@@ -164,6 +166,7 @@ fn execute(cli: Cli) -> Result<()> {
             Command::Get(args) => get(args).await,
             Command::Delete(args) => delete(args).await,
             Command::Analyze(args) => analyze(args).await,
+            Command::ProxyStatus(args) => proxy_status(args).await,
         }
     })
 }
@@ -307,6 +310,60 @@ async fn analyze(args: AnalyzeArgs) -> Result<()> {
         println!("No validation issues found.");
     }
     print_warnings(&response.warnings);
+    Ok(())
+}
+
+async fn proxy_status(args: ServerArgs) -> Result<()> {
+    let mut client = connect(&args).await?;
+    let response = client
+        .proxy_status(pb::ProxyStatusRequest {})
+        .await?
+        .into_inner();
+    if !response.discovery_enabled {
+        bail!(
+            "pilot runs without discovery (start it with --listen, --ca, --ca-root, --token-file)"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "NAMESPACE".into(),
+        "IDENTITY".into(),
+        "SENT".into(),
+        "ACKED".into(),
+        "STATUS".into(),
+        "LAST PUSH".into(),
+    ]];
+    for p in &response.proxies {
+        let status = if p.error.is_empty() {
+            p.state.clone()
+        } else {
+            format!("{} ({})", p.state, p.error)
+        };
+        rows.push([
+            p.name.clone(),
+            p.namespace.clone(),
+            p.identity.clone(),
+            p.version_sent.clone(),
+            p.version_acked.clone(),
+            status,
+            format!("{}s ago", (now - p.last_push).max(0)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
     Ok(())
 }
 
@@ -595,7 +652,6 @@ fn age(elapsed: Duration) -> String {
         _ => format!("{d}d"),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

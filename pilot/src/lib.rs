@@ -3,5 +3,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod discovery;
+pub mod registry;
 pub mod serve;
 pub mod store;

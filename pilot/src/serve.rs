@@ -15,7 +15,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::ConfigApi;
+use crate::discovery::{Debounce, DiscoveryOptions, ProxyTable};
 use crate::store::{Store, StoreError};
+use weft_pilot_config::translate::MeshOptions;
 
 /// The config API socket's file name inside `--data-dir`.
 pub const SOCKET_FILE: &str = "pilot.sock";
@@ -48,6 +50,64 @@ pub struct ServeArgs {
     /// Quiet period before a config change is pushed to sidecars (e.g. 100ms, 1s).
     #[arg(long, default_value = "100ms", value_parser = weft_ca::cli::parse_duration)]
     pub debounce: Duration,
+    /// Longest a change waits for quiet before it is pushed anyway.
+    #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration)]
+    pub debounce_max: Duration,
+    /// How long a workload whose sidecar disconnected stays an endpoint (a reconnect within it does
+    /// not flap endpoints; Istio's WorkloadEntry grace).
+    #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration)]
+    pub workload_grace: Duration,
+    /// Mirrored requests get "-shadow" appended to their host (Istio <= 1.27, and the seed task).
+    /// `--mirror-shadow-suffix false` sends them with the original host, as Istio 1.28+ does.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub mirror_shadow_suffix: bool,
+    /// Percentage of new traces sampled by sidecars (Istio's default is 1; weft's demo wants all).
+    #[arg(long, default_value_t = 100.0)]
+    pub trace_sampling: f64,
+}
+
+impl ServeArgs {
+    /// The discovery settings, if `--listen` asks for discovery; all three identity flags must then be
+    /// given (checked before anything binds).
+    fn discovery(&self) -> Result<Option<(String, DiscoveryOptions)>, ServeError> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        let missing = |flag: &'static str| ServeError::Flags(format!("--listen needs {flag}"));
+        let ca = self.ca.clone().ok_or_else(|| missing("--ca"))?;
+        let ca_root = self.ca_root.as_ref().ok_or_else(|| missing("--ca-root"))?;
+        let token_file = self
+            .token_file
+            .as_ref()
+            .ok_or_else(|| missing("--token-file"))?;
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p)
+                .map_err(|e| ServeError::Flags(format!("cannot read {}: {e}", p.display())))
+        };
+        if !(0.0..=100.0).contains(&self.trace_sampling) {
+            return Err(ServeError::Flags("--trace-sampling must be 0..100".into()));
+        }
+        let mesh = MeshOptions {
+            trust_domain: self.trust_domain.clone(),
+            mirror_shadow_suffix: self.mirror_shadow_suffix,
+            sampling_percent: self.trace_sampling,
+            ..MeshOptions::default()
+        };
+        Ok(Some((
+            listen.clone(),
+            DiscoveryOptions {
+                ca,
+                root_pem: read(ca_root)?,
+                token: read(token_file)?,
+                debounce: Debounce {
+                    quiet: self.debounce,
+                    max: self.debounce_max,
+                },
+                workload_grace: self.workload_grace,
+                mesh,
+            },
+        )))
+    }
 }
 
 /// Why `pilot serve` could not start or stopped with an error.
@@ -80,6 +140,18 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Flags that do not fit together, or files they name that cannot be read.
+    #[error("{0}")]
+    Flags(String),
+    /// The discovery listener could not be bound.
+    #[error("cannot listen on {addr} for discovery: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The config API server failed.
     #[error("config API server failed: {0}")]
     Server(#[from] tonic::transport::Error),
@@ -92,6 +164,8 @@ pub struct ServeContext {
     pub store: Arc<Store>,
     /// Cancelled when the daemon shuts down (SIGTERM/SIGINT or a fatal error).
     pub shutdown: CancellationToken,
+    /// Sidecars connected to discovery (`None` without `--listen`).
+    pub proxies: Option<Arc<ProxyTable>>,
 }
 
 /// Runs `pilot serve` until SIGTERM/SIGINT. Prints `listening on unix:<socket>` once the config API
@@ -106,9 +180,26 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             path: dir.clone(),
             source,
         })?;
+    let discovery = args.discovery()?;
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
     let store = Arc::new(Store::open(dir)?);
+    let discovery_listener = match &discovery {
+        Some((addr, _)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            if let Ok(a) = l.local_addr() {
+                // Printed before the config API line, which scripts and tests wait for.
+                println!("discovery listening on {a}");
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let listener = bind_owner_only(&socket)?;
     // The one line of stdout: scripts and tests read the socket path from it.
     println!("listening on unix:{}", socket.display());
@@ -123,13 +214,29 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let context = ServeContext {
         store,
         shutdown: CancellationToken::new(),
+        proxies: discovery_listener
+            .is_some()
+            .then(|| Arc::new(ProxyTable::default())),
     };
     let signal = context.shutdown.clone();
     tokio::spawn(async move {
         weft_ca::cli::shutdown_signal().await;
         signal.cancel();
     });
-    // TODO(lead): spawn discovery here with `context.clone()` and the discovery flags in `args`.
+    if let (Some(listener), Some((_, opts)), Some(proxies)) =
+        (discovery_listener, discovery, context.proxies.clone())
+    {
+        let ctx = context.clone();
+        tokio::spawn(async move {
+            let result =
+                crate::discovery::serve(listener, opts, &ctx.store, proxies, ctx.shutdown.clone())
+                    .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "discovery failed; shutting down");
+                ctx.shutdown.cancel();
+            }
+        });
+    }
     let result = serve_config_api(listener, context.clone()).await;
     context.shutdown.cancel();
     let _ = std::fs::remove_file(&socket);
@@ -144,7 +251,7 @@ pub async fn serve_config_api(
 ) -> Result<(), ServeError> {
     let shutdown = context.shutdown.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(ConfigApi::server(context.store))
+        .add_service(ConfigApi::server(context.store, context.proxies))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

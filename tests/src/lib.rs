@@ -39,6 +39,8 @@ pub struct Proc {
     name: String,
     child: Child,
     stderr_log: PathBuf,
+    /// Other `<what> listening on ADDR` lines the process printed, by `<what>`.
+    announced: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 impl Proc {
@@ -86,10 +88,13 @@ impl Proc {
             .spawn()
             .with_context(|| format!("spawn {name}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
+        let announced =
+            std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let mut proc = Proc {
             name: name.to_owned(),
             child,
             stderr_log,
+            announced: announced.clone(),
         };
         let (tx, rx) = mpsc::channel();
         // Keep draining stdout for the process's whole life so it never blocks on a full pipe.
@@ -97,6 +102,10 @@ impl Proc {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     let _ = tx.send(addr.trim().to_owned());
+                } else if let Some((what, addr)) = line.split_once(" listening on ")
+                    && let Ok(mut map) = announced.lock()
+                {
+                    map.insert(what.to_owned(), addr.trim().to_owned());
                 }
             }
         });
@@ -110,6 +119,12 @@ impl Proc {
                 )
             }
         }
+    }
+
+    /// The address of a `<what> listening on ADDR` line printed before the main `listening on` line
+    /// (e.g. pilot's `discovery listening on`).
+    pub fn announced(&self, what: &str) -> Option<String> {
+        self.announced.lock().ok()?.get(what).cloned()
     }
 
     /// The process ID.
@@ -174,4 +189,89 @@ pub fn run(cmd: &mut Command) -> Result<(bool, String, String)> {
 /// Installs the rustls crypto provider for in-test clients.
 pub fn init() {
     weft_ca::tls::install_default_provider();
+}
+
+/// A running control plane: `ca serve` and `pilot serve` (with discovery) as processes, on loopback,
+/// in a directory of their own. Dropping it kills both.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// Working directory (tokens, data dirs, logs).
+    pub dir: PathBuf,
+    /// The CA process.
+    pub ca: Proc,
+    /// The CA's address.
+    pub ca_addr: String,
+    /// The root certificate file.
+    pub root: PathBuf,
+    /// The pilot process.
+    pub pilot: Proc,
+    /// pilot's discovery address.
+    pub discovery_addr: String,
+}
+
+impl ControlPlane {
+    /// Starts the CA, then pilot with discovery on 127.0.0.1; `pilot_args` are added to `pilot serve`.
+    pub fn start(dir: &std::path::Path, pilot_args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin("ca"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("ca"));
+        let (ca, ca_addr) = Proc::spawn_listening("ca", cmd, dir)?;
+        let root = dir.join("ca").join("root-cert.pem");
+        let token = token_file(dir, "weft-system", "pilot")?;
+        let ca_addr = ca_addr.to_string();
+        let mut cmd = Command::new(bin("pilot"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--ca", &ca_addr])
+            .arg("--data-dir")
+            .arg(dir.join("pilot"))
+            .arg("--ca-root")
+            .arg(&root)
+            .arg("--token-file")
+            .arg(&token)
+            .args(pilot_args);
+        let (pilot, _socket) = Proc::spawn_listening_unix("pilot", cmd, dir)?;
+        let discovery_addr = pilot
+            .announced("discovery")
+            .context("pilot did not announce its discovery address")?;
+        Ok(ControlPlane {
+            dir: dir.to_owned(),
+            ca,
+            ca_addr,
+            root,
+            pilot,
+            discovery_addr,
+        })
+    }
+
+    /// Writes a bootstrap token for `ns`/`sa` to a file and returns its path.
+    pub fn token(&self, ns: &str, sa: &str) -> Result<PathBuf> {
+        token_file(&self.dir, ns, sa)
+    }
+
+    /// Runs a `pilot` CLI command against this pilot; returns (success, stdout, stderr).
+    pub fn pilot_cmd(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        run(Command::new(bin("pilot"))
+            .args(args)
+            .env("WEFT_PILOT_DATA_DIR", self.dir.join("pilot"))
+            .env_remove("PILOT_SERVER"))
+    }
+}
+
+/// Mints a bootstrap token with the CA in `dir/ca` and writes it to `dir/<ns>.<sa>.token`.
+fn token_file(dir: &std::path::Path, ns: &str, sa: &str) -> Result<PathBuf> {
+    let (ok, out, err) = run(Command::new(bin("ca"))
+        .args([
+            "token",
+            "--namespace",
+            ns,
+            "--service-account",
+            sa,
+            "--data-dir",
+        ])
+        .arg(dir.join("ca")))?;
+    if !ok {
+        bail!("ca token failed: {err}");
+    }
+    let path = dir.join(format!("{ns}.{sa}.token"));
+    std::fs::write(&path, out.trim())?;
+    Ok(path)
 }

@@ -1,0 +1,507 @@
+//! Discovery: one mTLS gRPC stream per sidecar, carrying that sidecar's compiled view of the mesh.
+//!
+//! Flow (Istio's xDS, simplified to one state-of-the-world resource): the sidecar's first request names
+//! its node; pilot checks the node against the identity in the client certificate, registers the
+//! workload, and sends the full view. Store and registry changes are debounced (quiet period, capped
+//! wait) into a new [`PushContext`]; every stream then recomputes its view and pushes only if the view
+//! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
+//! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use futures_util::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use weft_ca::SpiffeId;
+use weft_pilot_config::Resource;
+use weft_pilot_config::translate::{MeshOptions, Workload, fingerprint, translate};
+use weft_proto::discovery as pb;
+use weft_proto::discovery::discovery_service_server::DiscoveryService;
+
+use crate::registry::{Registration, Registry, WorkloadSource};
+use crate::store::Snapshot;
+
+/// How long a new stream has to send its node.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a push is computed from, built once per debounced change and shared by all streams.
+#[derive(Debug)]
+pub struct PushContext {
+    /// Increases with every change; sent as the version.
+    pub epoch: u64,
+    /// Store revision it was built from.
+    pub revision: u64,
+    /// All config objects.
+    pub resources: Vec<Resource>,
+    /// All live workloads.
+    pub workloads: Arc<Vec<Workload>>,
+}
+
+/// Debounce settings (Istio's PILOT_DEBOUNCE_AFTER / PILOT_DEBOUNCE_MAX: 100 ms quiet, 10 s max).
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    /// Push once no change arrived for this long...
+    pub quiet: Duration,
+    /// ...or once the first unpushed change is this old.
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Self {
+            quiet: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Builds push contexts from store and registry changes, debounced. Returns the receiver streams watch.
+pub fn spawn_debouncer(
+    mut store: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
+    debounce: Debounce,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<PushContext>> {
+    let build = {
+        let registry = registry.clone();
+        move |epoch: u64, snapshot: &Snapshot| {
+            Arc::new(PushContext {
+                epoch,
+                revision: snapshot.revision(),
+                resources: snapshot.resources(),
+                workloads: registry.workloads(),
+            })
+        }
+    };
+    let first = build(1, &store.borrow_and_update());
+    let (tx, rx) = watch::channel(first);
+    let mut workloads = registry.subscribe();
+    tokio::spawn(async move {
+        let mut epoch = 1;
+        loop {
+            // Wait for the first change.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = store.changed() => if r.is_err() { return },
+                r = workloads.changed() => if r.is_err() { return },
+            }
+            let started = tokio::time::Instant::now();
+            // Then for quiet, or the cap.
+            loop {
+                let quiet_until = tokio::time::Instant::now() + debounce.quiet;
+                let deadline = quiet_until.min(started + debounce.max);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    r = store.changed() => if r.is_err() { return },
+                    r = workloads.changed() => if r.is_err() { return },
+                }
+                if tokio::time::Instant::now() >= started + debounce.max {
+                    break;
+                }
+            }
+            epoch += 1;
+            let ctx = build(epoch, &store.borrow_and_update());
+            workloads.mark_unchanged();
+            tx.send_replace(ctx);
+        }
+    });
+    rx
+}
+
+// === proxy status ===
+
+/// What `proxy-status` shows for one connected sidecar.
+#[derive(Debug, Clone)]
+pub struct ProxyStatus {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Identity from its client certificate.
+    pub identity: String,
+    /// Last version sent.
+    pub version_sent: String,
+    /// Last version ACKed.
+    pub version_acked: String,
+    /// Error of the last NACK, if the last response was NACKed.
+    pub nack: Option<String>,
+    /// When the last push was sent.
+    pub last_push: SystemTime,
+}
+
+impl ProxyStatus {
+    /// SYNCED (acked what was sent), NACKED (rejected it), or STALE (no answer yet).
+    pub fn state(&self) -> &'static str {
+        if self.nack.is_some() {
+            "NACKED"
+        } else if self.version_acked == self.version_sent {
+            "SYNCED"
+        } else {
+            "STALE"
+        }
+    }
+}
+
+/// The connected sidecars, by stream.
+#[derive(Debug, Default)]
+pub struct ProxyTable {
+    entries: Mutex<BTreeMap<u64, ProxyStatus>>,
+    next: Mutex<u64>,
+}
+
+impl ProxyTable {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        let mut n = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        *n
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(entry) = self.lock().get_mut(&id) {
+            f(entry);
+        }
+    }
+
+    /// The connected sidecars, sorted by namespace and name.
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        let mut all: Vec<ProxyStatus> = self.lock().values().cloned().collect();
+        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        all
+    }
+}
+
+// === the service ===
+
+/// The `DiscoveryService` implementation.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    contexts: watch::Receiver<Arc<PushContext>>,
+    registry: Arc<Registry>,
+    mesh: Arc<MeshOptions>,
+    proxies: Arc<ProxyTable>,
+    shutdown: CancellationToken,
+}
+
+impl Discovery {
+    /// A discovery service pushing contexts from `contexts`.
+    pub fn new(
+        contexts: watch::Receiver<Arc<PushContext>>,
+        registry: Arc<Registry>,
+        mesh: MeshOptions,
+        proxies: Arc<ProxyTable>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            contexts,
+            registry,
+            mesh: Arc::new(mesh),
+            proxies,
+            shutdown,
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DiscoveryService for Discovery {
+    type StreamConfigStream = ResponseStream;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        let peer = request
+            .peer_certs()
+            .and_then(|certs| weft_ca::tls::peer_identity(&certs))
+            .ok_or_else(|| Status::unauthenticated("a mesh client certificate is required"))?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no first request within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node = first
+            .node
+            .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
+        let workload = node_to_workload(&node, &peer)?;
+        let id = self.proxies.next_id();
+        self.proxies.lock().insert(
+            id,
+            ProxyStatus {
+                name: workload.name.clone(),
+                namespace: workload.namespace.clone(),
+                identity: peer.to_string(),
+                version_sent: String::new(),
+                version_acked: String::new(),
+                nack: None,
+                last_push: SystemTime::now(),
+            },
+        );
+        let registration = self.registry.register(workload.clone());
+        tracing::info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %peer, "sidecar connected");
+        let (tx, rx) = mpsc::channel(2);
+        let session = Session {
+            id,
+            node: workload,
+            contexts: self.contexts.clone(),
+            mesh: self.mesh.clone(),
+            proxies: self.proxies.clone(),
+            tx,
+            _registration: registration,
+            last_fingerprint: None,
+            nonce: 0,
+            last_nonce: String::new(),
+        };
+        tokio::spawn(session.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Validates the node the sidecar claims against the identity its certificate proves.
+fn node_to_workload(node: &pb::Node, peer: &SpiffeId) -> Result<Workload, Status> {
+    if node.namespace != peer.namespace() || node.service_account != peer.service_account() {
+        return Err(Status::permission_denied(format!(
+            "client certificate is {peer}, but the node claims namespace {:?} and service account {:?}",
+            node.namespace, node.service_account
+        )));
+    }
+    if node.name.is_empty() {
+        return Err(Status::invalid_argument(
+            "node.name (the pod name) is empty",
+        ));
+    }
+    if node.ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "node.ip {:?} is not an IP address",
+            node.ip
+        )));
+    }
+    let inbound_port = u16::try_from(node.inbound_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Status::invalid_argument("node.inbound_port must be 1..65535"))?;
+    Ok(Workload {
+        name: node.name.clone(),
+        namespace: node.namespace.clone(),
+        service_account: node.service_account.clone(),
+        labels: node
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ip: node.ip.clone(),
+        ports: node.ports.clone(),
+        inbound_port: u32::from(inbound_port),
+        captured: node.captured,
+    })
+}
+
+struct Session {
+    id: u64,
+    node: Workload,
+    contexts: watch::Receiver<Arc<PushContext>>,
+    mesh: Arc<MeshOptions>,
+    proxies: Arc<ProxyTable>,
+    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    _registration: Registration,
+    last_fingerprint: Option<u64>,
+    nonce: u64,
+    last_nonce: String,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::DiscoveryRequest>,
+        shutdown: CancellationToken,
+    ) {
+        let ctx = self.contexts.borrow_and_update().clone();
+        if self.push(&ctx).await.is_err() {
+            return self.end();
+        }
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.answer(req),
+                    Ok(None) | Err(_) => break,
+                },
+                r = self.contexts.changed() => {
+                    if r.is_err() { break; }
+                    let ctx = self.contexts.borrow_and_update().clone();
+                    if self.push(&ctx).await.is_err() { break; }
+                }
+            }
+        }
+        self.end();
+    }
+
+    fn end(self) {
+        self.proxies.lock().remove(&self.id);
+        tracing::info!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "sidecar disconnected");
+    }
+
+    /// Computes this sidecar's view and sends it if it differs from the last one sent.
+    async fn push(&mut self, ctx: &PushContext) -> Result<(), ()> {
+        let config = translate(&ctx.resources, &ctx.workloads, &self.node, &self.mesh);
+        let fp = fingerprint(&config);
+        if self.last_fingerprint == Some(fp) {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let version = ctx.epoch.to_string();
+        let nonce = format!("{}-{}", self.id, self.nonce);
+        let response = pb::DiscoveryResponse {
+            version_info: version.clone(),
+            nonce: nonce.clone(),
+            config: Some(config),
+        };
+        self.tx.send(Ok(response)).await.map_err(|_| ())?;
+        self.last_fingerprint = Some(fp);
+        self.last_nonce = nonce;
+        self.proxies.update(self.id, |p| {
+            p.version_sent = version;
+            p.nack = None;
+            p.last_push = SystemTime::now();
+        });
+        Ok(())
+    }
+
+    /// Records an ACK or NACK of the last response; answers to older responses are ignored (the
+    /// sidecar will answer the newer one too).
+    fn answer(&mut self, req: pb::DiscoveryRequest) {
+        if req.response_nonce != self.last_nonce {
+            return;
+        }
+        match req.error_detail {
+            Some(err) => {
+                tracing::warn!(pod = %format!("{}/{}", self.node.namespace, self.node.name), error = %err.message, "config NACKed");
+                self.proxies.update(self.id, |p| {
+                    p.nack = Some(err.message);
+                    p.version_acked = req.version_info;
+                });
+            }
+            None => self.proxies.update(self.id, |p| {
+                p.nack = None;
+                p.version_acked = req.version_info;
+            }),
+        }
+    }
+}
+
+// === serving ===
+
+/// Namespace of pilot's own identity.
+pub const PILOT_NAMESPACE: &str = "weft-system";
+/// Service account of pilot's own identity.
+pub const PILOT_SERVICE_ACCOUNT: &str = "pilot";
+/// Validity pilot asks for its own certificate (rotated at half life).
+const PILOT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long open streams get to end after shutdown begins.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// What discovery needs beyond the store.
+#[derive(Debug, Clone)]
+pub struct DiscoveryOptions {
+    /// The CA's address.
+    pub ca: String,
+    /// The mesh root PEM.
+    pub root_pem: String,
+    /// pilot's bootstrap token.
+    pub token: String,
+    /// Debounce settings.
+    pub debounce: Debounce,
+    /// How long a disconnected workload stays registered.
+    pub workload_grace: Duration,
+    /// Mesh-wide settings sent to every sidecar.
+    pub mesh: MeshOptions,
+}
+
+/// Why discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// Identity or TLS setup failed.
+    #[error("discovery identity: {0}")]
+    Identity(String),
+    /// The gRPC server failed.
+    #[error("discovery server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves discovery on `listener` until `shutdown`: gets pilot's certificate from the CA (waiting for
+/// the CA if needed), keeps it rotated, and streams each connected sidecar its view of `store`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    opts: DiscoveryOptions,
+    store: &crate::store::Store,
+    proxies: Arc<ProxyTable>,
+    shutdown: CancellationToken,
+) -> Result<(), DiscoveryError> {
+    use weft_ca::tls::{self, ClientAuth, CredentialStore, TrustBundle};
+    let td = opts.mesh.trust_domain.clone();
+    let identity = SpiffeId::new(&td, PILOT_NAMESPACE, PILOT_SERVICE_ACCOUNT)
+        .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let bundle = TrustBundle::from_pem(&opts.root_pem)
+        .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let ca_id =
+        weft_ca::server::ca_identity(&td).map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let ca = weft_ca::client::CaClient::new(&opts.ca, &bundle, ca_id, &opts.token)
+        .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let Some(creds) = weft_ca::client::fetch_with_retry(
+        &ca,
+        &identity,
+        PILOT_CERT_TTL,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    let creds = CredentialStore::new(creds);
+    let rotation = tokio::spawn(weft_ca::client::keep_rotated(
+        ca,
+        identity.clone(),
+        PILOT_CERT_TTL,
+        creds.clone(),
+    ));
+    let config = tls::server_config(creds, &bundle, ClientAuth::Required, &[tls::ALPN_H2])
+        .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let registry = Registry::new(opts.workload_grace);
+    let contexts = spawn_debouncer(
+        store.subscribe(),
+        registry.clone(),
+        opts.debounce,
+        shutdown.clone(),
+    );
+    let service = Discovery::new(contexts, registry, opts.mesh, proxies, shutdown.clone());
+    tracing::info!(%identity, "discovery serving");
+    let incoming = weft_ca::grpc::tls_incoming(listener, Arc::new(config));
+    let server = tonic::transport::Server::builder()
+        .add_service(pb::discovery_service_server::DiscoveryServiceServer::new(
+            service,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r.map_err(DiscoveryError::from),
+        () = shutdown.cancelled() => {
+            match tokio::time::timeout(DRAIN_GRACE, server).await {
+                Ok(r) => r.map_err(DiscoveryError::from),
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    rotation.abort();
+    result
+}

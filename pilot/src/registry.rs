@@ -1,0 +1,219 @@
+//! The registry of live workloads: each sidecar registers its pod through its discovery stream (like
+//! Istio's WorkloadEntry auto-registration) and is removed when the stream ends, after a grace period so
+//! that a reconnect does not make its endpoints flap.
+//!
+//! Kept behind [`WorkloadSource`] so a Kubernetes-backed registry (pods and endpoints from the API server)
+//! can replace it later without touching discovery.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use weft_pilot_config::translate::Workload;
+
+/// Where discovery gets the set of live workloads from.
+pub trait WorkloadSource: Send + Sync + 'static {
+    /// The current workloads, sorted by namespace and name.
+    fn workloads(&self) -> Arc<Vec<Workload>>;
+    /// Changes whenever the set of workloads changes (the value is a generation counter).
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+/// The self-registration registry.
+#[derive(Debug)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+    changes: watch::Sender<u64>,
+    grace: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// (namespace, name) -> the workload and the stream that owns it.
+    entries: BTreeMap<(String, String), Entry>,
+    next_conn: u64,
+    generation: u64,
+    published: Arc<Vec<Workload>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    workload: Workload,
+    conn: u64,
+    connected: bool,
+}
+
+/// Proof of registration; dropping it (the stream ended) schedules the workload's removal.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    key: (String, String),
+    conn: u64,
+}
+
+impl Registry {
+    /// An empty registry that keeps disconnected workloads for `grace`.
+    pub fn new(grace: Duration) -> Arc<Self> {
+        let (changes, _) = watch::channel(0);
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            changes,
+            grace,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the map half-updated (each change is one
+        // insert or remove), so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers (or re-registers, after a reconnect) a workload; the newest stream owns it.
+    pub fn register(self: &Arc<Self>, workload: Workload) -> Registration {
+        let key = (workload.namespace.clone(), workload.name.clone());
+        let mut inner = self.lock();
+        inner.next_conn += 1;
+        let conn = inner.next_conn;
+        let changed = inner
+            .entries
+            .get(&key)
+            .is_none_or(|e| e.workload != workload);
+        inner.entries.insert(
+            key.clone(),
+            Entry {
+                workload,
+                conn,
+                connected: true,
+            },
+        );
+        if changed {
+            self.publish(&mut inner);
+        }
+        Registration {
+            registry: self.clone(),
+            key,
+            conn,
+        }
+    }
+
+    fn disconnected(self: &Arc<Self>, key: (String, String), conn: u64) {
+        {
+            let mut inner = self.lock();
+            match inner.entries.get_mut(&key) {
+                Some(e) if e.conn == conn => e.connected = false,
+                _ => return,
+            }
+        }
+        let registry = self.clone();
+        let grace = self.grace;
+        let remove = move || {
+            let mut inner = registry.lock();
+            // Only if no newer stream took the workload over in the meantime.
+            if inner
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.conn == conn && !e.connected)
+            {
+                inner.entries.remove(&key);
+                registry.publish(&mut inner);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    remove();
+                });
+            }
+            Err(_) => remove(),
+        }
+    }
+
+    fn publish(&self, inner: &mut Inner) {
+        inner.generation += 1;
+        inner.published = Arc::new(inner.entries.values().map(|e| e.workload.clone()).collect());
+        self.changes.send_replace(inner.generation);
+    }
+}
+
+impl WorkloadSource for Registry {
+    fn workloads(&self) -> Arc<Vec<Workload>> {
+        self.lock().published.clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry
+            .disconnected(std::mem::take(&mut self.key), self.conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(name: &str, version: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "httpbin".into(),
+            labels: [
+                ("app".to_string(), "httpbin".to_string()),
+                ("version".to_string(), version.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            ip: "10.0.0.1".into(),
+            ports: vec![80],
+            inbound_port: 15006,
+            captured: true,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn workloads_leave_after_the_grace_period_unless_they_reconnect() {
+        let r = Registry::new(Duration::from_secs(10));
+        let mut changes = r.subscribe();
+        let reg = r.register(wl("v1", "v1"));
+        assert_eq!(r.workloads().len(), 1);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+
+        // Stream drops, and the pod reconnects within the grace period: no flap.
+        drop(reg);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let again = r.register(wl("v1", "v1"));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(r.workloads().len(), 1);
+        assert!(
+            !changes.has_changed().unwrap(),
+            "identical re-registration is not a change"
+        );
+
+        // Gone for good: removed once the grace period has passed, not before.
+        drop(again);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(r.workloads().len(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(r.workloads().len(), 0);
+        assert!(changes.has_changed().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_pod_replaces_the_old_registration() {
+        let r = Registry::new(Duration::from_secs(10));
+        let old = r.register(wl("p", "v1"));
+        let _new = r.register(wl("p", "v2"));
+        assert_eq!(r.workloads()[0].labels["version"], "v2");
+        // The old stream ending must not remove the new registration.
+        drop(old);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(r.workloads().len(), 1);
+    }
+}

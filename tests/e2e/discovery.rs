@@ -1,0 +1,317 @@
+//! pilot's discovery over real mTLS: a real `ca serve` and `pilot serve` as processes, and
+//! sidecar-side gRPC clients (the real discovery proto over the real TLS stack) in the test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_ca::SpiffeId;
+use weft_ca::client::CaClient;
+use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_proto::discovery as pb;
+use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
+use weft_tests::ControlPlane;
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+const V1: &str = "outbound|8000|v1|httpbin.default.svc.cluster.local";
+const V2: &str = "outbound|8000|v2|httpbin.default.svc.cluster.local";
+
+/// A sidecar's discovery session, driven by the test.
+struct Session {
+    tx: mpsc::Sender<pb::DiscoveryRequest>,
+    rx: tonic::Streaming<pb::DiscoveryResponse>,
+}
+
+fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node {
+    pb::Node {
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: sa.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ip: ip.into(),
+        ports: vec![80],
+        inbound_port: 15006,
+        captured: true,
+    }
+}
+
+/// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`.
+async fn open(
+    plane: &ControlPlane,
+    cert_sa: &str,
+    node: pb::Node,
+) -> Result<Session, tonic::Status> {
+    let root = std::fs::read_to_string(&plane.root).unwrap();
+    let bundle = TrustBundle::from_pem(&root).unwrap();
+    let token = std::fs::read_to_string(plane.token("default", cert_sa).unwrap()).unwrap();
+    let ca = CaClient::new(
+        &plane.ca_addr,
+        &bundle,
+        weft_ca::server::ca_identity("cluster.local").unwrap(),
+        &token,
+    )
+    .unwrap();
+    let me = SpiffeId::new("cluster.local", "default", cert_sa).unwrap();
+    let creds = ca
+        .fetch_credentials(&me, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
+    let cfg = tls::client_config(
+        Some(CredentialStore::new(creds)),
+        &bundle,
+        vec![pilot_id],
+        &[tls::ALPN_H2],
+    )
+    .unwrap();
+    let channel = weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg)).unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::DiscoveryRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rx = DiscoveryServiceClient::new(channel)
+        .stream_config(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok(Session { tx, rx })
+}
+
+impl Session {
+    /// The next push, within a bounded wait.
+    async fn next(&mut self) -> pb::DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(20), self.rx.message())
+            .await
+            .expect("no push within 20 s")
+            .expect("stream failed")
+            .expect("stream ended")
+    }
+
+    /// The next push that satisfies `pred` (earlier ones are ACKed: a push may reflect a state from
+    /// before the last change, within the debounce window).
+    async fn next_until(
+        &mut self,
+        pred: impl Fn(&pb::DiscoveryResponse) -> bool,
+    ) -> pb::DiscoveryResponse {
+        for _ in 0..20 {
+            let r = self.next().await;
+            if pred(&r) {
+                return r;
+            }
+            self.ack(&r).await;
+        }
+        panic!("no matching push in 20 pushes");
+    }
+
+    async fn ack(&self, r: &pb::DiscoveryResponse) {
+        self.tx
+            .send(pb::DiscoveryRequest {
+                version_info: r.version_info.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, r: &pb::DiscoveryResponse, last_good: &str, msg: &str) {
+        self.tx
+            .send(pb::DiscoveryRequest {
+                version_info: last_good.into(),
+                response_nonce: r.nonce.clone(),
+                error_detail: Some(pb::ErrorDetail {
+                    message: msg.into(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn cluster<'a>(r: &'a pb::DiscoveryResponse, name: &str) -> &'a pb::Cluster {
+    let cfg = r.config.as_ref().unwrap();
+    cfg.clusters
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+fn httpbin_routes(r: &pb::DiscoveryResponse) -> &[pb::HttpRoute] {
+    let cfg = r.config.as_ref().unwrap();
+    let svc = cfg
+        .services
+        .iter()
+        .find(|s| s.hostname == "httpbin.default.svc.cluster.local")
+        .expect("httpbin service");
+    &svc.ports[0].routes
+}
+
+fn apply(plane: &ControlPlane, file: &str) {
+    let (ok, out, err) = plane
+        .pilot_cmd(&["apply", "-f", &format!("{EXAMPLES}/{file}")])
+        .unwrap();
+    assert!(ok, "apply {file}: {out}{err}");
+}
+
+/// proxy-status, retried until `pred` holds for the output (ACKs arrive asynchronously).
+async fn proxy_status_until(plane: &ControlPlane, pred: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (ok, out, err) = plane.pilot_cmd(&["proxy-status"]).unwrap();
+        assert!(ok, "{err}");
+        if pred(&out) {
+            return out;
+        }
+        last = out;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("proxy-status never matched; last:\n{last}");
+}
+
+#[tokio::test]
+async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start(dir.path(), &["--workload-grace", "1s"]).unwrap();
+    apply(&plane, "httpbin-service.yaml");
+    apply(&plane, "all-v1.yaml");
+
+    // First snapshot: the seed's all-to-v1 route, and no endpoints yet.
+    let mut sleep = open(
+        &plane,
+        "sleep",
+        node("sleep-1", "sleep", &[("app", "sleep")], "10.1.0.1"),
+    )
+    .await
+    .unwrap();
+    let has_httpbin = |r: &pb::DiscoveryResponse| {
+        r.config
+            .as_ref()
+            .is_some_and(|c| c.services.iter().any(|s| s.name == "httpbin"))
+    };
+    let first = sleep.next_until(has_httpbin).await;
+    let routes = httpbin_routes(&first);
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].destinations[0].cluster, V1);
+    assert!(routes[0].mirrors.is_empty());
+    assert!(cluster(&first, V1).endpoints.is_empty());
+    sleep.ack(&first).await;
+    let status = proxy_status_until(&plane, |o| o.contains("SYNCED")).await;
+    assert!(status.starts_with("NAME"), "{status}");
+    assert!(
+        status.contains("sleep-1") && status.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{status}"
+    );
+
+    // A change is pushed (after the debounce) and can be NACKed; the NACK shows in proxy-status.
+    apply(&plane, "mirror-v2.yaml");
+    let second = sleep
+        .next_until(|r| !httpbin_routes(r)[0].mirrors.is_empty())
+        .await;
+    assert_eq!(httpbin_routes(&second)[0].mirrors[0].cluster, V2);
+    assert!(second.version_info != first.version_info);
+    sleep
+        .nack(&second, &first.version_info, "test rejects this config")
+        .await;
+    let status = proxy_status_until(&plane, |o| o.contains("NACKED")).await;
+    assert!(
+        status.contains("NACKED (test rejects this config)"),
+        "{status}"
+    );
+
+    // A workload registers through its own stream and becomes an endpoint of the right subsets.
+    let v1 = open(
+        &plane,
+        "httpbin",
+        node(
+            "httpbin-v1",
+            "httpbin",
+            &[("app", "httpbin"), ("version", "v1")],
+            "10.1.0.2",
+        ),
+    )
+    .await
+    .unwrap();
+    let third = sleep
+        .next_until(|r| !cluster(r, V1).endpoints.is_empty())
+        .await;
+    let eps = &cluster(&third, V1).endpoints;
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].address, "10.1.0.2");
+    assert_eq!(
+        eps[0].identity,
+        "spiffe://cluster.local/ns/default/sa/httpbin"
+    );
+    assert!(cluster(&third, V2).endpoints.is_empty());
+    sleep.ack(&third).await;
+
+    // Its stream ends: after the grace period the endpoint is gone.
+    drop(v1);
+    let fourth = sleep
+        .next_until(|r| cluster(r, V1).endpoints.is_empty())
+        .await;
+    assert!(cluster(&fourth, V1).endpoints.is_empty());
+}
+
+#[tokio::test]
+async fn refuses_a_node_that_claims_another_identity() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start(dir.path(), &[]).unwrap();
+    let Err(status) = open(
+        &plane,
+        "sleep",
+        node("evil", "httpbin", &[("app", "httpbin")], "10.1.0.9"),
+    )
+    .await
+    else {
+        panic!("pilot accepted a node claiming another service account");
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("spiffe://cluster.local/ns/default/sa/sleep")
+            && status.message().contains("\"httpbin\""),
+        "{}",
+        status.message()
+    );
+    // And nothing registered.
+    let (ok, out, _) = plane.pilot_cmd(&["proxy-status"]).unwrap();
+    assert!(ok);
+    assert!(!out.contains("evil"), "{out}");
+}
+
+#[tokio::test]
+async fn refuses_clients_without_a_mesh_certificate() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start(dir.path(), &[]).unwrap();
+    let root = std::fs::read_to_string(&plane.root).unwrap();
+    let bundle = TrustBundle::from_pem(&root).unwrap();
+    let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
+    let cfg = tls::client_config(None, &bundle, vec![pilot_id], &[tls::ALPN_H2]).unwrap();
+    let channel = weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg)).unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::DiscoveryRequest {
+        node: Some(node("anon", "sleep", &[], "10.1.0.5")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        DiscoveryServiceClient::new(channel).stream_config(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("bounded");
+    let status = result.expect_err("pilot accepted a client without a certificate");
+    assert_ne!(status.code(), tonic::Code::Ok);
+}
