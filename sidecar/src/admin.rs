@@ -1,0 +1,154 @@
+//! The admin listener (loopback only): `/ready`, `/config_dump`, `/stats/prometheus`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_ca::tls::CredentialStore;
+
+use crate::config::{MtlsMode, RouteTable};
+use crate::control::ControlStats;
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct Admin {
+    /// Current config.
+    pub tables: watch::Receiver<Arc<RouteTable>>,
+    /// Current certificate.
+    pub creds: Arc<CredentialStore>,
+    /// Discovery counters.
+    pub control: Arc<ControlStats>,
+}
+
+impl Admin {
+    /// Ready once a certificate and a first config are in place.
+    pub fn ready(&self) -> bool {
+        !self.tables.borrow().version.is_empty()
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/ready" | "/healthz/ready" => {
+                if self.ready() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the first config from pilot\n".into(),
+                    )
+                }
+            }
+            "/config_dump" => self.config_dump(),
+            "/stats/prometheus" | "/stats" => text(StatusCode::OK, self.stats()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "endpoints: /ready /config_dump /stats/prometheus\n".into(),
+            ),
+        }
+    }
+
+    fn config_dump(&self) -> Response<Full<Bytes>> {
+        let table = self.tables.borrow().clone();
+        let creds = self.creds.current();
+        let services: Vec<serde_json::Value> = table
+            .services()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "hostname": s.hostname,
+                    "vip": s.vip.map(|v| v.to_string()),
+                    "ports": s.ports.iter().map(|p| serde_json::json!({
+                        "port": p.port,
+                        "protocol": p.protocol,
+                        "routes": p.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let mode = |m: MtlsMode| format!("{m:?}").to_uppercase();
+        let body = serde_json::json!({
+            "version": table.version,
+            "identity": creds.identity().to_string(),
+            "certificate_expires_in_s": secs_until(creds.not_after()),
+            "services": services,
+            "clusters": table.cluster_count(),
+            "inbound": {
+                "mode": mode(table.inbound.mode),
+                "port_modes": table.inbound.port_modes.iter().map(|(p, m)| (p.to_string(), mode(*m))).collect::<std::collections::BTreeMap<_, _>>(),
+            },
+            "tracing": {
+                "sampling_percent": table.tracing.sampling_percent,
+                "service_name": table.tracing.service_name,
+            },
+        });
+        let mut resp = text(
+            StatusCode::OK,
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        );
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
+    fn stats(&self) -> String {
+        let c = &self.control;
+        let table = self.tables.borrow().clone();
+        let version: u64 = table.version.parse().unwrap_or(0);
+        format!(
+            "# TYPE weft_config_pushes_total counter\nweft_config_pushes_total {}\n\
+             # TYPE weft_config_nacks_total counter\nweft_config_nacks_total {}\n\
+             # TYPE weft_control_connects_total counter\nweft_control_connects_total {}\n\
+             # TYPE weft_config_version gauge\nweft_config_version {version}\n\
+             # TYPE weft_cert_expiry_seconds gauge\nweft_cert_expiry_seconds {}\n",
+            c.pushes.load(Ordering::Relaxed),
+            c.nacks.load(Ordering::Relaxed),
+            c.connects.load(Ordering::Relaxed),
+            secs_until(self.creds.current().not_after()),
+        )
+    }
+}
+
+fn secs_until(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::now())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        let tcp = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let resp = admin.handle(&req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

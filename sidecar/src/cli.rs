@@ -1,0 +1,225 @@
+//! The `sidecar` command line: `run` (the proxy) and `init` (traffic capture, as root).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{self, CaptureConfig};
+use crate::outbound::Mode;
+use crate::run::RunConfig;
+
+/// weft's per-pod proxy.
+#[derive(Debug, Parser)]
+#[command(name = "sidecar", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `sidecar` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy. Prints `listening on ADMIN_ADDR` once its listeners are bound.
+    Run(Box<RunArgs>),
+    /// Install (or with --clean remove) the iptables capture rules in this network namespace; root only.
+    Init(InitArgs),
+}
+
+/// Capture mode flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// iptables captures the pod's traffic (after `sidecar init`); runs as the proxy uid.
+    Transparent,
+    /// No capture: the app uses the outbound port as its HTTP proxy (http_proxy=http://127.0.0.1:15001).
+    Explicit,
+}
+
+/// `sidecar run` flags (each also read from an environment variable, for the Kubernetes downward API).
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// pilot's discovery address (host:port).
+    #[arg(long, env = "WEFT_PILOT")]
+    pub pilot: String,
+    /// The CA's address (host:port).
+    #[arg(long, env = "WEFT_CA_ADDR")]
+    pub ca: String,
+    /// The mesh root certificate (PEM; what `ca root` prints).
+    #[arg(long, env = "WEFT_CA_ROOT")]
+    pub ca_root: PathBuf,
+    /// File holding the bootstrap token (from `ca token`, or a projected service-account token).
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Pod namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// Pod service account.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    pub service_account: String,
+    /// Pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub name: String,
+    /// Pod labels, k=v[,k=v].
+    #[arg(long, env = "POD_LABELS", default_value = "", value_parser = parse_labels)]
+    pub labels: BTreeMap<String, String>,
+    /// Pod IP (default: 127.0.0.1 in explicit mode; required in transparent mode).
+    #[arg(long, env = "INSTANCE_IP")]
+    pub ip: Option<IpAddr>,
+    /// transparent (iptables capture) or explicit (HTTP proxy).
+    #[arg(long, value_enum, default_value = "transparent", env = "WEFT_MODE")]
+    pub mode: ModeArg,
+    /// Address the outbound (transparent) and inbound listeners bind (admin is always loopback).
+    #[arg(long, default_value = "0.0.0.0", env = "WEFT_BIND")]
+    pub bind: IpAddr,
+    /// Outbound listener port.
+    #[arg(long, default_value_t = 15001, env = "WEFT_OUTBOUND_PORT")]
+    pub outbound_port: u16,
+    /// Inbound listener port.
+    #[arg(long, default_value_t = 15006, env = "WEFT_INBOUND_PORT")]
+    pub inbound_port: u16,
+    /// Admin listener port (loopback): /ready, /config_dump, /stats/prometheus.
+    #[arg(long, default_value_t = 15000, env = "WEFT_ADMIN_PORT")]
+    pub admin_port: u16,
+    /// Where inbound requests go in explicit mode (127.0.0.1:PORT).
+    #[arg(long, env = "WEFT_APP_PORT")]
+    pub app_port: Option<u16>,
+    /// Trust domain.
+    #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Requested certificate lifetime (rotated at about half of it).
+    #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
+    pub cert_ttl: Duration,
+}
+
+/// `sidecar init` flags.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// uid the proxy runs as; its own traffic is not captured.
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// Inbound listener port.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Outbound listener port.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// DNS proxy port.
+    #[arg(long, default_value_t = 15053)]
+    pub dns_port: u16,
+    /// Inbound ports not captured, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "15020,15021")]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports not captured, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Remove weft's rules instead.
+    #[arg(long)]
+    pub clean: bool,
+}
+
+/// Parses `k=v[,k=v]`.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("label {pair:?} is not k=v"))?;
+        if k.is_empty() {
+            return Err(format!("label {pair:?} has an empty key"));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(args) => {
+            let cfg = CaptureConfig {
+                proxy_uid: args.proxy_uid,
+                inbound_port: args.inbound_port,
+                outbound_port: args.outbound_port,
+                dns_port: args.dns_port,
+                exclude_inbound_ports: args.exclude_inbound_ports,
+                exclude_outbound_ports: args.exclude_outbound_ports,
+            };
+            if args.clean {
+                capture::clean().context("cannot remove the capture rules")?;
+                println!("capture rules removed");
+            } else {
+                capture::init(&cfg).context("cannot install the capture rules")?;
+                println!("capture rules installed (proxy uid {})", cfg.proxy_uid);
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            weft_ca::cli::init_logging();
+            let mode = match args.mode {
+                ModeArg::Transparent => Mode::Transparent,
+                ModeArg::Explicit => Mode::Explicit,
+            };
+            let ip = match (args.ip, mode) {
+                (Some(ip), _) => ip,
+                (None, Mode::Explicit) => IpAddr::from([127, 0, 0, 1]),
+                (None, Mode::Transparent) => {
+                    bail!("--ip (INSTANCE_IP) is required in transparent mode")
+                }
+            };
+            let cfg = RunConfig {
+                pilot: args.pilot,
+                ca: args.ca,
+                ca_root: args.ca_root,
+                token_file: args.token_file,
+                trust_domain: args.trust_domain,
+                namespace: args.namespace,
+                service_account: args.service_account,
+                name: args.name,
+                labels: args.labels,
+                ip,
+                mode,
+                bind: args.bind,
+                outbound_port: args.outbound_port,
+                inbound_port: args.inbound_port,
+                admin_port: args.admin_port,
+                app_port: args.app_port,
+                cert_ttl: args.cert_ttl,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    weft_ca::cli::shutdown_signal().await;
+                    signal.cancel();
+                });
+                crate::run::run(cfg, shutdown)
+                    .await
+                    .context("sidecar failed")
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        let l = parse_labels("app=httpbin,version=v1").unwrap();
+        assert_eq!(l["app"], "httpbin");
+        assert_eq!(l["version"], "v1");
+        assert!(parse_labels("").unwrap().is_empty());
+        assert!(parse_labels("app").is_err());
+        assert!(parse_labels("=x").is_err());
+    }
+}

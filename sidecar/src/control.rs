@@ -1,0 +1,169 @@
+//! The discovery client: keeps a stream to pilot open, turns each push into a [`RouteTable`], and
+//! publishes it; ACKs what converts, NACKs what does not (keeping the last good table), and reconnects
+//! with jittered, capped exponential backoff when the stream ends. While pilot is away the sidecar keeps
+//! serving with what it has.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use weft_ca::SpiffeId;
+use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_proto::discovery as pb;
+use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
+
+use crate::config::RouteTable;
+
+/// Backoff bounds (ztunnel's xDS client: 10 ms doubling to 15 s; we start at 100 ms).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// Where and who: everything the discovery client needs.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// pilot's discovery address.
+    pub pilot: String,
+    /// The identity pilot must present.
+    pub pilot_identity: SpiffeId,
+    /// The mesh root.
+    pub bundle: TrustBundle,
+    /// This sidecar's node description.
+    pub node: pb::Node,
+}
+
+/// Counters for `/stats` and `/config_dump`.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// Pushes received.
+    pub pushes: AtomicU64,
+    /// Pushes rejected.
+    pub nacks: AtomicU64,
+    /// Streams opened.
+    pub connects: AtomicU64,
+}
+
+/// Runs the discovery client until `shutdown`. Publishes accepted tables on `tables`.
+pub async fn run(
+    cfg: ControlConfig,
+    creds: Arc<CredentialStore>,
+    tables: watch::Sender<Arc<RouteTable>>,
+    stats: Arc<ControlStats>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let outcome = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = session(&cfg, &creds, &tables, &stats) => r,
+        };
+        match outcome {
+            // A stream that delivered config was healthy: start over quickly.
+            Ok(true) => backoff = BACKOFF_MIN,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(pilot = %cfg.pilot, error = %e, retry_in = ?backoff, "discovery stream failed")
+            }
+        }
+        // Full jitter keeps a fleet from reconnecting in lockstep after a pilot restart.
+        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Errors of one discovery session.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] weft_ca::tls::SvidError),
+    /// Bad pilot address.
+    #[error(transparent)]
+    Channel(#[from] weft_ca::grpc::ChannelError),
+    /// The stream failed.
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+}
+
+/// One stream's life. Returns whether any config arrived (so the backoff can reset).
+async fn session(
+    cfg: &ControlConfig,
+    creds: &Arc<CredentialStore>,
+    tables: &watch::Sender<Arc<RouteTable>>,
+    stats: &ControlStats,
+) -> Result<bool, ControlError> {
+    let tls = tls::client_config(
+        Some(creds.clone()),
+        &cfg.bundle,
+        vec![cfg.pilot_identity.clone()],
+        &[tls::ALPN_H2],
+    )?;
+    let channel = weft_ca::grpc::tls_channel(&cfg.pilot, Arc::new(tls))?;
+    let mut client = DiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    // The node goes first; the last accepted version lets pilot know what we run after a reconnect.
+    let first = pb::DiscoveryRequest {
+        node: Some(cfg.node.clone()),
+        version_info: tables.borrow().version.clone(),
+        ..Default::default()
+    };
+    let _ = tx.send(first).await;
+    let mut inbound = client
+        .stream_config(ReceiverStream::new(rx))
+        .await
+        .map_err(ControlError::Status)?
+        .into_inner();
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(pilot = %cfg.pilot, "discovery stream open");
+    let mut got_config = false;
+    loop {
+        let response = match inbound.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(got_config),
+            Err(status) if got_config => {
+                tracing::info!(error = %status.message(), "discovery stream ended");
+                return Ok(true);
+            }
+            Err(status) => return Err(ControlError::Status(status)),
+        };
+        stats.pushes.fetch_add(1, Ordering::Relaxed);
+        let version = response.version_info.clone();
+        let converted = response
+            .config
+            .ok_or(crate::config::InvalidConfig::Missing("config"))
+            .and_then(|c| RouteTable::convert(version.clone(), c));
+        let reply = match converted {
+            Ok(table) => {
+                got_config = true;
+                tracing::info!(%version, "config accepted");
+                tables.send_replace(Arc::new(table));
+                pb::DiscoveryRequest {
+                    version_info: version,
+                    response_nonce: response.nonce,
+                    ..Default::default()
+                }
+            }
+            Err(e) => {
+                stats.nacks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%version, error = %e, "config rejected; keeping the last good one");
+                pb::DiscoveryRequest {
+                    version_info: tables.borrow().version.clone(),
+                    response_nonce: response.nonce,
+                    error_detail: Some(pb::ErrorDetail {
+                        message: e.to_string(),
+                    }),
+                    ..Default::default()
+                }
+            }
+        };
+        if tx.send(reply).await.is_err() {
+            return Ok(got_config);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Proxy errors and the one place they become responses (linkerd's "rescue"): each maps to a status
+//! and a short reason in the `x-weft-error` header, so a caller can tell a mesh failure from its
+//! upstream's answer.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use crate::upstream::{Body, UpstreamError};
+
+/// Header carrying the mesh's reason for a failure it generated.
+pub const ERROR_HEADER: &str = "x-weft-error";
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No Service for this destination/authority.
+    #[error("no service for {0}")]
+    NoService(String),
+    /// The Service has routes but none matched.
+    #[error("no route matched")]
+    NoRoute,
+    /// No config from pilot yet.
+    #[error("no config from pilot yet")]
+    NoConfig,
+    /// The cluster has no endpoints (e.g. a subset no workload matches, or no DestinationRule defines).
+    #[error("no healthy endpoint in {0}")]
+    NoEndpoint(String),
+    /// Connecting failed.
+    #[error("{0}")]
+    Connect(UpstreamError),
+    /// The upstream timed out.
+    #[error("upstream timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// Malformed or ambiguous request framing (smuggling shapes).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// A connection aimed back at the proxy itself.
+    #[error("request loops back to the proxy")]
+    Loop,
+    /// Fault injection abort.
+    #[error("fault filter abort")]
+    FaultAbort(u16),
+}
+
+impl ProxyError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            ProxyError::NoService(_) | ProxyError::NoRoute => S::NOT_FOUND,
+            ProxyError::NoConfig | ProxyError::NoEndpoint(_) => S::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(_) => S::BAD_GATEWAY,
+            ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => S::BAD_REQUEST,
+            ProxyError::Loop => S::LOOP_DETECTED,
+            ProxyError::FaultAbort(code) => S::from_u16(*code).unwrap_or(S::SERVICE_UNAVAILABLE),
+        }
+    }
+}
+
+/// Turns an error into the response the caller gets.
+pub fn rescue(err: &ProxyError) -> http::Response<Body> {
+    let status = err.status();
+    let reason = err.to_string();
+    let body = Full::new(Bytes::from(format!("{reason}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&reason) {
+        headers.insert(ERROR_HEADER, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status_and_reason_header() {
+        let cases = [
+            (ProxyError::NoRoute, 404),
+            (ProxyError::NoService("x:1".into()), 404),
+            (ProxyError::NoEndpoint("outbound|8000|v3|h".into()), 503),
+            (ProxyError::NoConfig, 503),
+            (ProxyError::Timeout(std::time::Duration::from_secs(1)), 504),
+            (
+                ProxyError::Connect(UpstreamError::Connect {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    reason: "refused".into(),
+                }),
+                502,
+            ),
+            (
+                ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),
+                400,
+            ),
+            (ProxyError::FaultAbort(418), 418),
+        ];
+        for (err, code) in cases {
+            let resp = rescue(&err);
+            assert_eq!(resp.status().as_u16(), code, "{err}");
+            assert_eq!(
+                resp.headers()[ERROR_HEADER].to_str().unwrap(),
+                err.to_string()
+            );
+        }
+    }
+}

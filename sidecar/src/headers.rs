@@ -1,0 +1,87 @@
+//! Header hygiene at the proxy's edges: hop-by-hop headers, ambiguous framing, spoofed mesh headers.
+
+use http::HeaderMap;
+use http::header::{self, HeaderName};
+
+/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1); HTTP/2 forbids
+/// them outright, so leaving one in would break the h1 → h2 hop between sidecars.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection are hop-by-hop too; collect first (they borrow `headers`).
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Refuses framing that two HTTP parsers could read differently (request smuggling): both
+/// Content-Length and Transfer-Encoding, or several Content-Length values. hyper already refuses
+/// malformed values such as `Content-Length: +5` and NUL bytes before we see the request.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if cl > 0 && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if cl > 1 {
+        return Err("several Content-Length headers");
+    }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err("several Host headers");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-b3-traceid", "abc".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-b3-traceid"));
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        assert!(check_framing(&h).is_ok());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, "5".parse().unwrap());
+        h.append(header::CONTENT_LENGTH, "6".parse().unwrap());
+        assert!(check_framing(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::HOST, "a".parse().unwrap());
+        h.append(header::HOST, "b".parse().unwrap());
+        assert!(check_framing(&h).is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! The inbound listener: connections from peers (mTLS) or, where policy allows, plaintext clients.
+//!
+//! Each connection's first bytes decide: a TLS ClientHello is terminated with the mesh certificate,
+//! requiring a client certificate under STRICT and verifying it if sent under PERMISSIVE; anything
+//! else is plaintext, refused under STRICT. Requests then go to the app on localhost, with
+//! `x-forwarded-client-cert` set from the verified peer (and any client-supplied one removed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_ca::SpiffeId;
+
+use crate::config::{MtlsMode, RouteTable};
+use crate::errors::{ProxyError, rescue};
+use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::upstream::Body;
+
+/// Header naming the verified caller, as Envoy sets it on sidecar inbound.
+const XFCC: &str = "x-forwarded-client-cert";
+/// How long a new connection may take to send its first bytes.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where inbound requests go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppTarget {
+    /// The port the peer dialled (transparent capture; from SO_ORIGINAL_DST).
+    OriginalPort,
+    /// A fixed app port (explicit mode).
+    Port(u16),
+}
+
+/// Shared state of the inbound side.
+pub struct Inbound {
+    /// Current config (for the PeerAuthentication mode).
+    pub tables: watch::Receiver<Arc<RouteTable>>,
+    /// TLS config requiring a client certificate.
+    pub strict: Arc<ServerConfig>,
+    /// TLS config verifying a client certificate if one is sent.
+    pub permissive: Arc<ServerConfig>,
+    /// Where requests go.
+    pub target: AppTarget,
+    /// This workload's identity (the `By=` of XFCC).
+    pub identity: SpiffeId,
+    /// The proxy's own ports: a connection aimed at them is a loop.
+    pub own_ports: Vec<u16>,
+    app: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("target", &self.target)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// Builds the inbound side.
+    pub fn new(
+        tables: watch::Receiver<Arc<RouteTable>>,
+        strict: Arc<ServerConfig>,
+        permissive: Arc<ServerConfig>,
+        target: AppTarget,
+        identity: SpiffeId,
+        own_ports: Vec<u16>,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let app = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        Self {
+            tables,
+            strict,
+            permissive,
+            target,
+            identity,
+            own_ports,
+            app,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(tcp, peer, inbound).await {
+                tracing::debug!(%peer, error = %e, "inbound connection refused or ended");
+            }
+        });
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let app_port = match inbound.target {
+        AppTarget::Port(p) => p,
+        AppTarget::OriginalPort => {
+            let dst = crate::capture::original_dst(&tcp).map_err(|e| e.to_string())?;
+            if inbound.own_ports.contains(&dst.port()) {
+                return Err(format!(
+                    "refusing a connection to the proxy's own port {dst}"
+                ));
+            }
+            dst.port()
+        }
+    };
+    let mode = inbound.tables.borrow().inbound.mode_for(app_port);
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(FIRST_BYTES_TIMEOUT, tcp.peek(&mut first))
+        .await
+        .map_err(|_| "no bytes within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    // 0x16 = TLS handshake record: a ClientHello.
+    if n == 1 && first[0] == 0x16 {
+        let config = if mode == MtlsMode::Strict {
+            inbound.strict.clone()
+        } else {
+            inbound.permissive.clone()
+        };
+        let tls = tokio::time::timeout(
+            FIRST_BYTES_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+        let caller = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(weft_ca::tls::peer_identity);
+        serve_http(TokioIo::new(tls), inbound, app_port, caller, peer).await
+    } else {
+        if mode == MtlsMode::Strict {
+            return Err(format!("plaintext refused: port {app_port} is STRICT"));
+        }
+        serve_http(TokioIo::new(tcp), inbound, app_port, None, peer).await
+    }
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    inbound: Arc<Inbound>,
+    app_port: u16,
+    caller: Option<SpiffeId>,
+    peer: SocketAddr,
+) -> Result<(), String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let caller = caller.map(Arc::new);
+    let svc = hyper::service::service_fn(move |req| {
+        let inbound = inbound.clone();
+        let caller = caller.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                match inbound
+                    .forward(req, app_port, caller.as_deref(), peer)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => rescue(&e),
+                },
+            )
+        }
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection(io, svc)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+impl Inbound {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        app_port: u16,
+        caller: Option<&SpiffeId>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+        let (mut parts, body) = req.into_parts();
+        // An HTTP/2 request from a peer sidecar carries the host in :authority; the app speaks
+        // HTTP/1.1 and needs it as Host.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        strip_hop_by_hop(&mut parts.headers);
+        // Never pass on a caller's claim about who it is; only the handshake says that.
+        parts.headers.remove(XFCC);
+        if let Some(caller) = caller {
+            let v = format!("By={};URI={}", self.identity, caller);
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                parts.headers.insert(XFCC, v);
+            }
+        }
+        if let Some(a) = authority
+            .as_deref()
+            .and_then(|a| http::HeaderValue::from_str(a).ok())
+        {
+            parts.headers.insert(http::header::HOST, a);
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: http::Uri = format!("http://127.0.0.1:{app_port}{path}")
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
+        let mut out = Request::new(body.boxed());
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = parts.headers;
+        let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+        let mut resp = self.app.request(out).await.map_err(|e| {
+            tracing::debug!(%peer, error = %e, "app request failed");
+            ProxyError::Connect(crate::upstream::UpstreamError::Connect {
+                addr: app_addr,
+                reason: std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| e.to_string()),
+            })
+        })?;
+        strip_hop_by_hop(resp.headers_mut());
+        Ok(resp.map(BodyExt::boxed))
+    }
+}

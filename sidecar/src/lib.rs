@@ -1,0 +1,15 @@
+//! weft's per-pod proxy: carries the pod's traffic over mTLS between sidecars, routed by the config
+//! pilot pushes.
+
+pub mod admin;
+pub mod balance;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod errors;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod run;
+pub mod upstream;

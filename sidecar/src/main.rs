@@ -1,0 +1,14 @@
+//! `sidecar`: weft's per-pod proxy (see `sidecar --help`).
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    weft_ca::tls::install_default_provider();
+    match weft_sidecar::cli::run(weft_sidecar::cli::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

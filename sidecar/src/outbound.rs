@@ -1,0 +1,352 @@
+//! The outbound listener: the pod's own requests, on their way out.
+//!
+//! Transparent mode: iptables redirected the connection here and `SO_ORIGINAL_DST` says where it was
+//! going (a Service VIP:port, or a pod). Explicit mode: the app uses us as its HTTP proxy
+//! (`http_proxy=http://127.0.0.1:15001`) and the absolute-form URI names the destination. Either way the
+//! request then goes: Service → route (first match) → weighted destination → cluster → endpoint →
+//! mTLS/HTTP/2 to the peer sidecar (or plaintext where policy says so). Every failure is answered by
+//! `errors::rescue`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{self, InFlight};
+use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
+use crate::errors::{ProxyError, rescue};
+use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::upstream::{Body, UpstreamError, Upstreams};
+
+/// How the outbound listener learns destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// iptables REDIRECT; destination from SO_ORIGINAL_DST.
+    Transparent,
+    /// HTTP proxy; destination from the request.
+    Explicit,
+}
+
+/// Shared state of the outbound side.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Current config.
+    pub tables: watch::Receiver<Arc<RouteTable>>,
+    /// Upstream pools.
+    pub upstreams: Arc<Upstreams>,
+    /// Listener mode.
+    pub mode: Mode,
+    /// The proxy's own ports: a request aimed at them is a loop.
+    pub own_ports: Vec<u16>,
+}
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(tcp, outbound).await {
+                tracing::debug!(%peer, error = %e, "outbound connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(tcp: TcpStream, outbound: Arc<Outbound>) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let original_dst = match outbound.mode {
+        Mode::Transparent => Some(crate::capture::original_dst(&tcp).map_err(|e| e.to_string())?),
+        Mode::Explicit => None,
+    };
+    if let Some(dst) = original_dst
+        && dst.ip().is_loopback()
+        && outbound.own_ports.contains(&dst.port())
+    {
+        return Err(format!(
+            "refusing a connection to the proxy's own port {dst}"
+        ));
+    }
+    let svc = hyper::service::service_fn(move |req| {
+        let outbound = outbound.clone();
+        async move { Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst).await) }
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tcp), svc)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+impl Outbound {
+    /// Handles one request end to end; never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        original_dst: Option<SocketAddr>,
+    ) -> Response<Body> {
+        match self.forward(req, original_dst).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(error = %e, "outbound request failed");
+                rescue(&e)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        original_dst: Option<SocketAddr>,
+    ) -> Result<Response<Body>, ProxyError> {
+        check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+        // One Arc clone; never held across anything but this request.
+        let table = self.tables.borrow().clone();
+        let authority = request_authority(&req).ok_or(ProxyError::BadRequest("no Host"))?;
+        let found = match original_dst {
+            Some(dst) => table
+                .by_vip(dst)
+                .or_else(|| table.by_authority(&authority, dst.port())),
+            None => table.by_authority(&authority, 80),
+        };
+        let Some((_service, port)) = found else {
+            if table.version.is_empty() {
+                return Err(ProxyError::NoConfig);
+            }
+            return Err(ProxyError::NoService(authority));
+        };
+        let route = {
+            let view = RequestView {
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+            };
+            port.route(&view).ok_or(ProxyError::NoRoute)?
+        };
+        if let Some(fault) = &route.fault {
+            if let Some((delay, pct)) = fault.delay
+                && roll(pct)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((status, pct)) = fault.abort
+                && roll(pct)
+            {
+                return Err(ProxyError::FaultAbort(status));
+            }
+        }
+        let dest = match &route.action {
+            Action::Redirect(r) => return Ok(redirect(r, &authority, req.uri())),
+            Action::Forward { total_weight, .. } => route
+                .pick(fastrand::u32(..*total_weight))
+                .ok_or(ProxyError::NoRoute)?,
+        };
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        apply_route_headers(route, &dest.request_headers, &mut parts.headers);
+        let authority = match route.rewrite.as_ref().and_then(|r| r.authority.clone()) {
+            Some(a) => a,
+            None => authority,
+        };
+        let path = rewrite_path(route, &parts.uri);
+        let sent = self.send(&dest.cluster, route, parts, body.boxed(), &authority, &path);
+        let mut resp = with_timeout(route, sent).await??;
+        strip_hop_by_hop(resp.headers_mut());
+        route.response_headers.apply(resp.headers_mut());
+        dest.response_headers.apply(resp.headers_mut());
+        Ok(resp.map(BodyExt::boxed))
+    }
+
+    /// Sends to an endpoint of `cluster`. Connection and TLS failures (which happen before the
+    /// request is committed, so the body is still in hand) are retried on another endpoint, up to the
+    /// route's retry attempts; once sent, the outcome is final (a streamed body cannot be replayed).
+    async fn send(
+        &self,
+        cluster: &Cluster,
+        route: &Route,
+        parts: http::request::Parts,
+        body: Body,
+        authority: &str,
+        path: &str,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let attempts = 1 + route.retries.as_ref().map_or(0, |r| r.attempts);
+        let mut skip = None;
+        let mut last_err = None;
+        for _ in 0..attempts {
+            let (idx, endpoint) = balance::pick(cluster, skip)
+                .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+            let _in_flight = InFlight::new(endpoint);
+            let identity = match cluster.tls {
+                TlsMode::Disable => None,
+                TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
+            };
+            let Some(identity) = identity else {
+                let req = build_request(&parts, body, authority, path, endpoint, false)?;
+                return self
+                    .upstreams
+                    .send_plain(endpoint.dial, req)
+                    .await
+                    .map_err(ProxyError::Connect);
+            };
+            match self
+                .upstreams
+                .h2_sender(endpoint.dial, identity, cluster.connect_timeout)
+                .await
+            {
+                Ok(sender) => {
+                    let req = build_request(&parts, body, authority, path, endpoint, true)?;
+                    return Upstreams::send_h2(sender, endpoint.dial, req)
+                        .await
+                        .map_err(ProxyError::Connect);
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %cluster.name, error = %e, "connect failed; trying another endpoint");
+                    skip = Some(idx);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(ProxyError::Connect(last_err.unwrap_or(
+            UpstreamError::Http {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: "no attempt made".into(),
+            },
+        )))
+    }
+}
+
+async fn with_timeout<T>(
+    route: &Route,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ProxyError> {
+    match route.timeout {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| ProxyError::Timeout(t)),
+        None => Ok(fut.await),
+    }
+}
+
+/// An empty body (redirects).
+pub fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || fastrand::f64() * 100.0 < percent
+}
+
+/// The request's authority: absolute-form URI first (explicit proxy), then Host.
+fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_owned());
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn apply_route_headers(
+    route: &Route,
+    dest: &crate::config::HeaderOps,
+    headers: &mut http::HeaderMap,
+) {
+    if !route.request_headers.is_empty() {
+        route.request_headers.apply(headers);
+    }
+    if !dest.is_empty() {
+        dest.apply(headers);
+    }
+}
+
+fn rewrite_path(route: &Route, uri: &Uri) -> String {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(new) = route.rewrite.as_ref().and_then(|r| r.uri.as_deref()) else {
+        return pq.to_owned();
+    };
+    // Replace the matched prefix if a prefix match selected the route, else the whole path.
+    let path = uri.path();
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    for m in &route.matches {
+        if let Some(crate::config::StringMatch::Prefix(p)) = &m.uri
+            && let Some(rest) = path.strip_prefix(p.as_str())
+        {
+            return format!("{new}{rest}{query}");
+        }
+    }
+    format!("{new}{query}")
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    body: Body,
+    authority: &str,
+    path: &str,
+    endpoint: &Endpoint,
+    h2: bool,
+) -> Result<Request<Body>, ProxyError> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    let uri = if h2 {
+        // HTTP/2 to the peer sidecar: :authority carries the original host; Host would be redundant.
+        req.headers_mut().remove(http::header::HOST);
+        *req.version_mut() = http::Version::HTTP_2;
+        format!("http://{authority}{path}")
+    } else {
+        // HTTP/1.1 straight to the endpoint: dial its address, keep the caller's Host.
+        if let Ok(v) = http::HeaderValue::from_str(authority) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        format!("http://{}{path}", endpoint.dial)
+    };
+    *req.uri_mut() = uri
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
+    Ok(req)
+}
+
+fn redirect(r: &crate::config::Redirect, authority: &str, uri: &Uri) -> Response<Body> {
+    let (host, port) = crate::config::split_authority(authority, 80);
+    let host = r.authority.as_deref().unwrap_or(host);
+    let port = r.port.unwrap_or(port);
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let path = r
+        .uri
+        .as_deref()
+        .unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str()));
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let location = if port == default_port {
+        format!("{scheme}://{host}{path}")
+    } else {
+        format!("{scheme}://{host}:{port}{path}")
+    };
+    let mut resp = Response::new(empty_body());
+    *resp.status_mut() =
+        http::StatusCode::from_u16(r.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = http::HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}

@@ -1,0 +1,250 @@
+//! `sidecar run`: start-up in order, then serve until told to stop.
+//!
+//! Order: key + CSR → certificate from the CA (retried with backoff until the CA answers) → listeners
+//! bound (a bind failure fails start-up) → discovery stream to pilot (the node it sends carries the
+//! bound inbound port) → ready once the first config is accepted. Certificates rotate at half life in
+//! the background; if pilot goes away the last config keeps serving.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_ca::SpiffeId;
+use weft_ca::client::CaClient;
+use weft_ca::tls::{self, ClientAuth, CredentialStore, TrustBundle};
+use weft_proto::discovery as pb;
+
+use crate::admin::Admin;
+use crate::config::RouteTable;
+use crate::control::{ControlConfig, ControlStats};
+use crate::inbound::{AppTarget, Inbound};
+use crate::outbound::{Mode, Outbound};
+use crate::upstream::Upstreams;
+
+/// Namespace and service account of pilot's identity.
+pub const PILOT_NAMESPACE: &str = "weft-system";
+/// Service account of pilot's identity.
+pub const PILOT_SERVICE_ACCOUNT: &str = "pilot";
+
+/// Everything `sidecar run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// pilot's discovery address.
+    pub pilot: String,
+    /// The CA's address.
+    pub ca: String,
+    /// The mesh root PEM file.
+    pub ca_root: PathBuf,
+    /// The bootstrap token file.
+    pub token_file: PathBuf,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod service account.
+    pub service_account: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Capture mode.
+    pub mode: Mode,
+    /// Address to bind listeners on (0.0.0.0 in a pod; 127.0.0.1 in explicit mode on a shared host).
+    pub bind: IpAddr,
+    /// Outbound listener port.
+    pub outbound_port: u16,
+    /// Inbound listener port.
+    pub inbound_port: u16,
+    /// Admin listener port (always on loopback).
+    pub admin_port: u16,
+    /// The app's port, in explicit mode.
+    pub app_port: Option<u16>,
+    /// Requested certificate lifetime.
+    pub cert_ttl: Duration,
+}
+
+/// Why start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Identity or TLS material unusable.
+    #[error("{0}")]
+    Identity(String),
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Explicit mode needs an app port.
+    #[error("explicit mode needs --app-port (where inbound requests go)")]
+    NoAppPort,
+}
+
+/// Runs the sidecar until `shutdown`. Prints `listening on <admin address>` once everything is bound.
+pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|source| RunError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    let identity = SpiffeId::new(&cfg.trust_domain, &cfg.namespace, &cfg.service_account)
+        .map_err(|e| RunError::Identity(format!("invalid identity: {e}")))?;
+    let bundle = TrustBundle::from_pem(&read(&cfg.ca_root)?)
+        .map_err(|e| RunError::Identity(format!("--ca-root {}: {e}", cfg.ca_root.display())))?;
+    let token = read(&cfg.token_file)?;
+    let ca_id = weft_ca::server::ca_identity(&cfg.trust_domain)
+        .map_err(|e| RunError::Identity(e.to_string()))?;
+    let ca = CaClient::new(&cfg.ca, &bundle, ca_id, &token)
+        .map_err(|e| RunError::Identity(e.to_string()))?;
+
+    let stop = shutdown.clone();
+    let Some(creds) =
+        weft_ca::client::fetch_with_retry(&ca, &identity, cfg.cert_ttl, stop.cancelled_owned())
+            .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(%identity, "certificate obtained");
+    let creds = CredentialStore::new(creds);
+    let rotation = tokio::spawn(weft_ca::client::keep_rotated(
+        ca,
+        identity.clone(),
+        cfg.cert_ttl,
+        creds.clone(),
+    ));
+
+    let (tables_tx, tables) = watch::channel(Arc::new(RouteTable::empty()));
+    let bind = |what: &'static str, ip: IpAddr, port: u16| async move {
+        let addr = SocketAddr::new(ip, port);
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind { what, addr, source })
+    };
+    let outbound_ip = match cfg.mode {
+        Mode::Transparent => cfg.bind,
+        // An explicit proxy is for the local app only.
+        Mode::Explicit => IpAddr::from([127, 0, 0, 1]),
+    };
+    let outbound_l = bind("outbound", outbound_ip, cfg.outbound_port).await?;
+    let inbound_l = bind("inbound", cfg.bind, cfg.inbound_port).await?;
+    let admin_l = bind("admin", IpAddr::from([127, 0, 0, 1]), cfg.admin_port).await?;
+    let local = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
+    let own_ports = vec![local(&outbound_l), local(&inbound_l), local(&admin_l)];
+
+    let strict = tls::server_config(
+        creds.clone(),
+        &bundle,
+        ClientAuth::Required,
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| RunError::Identity(e.to_string()))?;
+    let permissive = tls::server_config(
+        creds.clone(),
+        &bundle,
+        ClientAuth::Optional,
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| RunError::Identity(e.to_string()))?;
+    let target = match cfg.mode {
+        Mode::Transparent => AppTarget::OriginalPort,
+        Mode::Explicit => AppTarget::Port(cfg.app_port.ok_or(RunError::NoAppPort)?),
+    };
+    let inbound = Arc::new(Inbound::new(
+        tables.clone(),
+        Arc::new(strict),
+        Arc::new(permissive),
+        target,
+        identity.clone(),
+        own_ports.clone(),
+    ));
+    let outbound = Arc::new(Outbound {
+        tables: tables.clone(),
+        upstreams: Arc::new(Upstreams::new(creds.clone(), bundle.clone())),
+        mode: cfg.mode,
+        own_ports: own_ports.clone(),
+    });
+    let stats = Arc::new(ControlStats::default());
+    let admin = Arc::new(Admin {
+        tables: tables.clone(),
+        creds: creds.clone(),
+        control: stats.clone(),
+    });
+
+    let node = pb::Node {
+        name: cfg.name.clone(),
+        namespace: cfg.namespace.clone(),
+        service_account: cfg.service_account.clone(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        ip: cfg.ip.to_string(),
+        ports: cfg.app_port.map(u32::from).into_iter().collect(),
+        inbound_port: u32::from(local(&inbound_l)),
+        captured: cfg.mode == Mode::Transparent,
+    };
+    let pilot_identity = SpiffeId::new(&cfg.trust_domain, PILOT_NAMESPACE, PILOT_SERVICE_ACCOUNT)
+        .map_err(|e| RunError::Identity(e.to_string()))?;
+    let control = ControlConfig {
+        pilot: cfg.pilot.clone(),
+        pilot_identity,
+        bundle: bundle.clone(),
+        node,
+    };
+
+    let admin_addr = admin_l.local_addr().ok();
+    tracing::info!(
+        outbound = ?outbound_l.local_addr().ok(),
+        inbound = ?inbound_l.local_addr().ok(),
+        admin = ?admin_addr,
+        mode = ?cfg.mode,
+        "sidecar listening"
+    );
+    let tasks = vec![
+        tokio::spawn(crate::control::run(
+            control,
+            creds.clone(),
+            tables_tx,
+            stats,
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::outbound::serve(
+            outbound_l,
+            outbound,
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::inbound::serve(inbound_l, inbound, shutdown.clone())),
+        tokio::spawn(crate::admin::serve(admin_l, admin, shutdown.clone())),
+    ];
+    if let Some(addr) = admin_addr {
+        use std::io::Write;
+        // The one line of stdout: scripts and tests read the admin address from it.
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+    }
+    shutdown.cancelled().await;
+    rotation.abort();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
