@@ -73,13 +73,29 @@ impl Admin {
                 })
             })
             .collect();
+        let mut clusters: Vec<serde_json::Value> = table
+            .clusters()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "lb": format!("{:?}", c.lb),
+                    "tls": format!("{:?}", c.tls),
+                    "endpoints": c.endpoints.iter().map(|e| serde_json::json!({
+                        "address": e.dial.to_string(),
+                        "workload": e.workload,
+                        "identity": e.identity.as_ref().map(ToString::to_string),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         let mode = |m: MtlsMode| format!("{m:?}").to_uppercase();
         let body = serde_json::json!({
             "version": table.version,
             "identity": creds.identity().to_string(),
             "certificate_expires_in_s": secs_until(creds.not_after()),
             "services": services,
-            "clusters": table.cluster_count(),
+            "clusters": clusters,
             "inbound": {
                 "mode": mode(table.inbound.mode),
                 "port_modes": table.inbound.port_modes.iter().map(|(p, m)| (p.to_string(), mode(*m))).collect::<std::collections::BTreeMap<_, _>>(),

@@ -471,9 +471,9 @@ impl RouteTable {
         self.clusters.get(name)
     }
 
-    /// Number of clusters.
-    pub fn cluster_count(&self) -> usize {
-        self.clusters.len()
+    /// Every cluster, in no particular order.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters.values()
     }
 }
 

@@ -39,6 +39,8 @@ pub enum AppTarget {
     OriginalPort,
     /// A fixed app port (explicit mode).
     Port(u16),
+    /// No app receives traffic (explicit mode without --app-port, e.g. a pure client like sleep).
+    None,
 }
 
 /// Shared state of the inbound side.
@@ -122,6 +124,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     let _ = tcp.set_nodelay(true);
     let app_port = match inbound.target {
         AppTarget::Port(p) => p,
+        AppTarget::None => return Err("this pod has no application port".into()),
         AppTarget::OriginalPort => {
             let dst = crate::capture::original_dst(&tcp).map_err(|e| e.to_string())?;
             if inbound.own_ports.contains(&dst.port()) {

@@ -96,9 +96,6 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    /// Explicit mode needs an app port.
-    #[error("explicit mode needs --app-port (where inbound requests go)")]
-    NoAppPort,
 }
 
 /// Runs the sidecar until `shutdown`. Prints `listening on <admin address>` once everything is bound.
@@ -169,7 +166,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     .map_err(|e| RunError::Identity(e.to_string()))?;
     let target = match cfg.mode {
         Mode::Transparent => AppTarget::OriginalPort,
-        Mode::Explicit => AppTarget::Port(cfg.app_port.ok_or(RunError::NoAppPort)?),
+        Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),
     };
     let inbound = Arc::new(Inbound::new(
         tables.clone(),
@@ -212,6 +209,8 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     };
 
     let admin_addr = admin_l.local_addr().ok();
+    let out_addr = outbound_l.local_addr().ok();
+    let in_addr = inbound_l.local_addr().ok();
     tracing::info!(
         outbound = ?outbound_l.local_addr().ok(),
         inbound = ?inbound_l.local_addr().ok(),
@@ -235,10 +234,17 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         tokio::spawn(crate::inbound::serve(inbound_l, inbound, shutdown.clone())),
         tokio::spawn(crate::admin::serve(admin_l, admin, shutdown.clone())),
     ];
-    if let Some(addr) = admin_addr {
+    {
         use std::io::Write;
-        // The one line of stdout: scripts and tests read the admin address from it.
-        println!("listening on {addr}");
+        // stdout is for scripts and tests: each listener's address, the admin one last.
+        for (what, l) in [("outbound", out_addr), ("inbound", in_addr)] {
+            if let Some(a) = l {
+                println!("{what} listening on {a}");
+            }
+        }
+        if let Some(addr) = admin_addr {
+            println!("listening on {addr}");
+        }
         let _ = std::io::stdout().flush();
     }
     shutdown.cancelled().await;

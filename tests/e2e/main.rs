@@ -5,4 +5,5 @@
 
 mod ca;
 mod discovery;
+mod mesh;
 mod pilot;

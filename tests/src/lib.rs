@@ -275,3 +275,215 @@ fn token_file(dir: &std::path::Path, ns: &str, sa: &str) -> Result<PathBuf> {
     std::fs::write(&path, out.trim())?;
     Ok(path)
 }
+
+/// The Python venv with httpbin and gunicorn that `deploy/local/install-deps.sh` makes.
+pub fn venv() -> PathBuf {
+    if let Some(v) = std::env::var_os("WEFT_VENV") {
+        return PathBuf::from(v);
+    }
+    let root = PathBuf::from("/opt/weft-venv");
+    if root.join("bin/gunicorn").exists() {
+        return root;
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/weft/venv")
+}
+
+/// The real httpbin under gunicorn with its access log on (as in the seed), on 127.0.0.1.
+#[derive(Debug)]
+pub struct Httpbin {
+    /// The gunicorn process.
+    pub proc: Child,
+    /// Its port.
+    pub port: u16,
+    /// gunicorn's access log (stdout), one line per request.
+    pub access_log: PathBuf,
+}
+
+impl Httpbin {
+    /// Starts gunicorn on 127.0.0.1 (a free port) and waits until it answers.
+    pub fn start(dir: &std::path::Path, name: &str) -> Result<Self> {
+        let gunicorn = venv().join("bin/gunicorn");
+        if !gunicorn.exists() {
+            bail!(
+                "{} not found: run deploy/local/install-deps.sh (or set WEFT_VENV)",
+                gunicorn.display()
+            );
+        }
+        let access_log = dir.join(format!("{name}.access.log"));
+        let error_log = dir.join(format!("{name}.gunicorn.log"));
+        let mut proc = Command::new(&gunicorn)
+            // --no-control-socket: gunicorn 27 otherwise shares ~/.gunicorn/gunicorn.ctl between
+            // every instance, which breaks parallel tests.
+            .args([
+                "--access-logfile",
+                "-",
+                "--no-control-socket",
+                "-b",
+                "127.0.0.1:0",
+                "httpbin:app",
+            ])
+            .stdout(std::fs::File::create(&access_log)?)
+            .stderr(std::fs::File::create(&error_log)?)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn gunicorn")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let port = loop {
+            let log = std::fs::read_to_string(&error_log).unwrap_or_default();
+            if let Some(port) = log
+                .split("Listening at: http://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+            {
+                break port;
+            }
+            if std::time::Instant::now() > deadline || proc.try_wait()?.is_some() {
+                let _ = proc.kill();
+                let _ = proc.wait();
+                bail!("gunicorn did not start:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let app = Httpbin {
+            proc,
+            port,
+            access_log,
+        };
+        // Listening is not serving: wait until a worker answers (this request is logged; callers
+        // count from `requests()` after start).
+        let url = format!("http://127.0.0.1:{port}/get");
+        while !run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]))?.0 {
+            if std::time::Instant::now() > deadline {
+                bail!("httpbin on port {port} never answered");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(app)
+    }
+
+    /// Access-log lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Httpbin {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// A sidecar process and its listeners.
+#[derive(Debug)]
+pub struct Sidecar {
+    /// The process.
+    pub proc: Proc,
+    /// Outbound listener.
+    pub outbound: String,
+    /// Inbound listener.
+    pub inbound: String,
+    /// Admin listener.
+    pub admin: String,
+}
+
+impl Sidecar {
+    /// Starts an explicit-mode sidecar on 127.0.0.1 for pod `name` of service account `sa`, in front
+    /// of `app_port` if given, and waits until it is ready (certificate and first config).
+    pub fn explicit(
+        plane: &ControlPlane,
+        name: &str,
+        sa: &str,
+        labels: &str,
+        app_port: Option<u16>,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let token = plane.token("default", sa)?;
+        let mut cmd = Command::new(bin("sidecar"));
+        cmd.args(["run", "--mode", "explicit", "--bind", "127.0.0.1"])
+            .args(["--pilot", &plane.discovery_addr, "--ca", &plane.ca_addr])
+            .arg("--ca-root")
+            .arg(&plane.root)
+            .arg("--token-file")
+            .arg(&token)
+            .args([
+                "--namespace",
+                "default",
+                "--service-account",
+                sa,
+                "--name",
+                name,
+            ])
+            .args(["--labels", labels, "--ip", "127.0.0.1"])
+            .args([
+                "--outbound-port",
+                "0",
+                "--inbound-port",
+                "0",
+                "--admin-port",
+                "0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info");
+        if let Some(p) = app_port {
+            cmd.args(["--app-port", &p.to_string()]);
+        }
+        let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
+        let sidecar = Sidecar {
+            outbound: proc.announced("outbound").context("no outbound address")?,
+            inbound: proc.announced("inbound").context("no inbound address")?,
+            admin: admin.to_string(),
+            proc,
+        };
+        sidecar.wait_ready()?;
+        Ok(sidecar)
+    }
+
+    /// Waits (bounded) until `/ready` answers 200.
+    pub fn wait_ready(&self) -> Result<()> {
+        let url = format!("http://{}/ready", self.admin);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]))?.0 {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "sidecar never became ready; stderr:\n{}",
+                    self.proc.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `/config_dump` as JSON text.
+    pub fn config_dump(&self) -> Result<String> {
+        let (ok, out, err) =
+            run(Command::new("curl").args(["-sf", &format!("http://{}/config_dump", self.admin)]))?;
+        if !ok {
+            bail!("config_dump failed: {err}");
+        }
+        Ok(out)
+    }
+
+    /// Runs curl through this sidecar as the HTTP proxy; returns (status code, body).
+    pub fn curl(&self, url: &str, extra: &[&str]) -> Result<(u16, String)> {
+        let (ok, out, err) = run(Command::new("curl")
+            .args(["-s", "-m", "20", "-x", &format!("http://{}", self.outbound)])
+            .args(["-w", "\n%{http_code}"])
+            .args(extra)
+            .arg(url))?;
+        if !ok {
+            bail!("curl {url} failed: {err}");
+        }
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+}
