@@ -282,6 +282,23 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// An error and its causes on one line for operators, skipping a cause whose text the message before
+/// it already contains (library errors often render their source inline).
+pub fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -312,6 +329,18 @@ pub fn init_logging() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_skip_repeated_causes() {
+        let io = std::io::Error::other("Address already in use");
+        let err = anyhow::Error::new(io)
+            .context("cannot bind dns: Address already in use")
+            .context("sidecar failed");
+        assert_eq!(
+            report(&err),
+            "sidecar failed: cannot bind dns: Address already in use"
+        );
+    }
 
     #[test]
     fn durations() {

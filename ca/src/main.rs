@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole cause chain on one line, without a backtrace: this is for operators.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", weft_ca::cli::report(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -85,6 +85,12 @@ pub struct RunArgs {
     /// Admin listener port (loopback): /ready, /config_dump, /stats/prometheus.
     #[arg(long, default_value_t = 15000, env = "WEFT_ADMIN_PORT")]
     pub admin_port: u16,
+    /// DNS proxy port (UDP and TCP); iptables sends the pod's DNS here in transparent mode.
+    #[arg(long, default_value_t = 15053, env = "WEFT_DNS_PORT")]
+    pub dns_port: u16,
+    /// Resolver for names outside the mesh (default: the first nameserver in /etc/resolv.conf).
+    #[arg(long, env = "WEFT_DNS_UPSTREAM")]
+    pub dns_upstream: Option<std::net::SocketAddr>,
     /// Where inbound requests go in explicit mode (127.0.0.1:PORT).
     #[arg(long, env = "WEFT_APP_PORT")]
     pub app_port: Option<u16>,
@@ -187,6 +193,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 outbound_port: args.outbound_port,
                 inbound_port: args.inbound_port,
                 admin_port: args.admin_port,
+                dns_port: args.dns_port,
+                dns_upstream: args.dns_upstream,
                 app_port: args.app_port,
                 cert_ttl: args.cert_ttl,
             };

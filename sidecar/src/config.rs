@@ -454,6 +454,11 @@ impl RouteTable {
         Some((svc, port))
     }
 
+    /// The Service a host name (an alias or the FQDN, lowercase, no port) names.
+    pub fn service_by_host(&self, host: &str) -> Option<&Service> {
+        self.services.get(*self.by_host.get(host)?)
+    }
+
     /// Every Service (for the DNS proxy and config dump).
     pub fn services(&self) -> &[Service] {
         &self.services

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod errors;
 pub mod headers;
 pub mod inbound;

@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     match weft_sidecar::cli::run(weft_sidecar::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", weft_ca::cli::report(&e));
             std::process::ExitCode::FAILURE
         }
     }

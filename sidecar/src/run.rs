@@ -64,6 +64,10 @@ pub struct RunConfig {
     pub inbound_port: u16,
     /// Admin listener port (always on loopback).
     pub admin_port: u16,
+    /// DNS proxy port.
+    pub dns_port: u16,
+    /// Where non-mesh DNS queries go (default: the first nameserver of /etc/resolv.conf).
+    pub dns_upstream: Option<SocketAddr>,
     /// The app's port, in explicit mode.
     pub app_port: Option<u16>,
     /// Requested certificate lifetime.
@@ -147,6 +151,25 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     let outbound_l = bind("outbound", outbound_ip, cfg.outbound_port).await?;
     let inbound_l = bind("inbound", cfg.bind, cfg.inbound_port).await?;
     let admin_l = bind("admin", IpAddr::from([127, 0, 0, 1]), cfg.admin_port).await?;
+    // Loopback only: iptables REDIRECTs the pod's DNS to 127.0.0.1, and a wildcard-bound UDP socket
+    // would answer from the pod IP, which conntrack cannot map back (the resolver drops the reply).
+    let dns_ip = IpAddr::from([127, 0, 0, 1]);
+    let dns_addr = SocketAddr::new(dns_ip, cfg.dns_port);
+    let dns_tcp = bind("dns", dns_ip, cfg.dns_port).await?;
+    // Same port for UDP as TCP got (matters when the flag is 0).
+    let dns_addr = dns_tcp.local_addr().unwrap_or(dns_addr);
+    let dns_udp = tokio::net::UdpSocket::bind(dns_addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: "dns (udp)",
+            addr: dns_addr,
+            source,
+        })?;
+    let dns_upstream = cfg.dns_upstream.or_else(|| {
+        std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|t| crate::dns::upstream_from_resolv_conf(&t))
+    });
     let local = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
     let own_ports = vec![local(&outbound_l), local(&inbound_l), local(&admin_l)];
 
@@ -233,11 +256,22 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         )),
         tokio::spawn(crate::inbound::serve(inbound_l, inbound, shutdown.clone())),
         tokio::spawn(crate::admin::serve(admin_l, admin, shutdown.clone())),
+        tokio::spawn(crate::dns::serve(
+            dns_udp,
+            dns_tcp,
+            tables.clone(),
+            dns_upstream,
+            shutdown.clone(),
+        )),
     ];
     {
         use std::io::Write;
         // stdout is for scripts and tests: each listener's address, the admin one last.
-        for (what, l) in [("outbound", out_addr), ("inbound", in_addr)] {
+        for (what, l) in [
+            ("outbound", out_addr),
+            ("inbound", in_addr),
+            ("dns", Some(dns_addr)),
+        ] {
             if let Some(a) = l {
                 println!("{what} listening on {a}");
             }

@@ -7,3 +7,4 @@ mod ca;
 mod discovery;
 mod mesh;
 mod pilot;
+mod transparent;

@@ -3,12 +3,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+pub mod netns;
+pub mod seed;
 
 /// Path of a workspace binary (`ca`, `pilot`, `sidecar`). `WEFT_BIN_DIR` overrides the default, which
 /// is the target directory this test binary was built into (`target/debug`).
@@ -85,6 +89,7 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(stderr)
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("spawn {name}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
@@ -171,9 +176,19 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
+}
+
+/// Kills a child started in its own process group, with everything it forked (gunicorn's workers
+/// would otherwise outlive a killed master), and reaps it.
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Runs a command to completion; returns (success, stdout, stderr).
@@ -212,15 +227,30 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts the CA, then pilot with discovery on 127.0.0.1; `pilot_args` are added to `pilot serve`.
     pub fn start(dir: &std::path::Path, pilot_args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(bin("ca"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        Self::start_on(dir, None, pilot_args)
+    }
+
+    /// Like [`ControlPlane::start`], inside network namespace `host` (listening on its address) when
+    /// given.
+    pub fn start_on(
+        dir: &std::path::Path,
+        host: Option<&netns::Host>,
+        pilot_args: &[&str],
+    ) -> Result<Self> {
+        let listen = format!("{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
+        let command = |program: PathBuf| match host {
+            Some(h) => h.command(program),
+            None => Command::new(program),
+        };
+        let mut cmd = command(bin("ca"));
+        cmd.args(["serve", "--listen", &listen, "--data-dir"])
             .arg(dir.join("ca"));
         let (ca, ca_addr) = Proc::spawn_listening("ca", cmd, dir)?;
         let root = dir.join("ca").join("root-cert.pem");
         let token = token_file(dir, "weft-system", "pilot")?;
         let ca_addr = ca_addr.to_string();
-        let mut cmd = Command::new(bin("pilot"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--ca", &ca_addr])
+        let mut cmd = command(bin("pilot"));
+        cmd.args(["serve", "--listen", &listen, "--ca", &ca_addr])
             .arg("--data-dir")
             .arg(dir.join("pilot"))
             .arg("--ca-root")
@@ -305,6 +335,15 @@ pub struct Httpbin {
 impl Httpbin {
     /// Starts gunicorn on 127.0.0.1 (a free port) and waits until it answers.
     pub fn start(dir: &std::path::Path, name: &str) -> Result<Self> {
+        Self::spawn(dir, name, None)
+    }
+
+    /// Starts gunicorn in pod `host` exactly as the seed's Deployment does (`-b 0.0.0.0:80`).
+    pub fn start_in(dir: &std::path::Path, name: &str, host: &netns::Host) -> Result<Self> {
+        Self::spawn(dir, name, Some(host))
+    }
+
+    fn spawn(dir: &std::path::Path, name: &str, host: Option<&netns::Host>) -> Result<Self> {
         let gunicorn = venv().join("bin/gunicorn");
         if !gunicorn.exists() {
             bail!(
@@ -314,7 +353,11 @@ impl Httpbin {
         }
         let access_log = dir.join(format!("{name}.access.log"));
         let error_log = dir.join(format!("{name}.gunicorn.log"));
-        let mut proc = Command::new(&gunicorn)
+        let (mut cmd, bind) = match host {
+            Some(h) => (h.command(&gunicorn), "0.0.0.0:80"),
+            None => (Command::new(&gunicorn), "127.0.0.1:0"),
+        };
+        let mut proc = cmd
             // --no-control-socket: gunicorn 27 otherwise shares ~/.gunicorn/gunicorn.ctl between
             // every instance, which breaks parallel tests.
             .args([
@@ -322,20 +365,23 @@ impl Httpbin {
                 "-",
                 "--no-control-socket",
                 "-b",
-                "127.0.0.1:0",
+                bind,
                 "httpbin:app",
             ])
             .stdout(std::fs::File::create(&access_log)?)
             .stderr(std::fs::File::create(&error_log)?)
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .context("spawn gunicorn")?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let port = loop {
             let log = std::fs::read_to_string(&error_log).unwrap_or_default();
             if let Some(port) = log
-                .split("Listening at: http://127.0.0.1:")
+                .split("Listening at: http://")
                 .nth(1)
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, rest)| rest)
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|p| p.parse().ok())
             {
@@ -354,9 +400,13 @@ impl Httpbin {
             access_log,
         };
         // Listening is not serving: wait until a worker answers (this request is logged; callers
-        // count from `requests()` after start).
+        // count log lines from after start).
         let url = format!("http://127.0.0.1:{port}/get");
-        while !run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]))?.0 {
+        let curl = || match host {
+            Some(h) => h.command("curl"),
+            None => Command::new("curl"),
+        };
+        while !run(curl().args(["-sf", "-o", "/dev/null", &url]))?.0 {
             if std::time::Instant::now() > deadline {
                 bail!("httpbin on port {port} never answered");
             }
@@ -377,8 +427,7 @@ impl Httpbin {
 
 impl Drop for Httpbin {
     fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
+        kill_group(&mut self.proc);
     }
 }
 
@@ -393,6 +442,8 @@ pub struct Sidecar {
     pub inbound: String,
     /// Admin listener.
     pub admin: String,
+    /// The pod namespace it runs in (transparent mode); its admin port is only reachable there.
+    pub host: Option<netns::Host>,
 }
 
 impl Sidecar {
@@ -430,6 +481,8 @@ impl Sidecar {
                 "0",
                 "--admin-port",
                 "0",
+                "--dns-port",
+                "0",
             ])
             .args(extra)
             .env("RUST_LOG", "info");
@@ -442,16 +495,75 @@ impl Sidecar {
             inbound: proc.announced("inbound").context("no inbound address")?,
             admin: admin.to_string(),
             proc,
+            host: None,
         };
         sidecar.wait_ready()?;
         Ok(sidecar)
+    }
+
+    /// Starts a transparent sidecar in pod `host`: `sidecar init` as root (iptables in the pod's
+    /// namespace), then `sidecar run` as uid 1337 from the topology's world-readable directory, and
+    /// waits until it is ready.
+    pub fn transparent(
+        topo: &netns::Topology,
+        plane: &ControlPlane,
+        host: &netns::Host,
+        name: &str,
+        sa: &str,
+        labels: &str,
+    ) -> Result<Self> {
+        let sidecar_bin = topo.shared.join("sidecar");
+        if !sidecar_bin.exists() {
+            topo.share(&bin("sidecar"), 0o755)?;
+        }
+        let root = topo.share(&plane.root, 0o644)?;
+        let token = topo.share(&plane.token("default", sa)?, 0o644)?;
+        let (ok, out, err) = run(host.command(&sidecar_bin).arg("init"))?;
+        if !ok {
+            bail!("sidecar init in {}: {out}{err}", host.ns);
+        }
+        let mut cmd = host.command_as(1337, &sidecar_bin);
+        cmd.args(["run", "--mode", "transparent"])
+            .args(["--pilot", &plane.discovery_addr, "--ca", &plane.ca_addr])
+            .arg("--ca-root")
+            .arg(&root)
+            .arg("--token-file")
+            .arg(&token)
+            .args([
+                "--namespace",
+                "default",
+                "--service-account",
+                sa,
+                "--name",
+                name,
+            ])
+            .args(["--labels", labels, "--ip", &host.ip])
+            .env("RUST_LOG", "info");
+        let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
+        let sidecar = Sidecar {
+            outbound: proc.announced("outbound").context("no outbound address")?,
+            inbound: proc.announced("inbound").context("no inbound address")?,
+            admin: admin.to_string(),
+            proc,
+            host: Some(host.clone()),
+        };
+        sidecar.wait_ready()?;
+        Ok(sidecar)
+    }
+
+    /// curl, run where the admin port is reachable.
+    fn admin_curl(&self) -> Command {
+        match &self.host {
+            Some(h) => h.command("curl"),
+            None => Command::new("curl"),
+        }
     }
 
     /// Waits (bounded) until `/ready` answers 200.
     pub fn wait_ready(&self) -> Result<()> {
         let url = format!("http://{}/ready", self.admin);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !run(Command::new("curl").args(["-sf", "-o", "/dev/null", &url]))?.0 {
+        while !run(self.admin_curl().args(["-sf", "-o", "/dev/null", &url]))?.0 {
             if std::time::Instant::now() > deadline {
                 bail!(
                     "sidecar never became ready; stderr:\n{}",
@@ -465,18 +577,28 @@ impl Sidecar {
 
     /// `/config_dump` as JSON text.
     pub fn config_dump(&self) -> Result<String> {
-        let (ok, out, err) =
-            run(Command::new("curl").args(["-sf", &format!("http://{}/config_dump", self.admin)]))?;
+        let (ok, out, err) = run(self
+            .admin_curl()
+            .args(["-sf", &format!("http://{}/config_dump", self.admin)]))?;
         if !ok {
             bail!("config_dump failed: {err}");
         }
         Ok(out)
     }
 
-    /// Runs curl through this sidecar as the HTTP proxy; returns (status code, body).
+    /// Runs curl as this sidecar's app would: inside the pod (captured by iptables) in transparent
+    /// mode, through the sidecar as HTTP proxy in explicit mode. Returns (status code, body).
     pub fn curl(&self, url: &str, extra: &[&str]) -> Result<(u16, String)> {
-        let (ok, out, err) = run(Command::new("curl")
-            .args(["-s", "-m", "20", "-x", &format!("http://{}", self.outbound)])
+        let mut cmd = match &self.host {
+            Some(h) => h.command("curl"),
+            None => {
+                let mut c = Command::new("curl");
+                c.args(["-x", &format!("http://{}", self.outbound)]);
+                c
+            }
+        };
+        let (ok, out, err) = run(cmd
+            .args(["-s", "-m", "20"])
             .args(["-w", "\n%{http_code}"])
             .args(extra)
             .arg(url))?;
