@@ -2,7 +2,9 @@
 # Installs what weft's tests and demo need on a Debian machine, idempotently:
 #   apt:  iptables, iproute2, curl (and python3-venv if venvs cannot be made)
 #   PyPI: httpbin + gunicorn in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
-#         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise)
+#         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise), plus the
+#         test-only kubernetes-validate (requirements-test.txt, ~108 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
+#         e.g. for the demo alone)
 # As non-root it cannot apt-get: it says what is missing and goes on (root-only tests skip then).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -34,6 +36,11 @@ if [ ! -x "$venv/bin/gunicorn" ] || ! "$venv/bin/python" -c 'import httpbin' >/d
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
+  chmod -R a+rX "$venv"
+fi
+if [ "${WEFT_SKIP_TEST_DEPS:-0}" != 1 ] && [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "install-deps: adding the test requirements (kubernetes-validate) to $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-test.txt"
   chmod -R a+rX "$venv"
 fi
 echo "install-deps: ok (venv $venv)"

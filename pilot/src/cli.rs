@@ -44,6 +44,43 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED.
     ProxyStatus(ServerArgs),
+    /// Add the sidecar to workloads in YAML (offline, like `istioctl kube-inject`); writes to stdout.
+    Inject(InjectArgs),
+}
+
+/// `pilot inject` flags; defaults are [`crate::inject::Options::default`].
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// The YAML file to inject, or `-` for stdin.
+    #[arg(short = 'f', long = "filename")]
+    pub file: String,
+    /// The sidecar image (runs `sidecar init` and `sidecar run`). Default: weft/sidecar:<version>.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// pilot's discovery address, host:port.
+    #[arg(long, default_value = "pilot.weft-system.svc:15012")]
+    pub pilot_address: String,
+    /// The CA's address, host:port.
+    #[arg(long, default_value = "ca.weft-system.svc:15010")]
+    pub ca_address: String,
+    /// uid and gid the proxy runs as; its own traffic is never captured.
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// The proxy's outbound listener (iptables target for the app's outgoing TCP).
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The proxy's inbound listener (iptables target for incoming TCP).
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// The proxy's admin port (loopback only).
+    #[arg(long, default_value_t = 15000)]
+    pub admin_port: u16,
+    /// The proxy's status port: readiness probe GET /healthz/ready; excluded from capture.
+    #[arg(long, default_value_t = 15021)]
+    pub status_port: u16,
+    /// The mesh trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 /// How the config commands reach `pilot serve`.
@@ -147,6 +184,9 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<()> {
+    if let Command::Inject(args) = cli.command {
+        return inject(args);
+    }
     if let Command::Serve(args) = cli.command {
         weft_ca::cli::init_logging();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,7 +201,7 @@ fn execute(cli: Cli) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) => Ok(()),
+            Command::Serve(_) | Command::Inject(_) => Ok(()),
             Command::Apply(args) => apply(args).await,
             Command::Get(args) => get(args).await,
             Command::Delete(args) => delete(args).await,
@@ -186,6 +226,43 @@ fn print_error(error: &anyhow::Error) {
     for line in status.message().lines() {
         eprintln!("{prefix}{line}");
     }
+}
+
+/// `pilot inject`: pure transformation of one input; warnings on stderr, the result on stdout.
+fn inject(args: InjectArgs) -> Result<()> {
+    let defaults = crate::inject::Options::default();
+    let options = crate::inject::Options {
+        image: args.image.unwrap_or(defaults.image),
+        pilot_address: args.pilot_address,
+        ca_address: args.ca_address,
+        proxy_uid: args.proxy_uid,
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        admin_port: args.admin_port,
+        status_port: args.status_port,
+        trust_domain: args.trust_domain,
+        version: defaults.version,
+    };
+    let (name, text) = if args.file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+        ("<stdin>".to_string(), text)
+    } else {
+        let text = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file))?;
+        (args.file, text)
+    };
+    let injected = crate::inject::inject(&text, &options).with_context(|| name.clone())?;
+    for warning in &injected.warnings {
+        eprintln!("Warning: {name}: {warning}");
+    }
+    std::io::stdout()
+        .lock()
+        .write_all(injected.yaml.as_bytes())
+        .context("cannot write standard output")?;
+    Ok(())
 }
 
 async fn apply(args: ApplyArgs) -> Result<()> {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod discovery;
+pub mod inject;
 pub mod registry;
 pub mod serve;
 pub mod store;

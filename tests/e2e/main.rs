@@ -5,6 +5,7 @@
 
 mod ca;
 mod discovery;
+mod inject;
 mod mesh;
 mod pilot;
 mod transparent;
