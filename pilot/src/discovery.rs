@@ -7,18 +7,21 @@
 //! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
 //! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weft_ca::SpiffeId;
 use weft_pilot_config::Resource;
-use weft_pilot_config::translate::{MeshOptions, Workload, fingerprint, translate};
+use weft_pilot_config::translate::{
+    MeshOptions, Outbound, OutboundKey, Workload, fingerprint, fingerprint_outbound,
+    source_label_keys, translate_local, translate_outbound,
+};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_server::DiscoveryService;
 
@@ -27,6 +30,11 @@ use crate::store::Snapshot;
 
 /// How long a new stream has to send its node.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many outbound translations run at once (on the blocking pool): enough to use the cores,
+/// few enough that a push to many sidecars with different keys does not hold every view in memory
+/// at the same time.
+const CONCURRENT_TRANSLATIONS: usize = 2;
 
 /// Everything a push is computed from, built once per debounced change and shared by all streams.
 #[derive(Debug)]
@@ -39,6 +47,72 @@ pub struct PushContext {
     pub resources: Vec<Resource>,
     /// All live workloads.
     pub workloads: Arc<Vec<Workload>>,
+    /// The labels VirtualServices' `sourceLabels` look at (part of each node's [`OutboundKey`]).
+    source_label_keys: BTreeSet<String>,
+    /// Outbound parts translated from this context so far, by key: sidecars whose nodes have the
+    /// same key (typically: the same namespace) share one translation and one fingerprint.
+    outbound: Mutex<HashMap<OutboundKey, Arc<OnceCell<Arc<SharedOutbound>>>>>,
+}
+
+/// One translated outbound part and its fingerprint.
+#[derive(Debug)]
+struct SharedOutbound {
+    outbound: Outbound,
+    fingerprint: u64,
+}
+
+impl PushContext {
+    /// A context for `epoch` over these objects and workloads.
+    pub fn new(
+        epoch: u64,
+        revision: u64,
+        resources: Vec<Resource>,
+        workloads: Arc<Vec<Workload>>,
+    ) -> Self {
+        Self {
+            epoch,
+            revision,
+            source_label_keys: source_label_keys(&resources),
+            resources,
+            workloads,
+            outbound: Mutex::default(),
+        }
+    }
+
+    /// The outbound part of `node`'s view, translated once per key (on the blocking pool, at most
+    /// [`CONCURRENT_TRANSLATIONS`] at a time) and shared by every stream asking for the same key.
+    async fn outbound_for(
+        self: &Arc<Self>,
+        node: &Workload,
+        mesh: &Arc<MeshOptions>,
+        limit: &Semaphore,
+    ) -> Result<Arc<SharedOutbound>, String> {
+        let key = OutboundKey::new(node, &self.source_label_keys);
+        let cell = self
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let shared = cell
+            .get_or_try_init(|| async {
+                let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
+                let (ctx, node, mesh) = (self.clone(), node.clone(), mesh.clone());
+                tokio::task::spawn_blocking(move || {
+                    let outbound = translate_outbound(&ctx.resources, &ctx.workloads, &node, &mesh);
+                    let fingerprint = fingerprint_outbound(&outbound);
+                    Arc::new(SharedOutbound {
+                        outbound,
+                        fingerprint,
+                    })
+                })
+                .await
+                .map_err(|e| format!("translation failed: {e}"))
+            })
+            .await?;
+        Ok(shared.clone())
+    }
 }
 
 /// Debounce settings (Istio's PILOT_DEBOUNCE_AFTER / PILOT_DEBOUNCE_MAX: 100 ms quiet, 10 s max).
@@ -69,12 +143,12 @@ pub fn spawn_debouncer(
     let build = {
         let registry = registry.clone();
         move |epoch: u64, snapshot: &Snapshot| {
-            Arc::new(PushContext {
+            Arc::new(PushContext::new(
                 epoch,
-                revision: snapshot.revision(),
-                resources: snapshot.resources(),
-                workloads: registry.workloads(),
-            })
+                snapshot.revision(),
+                snapshot.resources(),
+                registry.workloads(),
+            ))
         }
     };
     let first = build(1, &store.borrow_and_update());
@@ -188,6 +262,7 @@ pub struct Discovery {
     registry: Arc<Registry>,
     mesh: Arc<MeshOptions>,
     proxies: Arc<ProxyTable>,
+    translations: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -205,6 +280,7 @@ impl Discovery {
             registry,
             mesh: Arc::new(mesh),
             proxies,
+            translations: Arc::new(Semaphore::new(CONCURRENT_TRANSLATIONS)),
             shutdown,
         }
     }
@@ -255,6 +331,7 @@ impl DiscoveryService for Discovery {
             contexts: self.contexts.clone(),
             mesh: self.mesh.clone(),
             proxies: self.proxies.clone(),
+            translations: self.translations.clone(),
             tx,
             _registration: registration,
             last_fingerprint: None,
@@ -313,6 +390,7 @@ struct Session {
     contexts: watch::Receiver<Arc<PushContext>>,
     mesh: Arc<MeshOptions>,
     proxies: Arc<ProxyTable>,
+    translations: Arc<Semaphore>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     _registration: Registration,
     last_fingerprint: Option<u64>,
@@ -352,13 +430,31 @@ impl Session {
         tracing::info!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "sidecar disconnected");
     }
 
-    /// Computes this sidecar's view and sends it if it differs from the last one sent.
-    async fn push(&mut self, ctx: &PushContext) -> Result<(), ()> {
-        let config = translate(&ctx.resources, &ctx.workloads, &self.node, &self.mesh);
-        let fp = fingerprint(&config);
+    /// Computes this sidecar's view and sends it if it differs from the last one sent. The view is
+    /// what `translate` gives, assembled from the outbound part shared with same-key sidecars and
+    /// this node's own part; its fingerprint combines the two parts' fingerprints.
+    async fn push(&mut self, ctx: &Arc<PushContext>) -> Result<(), ()> {
+        let shared = match ctx
+            .outbound_for(&self.node, &self.mesh, &self.translations)
+            .await
+        {
+            Ok(shared) => shared,
+            Err(e) => {
+                tracing::error!(pod = %format!("{}/{}", self.node.namespace, self.node.name), error = %e, "no view to push");
+                return Err(());
+            }
+        };
+        let local = translate_local(&ctx.resources, &self.node, &self.mesh);
+        let fp = combine(shared.fingerprint, fingerprint(&local));
         if self.last_fingerprint == Some(fp) {
             return Ok(());
         }
+        let config = pb::ProxyConfig {
+            services: shared.outbound.services.clone(),
+            clusters: shared.outbound.clusters.clone(),
+            ..local
+        };
+        drop(shared);
         self.nonce += 1;
         let version = ctx.epoch.to_string();
         let nonce = format!("{}-{}", self.id, self.nonce);
@@ -398,6 +494,19 @@ impl Session {
             }),
         }
     }
+}
+
+/// One fingerprint from the outbound and the local part's (FNV-1a over their bytes).
+fn combine(outbound: u64, local: u64) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    outbound
+        .to_le_bytes()
+        .into_iter()
+        .chain(local.to_le_bytes())
+        .fold(OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        })
 }
 
 // === serving ===

@@ -27,7 +27,7 @@ use crate::service::ServicePort;
 use catalog::{Catalog, ServiceView};
 use cluster::ClusterId;
 
-pub use json::{fingerprint, to_json};
+pub use json::{fingerprint, fingerprint_outbound, to_json};
 
 /// Istio's default root namespace (meshConfig `rootNamespace`): its selector-less PeerAuthentication
 /// is mesh-wide.
@@ -118,6 +118,10 @@ impl Default for MeshOptions {
 /// through its Services; the registry normally does). Objects are taken as validated; anything
 /// that cannot be resolved (a missing subset, a host without a Service) still yields a cluster,
 /// with no endpoints, so the sidecar answers 503 as Envoy does (§2.6).
+///
+/// The result is [`translate_local`] with the services and clusters of [`translate_outbound`];
+/// pilot computes the two parts separately so that sidecars with the same [`OutboundKey`] share one
+/// outbound part.
 pub fn translate(
     resources: &[Resource],
     workloads: &[Workload],
@@ -125,25 +129,109 @@ pub fn translate(
     mesh: &MeshOptions,
 ) -> pb::ProxyConfig {
     let catalog = Catalog::new(resources, workloads, node, mesh);
-    let mut wanted: BTreeSet<ClusterId> = BTreeSet::new();
+    let Outbound { services, clusters } = outbound(&catalog);
+    pb::ProxyConfig {
+        services,
+        clusters,
+        ..local(&catalog, node)
+    }
+}
 
+/// The part of a view that depends on the node only through its [`OutboundKey`]: the Services it
+/// can call with their routes, and the clusters with their endpoints.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outbound {
+    /// As [`pb::ProxyConfig::services`].
+    pub services: Vec<pb::OutboundService>,
+    /// As [`pb::ProxyConfig::clusters`].
+    pub clusters: Vec<pb::Cluster>,
+}
+
+/// What of a node its [`Outbound`] part depends on: its namespace (Service aliases, rule
+/// precedence, `sourceNamespace`) and its values of the labels some VirtualService's
+/// `sourceLabels` names (`None` for a label the node does not have). Nodes with equal keys get equal
+/// outbound parts from the same objects and workloads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutboundKey {
+    namespace: String,
+    labels: Vec<Option<String>>,
+}
+
+impl OutboundKey {
+    /// The key of `node`, given the [`source_label_keys`] of the objects it is translated from.
+    pub fn new(node: &Workload, source_label_keys: &BTreeSet<String>) -> Self {
+        Self {
+            namespace: node.namespace.clone(),
+            labels: source_label_keys
+                .iter()
+                .map(|key| node.labels.get(key).cloned())
+                .collect(),
+        }
+    }
+}
+
+/// Every label key a VirtualService's `sourceLabels` names: the only labels of a node its
+/// [`Outbound`] part looks at.
+pub fn source_label_keys(resources: &[Resource]) -> BTreeSet<String> {
+    resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::VirtualService(vs) => Some(vs),
+            _ => None,
+        })
+        .flat_map(|vs| &vs.spec.http)
+        .flat_map(|rule| &rule.matches)
+        .flat_map(|m| m.source_labels.keys())
+        .cloned()
+        .collect()
+}
+
+/// The services and clusters of `node`'s view: the same as [`translate`]'s.
+pub fn translate_outbound(
+    resources: &[Resource],
+    workloads: &[Workload],
+    node: &Workload,
+    mesh: &MeshOptions,
+) -> Outbound {
+    outbound(&Catalog::new(resources, workloads, node, mesh))
+}
+
+/// `node`'s view without services and clusters (mesh settings, inbound mode, tracing): the same
+/// as [`translate`]'s. None of it depends on the live workloads.
+pub fn translate_local(
+    resources: &[Resource],
+    node: &Workload,
+    mesh: &MeshOptions,
+) -> pb::ProxyConfig {
+    local(&Catalog::new(resources, &[], node, mesh), node)
+}
+
+fn outbound(catalog: &Catalog<'_>) -> Outbound {
+    let mut wanted: BTreeSet<ClusterId> = BTreeSet::new();
     let services = catalog
         .services()
         .iter()
-        .map(|svc| outbound_service(&catalog, svc, &mut wanted))
+        .map(|svc| outbound_service(catalog, svc, &mut wanted))
         .collect();
+    Outbound {
+        services,
+        clusters: cluster::build_all(catalog, &wanted),
+    }
+}
 
+fn local(catalog: &Catalog<'_>, node: &Workload) -> pb::ProxyConfig {
+    let mesh = catalog.mesh();
     pb::ProxyConfig {
         mesh: Some(pb::MeshSettings {
             trust_domain: mesh.trust_domain.clone(),
             mirror_shadow_suffix: mesh.mirror_shadow_suffix,
         }),
-        services,
-        clusters: cluster::build_all(&catalog, &wanted),
-        inbound: Some(inbound::build(&catalog, node)),
+        services: Vec::new(),
+        clusters: Vec::new(),
+        inbound: Some(inbound::build(catalog, node)),
         tracing: Some(pb::Tracing {
             sampling_percent: mesh.sampling_percent.clamp(0.0, 100.0),
-            service_name: tracing_service_name(&catalog, node),
+            service_name: tracing_service_name(catalog, node),
         }),
     }
 }

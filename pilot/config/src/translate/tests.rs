@@ -553,3 +553,83 @@ impl DecodeRoundtrip for pb::ProxyConfig {
         Self::decode(config.encode_to_vec().as_slice()).unwrap_or_default()
     }
 }
+
+// === outbound parts shared by nodes with the same key (pilot's per-push cache) ===
+
+#[test]
+fn nodes_with_the_same_outbound_key_get_the_same_outbound_part() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin}}
+spec:
+  host: httpbin
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{sourceLabels: {{app: sleep}}}}]
+    route: [{{destination: {{host: httpbin, subset: v2}}}}]
+  - match: [{{sourceNamespace: other}}]
+    route: [{{destination: {{host: httpbin, subset: v2}}}}]
+  - route: [{{destination: {{host: httpbin, subset: v1}}}}]
+"
+    );
+    let resources = parse(&yaml);
+    let keys = source_label_keys(&resources);
+    assert_eq!(keys.iter().collect::<Vec<_>>(), ["app"]);
+    let nodes = [
+        sleep(),
+        workload(
+            "default",
+            "sleep-2",
+            &[("app", "sleep"), ("v", "2")],
+            "10.0.0.2",
+        ),
+        workload("default", "curl", &[("app", "curl")], "10.0.0.3"),
+        workload("default", "bare", &[], "10.0.0.4"),
+        workload("other", "sleep", &[("app", "sleep")], "10.0.0.5"),
+    ];
+    let mut workloads = vec![httpbin("v1", "10.0.0.11"), httpbin("v2", "10.0.0.12")];
+    workloads.extend(nodes.iter().cloned());
+    let mesh = MeshOptions::default();
+    let key = |n: &Workload| OutboundKey::new(n, &keys);
+    for a in &nodes {
+        let outbound = translate_outbound(&resources, &workloads, a, &mesh);
+        let local = translate_local(&resources, a, &mesh);
+        assert_eq!(
+            translate(&resources, &workloads, a, &mesh),
+            pb::ProxyConfig {
+                services: outbound.services.clone(),
+                clusters: outbound.clusters.clone(),
+                ..local
+            },
+            "{} = outbound + local",
+            a.key()
+        );
+        for b in &nodes {
+            let same = translate_outbound(&resources, &workloads, b, &mesh) == outbound;
+            if key(a) == key(b) {
+                assert!(same, "{} and {} share a key", a.key(), b.key());
+            }
+        }
+    }
+    // Only the labels sourceLabels names are in the key; the namespace always is.
+    assert_eq!(key(&nodes[0]), key(&nodes[1]));
+    assert_ne!(key(&nodes[0]), key(&nodes[2]));
+    assert_ne!(key(&nodes[2]), key(&nodes[3]));
+    assert_ne!(key(&nodes[0]), key(&nodes[4]));
+    let fp =
+        |n: &Workload| fingerprint_outbound(&translate_outbound(&resources, &workloads, n, &mesh));
+    assert_eq!(fp(&nodes[0]), fp(&nodes[1]));
+    assert_ne!(
+        fp(&nodes[0]),
+        fp(&nodes[2]),
+        "sleep is routed to v2, curl to v1"
+    );
+}
