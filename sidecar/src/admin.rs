@@ -26,6 +26,10 @@ pub struct Admin {
     pub creds: Arc<CredentialStore>,
     /// Discovery counters.
     pub control: Arc<ControlStats>,
+    /// Mirroring counters.
+    pub mirror: Arc<crate::mirror::MirrorStats>,
+    /// Span export counters.
+    pub trace: Arc<crate::trace::TraceStats>,
 }
 
 impl Admin {
@@ -68,7 +72,20 @@ impl Admin {
                     "ports": s.ports.iter().map(|p| serde_json::json!({
                         "port": p.port,
                         "protocol": p.protocol,
-                        "routes": p.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                        "routes": p.routes.iter().map(|r| serde_json::json!({
+                            "name": r.name,
+                            "destinations": match &r.action {
+                                crate::config::Action::Forward { destinations, .. } => destinations
+                                    .iter()
+                                    .map(|d| serde_json::json!({"cluster": d.cluster.name, "weight": d.weight}))
+                                    .collect::<Vec<_>>(),
+                                crate::config::Action::Redirect(_) => Vec::new(),
+                            },
+                            "mirrors": r.mirrors.iter().map(|m| serde_json::json!({
+                                "cluster": m.cluster.name,
+                                "percent": m.percent,
+                            })).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -117,6 +134,29 @@ impl Admin {
     }
 
     fn stats(&self) -> String {
+        let m = &self.mirror;
+        let t = &self.trace;
+        let mut out = format!(
+            "# TYPE weft_mirror_requests_total counter\n\
+             weft_mirror_requests_total{{result=\"sent\"}} {}\n\
+             weft_mirror_requests_total{{result=\"failed\"}} {}\n\
+             weft_mirror_requests_total{{result=\"dropped_busy\"}} {}\n\
+             weft_mirror_requests_total{{result=\"dropped_too_large\"}} {}\n\
+             # TYPE weft_spans_total counter\n\
+             weft_spans_total{{result=\"exported\"}} {}\n\
+             weft_spans_total{{result=\"dropped\"}} {}\n",
+            m.sent.load(Ordering::Relaxed),
+            m.failed.load(Ordering::Relaxed),
+            m.dropped_busy.load(Ordering::Relaxed),
+            m.dropped_too_large.load(Ordering::Relaxed),
+            t.exported.load(Ordering::Relaxed),
+            t.dropped.load(Ordering::Relaxed),
+        );
+        out.push_str(&self.control_stats());
+        out
+    }
+
+    fn control_stats(&self) -> String {
         let c = &self.control;
         let table = self.tables.borrow().clone();
         let version: u64 = table.version.parse().unwrap_or(0);
@@ -160,6 +200,33 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let resp = admin.handle(&req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// Serves only `/healthz/ready` on the kubelet-facing status port (the admin port is loopback-only).
+pub async fn serve_status(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        let tcp = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = if req.uri().path() == "/healthz/ready" {
+                    admin.handle(&req)
+                } else {
+                    text(StatusCode::NOT_FOUND, "only /healthz/ready here\n".into())
+                };
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -97,6 +97,12 @@ pub struct RunArgs {
     /// Trust domain.
     #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
     pub trust_domain: String,
+    /// Largest request body copied to mirrors (bytes); larger bodies are not mirrored (counted).
+    #[arg(long, default_value_t = crate::mirror::DEFAULT_MAX_BODY, env = "WEFT_MIRROR_MAX_BODY")]
+    pub mirror_max_body: usize,
+    /// Kubelet readiness port serving /healthz/ready on --bind (Istio's 15021); 0 turns it off.
+    #[arg(long, default_value_t = 15021, env = "WEFT_STATUS_PORT")]
+    pub status_port: u16,
     /// Requested certificate lifetime (rotated at about half of it).
     #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
     pub cert_ttl: Duration,
@@ -194,6 +200,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 inbound_port: args.inbound_port,
                 admin_port: args.admin_port,
                 dns_port: args.dns_port,
+                mirror_max_body: args.mirror_max_body,
+                status_port: args.status_port,
                 dns_upstream: args.dns_upstream,
                 app_port: args.app_port,
                 cert_ttl: args.cert_ttl,

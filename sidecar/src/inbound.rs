@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
@@ -25,6 +25,7 @@ use weft_ca::SpiffeId;
 use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
 use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::Body;
 
 /// Header naming the verified caller, as Envoy sets it on sidecar inbound.
@@ -43,20 +44,31 @@ pub enum AppTarget {
     None,
 }
 
+/// The inbound TLS configs: PeerAuthentication's mode picks one per connection.
+#[derive(Debug, Clone)]
+pub struct InboundTls {
+    /// Requires a client certificate (STRICT).
+    pub strict: Arc<ServerConfig>,
+    /// Verifies a client certificate if one is sent (PERMISSIVE).
+    pub permissive: Arc<ServerConfig>,
+}
+
 /// Shared state of the inbound side.
 pub struct Inbound {
     /// Current config (for the PeerAuthentication mode).
     pub tables: watch::Receiver<Arc<RouteTable>>,
-    /// TLS config requiring a client certificate.
-    pub strict: Arc<ServerConfig>,
-    /// TLS config verifying a client certificate if one is sent.
-    pub permissive: Arc<ServerConfig>,
+    /// The two TLS server configs.
+    pub tls: InboundTls,
     /// Where requests go.
     pub target: AppTarget,
     /// This workload's identity (the `By=` of XFCC).
     pub identity: SpiffeId,
     /// The proxy's own ports: a connection aimed at them is a loop.
     pub own_ports: Vec<u16>,
+    /// Span export.
+    pub tracer: Tracer,
+    /// Fallback `service.name` (the pod name).
+    pub pod_name: Arc<str>,
     app: Client<HttpConnector, Body>,
 }
 
@@ -73,11 +85,12 @@ impl Inbound {
     /// Builds the inbound side.
     pub fn new(
         tables: watch::Receiver<Arc<RouteTable>>,
-        strict: Arc<ServerConfig>,
-        permissive: Arc<ServerConfig>,
+        tls: InboundTls,
         target: AppTarget,
         identity: SpiffeId,
         own_ports: Vec<u16>,
+        tracer: Tracer,
+        pod_name: Arc<str>,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -87,11 +100,12 @@ impl Inbound {
             .build(http);
         Self {
             tables,
-            strict,
-            permissive,
+            tls,
             target,
             identity,
             own_ports,
+            tracer,
+            pod_name,
             app,
         }
     }
@@ -144,9 +158,9 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     // 0x16 = TLS handshake record: a ClientHello.
     if n == 1 && first[0] == 0x16 {
         let config = if mode == MtlsMode::Strict {
-            inbound.strict.clone()
+            inbound.tls.strict.clone()
         } else {
-            inbound.permissive.clone()
+            inbound.tls.permissive.clone()
         };
         let tls = tokio::time::timeout(
             FIRST_BYTES_TIMEOUT,
@@ -164,6 +178,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     } else {
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
+        }
+        if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
+            use tokio::io::AsyncWriteExt;
+            let mut tcp = tcp;
+            let _ = tcp
+                .write_all(&crate::headers::bad_request_bytes(reason))
+                .await;
+            return Err(format!("refused: {reason}"));
         }
         serve_http(TokioIo::new(tcp), inbound, app_port, None, peer).await
     }
@@ -210,6 +232,7 @@ impl Inbound {
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
         check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+        let start = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         // An HTTP/2 request from a peer sidecar carries the host in :authority; the app speaks
         // HTTP/1.1 and needs it as Host.
@@ -239,6 +262,19 @@ impl Inbound {
         {
             parts.headers.insert(http::header::HOST, a);
         }
+        // The server span: the caller's sidecar sent its client span as parent; a caller outside the
+        // mesh gets a new trace started here. The app sees this span's context.
+        let table = self.tables.borrow().clone();
+        let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
+        ensure_request_id(&mut parts.headers);
+        hop.inject(&mut parts.headers);
+        let span = (self.tracer.enabled() && hop.sampled).then(|| {
+            (
+                parts.method.to_string(),
+                parts.uri.path().to_owned(),
+                authority.clone().unwrap_or_default(),
+            )
+        });
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri: http::Uri = format!("http://127.0.0.1:{app_port}{path}")
             .parse()
@@ -248,7 +284,7 @@ impl Inbound {
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
-        let mut resp = self.app.request(out).await.map_err(|e| {
+        let result = self.app.request(out).await.map_err(|e| {
             tracing::debug!(%peer, error = %e, "app request failed");
             ProxyError::Connect(crate::upstream::UpstreamError::Connect {
                 addr: app_addr,
@@ -256,7 +292,38 @@ impl Inbound {
                     .map(ToString::to_string)
                     .unwrap_or_else(|| e.to_string()),
             })
-        })?;
+        });
+        if let Some((method, path, host)) = span {
+            let status = match &result {
+                Ok(r) => r.status().as_u16(),
+                Err(e) => e.status().as_u16(),
+            };
+            let service: Arc<str> = if table.tracing.service_name.is_empty() {
+                self.pod_name.clone()
+            } else {
+                Arc::from(table.tracing.service_name.as_str())
+            };
+            let mut attributes = vec![
+                ("http.request.method", method),
+                ("url.path", path),
+                ("server.address", host),
+                ("server.port", app_port.to_string()),
+            ];
+            if let Some(c) = caller {
+                attributes.push(("weft.peer.identity", c.to_string()));
+            }
+            self.tracer.record(Span {
+                hop,
+                name: format!("inbound|{app_port}"),
+                kind: Kind::Server,
+                service,
+                start,
+                end: SystemTime::now(),
+                status,
+                attributes,
+            });
+        }
+        let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp.map(BodyExt::boxed))
     }

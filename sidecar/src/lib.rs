@@ -11,6 +11,8 @@ pub mod dns;
 pub mod errors;
 pub mod headers;
 pub mod inbound;
+pub mod mirror;
 pub mod outbound;
 pub mod run;
+pub mod trace;
 pub mod upstream;

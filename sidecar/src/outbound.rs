@@ -9,9 +9,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -24,6 +26,8 @@ use crate::balance::{self, InFlight};
 use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
 use crate::errors::{ProxyError, rescue};
 use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::mirror::Mirrors;
+use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::{Body, UpstreamError, Upstreams};
 
 /// How the outbound listener learns destinations.
@@ -46,6 +50,12 @@ pub struct Outbound {
     pub mode: Mode,
     /// The proxy's own ports: a request aimed at them is a loop.
     pub own_ports: Vec<u16>,
+    /// Mirroring.
+    pub mirrors: Arc<Mirrors>,
+    /// Span export.
+    pub tracer: Tracer,
+    /// Fallback `service.name` (the pod name) until pilot names the workload's service.
+    pub pod_name: Arc<str>,
 }
 
 /// Accepts connections until `shutdown`.
@@ -85,6 +95,14 @@ async fn connection(tcp: TcpStream, outbound: Arc<Outbound>) -> Result<(), Strin
             "refusing a connection to the proxy's own port {dst}"
         ));
     }
+    if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tcp;
+        let _ = tcp
+            .write_all(&crate::headers::bad_request_bytes(reason))
+            .await;
+        return Err(format!("refused: {reason}"));
+    }
     let svc = hyper::service::service_fn(move |req| {
         let outbound = outbound.clone();
         async move { Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst).await) }
@@ -96,6 +114,14 @@ async fn connection(tcp: TcpStream, outbound: Arc<Outbound>) -> Result<(), Strin
 }
 
 impl Outbound {
+    fn service_name(&self, table: &RouteTable) -> Arc<str> {
+        if table.tracing.service_name.is_empty() {
+            self.pod_name.clone()
+        } else {
+            Arc::from(table.tracing.service_name.as_str())
+        }
+    }
+
     /// Handles one request end to end; never fails (errors become responses).
     pub async fn handle(
         &self,
@@ -126,7 +152,7 @@ impl Outbound {
                 .or_else(|| table.by_authority(&authority, dst.port())),
             None => table.by_authority(&authority, 80),
         };
-        let Some((_service, port)) = found else {
+        let Some((service, port)) = found else {
             if table.version.is_empty() {
                 return Err(ProxyError::NoConfig);
             }
@@ -159,6 +185,7 @@ impl Outbound {
                 .pick(fastrand::u32(..*total_weight))
                 .ok_or(ProxyError::NoRoute)?,
         };
+        let start = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         apply_route_headers(route, &dest.request_headers, &mut parts.headers);
@@ -167,8 +194,59 @@ impl Outbound {
             None => authority,
         };
         let path = rewrite_path(route, &parts.uri);
-        let sent = self.send(&dest.cluster, route, parts, body.boxed(), &authority, &path);
-        let mut resp = with_timeout(route, sent).await??;
+        // This hop's client span: continue the caller's trace or start one, and tell the next hop.
+        let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
+        ensure_request_id(&mut parts.headers);
+        hop.inject(&mut parts.headers);
+        let service_name: Arc<str> = self.service_name(&table);
+        let mut body = body.boxed();
+        if !route.mirrors.is_empty() {
+            let copies = self.mirrors.prepare(
+                route,
+                &parts,
+                &authority,
+                &path,
+                &hop,
+                table.mirror_shadow_suffix,
+            );
+            if !copies.is_empty() {
+                if body.is_end_stream() {
+                    self.mirrors
+                        .send(copies, Bytes::new(), &self.tracer, &service_name);
+                } else {
+                    body = self.mirrors.tee(body, copies, &self.tracer, &service_name);
+                }
+            }
+        }
+        let method = self.tracer.enabled().then(|| parts.method.to_string());
+        let sent = self.send(&dest.cluster, route, parts, body, &authority, &path);
+        let result = with_timeout(route, sent).await.and_then(|r| r);
+        if let Some(method) = method
+            && hop.sampled
+        {
+            let status = match &result {
+                Ok(r) => r.status().as_u16(),
+                Err(e) => e.status().as_u16(),
+            };
+            self.tracer.record(Span {
+                hop,
+                name: format!("{}:{}/*", service.hostname, port.port),
+                kind: Kind::Client,
+                service: service_name,
+                start,
+                end: SystemTime::now(),
+                status,
+                attributes: vec![
+                    ("http.request.method", method),
+                    ("url.path", path),
+                    ("server.address", authority),
+                    ("weft.route", route.name.clone()),
+                    ("weft.upstream_cluster", dest.cluster.name.clone()),
+                    ("weft.subset", dest.cluster.subset.clone()),
+                ],
+            });
+        }
+        let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
         route.response_headers.apply(resp.headers_mut());
         dest.response_headers.apply(resp.headers_mut());

@@ -70,6 +70,10 @@ pub struct RunConfig {
     pub dns_upstream: Option<SocketAddr>,
     /// The app's port, in explicit mode.
     pub app_port: Option<u16>,
+    /// Largest request body mirrored.
+    pub mirror_max_body: usize,
+    /// Kubelet-facing readiness port (`/healthz/ready` on `bind`), like Istio's 15021; 0 = off.
+    pub status_port: u16,
     /// Requested certificate lifetime.
     pub cert_ttl: Duration,
 }
@@ -151,6 +155,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     let outbound_l = bind("outbound", outbound_ip, cfg.outbound_port).await?;
     let inbound_l = bind("inbound", cfg.bind, cfg.inbound_port).await?;
     let admin_l = bind("admin", IpAddr::from([127, 0, 0, 1]), cfg.admin_port).await?;
+    let status_l = if cfg.status_port == 0 {
+        None
+    } else {
+        Some(bind("status", cfg.bind, cfg.status_port).await?)
+    };
     // Loopback only: iptables REDIRECTs the pod's DNS to 127.0.0.1, and a wildcard-bound UDP socket
     // would answer from the pod IP, which conntrack cannot map back (the resolver drops the reply).
     let dns_ip = IpAddr::from([127, 0, 0, 1]);
@@ -191,25 +200,57 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         Mode::Transparent => AppTarget::OriginalPort,
         Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),
     };
+    let tracer = match crate::trace::Endpoint::from_env(|k| std::env::var(k).ok()) {
+        Some(endpoint) => {
+            tracing::info!(?endpoint, "exporting spans over OTLP");
+            crate::trace::Tracer::start(
+                endpoint,
+                vec![
+                    ("k8s.pod.name", cfg.name.clone()),
+                    ("k8s.namespace.name", cfg.namespace.clone()),
+                    ("weft.identity", identity.to_string()),
+                ],
+                shutdown.clone(),
+            )
+        }
+        None => crate::trace::Tracer::disabled(),
+    };
+    let pod_name: Arc<str> = Arc::from(cfg.name.as_str());
     let inbound = Arc::new(Inbound::new(
         tables.clone(),
-        Arc::new(strict),
-        Arc::new(permissive),
+        crate::inbound::InboundTls {
+            strict: Arc::new(strict),
+            permissive: Arc::new(permissive),
+        },
         target,
         identity.clone(),
         own_ports.clone(),
+        tracer.clone(),
+        pod_name.clone(),
+    ));
+    let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
+    let mirrors = Arc::new(crate::mirror::Mirrors::new(
+        upstreams.clone(),
+        cfg.ip.to_string(),
+        cfg.mirror_max_body,
+        crate::mirror::DEFAULT_MAX_IN_FLIGHT,
     ));
     let outbound = Arc::new(Outbound {
         tables: tables.clone(),
-        upstreams: Arc::new(Upstreams::new(creds.clone(), bundle.clone())),
+        upstreams,
         mode: cfg.mode,
         own_ports: own_ports.clone(),
+        mirrors: mirrors.clone(),
+        tracer: tracer.clone(),
+        pod_name,
     });
     let stats = Arc::new(ControlStats::default());
     let admin = Arc::new(Admin {
         tables: tables.clone(),
         creds: creds.clone(),
         control: stats.clone(),
+        mirror: mirrors.stats.clone(),
+        trace: tracer.stats.clone(),
     });
 
     let node = pb::Node {
@@ -241,7 +282,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         mode = ?cfg.mode,
         "sidecar listening"
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(crate::control::run(
             control,
             creds.clone(),
@@ -255,7 +296,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             shutdown.clone(),
         )),
         tokio::spawn(crate::inbound::serve(inbound_l, inbound, shutdown.clone())),
-        tokio::spawn(crate::admin::serve(admin_l, admin, shutdown.clone())),
+        tokio::spawn(crate::admin::serve(
+            admin_l,
+            admin.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(crate::dns::serve(
             dns_udp,
             dns_tcp,
@@ -264,6 +309,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             shutdown.clone(),
         )),
     ];
+    if let Some(l) = status_l {
+        tasks.push(tokio::spawn(crate::admin::serve_status(
+            l,
+            admin,
+            shutdown.clone(),
+        )));
+    }
     {
         use std::io::Write;
         // stdout is for scripts and tests: each listener's address, the admin one last.

@@ -195,6 +195,9 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
         r.config
             .as_ref()
             .is_some_and(|c| c.services.iter().any(|s| s.name == "httpbin"))
+            && httpbin_routes(r)
+                .first()
+                .is_some_and(|route| route.destinations.first().is_some_and(|d| d.cluster == V1))
     };
     let first = sleep.next_until(has_httpbin).await;
     let routes = httpbin_routes(&first);

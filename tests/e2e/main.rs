@@ -5,7 +5,10 @@
 
 mod ca;
 mod discovery;
+mod fidelity;
 mod inject;
 mod mesh;
+mod mirror;
 mod pilot;
+mod resilience;
 mod transparent;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+pub mod fake_pilot;
 pub mod netns;
+pub mod raw_http;
 pub mod seed;
 
 /// Path of a workspace binary (`ca`, `pilot`, `sidecar`). `WEFT_BIN_DIR` overrides the default, which
@@ -45,6 +47,8 @@ pub struct Proc {
     stderr_log: PathBuf,
     /// Other `<what> listening on ADDR` lines the process printed, by `<what>`.
     announced: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    /// Every other stdout line.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -95,11 +99,13 @@ impl Proc {
         let stdout = child.stdout.take().context("no stdout")?;
         let announced =
             std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut proc = Proc {
             name: name.to_owned(),
             child,
             stderr_log,
             announced: announced.clone(),
+            lines: lines.clone(),
         };
         let (tx, rx) = mpsc::channel();
         // Keep draining stdout for the process's whole life so it never blocks on a full pipe.
@@ -111,6 +117,8 @@ impl Proc {
                     && let Ok(mut map) = announced.lock()
                 {
                     map.insert(what.to_owned(), addr.trim().to_owned());
+                } else if let Ok(mut all) = lines.lock() {
+                    all.push(line);
                 }
             }
         });
@@ -130,6 +138,11 @@ impl Proc {
     /// (e.g. pilot's `discovery listening on`).
     pub fn announced(&self, what: &str) -> Option<String> {
         self.announced.lock().ok()?.get(what).cloned()
+    }
+
+    /// Stdout lines other than the `listening on` announcements, so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The process ID.
@@ -222,6 +235,8 @@ pub struct ControlPlane {
     pub pilot: Proc,
     /// pilot's discovery address.
     pub discovery_addr: String,
+    /// Where sidecars started for this plane export spans (an [`OtlpSink`]'s gRPC address).
+    pub otlp: Option<String>,
 }
 
 impl ControlPlane {
@@ -269,6 +284,7 @@ impl ControlPlane {
             root,
             pilot,
             discovery_addr,
+            otlp: None,
         })
     }
 
@@ -368,6 +384,9 @@ impl Httpbin {
                 bind,
                 "httpbin:app",
             ])
+            // gunicorn's default format plus the Host header, so tests can see the mirror's
+            // `-shadow` host in v2's log.
+            .args(["--access-logformat", ACCESS_LOG_FORMAT])
             .stdout(std::fs::File::create(&access_log)?)
             .stderr(std::fs::File::create(&error_log)?)
             .stdin(Stdio::null())
@@ -457,10 +476,34 @@ impl Sidecar {
         app_port: Option<u16>,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::explicit_with_pilot(
+            plane,
+            &plane.discovery_addr,
+            name,
+            sa,
+            labels,
+            app_port,
+            extra,
+        )
+    }
+
+    /// Like [`Sidecar::explicit`], taking its config from the discovery server at `pilot` (e.g. a
+    /// [`fake_pilot::FakePilot`]) instead of the plane's pilot; the plane's CA still issues its
+    /// certificate. Waits until ready, so `pilot` must push a first config.
+    #[allow(clippy::too_many_arguments)]
+    pub fn explicit_with_pilot(
+        plane: &ControlPlane,
+        pilot: &str,
+        name: &str,
+        sa: &str,
+        labels: &str,
+        app_port: Option<u16>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let token = plane.token("default", sa)?;
         let mut cmd = Command::new(bin("sidecar"));
         cmd.args(["run", "--mode", "explicit", "--bind", "127.0.0.1"])
-            .args(["--pilot", &plane.discovery_addr, "--ca", &plane.ca_addr])
+            .args(["--pilot", pilot, "--ca", &plane.ca_addr])
             .arg("--ca-root")
             .arg(&plane.root)
             .arg("--token-file")
@@ -483,9 +526,12 @@ impl Sidecar {
                 "0",
                 "--dns-port",
                 "0",
+                "--status-port",
+                "0",
             ])
             .args(extra)
             .env("RUST_LOG", "info");
+        otlp_env(&mut cmd, plane);
         if let Some(p) = app_port {
             cmd.args(["--app-port", &p.to_string()]);
         }
@@ -539,6 +585,7 @@ impl Sidecar {
             ])
             .args(["--labels", labels, "--ip", &host.ip])
             .env("RUST_LOG", "info");
+        otlp_env(&mut cmd, plane);
         let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
         let sidecar = Sidecar {
             outbound: proc.announced("outbound").context("no outbound address")?,
@@ -575,6 +622,17 @@ impl Sidecar {
         Ok(())
     }
 
+    /// `/stats/prometheus` text.
+    pub fn stats(&self) -> Result<String> {
+        let (ok, out, err) = run(self
+            .admin_curl()
+            .args(["-sf", &format!("http://{}/stats/prometheus", self.admin)]))?;
+        if !ok {
+            bail!("stats failed: {err}");
+        }
+        Ok(out)
+    }
+
     /// `/config_dump` as JSON text.
     pub fn config_dump(&self) -> Result<String> {
         let (ok, out, err) = run(self
@@ -584,6 +642,57 @@ impl Sidecar {
             bail!("config_dump failed: {err}");
         }
         Ok(out)
+    }
+
+    /// One unlabelled metric from `/stats/prometheus` (e.g. `weft_config_nacks_total`).
+    pub fn stat(&self, metric: &str) -> Result<f64> {
+        let text = self.stats()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once(' '))
+            .find(|(name, _)| *name == metric)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .with_context(|| format!("no metric {metric} in:\n{text}"))
+    }
+
+    /// How many times the sidecar has logged `what` on stderr so far (e.g. `certificate rotated`).
+    pub fn log_count(&self, what: &str) -> usize {
+        std::fs::read_to_string(&self.proc.stderr_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
+    /// Opens a fresh TLS connection to the inbound listener (explicit mode), verifying it presents a
+    /// valid certificate from `root` for `expected`; returns the leaf certificate (DER). Each call
+    /// is a new handshake, so it shows which certificate the sidecar serves right now.
+    pub fn inbound_certificate(
+        &self,
+        root: &std::path::Path,
+        expected: &weft_ca::SpiffeId,
+    ) -> Result<Vec<u8>> {
+        let bundle = weft_ca::tls::TrustBundle::from_pem(&std::fs::read_to_string(root)?)?;
+        let cfg = weft_ca::tls::client_config(
+            None,
+            &bundle,
+            vec![expected.clone()],
+            &[weft_ca::tls::ALPN_H2],
+        )?;
+        let name = rustls::pki_types::ServerName::try_from("inbound.weft")?.to_owned();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+        let mut tcp = std::net::TcpStream::connect(&self.inbound)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)
+                .context("TLS handshake with the inbound listener")?;
+        }
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .context("no peer certificate")?;
+        Ok(leaf.as_ref().to_vec())
     }
 
     /// Runs curl as this sidecar's app would: inside the pod (captured by iptables) in transparent
@@ -607,5 +716,69 @@ impl Sidecar {
         }
         let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
         Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+}
+
+/// gunicorn's default access-log format with ` host=<Host>` appended.
+const ACCESS_LOG_FORMAT: &str =
+    r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" host=%({host}i)s"#;
+
+fn otlp_env(cmd: &mut Command, plane: &ControlPlane) {
+    if let Some(addr) = &plane.otlp {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+    }
+}
+
+/// The `otlp-sink` receiver (Jaeger's stand-in), collecting the spans sidecars export.
+#[derive(Debug)]
+pub struct OtlpSink {
+    proc: Proc,
+    /// Its OTLP/gRPC address.
+    pub grpc: String,
+}
+
+impl OtlpSink {
+    /// Starts it on 127.0.0.1, or inside `host` on its address.
+    pub fn start(dir: &std::path::Path, host: Option<&netns::Host>) -> Result<Self> {
+        let ip = host.map_or("127.0.0.1", |h| h.ip.as_str());
+        let mut cmd = match host {
+            Some(h) => h.command(bin("otlp-sink")),
+            None => Command::new(bin("otlp-sink")),
+        };
+        cmd.args(["--grpc", &format!("{ip}:0"), "--http", &format!("{ip}:0")]);
+        let (proc, addr) = Proc::spawn_listening("otlp-sink", cmd, dir)?;
+        Ok(Self {
+            proc,
+            grpc: addr.to_string(),
+        })
+    }
+
+    /// The spans received so far, as JSON.
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        self.proc
+            .stdout_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (bounded; sidecars batch for up to a second) until the spans satisfy `pred`.
+    pub fn wait(
+        &self,
+        what: &str,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<Vec<serde_json::Value>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.spans();
+            if pred(&spans) {
+                return Ok(spans);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the OTLP sink never saw {what}; spans: {spans:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

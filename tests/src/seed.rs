@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use crate::netns::{Host, Topology};
-use crate::{ControlPlane, Httpbin, Sidecar};
+use crate::{ControlPlane, Httpbin, OtlpSink, Sidecar};
 
 /// The seed's YAML, verbatim.
 pub const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
@@ -26,6 +26,8 @@ pub struct Seed {
     pub sleep: Sidecar,
     /// The httpbin sidecars (v1, v2).
     pub sidecars: Vec<Sidecar>,
+    /// Where every sidecar exports its spans.
+    pub otlp: OtlpSink,
     /// The httpbin pods' namespaces (transparent mode).
     pub hosts: Vec<Host>,
     /// The network (transparent mode).
@@ -37,9 +39,17 @@ pub struct Seed {
 impl Seed {
     /// The pods in explicit mode on 127.0.0.1.
     pub fn explicit(pilot_args: &[&str]) -> Result<Self> {
+        Self::explicit_with(pilot_args, &[])
+    }
+
+    /// Like [`Seed::explicit`], with `sidecar_args` added to every `sidecar run` (e.g.
+    /// `--cert-ttl 4s`).
+    pub fn explicit_with(pilot_args: &[&str], sidecar_args: &[&str]) -> Result<Self> {
         crate::init();
         let dir = tempfile::tempdir()?;
-        let plane = ControlPlane::start(dir.path(), pilot_args)?;
+        let mut plane = ControlPlane::start(dir.path(), pilot_args)?;
+        let otlp = OtlpSink::start(dir.path(), None)?;
+        plane.otlp = Some(otlp.grpc.clone());
         apply(&plane, &format!("{EXAMPLES}/httpbin-service.yaml"))?;
         let v1 = Httpbin::start(dir.path(), "httpbin-v1")?;
         let v2 = Httpbin::start(dir.path(), "httpbin-v2")?;
@@ -49,7 +59,7 @@ impl Seed {
             "httpbin",
             "app=httpbin,version=v1",
             Some(v1.port),
-            &[],
+            sidecar_args,
         )?;
         let s2 = Sidecar::explicit(
             &plane,
@@ -57,15 +67,16 @@ impl Seed {
             "httpbin",
             "app=httpbin,version=v2",
             Some(v2.port),
-            &[],
+            sidecar_args,
         )?;
-        let sleep = Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, &[])?;
+        let sleep = Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, sidecar_args)?;
         let seed = Seed {
             plane,
             v1,
             v2,
             sleep,
             sidecars: vec![s1, s2],
+            otlp,
             hosts: Vec::new(),
             topo: None,
             dir,
@@ -80,7 +91,9 @@ impl Seed {
         let dir = tempfile::tempdir()?;
         let mut topo = Topology::new()?;
         let cp = topo.host("cp")?;
-        let plane = ControlPlane::start_on(dir.path(), Some(&cp), pilot_args)?;
+        let mut plane = ControlPlane::start_on(dir.path(), Some(&cp), pilot_args)?;
+        let otlp = OtlpSink::start(dir.path(), Some(&cp))?;
+        plane.otlp = Some(otlp.grpc.clone());
         apply(&plane, &format!("{EXAMPLES}/httpbin-service.yaml"))?;
         let h1 = topo.host("httpbin-v1")?;
         let h2 = topo.host("httpbin-v2")?;
@@ -110,6 +123,7 @@ impl Seed {
             v2,
             sleep,
             sidecars: vec![s1, s2],
+            otlp,
             hosts: vec![h1, h2],
             topo: Some(topo),
             dir,
@@ -159,6 +173,22 @@ impl Seed {
         self.wait_config(what, |d| {
             pred(&routes(d, "httpbin.default.svc.cluster.local"))
         })
+    }
+
+    /// Waits until httpbin's routes in sleep's config mirror (or, with `want` false, do not mirror).
+    pub fn wait_mirroring(&self, want: bool) -> Result<()> {
+        self.wait_config("mirroring is as wanted", |d| {
+            mirrors(d, "httpbin.default.svc.cluster.local").is_empty() != want
+        })
+    }
+
+    /// A counter from sleep's `/stats/prometheus` (the full sample name with labels).
+    pub fn sleep_stat(&self, sample: &str) -> Result<u64> {
+        let text = self.sleep.stats()?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0))
     }
 
     /// Sends `n` requests for `/headers` from sleep (each must answer 200); returns how many lines
@@ -218,7 +248,25 @@ pub fn routes(dump: &serde_json::Value, hostname: &str) -> Vec<String> {
                 .cloned()
                 .unwrap_or_default()
         })
-        .filter_map(|r| r.as_str().map(str::to_owned))
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Mirror clusters of a Service's first-port routes in a `/config_dump`.
+pub fn mirrors(dump: &serde_json::Value, hostname: &str) -> Vec<String> {
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["hostname"] == hostname)
+        .flat_map(|s| {
+            s["ports"][0]["routes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|r| r["mirrors"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["cluster"].as_str().map(str::to_owned))
         .collect()
 }
 

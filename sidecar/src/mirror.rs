@@ -1,0 +1,327 @@
+//! Traffic mirroring (shadowing), fire and forget.
+//!
+//! A mirrored request is a copy of the primary's finished request head (after route header operations
+//! and trace injection, as Envoy copies it) with `-shadow` appended to the host part of its authority
+//! (`httpbin:8000` → `httpbin-shadow:8000`; a mesh-wide switch turns this off, as Istio 1.28+ does),
+//! `x-envoy-internal: true`, this pod's address appended to `x-forwarded-for`, the same `x-request-id`
+//! and trace id, and a span of its own. Like Envoy's classic shadowing, the copy is sent once the whole
+//! request body has passed through to the primary: the body is teed into a buffer of at most
+//! `max_body` bytes; a larger body is not mirrored (counted), the primary never notices.
+//!
+//! Nothing about a copy can touch the primary: the request path only clones headers, copies body
+//! chunks it forwards anyway, and takes a permit without waiting; copies beyond the in-flight bound
+//! are dropped and counted; the copy's response is read and discarded in its own task, and its
+//! failures are counted, never returned.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::balance;
+use crate::config::{Cluster, Route, TlsMode, shadow_authority};
+use crate::trace::{Hop, Kind, Span, Tracer};
+use crate::upstream::{Body, Upstreams};
+
+/// Default cap on a mirrored request body (Envoy's connection buffer limit).
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Default number of copies in flight per sidecar.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// A copy that takes longer than this is abandoned (Istio leaves mirrors without timeout by default;
+/// a bound keeps a dead mirror target from holding permits forever).
+const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters, for `/stats/prometheus`.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Copies sent and answered (any status).
+    pub sent: AtomicU64,
+    /// Copies that failed (connect, TLS, reset, timeout) or found no endpoint.
+    pub failed: AtomicU64,
+    /// Copies not sent because too many were in flight.
+    pub dropped_busy: AtomicU64,
+    /// Copies not sent because the body exceeded the buffer.
+    pub dropped_too_large: AtomicU64,
+}
+
+/// The mirroring machinery of one sidecar.
+#[derive(Debug)]
+pub struct Mirrors {
+    upstreams: Arc<Upstreams>,
+    permits: Arc<Semaphore>,
+    max_body: usize,
+    /// This pod's IP, appended to `x-forwarded-for` of copies.
+    node_ip: String,
+    /// Counters.
+    pub stats: Arc<MirrorStats>,
+}
+
+/// One copy, ready to go once its body is known.
+#[derive(Debug)]
+pub struct Copy {
+    cluster: Arc<Cluster>,
+    head: http::request::Parts,
+    authority: String,
+    path: String,
+    hop: Hop,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Mirrors {
+    /// Mirroring through `upstreams`, with the given bounds.
+    pub fn new(
+        upstreams: Arc<Upstreams>,
+        node_ip: String,
+        max_body: usize,
+        max_in_flight: usize,
+    ) -> Self {
+        Self {
+            upstreams,
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            max_body,
+            node_ip,
+            stats: Arc::new(MirrorStats::default()),
+        }
+    }
+
+    /// The copies `route` wants for this request (each rolled against its percentage), built from the
+    /// primary's final head. Empty for most requests, so it allocates nothing then.
+    pub fn prepare(
+        &self,
+        route: &Route,
+        head: &http::request::Parts,
+        authority: &str,
+        path: &str,
+        parent: &Hop,
+        shadow_suffix: bool,
+    ) -> Vec<Copy> {
+        let mut copies = Vec::new();
+        for m in &route.mirrors {
+            if !(m.percent >= 100.0 || fastrand::f64() * 100.0 < m.percent) {
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut copy = http::Request::new(());
+            *copy.method_mut() = head.method.clone();
+            *copy.headers_mut() = head.headers.clone();
+            let (mut parts, ()) = copy.into_parts();
+            let hop = parent.child();
+            hop.inject(&mut parts.headers);
+            parts
+                .headers
+                .insert("x-envoy-internal", http::HeaderValue::from_static("true"));
+            let xff = match parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {}", self.node_ip),
+                None => self.node_ip.clone(),
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&xff) {
+                parts.headers.insert("x-forwarded-for", v);
+            }
+            copies.push(Copy {
+                cluster: m.cluster.clone(),
+                head: parts,
+                authority: if shadow_suffix {
+                    shadow_authority(authority)
+                } else {
+                    authority.to_owned()
+                },
+                path: path.to_owned(),
+                hop,
+                permit,
+            });
+        }
+        copies
+    }
+
+    /// Sends `copies` with `body`, each in its own task.
+    pub fn send(&self, copies: Vec<Copy>, body: Bytes, tracer: &Tracer, service: &Arc<str>) {
+        for copy in copies {
+            let upstreams = self.upstreams.clone();
+            let stats = self.stats.clone();
+            let tracer = tracer.clone();
+            let service = service.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let start = SystemTime::now();
+                let name = format!(
+                    "mirror {}:{}/*",
+                    copy.cluster.service_hostname, copy.cluster.port
+                );
+                let status = tokio::time::timeout(COPY_TIMEOUT, send_copy(&upstreams, &copy, body))
+                    .await
+                    .unwrap_or(None);
+                match status {
+                    Some(_) => stats.sent.fetch_add(1, Ordering::Relaxed),
+                    None => stats.failed.fetch_add(1, Ordering::Relaxed),
+                };
+                if tracer.enabled() && copy.hop.sampled {
+                    tracer.record(Span {
+                        hop: copy.hop,
+                        name,
+                        kind: Kind::Client,
+                        service,
+                        start,
+                        end: SystemTime::now(),
+                        status: status.unwrap_or(0),
+                        attributes: vec![
+                            ("weft.mirror", "true".into()),
+                            ("weft.upstream_cluster", copy.cluster.name.clone()),
+                            ("http.request.method", copy.head.method.to_string()),
+                            ("url.path", copy.path.clone()),
+                            ("server.address", copy.authority.clone()),
+                        ],
+                    });
+                }
+                drop(copy.permit);
+            });
+        }
+    }
+
+    /// Wraps the primary's body so that, once it has streamed through in full, the copies are sent
+    /// with the bytes it carried (up to the buffer limit).
+    pub fn tee(&self, body: Body, copies: Vec<Copy>, tracer: &Tracer, service: &Arc<str>) -> Body {
+        let (tx, rx) = oneshot::channel();
+        let this = TeeBody {
+            inner: body,
+            buf: Some(BytesMut::new()),
+            limit: self.max_body,
+            done: Some(tx),
+        };
+        let stats = self.stats.clone();
+        let n = copies.len() as u64;
+        let mirrors = Mirrors {
+            upstreams: self.upstreams.clone(),
+            permits: self.permits.clone(),
+            max_body: self.max_body,
+            node_ip: self.node_ip.clone(),
+            stats: self.stats.clone(),
+        };
+        let tracer = tracer.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(COPY_TIMEOUT, rx).await {
+                Ok(Ok(Some(bytes))) => mirrors.send(copies, bytes, &tracer, &service),
+                // Too large for the buffer.
+                Ok(Ok(None)) => {
+                    stats.dropped_too_large.fetch_add(n, Ordering::Relaxed);
+                }
+                // The primary's body failed, was abandoned, or never finished.
+                _ => {
+                    stats.failed.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        });
+        this.boxed()
+    }
+}
+
+async fn send_copy(upstreams: &Upstreams, copy: &Copy, body: Bytes) -> Option<u16> {
+    let (_, endpoint) = balance::pick(&copy.cluster, None)?;
+    let identity = match copy.cluster.tls {
+        TlsMode::Disable => None,
+        TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
+    };
+    let mut req = http::Request::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *req.method_mut() = copy.head.method.clone();
+    *req.headers_mut() = copy.head.headers.clone();
+    let resp = match identity {
+        Some(id) => {
+            req.headers_mut().remove(http::header::HOST);
+            *req.version_mut() = http::Version::HTTP_2;
+            *req.uri_mut() = format!("http://{}{}", copy.authority, copy.path)
+                .parse()
+                .ok()?;
+            let sender = upstreams
+                .h2_sender(endpoint.dial, id, copy.cluster.connect_timeout)
+                .await
+                .ok()?;
+            Upstreams::send_h2(sender, endpoint.dial, req).await.ok()?
+        }
+        None => {
+            if let Ok(v) = http::HeaderValue::from_str(&copy.authority) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+            *req.uri_mut() = format!("http://{}{}", endpoint.dial, copy.path)
+                .parse()
+                .ok()?;
+            upstreams.send_plain(endpoint.dial, req).await.ok()?
+        }
+    };
+    let status = resp.status().as_u16();
+    // Read and drop the response, so the connection is reusable; its content never matters.
+    let _ = resp.into_body().collect().await;
+    Some(status)
+}
+
+/// Passes a body through unchanged while keeping a copy of up to `limit` bytes; reports the copy
+/// (or `None` if it grew too large) when the body ends.
+struct TeeBody {
+    inner: Body,
+    buf: Option<BytesMut>,
+    limit: usize,
+    done: Option<oneshot::Sender<Option<Bytes>>>,
+}
+
+impl HttpBody for TeeBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(buf)) = (frame.data_ref(), this.buf.as_mut()) {
+                    if buf.len() + data.len() > this.limit {
+                        // Too large: free what we had and stop copying.
+                        this.buf = None;
+                    } else {
+                        buf.extend_from_slice(data);
+                    }
+                }
+                // hyper stops polling once the body says it has ended, without asking for the
+                // final `None`: finish the copy here too.
+                if this.inner.is_end_stream()
+                    && let Some(done) = this.done.take()
+                {
+                    let _ = done.send(this.buf.take().map(BytesMut::freeze));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    let _ = done.send(this.buf.take().map(BytesMut::freeze));
+                }
+            }
+            // An error: drop the sender, the copy is abandoned.
+            Poll::Ready(Some(Err(_))) => {
+                this.done = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,678 @@
+//! Tracing: B3 (and W3C) context in, context out, and spans exported over OTLP.
+//!
+//! Reading (istio-semantics.md §5): the single `b3` header wins over the multi-header form, which wins
+//! over W3C `traceparent`; a context needs both a trace id and a span id; malformed values start a new
+//! trace instead of failing the request. Each sidecar makes its own span whose parent is the caller's
+//! span (Istio's `shared_span_context: false`) and hands the next hop `X-B3-TraceId`, `X-B3-SpanId`,
+//! `X-B3-ParentSpanId`, `X-B3-Sampled` (Envoy's multi-header form) plus `traceparent`.
+//!
+//! Export: weft records finished spans into a bounded queue; one task batches them (512 spans or 1 s)
+//! and sends them to the OTLP endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT` / `..._TRACES_ENDPOINT` over
+//! gRPC or HTTP/protobuf (`OTEL_EXPORTER_OTLP_PROTOCOL`; without it, gRPC when the port is 4317, else
+//! HTTP). A full queue or a dead collector loses spans (counted), never slows a request. This is a
+//! small exporter of our own over the official `opentelemetry-proto` types rather than the OTel SDK:
+//! the request path then pays one channel send per sampled span and nothing else.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1 as otlp;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Spans waiting for export beyond this are dropped (and counted).
+const QUEUE: usize = 4096;
+/// Spans per export request.
+const BATCH: usize = 512;
+/// Longest a span waits in the batch.
+const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+/// A trace context read from a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    /// 128-bit trace id (64-bit B3 ids are zero-padded, as OTel does).
+    pub trace_id: u128,
+    /// The caller's span: our span's parent.
+    pub span_id: u64,
+    /// The caller's sampling decision, if it made one.
+    pub sampled: Option<bool>,
+}
+
+fn hex_u128(s: &str) -> Option<u128> {
+    if (s.len() == 16 || s.len() == 32) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u128::from_str_radix(s, 16).ok().filter(|v| *v != 0)
+    } else {
+        None
+    }
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    if s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(s, 16).ok().filter(|v| *v != 0)
+    } else {
+        None
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+fn sampled_flag(s: &str) -> Option<bool> {
+    match s {
+        "1" | "true" | "d" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Reads the caller's context; `None` (start a new trace) when absent or malformed. A lone sampling
+/// decision (`b3: 0`, `X-B3-Sampled` without ids) is returned as `Err(decision)`.
+pub fn extract(h: &HeaderMap) -> Result<Context, Option<bool>> {
+    if let Some(b3) = header(h, "b3") {
+        let mut parts = b3.split('-');
+        let first = parts.next().unwrap_or_default();
+        if let (Some(trace_id), Some(span)) = (hex_u128(first), parts.next()) {
+            if let Some(span_id) = hex_u64(span) {
+                let sampled = parts.next().and_then(sampled_flag);
+                return Ok(Context {
+                    trace_id,
+                    span_id,
+                    sampled,
+                });
+            }
+            return Err(None);
+        }
+        // `b3: 0` / `b3: 1` / `b3: d`: a decision only.
+        return Err(sampled_flag(first));
+    }
+    let sampled = header(h, "x-b3-sampled")
+        .and_then(sampled_flag)
+        .or_else(|| (header(h, "x-b3-flags") == Some("1")).then_some(true));
+    match (header(h, "x-b3-traceid"), header(h, "x-b3-spanid")) {
+        (Some(t), Some(s)) => {
+            return match (hex_u128(t), hex_u64(s)) {
+                (Some(trace_id), Some(span_id)) => Ok(Context {
+                    trace_id,
+                    span_id,
+                    sampled,
+                }),
+                _ => Err(sampled),
+            };
+        }
+        (Some(_), None) | (None, Some(_)) => return Err(sampled),
+        (None, None) if sampled.is_some() => return Err(sampled),
+        (None, None) => {}
+    }
+    if let Some(tp) = header(h, "traceparent") {
+        let f: Vec<&str> = tp.split('-').collect();
+        if let [version, trace, span, flags] = f.as_slice()
+            && version.len() == 2
+            && *version != "ff"
+            && trace.len() == 32
+            && let (Some(trace_id), Some(span_id)) = (hex_u128(trace), hex_u64(span))
+            && let Ok(flags) = u8::from_str_radix(flags, 16)
+        {
+            return Ok(Context {
+                trace_id,
+                span_id,
+                sampled: Some(flags & 1 == 1),
+            });
+        }
+    }
+    Err(None)
+}
+
+/// A random non-zero span id.
+pub fn new_span_id() -> u64 {
+    fastrand::u64(1..)
+}
+
+/// A random non-zero 128-bit trace id.
+pub fn new_trace_id() -> u128 {
+    (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(1..))
+}
+
+/// The span this hop creates, and what it tells the next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// Trace id.
+    pub trace_id: u128,
+    /// This hop's span id.
+    pub span_id: u64,
+    /// The caller's span id.
+    pub parent: Option<u64>,
+    /// Whether the trace is sampled.
+    pub sampled: bool,
+}
+
+impl Hop {
+    /// Continues the caller's trace, or starts one (sampled with `sampling_percent`).
+    pub fn from_request(h: &HeaderMap, sampling_percent: f64) -> Self {
+        let roll = || sampling_percent >= 100.0 || fastrand::f64() * 100.0 < sampling_percent;
+        match extract(h) {
+            Ok(ctx) => Hop {
+                trace_id: ctx.trace_id,
+                span_id: new_span_id(),
+                parent: Some(ctx.span_id),
+                sampled: ctx.sampled.unwrap_or_else(roll),
+            },
+            Err(decision) => Hop {
+                trace_id: new_trace_id(),
+                span_id: new_span_id(),
+                parent: None,
+                sampled: decision.unwrap_or_else(roll),
+            },
+        }
+    }
+
+    /// A child span of this one in the same trace (e.g. the mirror copy).
+    pub fn child(&self) -> Self {
+        Hop {
+            trace_id: self.trace_id,
+            span_id: new_span_id(),
+            parent: Some(self.span_id),
+            sampled: self.sampled,
+        }
+    }
+
+    /// Writes this span as the context of the next hop: B3 multi-header (as Envoy) and `traceparent`;
+    /// the single `b3` header is removed so the next hop cannot read a stale one first.
+    pub fn inject(&self, h: &mut HeaderMap) {
+        let put = |h: &mut HeaderMap, name: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(name, v);
+            }
+        };
+        h.remove("b3");
+        put(h, "x-b3-traceid", format!("{:032x}", self.trace_id));
+        put(h, "x-b3-spanid", format!("{:016x}", self.span_id));
+        match self.parent {
+            Some(p) => put(h, "x-b3-parentspanid", format!("{p:016x}")),
+            None => {
+                h.remove("x-b3-parentspanid");
+            }
+        }
+        h.insert(
+            "x-b3-sampled",
+            HeaderValue::from_static(if self.sampled { "1" } else { "0" }),
+        );
+        put(
+            h,
+            "traceparent",
+            format!(
+                "00-{:032x}-{:016x}-{}",
+                self.trace_id,
+                self.span_id,
+                if self.sampled { "01" } else { "00" }
+            ),
+        );
+    }
+}
+
+/// Sets `x-request-id` (a UUIDv4) when the request has none; returns it.
+pub fn ensure_request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
+    if let Some(v) = h.get("x-request-id") {
+        return Some(v.clone());
+    }
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let id = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    );
+    let v = HeaderValue::from_str(&id).ok()?;
+    h.insert("x-request-id", v.clone());
+    Some(v)
+}
+
+/// Client or server side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Outbound.
+    Client,
+    /// Inbound.
+    Server,
+}
+
+/// A finished span.
+#[derive(Debug, Clone)]
+pub struct Span {
+    /// Identity within the trace.
+    pub hop: Hop,
+    /// Operation name (`httpbin.default.svc.cluster.local:8000/*`, as Istio names it).
+    pub name: String,
+    /// Client or server.
+    pub kind: Kind,
+    /// `service.name` of the emitting workload.
+    pub service: Arc<str>,
+    /// Start time.
+    pub start: SystemTime,
+    /// End time.
+    pub end: SystemTime,
+    /// HTTP status (0 = no response).
+    pub status: u16,
+    /// Attributes (OTel HTTP semantic conventions plus `weft.*`).
+    pub attributes: Vec<(&'static str, String)>,
+}
+
+/// Export statistics.
+#[derive(Debug, Default)]
+pub struct TraceStats {
+    /// Spans sent to the collector.
+    pub exported: AtomicU64,
+    /// Spans lost (queue full, or the collector failed).
+    pub dropped: AtomicU64,
+}
+
+/// Records spans for export.
+#[derive(Debug, Clone)]
+pub struct Tracer {
+    tx: Option<mpsc::Sender<Span>>,
+    /// Counters.
+    pub stats: Arc<TraceStats>,
+}
+
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// OTLP/gRPC: the collector's base URL.
+    Grpc(String),
+    /// OTLP/HTTP protobuf: the full traces URL.
+    Http(String),
+}
+
+impl Endpoint {
+    /// From the standard OTel environment variables; `None` when tracing export is not configured.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let (url, full) = match get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            Some(u) => (u, true),
+            None => (get("OTEL_EXPORTER_OTLP_ENDPOINT")?, false),
+        };
+        let url = url.trim().trim_end_matches('/').to_owned();
+        if url.is_empty() {
+            return None;
+        }
+        let grpc = match protocol.as_deref() {
+            Some("grpc") => true,
+            Some(_) => false,
+            None => url.ends_with(":4317"),
+        };
+        Some(if grpc {
+            Endpoint::Grpc(url)
+        } else if full {
+            Endpoint::Http(url)
+        } else {
+            Endpoint::Http(format!("{url}/v1/traces"))
+        })
+    }
+}
+
+impl Tracer {
+    /// A tracer that records nothing (no endpoint configured).
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            stats: Arc::new(TraceStats::default()),
+        }
+    }
+
+    /// Starts the export task for `endpoint`; `resource` attributes describe this workload.
+    pub fn start(
+        endpoint: Endpoint,
+        resource: Vec<(&'static str, String)>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(TraceStats::default());
+        tokio::spawn(export_loop(endpoint, resource, rx, stats.clone(), shutdown));
+        Self {
+            tx: Some(tx),
+            stats,
+        }
+    }
+
+    /// Whether spans go anywhere (callers skip building them otherwise).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues a finished span; never waits.
+    pub fn record(&self, span: Span) {
+        if let Some(tx) = &self.tx
+            && tx.try_send(span).is_err()
+        {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn kv(key: &str, value: String) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn to_otlp(span: Span) -> otlp::Span {
+    let mut attributes: Vec<KeyValue> =
+        span.attributes.into_iter().map(|(k, v)| kv(k, v)).collect();
+    if span.status != 0 {
+        attributes.push(KeyValue {
+            key: "http.response.status_code".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(i64::from(span.status))),
+            }),
+            ..Default::default()
+        });
+    }
+    // OTel HTTP conventions: 5xx (or no response) is an error on both sides.
+    let error = span.status == 0 || span.status >= 500;
+    otlp::Span {
+        trace_id: span.hop.trace_id.to_be_bytes().to_vec(),
+        span_id: span.hop.span_id.to_be_bytes().to_vec(),
+        parent_span_id: span
+            .hop
+            .parent
+            .map(|p| p.to_be_bytes().to_vec())
+            .unwrap_or_default(),
+        name: span.name,
+        kind: match span.kind {
+            Kind::Client => otlp::span::SpanKind::Client as i32,
+            Kind::Server => otlp::span::SpanKind::Server as i32,
+        },
+        start_time_unix_nano: nanos(span.start),
+        end_time_unix_nano: nanos(span.end),
+        attributes,
+        status: Some(otlp::Status {
+            code: if error {
+                otlp::status::StatusCode::Error as i32
+            } else {
+                otlp::status::StatusCode::Unset as i32
+            },
+            message: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Groups a batch by `service.name` into one export request.
+fn request(batch: Vec<Span>, resource: &[(&'static str, String)]) -> ExportTraceServiceRequest {
+    let mut by_service: std::collections::BTreeMap<Arc<str>, Vec<otlp::Span>> = Default::default();
+    for span in batch {
+        by_service
+            .entry(span.service.clone())
+            .or_default()
+            .push(to_otlp(span));
+    }
+    ExportTraceServiceRequest {
+        resource_spans: by_service
+            .into_iter()
+            .map(|(service, spans)| {
+                let mut attributes = vec![kv("service.name", service.to_string())];
+                attributes.extend(resource.iter().map(|(k, v)| kv(k, v.clone())));
+                otlp::ResourceSpans {
+                    resource: Some(Resource {
+                        attributes,
+                        ..Default::default()
+                    }),
+                    scope_spans: vec![otlp::ScopeSpans {
+                        scope: Some(InstrumentationScope {
+                            name: "weft-sidecar".into(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            ..Default::default()
+                        }),
+                        spans,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }
+            })
+            .collect(),
+    }
+}
+
+async fn export_loop(
+    endpoint: Endpoint,
+    resource: Vec<(&'static str, String)>,
+    mut rx: mpsc::Receiver<Span>,
+    stats: Arc<TraceStats>,
+    shutdown: CancellationToken,
+) {
+    let grpc = match &endpoint {
+        Endpoint::Grpc(url) => tonic::transport::Endpoint::from_shared(url.clone())
+            .ok()
+            .map(|e| {
+                TraceServiceClient::new(e.connect_timeout(Duration::from_secs(2)).connect_lazy())
+            }),
+        Endpoint::Http(_) => None,
+    };
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let mut done = false;
+    while !done {
+        let mut batch = Vec::with_capacity(BATCH);
+        let deadline = tokio::time::sleep(BATCH_DELAY);
+        tokio::pin!(deadline);
+        while batch.len() < BATCH {
+            tokio::select! {
+                span = rx.recv() => match span {
+                    Some(s) => batch.push(s),
+                    None => { done = true; break; }
+                },
+                () = &mut deadline => break,
+                () = shutdown.cancelled() => {
+                    // Flush what is queued, then stop.
+                    while let Ok(s) = rx.try_recv() {
+                        batch.push(s);
+                    }
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let n = batch.len() as u64;
+        let req = request(batch, &resource);
+        let sent = tokio::time::timeout(Duration::from_secs(5), async {
+            match (&endpoint, &grpc) {
+                (Endpoint::Grpc(_), Some(client)) => client.clone().export(req).await.is_ok(),
+                (Endpoint::Http(url), _) => {
+                    let body = prost::Message::encode_to_vec(&req);
+                    let Ok(r) = http::Request::post(url.as_str())
+                        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                        .body(http_body_util::Full::new(Bytes::from(body)))
+                    else {
+                        return false;
+                    };
+                    matches!(http.request(r).await, Ok(resp) if resp.status().is_success())
+                }
+                _ => false,
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if sent {
+            stats.exported.fetch_add(n, Ordering::Relaxed);
+        } else {
+            stats.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(spans = n, "span export failed; spans dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    const T: &str = "463ac35c9f6413ad48485a3953bb6124";
+
+    #[test]
+    fn reads_b3_single_multi_and_traceparent_with_precedence() {
+        let multi = headers(&[
+            ("x-b3-traceid", T),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let ctx = extract(&multi).unwrap();
+        assert_eq!(ctx.trace_id, u128::from_str_radix(T, 16).unwrap());
+        assert_eq!(ctx.span_id, 0xa2fb4a1d1a96d312);
+        assert_eq!(ctx.sampled, Some(true));
+
+        // Single wins over multi.
+        let both = headers(&[
+            (
+                "b3",
+                "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0-05e3ac9a4f6e3b90",
+            ),
+            ("x-b3-traceid", T),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ]);
+        let ctx = extract(&both).unwrap();
+        assert_eq!(ctx.span_id, 0xe457b5a2e4d86bd1);
+        assert_eq!(ctx.sampled, Some(false));
+
+        // 64-bit ids are padded.
+        let short = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "463ac35c9f6413ad"),
+        ]);
+        assert_eq!(extract(&short).unwrap().trace_id, 0x463ac35c9f6413ad);
+
+        let tp = headers(&[(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )]);
+        let ctx = extract(&tp).unwrap();
+        assert_eq!(ctx.span_id, 0xb7ad6b7169203331);
+        assert_eq!(ctx.sampled, Some(true));
+    }
+
+    #[test]
+    fn malformed_context_starts_a_new_trace_keeping_a_decision() {
+        for bad in [
+            headers(&[("x-b3-traceid", "xyz"), ("x-b3-spanid", "a2fb4a1d1a96d312")]),
+            headers(&[("x-b3-traceid", T)]),
+            headers(&[("b3", "nonsense-value")]),
+            headers(&[(
+                "traceparent",
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            )]),
+            headers(&[("x-b3-traceid", T), ("x-b3-spanid", "-")]),
+        ] {
+            assert!(extract(&bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(extract(&headers(&[("b3", "0")])), Err(Some(false)));
+        let hop = Hop::from_request(&headers(&[("b3", "0")]), 100.0);
+        assert!(!hop.sampled && hop.parent.is_none());
+    }
+
+    #[test]
+    fn injects_envoy_style_multi_header_and_traceparent() {
+        let incoming = headers(&[("b3", &format!("{T}-a2fb4a1d1a96d312-1"))]);
+        let hop = Hop::from_request(&incoming, 0.0);
+        assert_eq!(hop.parent, Some(0xa2fb4a1d1a96d312));
+        assert!(
+            hop.sampled,
+            "the caller's decision wins over local sampling"
+        );
+        let mut out = incoming.clone();
+        hop.inject(&mut out);
+        assert!(out.get("b3").is_none());
+        assert_eq!(out["x-b3-traceid"], T);
+        assert_eq!(out["x-b3-spanid"], format!("{:016x}", hop.span_id).as_str());
+        assert_eq!(out["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_eq!(out["x-b3-sampled"], "1");
+        assert_eq!(
+            out["traceparent"],
+            format!("00-{T}-{:016x}-01", hop.span_id).as_str()
+        );
+        // The next hop reads exactly what we meant.
+        let next = extract(&out).unwrap();
+        assert_eq!((next.trace_id, next.span_id), (hop.trace_id, hop.span_id));
+        let child = hop.child();
+        assert_eq!(
+            (child.trace_id, child.parent),
+            (hop.trace_id, Some(hop.span_id))
+        );
+    }
+
+    #[test]
+    fn request_ids_are_uuids_and_kept_when_present() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h).unwrap();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert_eq!(ensure_request_id(&mut h).unwrap(), id);
+    }
+
+    #[test]
+    fn endpoint_from_the_otel_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(Endpoint::from_env(env(&[])), None);
+        assert_eq!(
+            Endpoint::from_env(env(&[(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://jaeger:4317"
+            )])),
+            Some(Endpoint::Grpc("http://jaeger:4317".into()))
+        );
+        assert_eq!(
+            Endpoint::from_env(env(&[(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://jaeger:4318/"
+            )])),
+            Some(Endpoint::Http("http://jaeger:4318/v1/traces".into()))
+        );
+        assert_eq!(
+            Endpoint::from_env(env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:9999"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            ])),
+            Some(Endpoint::Grpc("http://c:9999".into()))
+        );
+    }
+}

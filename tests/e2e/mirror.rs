@@ -1,0 +1,302 @@
+//! Mirroring and tracing, the two behaviours of the seed task, through real sidecars and httpbin
+//! (explicit mode, no root needed), with spans collected by the `otlp-sink` receiver.
+
+use std::time::{Duration, Instant};
+
+use weft_tests::seed::{Seed, has_vs_route};
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Waits (bounded) until v2's access log has grown to `n` lines.
+fn wait_v2_lines(m: &Seed, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = m.v2.log_lines();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
+    let m = Seed::explicit(&[]).unwrap();
+    m.apply("all-v1.yaml").unwrap();
+    m.wait_routes("all-to-v1", has_vs_route).unwrap();
+    assert_eq!(
+        m.send(3, &[]).unwrap(),
+        (3, 0),
+        "before the mirror rule v2 sees nothing"
+    );
+
+    m.apply("mirror-v2.yaml").unwrap();
+    m.wait_mirroring(true).unwrap();
+    let v1_before = m.v1.log_lines().len();
+    let v2_before = m.v2.log_lines().len();
+    let (code, body) = m.sleep.curl("http://httpbin:8000/headers", &[]).unwrap();
+    assert_eq!(code, 200);
+
+    // The caller got v1's answer; v1 and v2 both logged the request, v2's with the shadow host.
+    let v1_lines = m.v1.log_lines();
+    assert_eq!(v1_lines.len(), v1_before + 1);
+    assert!(
+        v1_lines.last().unwrap().ends_with("host=httpbin:8000"),
+        "{v1_lines:?}"
+    );
+    let v2_lines = wait_v2_lines(&m, v2_before + 1);
+    assert_eq!(v2_lines.len(), v2_before + 1, "the mirror never reached v2");
+    let shadow = v2_lines.last().unwrap();
+    assert!(shadow.contains("\"GET /headers HTTP/1.1\" 200"), "{shadow}");
+    assert!(shadow.ends_with("host=httpbin-shadow:8000"), "{shadow}");
+
+    // B3 as the app sees it, and the spans that make up the trace.
+    let h = json(&body)["headers"].clone();
+    let trace_id = h["X-B3-Traceid"].as_str().unwrap().to_owned();
+    let server_span = h["X-B3-Spanid"].as_str().unwrap().to_owned();
+    let client_span = h["X-B3-Parentspanid"].as_str().unwrap().to_owned();
+    assert_eq!(trace_id.len(), 32, "128-bit trace ids: {h}");
+    assert_eq!(h["X-B3-Sampled"], "1");
+    // httpbin hides X-Request-Id and X-Forwarded-For unless asked to show them.
+    let (_, env) = m
+        .sleep
+        .curl("http://httpbin:8000/headers?show_env=1", &[])
+        .unwrap();
+    let env = json(&env)["headers"].clone();
+    assert!(
+        env["X-Request-Id"].as_str().is_some_and(|r| r.len() == 36),
+        "{env}"
+    );
+    let spans = m
+        .otlp
+        .wait(
+            "client, server, mirror and shadow-server spans of the trace",
+            |spans| {
+                spans
+                    .iter()
+                    .filter(|s| s["trace_id"] == trace_id.as_str())
+                    .count()
+                    >= 4
+            },
+        )
+        .unwrap();
+    let of_trace: Vec<&serde_json::Value> = spans
+        .iter()
+        .filter(|s| s["trace_id"] == trace_id.as_str())
+        .collect();
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        of_trace
+            .iter()
+            .find(|s| pred(s))
+            .copied()
+            .unwrap_or_else(|| panic!("span missing in {of_trace:#?}"))
+    };
+    let client = find(&|s| s["span_id"] == client_span.as_str());
+    assert_eq!(
+        (client["kind"].as_str(), client["service"].as_str()),
+        (Some("client"), Some("sleep"))
+    );
+    assert_eq!(client["name"], "httpbin.default.svc.cluster.local:8000/*");
+    assert_eq!(client["attributes"]["http.response.status_code"], 200);
+    let server = find(&|s| s["span_id"] == server_span.as_str());
+    assert_eq!(
+        (server["kind"].as_str(), server["service"].as_str()),
+        (Some("server"), Some("httpbin"))
+    );
+    assert_eq!(
+        server["parent_span_id"],
+        client_span.as_str(),
+        "server span's parent is the client span"
+    );
+    assert_eq!(
+        server["attributes"]["weft.peer.identity"],
+        "spiffe://cluster.local/ns/default/sa/sleep"
+    );
+    let mirror = find(&|s| s["attributes"]["weft.mirror"] == "true");
+    assert_eq!(
+        mirror["parent_span_id"],
+        client_span.as_str(),
+        "the mirror is a child of the client span"
+    );
+    assert_eq!(
+        mirror["attributes"]["server.address"],
+        "httpbin-shadow:8000"
+    );
+    let shadow_server =
+        find(&|s| s["kind"] == "server" && s["parent_span_id"] == mirror["span_id"]);
+    assert_eq!(
+        shadow_server["attributes"]["server.address"],
+        "httpbin-shadow:8000"
+    );
+    // Two requests were mirrored: /headers and /headers?show_env=1 (counted once answered).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m
+        .sleep_stat("weft_mirror_requests_total{result=\"sent\"}")
+        .unwrap()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "mirror copies were not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        m.sleep_stat("weft_mirror_requests_total{result=\"sent\"}")
+            .unwrap(),
+        2
+    );
+
+    // Cleanup: no more mirroring.
+    let (ok, _, err) = m.plane.pilot_cmd(&["delete", "vs", "httpbin"]).unwrap();
+    assert!(ok, "{err}");
+    m.wait_mirroring(false).unwrap();
+}
+
+#[test]
+fn incoming_b3_and_traceparent_are_continued() {
+    let m = Seed::explicit(&[]).unwrap();
+    let trace = "463ac35c9f6413ad48485a3953bb6124";
+    for (what, header) in [
+        ("single b3", format!("b3: {trace}-a2fb4a1d1a96d312-1")),
+        ("multi", format!("X-B3-TraceId: {trace}")),
+        (
+            "traceparent",
+            format!("traceparent: 00-{trace}-b7ad6b7169203331-01"),
+        ),
+    ] {
+        let mut extra = vec!["-H", header.as_str()];
+        if what == "multi" {
+            extra.extend([
+                "-H",
+                "X-B3-SpanId: a2fb4a1d1a96d312",
+                "-H",
+                "X-B3-Sampled: 1",
+            ]);
+        }
+        let (code, body) = m.sleep.curl("http://httpbin:8000/headers", &extra).unwrap();
+        assert_eq!(code, 200, "{what}");
+        let h = json(&body)["headers"].clone();
+        assert_eq!(h["X-B3-Traceid"], trace, "{what}: {h}");
+    }
+    // A malformed context starts a new trace instead of failing.
+    let (code, body) = m
+        .sleep
+        .curl(
+            "http://httpbin:8000/headers",
+            &["-H", "X-B3-TraceId: zzz", "-H", "X-B3-SpanId: -"],
+        )
+        .unwrap();
+    assert_eq!(code, 200);
+    let h = json(&body)["headers"].clone();
+    assert_ne!(h["X-B3-Traceid"], "zzz");
+    assert_eq!(h["X-B3-Traceid"].as_str().map(str::len), Some(32));
+}
+
+const MIRROR_50: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: httpbin\nspec:\n  hosts:\n  - httpbin\n  http:\n  - route:\n    - destination:\n        host: httpbin\n        subset: v1\n    mirror:\n      host: httpbin\n      subset: v2\n    mirrorPercentage:\n      value: PCT\n";
+
+#[test]
+fn mirror_percentage_is_honoured() {
+    let m = Seed::explicit(&[]).unwrap();
+    m.apply("all-v1.yaml").unwrap();
+    m.wait_routes("all-to-v1", has_vs_route).unwrap();
+    for (pct, range) in [(0.0, 0..=0), (50.0, 30..=70), (100.0, 100..=100)] {
+        m.apply_yaml("pct.yaml", &MIRROR_50.replace("PCT", &pct.to_string()))
+            .unwrap();
+        if pct == 0.0 {
+            // A 0% mirror is no mirror at all.
+            m.wait_mirroring(false).unwrap();
+        } else {
+            m.wait_config("the percentage is in", |d| {
+                d.to_string().contains(&format!("\"percent\":{pct:.1}"))
+            })
+            .unwrap();
+        }
+        let before = m.v2.log_lines().len();
+        assert_eq!(m.send(100, &[]).unwrap().0, 100, "every primary goes to v1");
+        let copies = if *range.end() == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            m.v2.log_lines().len() - before
+        } else {
+            wait_v2_lines(&m, before + range.start()).len() - before
+        };
+        assert!(
+            range.contains(&copies),
+            "mirrorPercentage {pct}: {copies} of 100 copies"
+        );
+    }
+}
+
+#[test]
+fn a_failing_slow_or_oversized_mirror_never_touches_the_primary() {
+    let mut m = Seed::explicit(&[]).unwrap();
+    m.apply("all-v1.yaml").unwrap();
+    m.apply("mirror-v2.yaml").unwrap();
+    m.wait_mirroring(true).unwrap();
+
+    // A body over the 1 MiB mirror buffer: the primary succeeds, the copy is dropped and counted.
+    let big = m.dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'x'; 2 * 1024 * 1024]).unwrap();
+    let v2_before = m.v2.log_lines().len();
+    let (code, _) = m
+        .sleep
+        .curl(
+            "http://httpbin:8000/post",
+            &[
+                "--data-binary",
+                &format!("@{}", big.display()),
+                "-o",
+                "/dev/null",
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        m.sleep_stat("weft_mirror_requests_total{result=\"dropped_too_large\"}")
+            .unwrap(),
+        1
+    );
+    // A small body is mirrored whole.
+    let (code, _) = m
+        .sleep
+        .curl("http://httpbin:8000/post", &["--data", "hello=mirror"])
+        .unwrap();
+    assert_eq!(code, 200);
+    let lines = wait_v2_lines(&m, v2_before + 1);
+    assert_eq!(
+        lines.len(),
+        v2_before + 1,
+        "only the small POST was mirrored: {lines:?}"
+    );
+    assert!(lines.last().unwrap().contains("POST /post"), "{lines:?}");
+
+    // A slow mirror target (v2's gunicorn stopped: connections hang): primaries stay fast.
+    let v2_pid = m.v2.proc.id().to_string();
+    weft_tests::run(std::process::Command::new("kill").args(["-STOP", &v2_pid])).unwrap();
+    let started = Instant::now();
+    assert_eq!(m.send(5, &[]).unwrap().0, 5);
+    let took = started.elapsed();
+    weft_tests::run(std::process::Command::new("kill").args(["-CONT", &v2_pid])).unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "5 primaries took {took:?} behind a hanging mirror"
+    );
+
+    // A dead mirror target (v2's sidecar gone): primaries unaffected, failures counted.
+    let failed_before = m
+        .sleep_stat("weft_mirror_requests_total{result=\"failed\"}")
+        .unwrap();
+    m.sidecars[1].proc.kill().unwrap();
+    assert_eq!(m.send(5, &[]).unwrap(), (5, 0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m
+        .sleep_stat("weft_mirror_requests_total{result=\"failed\"}")
+        .unwrap()
+        < failed_before + 5
+    {
+        assert!(
+            Instant::now() < deadline,
+            "mirror failures were not counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
