@@ -30,6 +30,8 @@ pub struct Admin {
     pub mirror: Arc<crate::mirror::MirrorStats>,
     /// Span export counters.
     pub trace: Arc<crate::trace::TraceStats>,
+    /// Istio metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl Admin {
@@ -153,6 +155,7 @@ impl Admin {
             t.dropped.load(Ordering::Relaxed),
         );
         out.push_str(&self.control_stats());
+        out.push_str(&self.metrics.render());
         out
     }
 

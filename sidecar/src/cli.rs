@@ -40,6 +40,17 @@ pub enum ModeArg {
     Explicit,
 }
 
+/// Access-log flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AccessLogArg {
+    /// Envoy's default text format.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// No access log.
+    Off,
+}
+
 /// `sidecar run` flags (each also read from an environment variable, for the Kubernetes downward API).
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -100,6 +111,9 @@ pub struct RunArgs {
     /// Largest request body copied to mirrors (bytes); larger bodies are not mirrored (counted).
     #[arg(long, default_value_t = crate::mirror::DEFAULT_MAX_BODY, env = "WEFT_MIRROR_MAX_BODY")]
     pub mirror_max_body: usize,
+    /// Access log on stdout, one line per request: text (Envoy's default format), json, or off.
+    #[arg(long, value_enum, default_value = "text", env = "WEFT_ACCESS_LOG")]
+    pub access_log: AccessLogArg,
     /// Kubelet readiness port serving /healthz/ready on --bind (Istio's 15021); 0 turns it off.
     #[arg(long, default_value_t = 15021, env = "WEFT_STATUS_PORT")]
     pub status_port: u16,
@@ -202,6 +216,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 dns_port: args.dns_port,
                 mirror_max_body: args.mirror_max_body,
                 status_port: args.status_port,
+                access_log: match args.access_log {
+                    AccessLogArg::Text => crate::telemetry::AccessLog::Text,
+                    AccessLogArg::Json => crate::telemetry::AccessLog::Json,
+                    AccessLogArg::Off => crate::telemetry::AccessLog::Off,
+                },
                 dns_upstream: args.dns_upstream,
                 app_port: args.app_port,
                 cert_ttl: args.cert_ttl,

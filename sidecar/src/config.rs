@@ -113,6 +113,8 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     /// Ports with their routes.
     pub ports: Vec<ServicePort>,
+    /// Istio `destination_service*` metric labels.
+    pub metric_labels: Arc<str>,
 }
 
 /// One port of a Service, with its routes (first match wins).
@@ -332,6 +334,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Round-robin cursor.
     pub cursor: AtomicUsize,
+    /// Istio `destination_service*` metric labels.
+    pub metric_labels: Arc<str>,
 }
 
 /// One endpoint of a cluster.
@@ -347,6 +351,8 @@ pub struct Endpoint {
     pub workload: String,
     /// Requests in flight, for LEAST_REQUEST.
     pub in_flight: AtomicU32,
+    /// Istio `destination_*` metric labels of this endpoint, built once per push.
+    pub metric_labels: Arc<str>,
 }
 
 /// Load-balancing policy.
@@ -569,6 +575,7 @@ impl RouteTable {
                 by_host.insert(alias.to_ascii_lowercase(), si);
             }
             services.push(Service {
+                metric_labels: crate::telemetry::service_labels(&s.hostname),
                 hostname: s.hostname,
                 vip,
                 ports,
@@ -645,12 +652,26 @@ fn convert_cluster(c: pb::Cluster) -> Result<Cluster, InvalidConfig> {
                 })?,
             )
         };
+        let (ns, pod) = e
+            .workload
+            .split_once('/')
+            .unwrap_or(("", e.workload.as_str()));
+        let label = |k: &str| e.labels.get(k).map(String::as_str).unwrap_or_default();
+        let metric_labels = crate::telemetry::workload_labels(
+            "destination",
+            pod,
+            ns,
+            identity.as_ref().map(SpiffeId::as_str).unwrap_or_default(),
+            label("app"),
+            label("version"),
+        );
         endpoints.push(Endpoint {
             dial: SocketAddr::new(ip, dial_port),
             app_port: u16::try_from(e.port).unwrap_or(dial_port),
             identity,
             workload: e.workload,
             in_flight: AtomicU32::new(0),
+            metric_labels,
         });
     }
     let lb = match pb::LbPolicy::try_from(c.lb_policy) {
@@ -672,6 +693,7 @@ fn convert_cluster(c: pb::Cluster) -> Result<Cluster, InvalidConfig> {
         .map_or(Duration::from_secs(10), Duration::from_millis);
     Ok(Cluster {
         port: u16::try_from(c.port).unwrap_or(0),
+        metric_labels: crate::telemetry::service_labels(&c.service_hostname),
         name: c.name,
         service_hostname: c.service_hostname,
         subset: c.subset,

@@ -58,6 +58,22 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// Envoy's response flag for this failure, for access logs.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ProxyError::NoService(_) | ProxyError::NoRoute => "NR",
+            ProxyError::NoConfig => "NC",
+            ProxyError::NoEndpoint(_) => "UH",
+            ProxyError::Connect(_) => "UF",
+            ProxyError::Timeout(_) => "UT",
+            ProxyError::BadRequest(_) => "DPE",
+            ProxyError::FaultAbort(_) => "FI",
+            ProxyError::Loop => "-",
+        }
+    }
+}
+
 /// Turns an error into the response the caller gets.
 pub fn rescue(err: &ProxyError) -> http::Response<Body> {
     let status = err.status();

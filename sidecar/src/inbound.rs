@@ -25,6 +25,9 @@ use weft_ca::SpiffeId;
 use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
 use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::telemetry::{
+    AccessLog, Counted, LogEntry, Metrics, Reporter, RequestMetric, content_length, workload_labels,
+};
 use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::Body;
 
@@ -53,6 +56,19 @@ pub struct InboundTls {
     pub permissive: Arc<ServerConfig>,
 }
 
+/// What the inbound side reports through.
+#[derive(Debug, Clone)]
+pub struct InboundTelemetry {
+    /// Span export.
+    pub tracer: Tracer,
+    /// Fallback `service.name` (the pod name).
+    pub pod_name: Arc<str>,
+    /// Istio metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access-log format.
+    pub access_log: AccessLog,
+}
+
 /// Shared state of the inbound side.
 pub struct Inbound {
     /// Current config (for the PeerAuthentication mode).
@@ -65,10 +81,10 @@ pub struct Inbound {
     pub identity: SpiffeId,
     /// The proxy's own ports: a connection aimed at them is a loop.
     pub own_ports: Vec<u16>,
-    /// Span export.
-    pub tracer: Tracer,
-    /// Fallback `service.name` (the pod name).
-    pub pod_name: Arc<str>,
+    /// Spans, metrics and access log.
+    pub telemetry: InboundTelemetry,
+    unknown_source: Arc<str>,
+    unknown_service: Arc<str>,
     app: Client<HttpConnector, Body>,
 }
 
@@ -89,8 +105,7 @@ impl Inbound {
         target: AppTarget,
         identity: SpiffeId,
         own_ports: Vec<u16>,
-        tracer: Tracer,
-        pod_name: Arc<str>,
+        telemetry: InboundTelemetry,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -104,8 +119,9 @@ impl Inbound {
             target,
             identity,
             own_ports,
-            tracer,
-            pod_name,
+            telemetry,
+            unknown_source: workload_labels("source", "", "", "", "", ""),
+            unknown_service: crate::telemetry::service_labels(""),
             app,
         }
     }
@@ -162,6 +178,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         } else {
             inbound.tls.permissive.clone()
         };
+        let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         let tls = tokio::time::timeout(
             FIRST_BYTES_TIMEOUT,
             tokio_rustls::TlsAcceptor::from(config).accept(tcp),
@@ -187,6 +204,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 .await;
             return Err(format!("refused: {reason}"));
         }
+        let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         serve_http(TokioIo::new(tcp), inbound, app_port, None, peer).await
     }
 }
@@ -201,14 +219,20 @@ async fn serve_http<IO>(
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    // The caller's metric labels, once per connection: its identity comes from the handshake.
+    let source = match &caller {
+        Some(id) => workload_labels("source", "", id.namespace(), id.as_str(), "", ""),
+        None => inbound.unknown_source.clone(),
+    };
     let caller = caller.map(Arc::new);
     let svc = hyper::service::service_fn(move |req| {
         let inbound = inbound.clone();
         let caller = caller.clone();
+        let source = source.clone();
         async move {
             Ok::<_, std::convert::Infallible>(
                 match inbound
-                    .forward(req, app_port, caller.as_deref(), peer)
+                    .forward(req, app_port, caller.as_deref(), &source, peer)
                     .await
                 {
                     Ok(r) => r,
@@ -224,11 +248,17 @@ where
 }
 
 impl Inbound {
+    /// Envoy's name for the inbound cluster of a port.
+    fn inbound_cluster(&self, port: u16) -> String {
+        format!("inbound|{port}||")
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         app_port: u16,
         caller: Option<&SpiffeId>,
+        source: &Arc<str>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
         check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
@@ -268,11 +298,31 @@ impl Inbound {
         let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
         hop.inject(&mut parts.headers);
-        let span = (self.tracer.enabled() && hop.sampled).then(|| {
+        let span = (self.telemetry.tracer.enabled() && hop.sampled).then(|| {
             (
                 parts.method.to_string(),
                 parts.uri.path().to_owned(),
                 authority.clone().unwrap_or_default(),
+            )
+        });
+        let request_bytes = content_length(&parts.headers);
+        let log = (self.telemetry.access_log != AccessLog::Off).then(|| {
+            let h = |n: &str| {
+                parts
+                    .headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            (
+                parts.method.to_string(),
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                h("x-forwarded-for"),
+                h("user-agent"),
+                h("x-request-id"),
             )
         });
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -293,13 +343,61 @@ impl Inbound {
                     .unwrap_or_else(|| e.to_string()),
             })
         });
+        let (code, flags) = match &result {
+            Ok(r) => (r.status().as_u16(), "-"),
+            Err(e) => (e.status().as_u16(), e.flag()),
+        };
+        let response_bytes = result
+            .as_ref()
+            .map(|r| content_length(r.headers()))
+            .unwrap_or(0);
+        let elapsed = start.elapsed().unwrap_or_default();
+        let (metrics, access_log) = (&self.telemetry.metrics, self.telemetry.access_log);
+        let host = authority.as_deref().map(|a| {
+            crate::config::split_authority(a, app_port)
+                .0
+                .to_ascii_lowercase()
+        });
+        let service = host
+            .as_deref()
+            .and_then(|h| table.service_by_host(h))
+            .map_or_else(|| self.unknown_service.clone(), |s| s.metric_labels.clone());
+        metrics.record(RequestMetric {
+            reporter: Reporter::Destination,
+            source: source.clone(),
+            destination: metrics.this_destination.clone(),
+            service,
+            code,
+            mtls: caller.is_some(),
+            duration: elapsed,
+            request_bytes,
+            response_bytes,
+        });
+        if let Some((method, full_path, xff, user_agent, request_id)) = &log {
+            access_log.write(&LogEntry {
+                start: Some(start),
+                method,
+                path: full_path,
+                protocol: "HTTP/1.1",
+                code,
+                flags,
+                bytes_received: request_bytes,
+                bytes_sent: response_bytes,
+                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                xff: xff.as_deref(),
+                user_agent: user_agent.as_deref(),
+                request_id: request_id.as_deref(),
+                authority: authority.as_deref(),
+                upstream_host: Some(app_addr.to_string()),
+                upstream_cluster: Some(self.inbound_cluster(app_port).as_str()),
+                downstream_remote: Some(peer.to_string()),
+                route: Some("default"),
+            });
+        }
         if let Some((method, path, host)) = span {
-            let status = match &result {
-                Ok(r) => r.status().as_u16(),
-                Err(e) => e.status().as_u16(),
-            };
+            let status = code;
             let service: Arc<str> = if table.tracing.service_name.is_empty() {
-                self.pod_name.clone()
+                self.telemetry.pod_name.clone()
             } else {
                 Arc::from(table.tracing.service_name.as_str())
             };
@@ -312,7 +410,7 @@ impl Inbound {
             if let Some(c) = caller {
                 attributes.push(("weft.peer.identity", c.to_string()));
             }
-            self.tracer.record(Span {
+            self.telemetry.tracer.record(Span {
                 hop,
                 name: format!("inbound|{app_port}"),
                 kind: Kind::Server,

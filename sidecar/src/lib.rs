@@ -14,5 +14,6 @@ pub mod inbound;
 pub mod mirror;
 pub mod outbound;
 pub mod run;
+pub mod telemetry;
 pub mod trace;
 pub mod upstream;

@@ -27,6 +27,7 @@ use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, T
 use crate::errors::{ProxyError, rescue};
 use crate::headers::{check_framing, strip_hop_by_hop};
 use crate::mirror::Mirrors;
+use crate::telemetry::{AccessLog, LogEntry, Metrics, Reporter, RequestMetric, content_length};
 use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::{Body, UpstreamError, Upstreams};
 
@@ -56,6 +57,49 @@ pub struct Outbound {
     pub tracer: Tracer,
     /// Fallback `service.name` (the pod name) until pilot names the workload's service.
     pub pod_name: Arc<str>,
+    /// Istio metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access-log format.
+    pub access_log: AccessLog,
+    /// Metric labels for a destination that was never reached.
+    pub unknown: Arc<str>,
+}
+
+/// What an access-log line needs from the request head, captured before the head is consumed.
+struct RequestLog {
+    method: String,
+    path: String,
+    protocol: &'static str,
+    xff: Option<String>,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+}
+
+impl RequestLog {
+    fn new(parts: &http::request::Parts) -> Self {
+        let h = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            protocol: match parts.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            xff: h("x-forwarded-for"),
+            user_agent: h("user-agent"),
+            request_id: h("x-request-id"),
+        }
+    }
 }
 
 /// Accepts connections until `shutdown`.
@@ -74,14 +118,18 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, shutdown: Can
         };
         let outbound = outbound.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(tcp, outbound).await {
+            if let Err(e) = connection(tcp, peer, outbound).await {
                 tracing::debug!(%peer, error = %e, "outbound connection ended");
             }
         });
     }
 }
 
-async fn connection(tcp: TcpStream, outbound: Arc<Outbound>) -> Result<(), String> {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    outbound: Arc<Outbound>,
+) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let original_dst = match outbound.mode {
         Mode::Transparent => Some(crate::capture::original_dst(&tcp).map_err(|e| e.to_string())?),
@@ -103,10 +151,14 @@ async fn connection(tcp: TcpStream, outbound: Arc<Outbound>) -> Result<(), Strin
             .await;
         return Err(format!("refused: {reason}"));
     }
+    let metrics = outbound.metrics.clone();
     let svc = hyper::service::service_fn(move |req| {
         let outbound = outbound.clone();
-        async move { Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst, Some(peer)).await)
+        }
     });
+    let tcp = crate::telemetry::Counted::new(tcp, metrics, false);
     auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(tcp), svc)
         .await
@@ -127,8 +179,9 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         original_dst: Option<SocketAddr>,
+        downstream: Option<SocketAddr>,
     ) -> Response<Body> {
-        match self.forward(req, original_dst).await {
+        match self.forward(req, original_dst, downstream).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::debug!(error = %e, "outbound request failed");
@@ -141,6 +194,7 @@ impl Outbound {
         &self,
         req: Request<Incoming>,
         original_dst: Option<SocketAddr>,
+        downstream: Option<SocketAddr>,
     ) -> Result<Response<Body>, ProxyError> {
         check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
         // One Arc clone; never held across anything but this request.
@@ -219,15 +273,59 @@ impl Outbound {
             }
         }
         let method = self.tracer.enabled().then(|| parts.method.to_string());
+        let request_bytes = content_length(&parts.headers);
+        let log = (self.access_log != AccessLog::Off).then(|| RequestLog::new(&parts));
         let sent = self.send(&dest.cluster, route, parts, body, &authority, &path);
         let result = with_timeout(route, sent).await.and_then(|r| r);
+        let endpoint = result
+            .as_ref()
+            .ok()
+            .and_then(|(_, idx, _)| dest.cluster.endpoints.get(*idx));
+        let (code, flags) = match &result {
+            Ok((r, _, _)) => (r.status().as_u16(), "-"),
+            Err(e) => (e.status().as_u16(), e.flag()),
+        };
+        let response_bytes = result
+            .as_ref()
+            .map(|(r, _, _)| content_length(r.headers()))
+            .unwrap_or(0);
+        let elapsed = start.elapsed().unwrap_or_default();
+        self.metrics.record(RequestMetric {
+            reporter: Reporter::Source,
+            source: self.metrics.this_source.clone(),
+            destination: endpoint.map_or_else(|| self.unknown.clone(), |e| e.metric_labels.clone()),
+            service: dest.cluster.metric_labels.clone(),
+            code,
+            mtls: result.as_ref().is_ok_and(|(_, _, mtls)| *mtls),
+            duration: elapsed,
+            request_bytes,
+            response_bytes,
+        });
+        if let Some(log) = log {
+            self.access_log.write(&LogEntry {
+                start: Some(start),
+                method: &log.method,
+                path: &log.path,
+                protocol: log.protocol,
+                code,
+                flags,
+                bytes_received: request_bytes,
+                bytes_sent: response_bytes,
+                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                xff: log.xff.as_deref(),
+                user_agent: log.user_agent.as_deref(),
+                request_id: log.request_id.as_deref(),
+                authority: Some(&authority),
+                upstream_host: endpoint.map(|e| e.dial.to_string()),
+                upstream_cluster: Some(&dest.cluster.name),
+                downstream_remote: downstream.map(|d| d.to_string()),
+                route: Some(&route.name),
+            });
+        }
         if let Some(method) = method
             && hop.sampled
         {
-            let status = match &result {
-                Ok(r) => r.status().as_u16(),
-                Err(e) => e.status().as_u16(),
-            };
+            let status = code;
             self.tracer.record(Span {
                 hop,
                 name: format!("{}:{}/*", service.hostname, port.port),
@@ -246,7 +344,7 @@ impl Outbound {
                 ],
             });
         }
-        let mut resp = result?;
+        let (mut resp, _, _) = result?;
         strip_hop_by_hop(resp.headers_mut());
         route.response_headers.apply(resp.headers_mut());
         dest.response_headers.apply(resp.headers_mut());
@@ -264,7 +362,7 @@ impl Outbound {
         body: Body,
         authority: &str,
         path: &str,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, usize, bool), ProxyError> {
         let attempts = 1 + route.retries.as_ref().map_or(0, |r| r.attempts);
         let mut skip = None;
         let mut last_err = None;
@@ -282,6 +380,7 @@ impl Outbound {
                     .upstreams
                     .send_plain(endpoint.dial, req)
                     .await
+                    .map(|r| (r, idx, false))
                     .map_err(ProxyError::Connect);
             };
             match self
@@ -293,6 +392,7 @@ impl Outbound {
                     let req = build_request(&parts, body, authority, path, endpoint, true)?;
                     return Upstreams::send_h2(sender, endpoint.dial, req)
                         .await
+                        .map(|r| (r, idx, true))
                         .map_err(ProxyError::Connect);
                 }
                 Err(e) => {

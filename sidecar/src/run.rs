@@ -72,6 +72,8 @@ pub struct RunConfig {
     pub app_port: Option<u16>,
     /// Largest request body mirrored.
     pub mirror_max_body: usize,
+    /// Access-log format (stdout).
+    pub access_log: crate::telemetry::AccessLog,
     /// Kubelet-facing readiness port (`/healthz/ready` on `bind`), like Istio's 15021; 0 = off.
     pub status_port: u16,
     /// Requested certificate lifetime.
@@ -216,6 +218,25 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         None => crate::trace::Tracer::disabled(),
     };
     let pod_name: Arc<str> = Arc::from(cfg.name.as_str());
+    let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
+    let metrics = Arc::new(crate::telemetry::Metrics::new(
+        crate::telemetry::workload_labels(
+            "source",
+            &cfg.name,
+            &cfg.namespace,
+            identity.as_str(),
+            label("app"),
+            label("version"),
+        ),
+        crate::telemetry::workload_labels(
+            "destination",
+            &cfg.name,
+            &cfg.namespace,
+            identity.as_str(),
+            label("app"),
+            label("version"),
+        ),
+    ));
     let inbound = Arc::new(Inbound::new(
         tables.clone(),
         crate::inbound::InboundTls {
@@ -225,8 +246,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         target,
         identity.clone(),
         own_ports.clone(),
-        tracer.clone(),
-        pod_name.clone(),
+        crate::inbound::InboundTelemetry {
+            tracer: tracer.clone(),
+            pod_name: pod_name.clone(),
+            metrics: metrics.clone(),
+            access_log: cfg.access_log,
+        },
     ));
     let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
     let mirrors = Arc::new(crate::mirror::Mirrors::new(
@@ -243,6 +268,9 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         mirrors: mirrors.clone(),
         tracer: tracer.clone(),
         pod_name,
+        metrics: metrics.clone(),
+        access_log: cfg.access_log,
+        unknown: crate::telemetry::workload_labels("destination", "", "", "", "", ""),
     });
     let stats = Arc::new(ControlStats::default());
     let admin = Arc::new(Admin {
@@ -251,6 +279,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         control: stats.clone(),
         mirror: mirrors.stats.clone(),
         trace: tracer.stats.clone(),
+        metrics: metrics.clone(),
     });
 
     let node = pb::Node {

@@ -300,3 +300,104 @@ fn a_failing_slow_or_oversized_mirror_never_touches_the_primary() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn istio_metrics_and_access_logs_move_as_expected() {
+    let m = Seed::explicit(&[]).unwrap();
+    m.apply("all-v1.yaml").unwrap();
+    m.wait_routes("all-to-v1", has_vs_route).unwrap();
+    assert_eq!(m.send(4, &[]).unwrap(), (4, 0));
+    let series = |text: &str, must: &[&str]| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && must.iter().all(|w| l.contains(w))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    // The caller's sidecar reports as source, the callee's as destination, both seeing mTLS.
+    let sleep_stats = m.sleep.stats().unwrap();
+    let out = series(
+        &sleep_stats,
+        &[
+            "reporter=\"source\"",
+            "source_workload=\"sleep\"",
+            "destination_workload=\"httpbin-v1\"",
+            "destination_version=\"v1\"",
+            "destination_service=\"httpbin.default.svc.cluster.local\"",
+            "response_code=\"200\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    );
+    assert_eq!(out, 4, "{sleep_stats}");
+    let v1_stats = m.sidecars[0].stats().unwrap();
+    let inb = series(
+        &v1_stats,
+        &[
+            "reporter=\"destination\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+            "destination_workload=\"httpbin-v1\"",
+            "destination_service_name=\"httpbin\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    );
+    assert!(inb >= 4, "{v1_stats}");
+    assert!(sleep_stats.contains("istio_request_duration_milliseconds_bucket{reporter=\"source\""));
+    assert!(sleep_stats.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\"")
+            && !l.ends_with(" 0")
+    }));
+
+    // A 503 from the mesh is counted with its code too.
+    m.apply_yaml(
+        "v3.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: httpbin\nspec:\n  hosts:\n  - httpbin\n  http:\n  - route:\n    - destination:\n        host: httpbin\n        subset: v3\n",
+    )
+    .unwrap();
+    m.wait_config("the v3 route", |d| d.to_string().contains("|v3|"))
+        .unwrap();
+    assert_eq!(m.sleep.curl("http://httpbin:8000/get", &[]).unwrap().0, 503);
+    assert_eq!(
+        series(
+            &m.sleep.stats().unwrap(),
+            &[
+                "response_code=\"503\"",
+                "connection_security_policy=\"none\""
+            ]
+        ),
+        1
+    );
+
+    // Envoy-format access log lines on the sidecars' stdout, one per request.
+    let lines = m.sleep.proc.stdout_lines();
+    let ok = lines
+        .iter()
+        .filter(|l| l.contains("\"GET /headers HTTP/1.1\" 200 - "))
+        .count();
+    assert_eq!(ok, 4, "{lines:#?}");
+    let line = lines
+        .iter()
+        .find(|l| l.contains("\"GET /headers HTTP/1.1\" 200 - "))
+        .unwrap();
+    assert!(line.starts_with('['), "{line}");
+    assert!(
+        line.contains("\"httpbin:8000\"")
+            && line.contains("outbound|8000|v1|httpbin.default.svc.cluster.local"),
+        "{line}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"GET /get HTTP/1.1\" 503 UH ")),
+        "{lines:#?}"
+    );
+    let v1_lines = m.sidecars[0].proc.stdout_lines();
+    assert!(
+        v1_lines
+            .iter()
+            .filter(|l| l.contains("\"GET /headers HTTP/1.1\" 200 - "))
+            .count()
+            >= 4,
+        "{v1_lines:#?}"
+    );
+}

@@ -1,0 +1,642 @@
+//! Istio's standard metrics and Envoy's access log, so existing Grafana/Kiali dashboards and log
+//! tooling read weft unchanged.
+//!
+//! Metrics (`/stats/prometheus`): `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes` (histograms with Istio's buckets), and
+//! `istio_tcp_connections_opened_total` / `_closed_total`, `istio_tcp_sent_bytes_total` /
+//! `_received_bytes_total`, each with Istio's labels (reporter, source/destination workload, namespace,
+//! principal, app, version, destination service, response code, connection security policy).
+//! Decisions: the duration is measured to the response head (Envoy measures to the last byte); request
+//! and response sizes come from Content-Length (0 when the body is streamed without one); an inbound
+//! caller's workload is `unknown` (Istio learns it by metadata exchange, weft knows the caller's
+//! principal and namespace from its certificate); TCP metrics are per listener connection.
+//!
+//! Label sets are built once (per workload, cluster, endpoint or connection) as preformatted label
+//! fragments shared by `Arc`, so recording a request is a hash-map update under a short lock.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Istio's duration buckets, milliseconds.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets, bytes.
+const SIZE_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
+
+/// Which side reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The caller's sidecar (outbound).
+    Source,
+    /// The callee's sidecar (inbound).
+    Destination,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The label fragment describing a workload on one side (`source` or `destination`).
+pub fn workload_labels(
+    side: &str,
+    workload: &str,
+    namespace: &str,
+    principal: &str,
+    app: &str,
+    version: &str,
+) -> Arc<str> {
+    let or_unknown = |v: &str| {
+        if v.is_empty() {
+            "unknown".to_owned()
+        } else {
+            esc(v)
+        }
+    };
+    Arc::from(format!(
+        "{side}_workload=\"{}\",{side}_workload_namespace=\"{}\",{side}_principal=\"{}\",{side}_app=\"{}\",{side}_version=\"{}\",{side}_canonical_service=\"{}\"",
+        or_unknown(workload),
+        or_unknown(namespace),
+        or_unknown(principal),
+        or_unknown(app),
+        or_unknown(version),
+        or_unknown(app),
+    ))
+}
+
+/// The label fragment describing the destination Service (from its FQDN `name.ns.svc.<domain>`).
+pub fn service_labels(fqdn: &str) -> Arc<str> {
+    let mut parts = fqdn.split('.');
+    let name = parts.next().unwrap_or_default();
+    let ns = parts.next().unwrap_or_default();
+    let or_unknown = |v: &str| {
+        if v.is_empty() {
+            "unknown".to_owned()
+        } else {
+            esc(v)
+        }
+    };
+    Arc::from(format!(
+        "destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\"",
+        or_unknown(fqdn),
+        or_unknown(name),
+        or_unknown(ns)
+    ))
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    reporter: Reporter,
+    source: Arc<str>,
+    destination: Arc<str>,
+    service: Arc<str>,
+    code: u16,
+    mtls: bool,
+}
+
+#[derive(Default)]
+struct Series {
+    count: u64,
+    duration: Histogram<19>,
+    request_bytes: Histogram<8>,
+    response_bytes: Histogram<8>,
+}
+
+struct Histogram<const N: usize> {
+    counts: [u64; N],
+    count: u64,
+    sum: f64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Self {
+            counts: [0; N],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&mut self, buckets: &[f64; N], v: f64) {
+        if let Some(i) = buckets.iter().position(|b| v <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, buckets: &[f64; N]) {
+        let mut cumulative = 0;
+        for (b, c) in buckets.iter().zip(self.counts.iter()) {
+            cumulative += c;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// What one finished request contributes.
+#[derive(Debug, Clone)]
+pub struct RequestMetric {
+    /// Which side reports.
+    pub reporter: Reporter,
+    /// Source workload fragment.
+    pub source: Arc<str>,
+    /// Destination workload fragment.
+    pub destination: Arc<str>,
+    /// Destination service fragment.
+    pub service: Arc<str>,
+    /// HTTP status.
+    pub code: u16,
+    /// Whether the hop between sidecars was mTLS.
+    pub mtls: bool,
+    /// Time to the response head.
+    pub duration: Duration,
+    /// Request body size (Content-Length).
+    pub request_bytes: u64,
+    /// Response body size (Content-Length).
+    pub response_bytes: u64,
+}
+
+/// TCP connection counters of one listener side.
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    /// Connections accepted.
+    pub opened: AtomicU64,
+    /// Connections finished.
+    pub closed: AtomicU64,
+    /// Bytes received from the downstream.
+    pub received: AtomicU64,
+    /// Bytes sent to the downstream.
+    pub sent: AtomicU64,
+}
+
+/// The sidecar's Istio metrics.
+#[derive(Default)]
+pub struct Metrics {
+    series: Mutex<HashMap<Key, Series>>,
+    /// Outbound listener connections.
+    pub tcp_outbound: TcpCounters,
+    /// Inbound listener connections.
+    pub tcp_inbound: TcpCounters,
+    /// This workload as a source (outbound) and as a destination (inbound).
+    pub this_source: Arc<str>,
+    /// This workload as a destination.
+    pub this_destination: Arc<str>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Metrics for a workload described by `this_source`/`this_destination` fragments.
+    pub fn new(this_source: Arc<str>, this_destination: Arc<str>) -> Self {
+        Self {
+            this_source,
+            this_destination,
+            ..Self::default()
+        }
+    }
+
+    /// Records one request.
+    pub fn record(&self, m: RequestMetric) {
+        let key = Key {
+            reporter: m.reporter,
+            source: m.source,
+            destination: m.destination,
+            service: m.service,
+            code: m.code,
+            mtls: m.mtls,
+        };
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let s = series.entry(key).or_default();
+        s.count += 1;
+        s.duration
+            .observe(&DURATION_BUCKETS, m.duration.as_secs_f64() * 1000.0);
+        s.request_bytes
+            .observe(&SIZE_BUCKETS, m.request_bytes as f64);
+        s.response_bytes
+            .observe(&SIZE_BUCKETS, m.response_bytes as f64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(String, &Series)> = series
+            .iter()
+            .map(|(k, s)| {
+                (
+                    format!(
+                        "reporter=\"{}\",{},{},{},request_protocol=\"http\",response_code=\"{}\",response_flags=\"-\",connection_security_policy=\"{}\"",
+                        k.reporter.as_str(),
+                        k.source,
+                        k.destination,
+                        k.service,
+                        k.code,
+                        if k.mtls { "mutual_tls" } else { "none" }
+                    ),
+                    s,
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        out.push_str("# TYPE istio_requests_total counter\n");
+        for (labels, s) in &rows {
+            let _ = writeln!(out, "istio_requests_total{{{labels}}} {}", s.count);
+        }
+        out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
+        for (labels, s) in &rows {
+            s.duration.render(
+                &mut out,
+                "istio_request_duration_milliseconds",
+                labels,
+                &DURATION_BUCKETS,
+            );
+        }
+        out.push_str("# TYPE istio_request_bytes histogram\n");
+        for (labels, s) in &rows {
+            s.request_bytes
+                .render(&mut out, "istio_request_bytes", labels, &SIZE_BUCKETS);
+        }
+        out.push_str("# TYPE istio_response_bytes histogram\n");
+        for (labels, s) in &rows {
+            s.response_bytes
+                .render(&mut out, "istio_response_bytes", labels, &SIZE_BUCKETS);
+        }
+        for (name, pick) in [
+            ("istio_tcp_connections_opened_total", 0),
+            ("istio_tcp_connections_closed_total", 1),
+            ("istio_tcp_received_bytes_total", 2),
+            ("istio_tcp_sent_bytes_total", 3),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (reporter, c, this) in [
+                ("source", &self.tcp_outbound, &self.this_source),
+                ("destination", &self.tcp_inbound, &self.this_destination),
+            ] {
+                let v = [&c.opened, &c.closed, &c.received, &c.sent][pick].load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{reporter=\"{reporter}\",{this}}} {v}");
+            }
+        }
+        out
+    }
+}
+
+/// Access-log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    /// No access log.
+    Off,
+    /// Envoy/Istio's default text format.
+    Text,
+    /// Istio's JSON variant.
+    Json,
+}
+
+/// One access-log entry (Envoy's default fields; missing values print as `-`).
+#[derive(Debug, Default)]
+pub struct LogEntry<'a> {
+    /// Start of the request.
+    pub start: Option<SystemTime>,
+    /// Method.
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub protocol: &'a str,
+    /// Status (0 = none).
+    pub code: u16,
+    /// Envoy response flags (`-`, `NR`, `UH`, `UF`, `UT`...).
+    pub flags: &'a str,
+    /// Request body bytes.
+    pub bytes_received: u64,
+    /// Response body bytes.
+    pub bytes_sent: u64,
+    /// Milliseconds to the response head.
+    pub duration_ms: u64,
+    /// X-Forwarded-For.
+    pub xff: Option<&'a str>,
+    /// User-Agent.
+    pub user_agent: Option<&'a str>,
+    /// X-Request-Id.
+    pub request_id: Option<&'a str>,
+    /// Authority.
+    pub authority: Option<&'a str>,
+    /// Upstream host.
+    pub upstream_host: Option<String>,
+    /// Upstream cluster.
+    pub upstream_cluster: Option<&'a str>,
+    /// Downstream peer address.
+    pub downstream_remote: Option<String>,
+    /// Route name.
+    pub route: Option<&'a str>,
+}
+
+fn dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// RFC 3339 UTC with milliseconds, as Envoy prints %START_TIME%.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+impl AccessLog {
+    /// Formats an entry, or `None` when logging is off.
+    pub fn format(self, e: &LogEntry<'_>) -> Option<String> {
+        let start = e.start.map(rfc3339);
+        match self {
+            AccessLog::Off => None,
+            AccessLog::Text => Some(format!(
+                "[{}] \"{} {} {}\" {} {} - - \"-\" {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\" {} - - {} - {}",
+                dash(start),
+                e.method,
+                e.path,
+                e.protocol,
+                e.code,
+                e.flags,
+                e.bytes_received,
+                e.bytes_sent,
+                e.duration_ms,
+                dash(e.xff),
+                dash(e.user_agent),
+                dash(e.request_id),
+                dash(e.authority),
+                dash(e.upstream_host.as_deref()),
+                dash(e.upstream_cluster),
+                dash(e.downstream_remote.as_deref()),
+                dash(e.route),
+            )),
+            AccessLog::Json => Some(
+                serde_json::json!({
+                    "start_time": start,
+                    "method": e.method,
+                    "path": e.path,
+                    "protocol": e.protocol,
+                    "response_code": e.code,
+                    "response_flags": e.flags,
+                    "bytes_received": e.bytes_received,
+                    "bytes_sent": e.bytes_sent,
+                    "duration": e.duration_ms,
+                    "x_forwarded_for": e.xff,
+                    "user_agent": e.user_agent,
+                    "request_id": e.request_id,
+                    "authority": e.authority,
+                    "upstream_host": e.upstream_host,
+                    "upstream_cluster": e.upstream_cluster,
+                    "downstream_remote_address": e.downstream_remote,
+                    "route_name": e.route,
+                })
+                .to_string(),
+            ),
+        }
+    }
+
+    /// Writes an entry to stdout (one line).
+    pub fn write(self, e: &LogEntry<'_>) {
+        if let Some(line) = self.format(e) {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+        }
+    }
+}
+
+/// Content-Length of a header map, 0 when absent.
+pub fn content_length(h: &http::HeaderMap) -> u64 {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_istio_metric_names_and_labels() {
+        let me = workload_labels(
+            "source",
+            "sleep",
+            "default",
+            "spiffe://cluster.local/ns/default/sa/sleep",
+            "sleep",
+            "",
+        );
+        let dest = workload_labels(
+            "destination",
+            "httpbin-v1",
+            "default",
+            "spiffe://cluster.local/ns/default/sa/httpbin",
+            "httpbin",
+            "v1",
+        );
+        let m = Metrics::new(me.clone(), dest.clone());
+        for _ in 0..3 {
+            m.record(RequestMetric {
+                reporter: Reporter::Source,
+                source: me.clone(),
+                destination: dest.clone(),
+                service: service_labels("httpbin.default.svc.cluster.local"),
+                code: 200,
+                mtls: true,
+                duration: Duration::from_millis(7),
+                request_bytes: 0,
+                response_bytes: 321,
+            });
+        }
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .unwrap();
+        for want in [
+            "reporter=\"source\"",
+            "source_workload=\"sleep\"",
+            "source_version=\"unknown\"",
+            "destination_workload=\"httpbin-v1\"",
+            "destination_version=\"v1\"",
+            "destination_service=\"httpbin.default.svc.cluster.local\"",
+            "destination_service_name=\"httpbin\"",
+            "destination_principal=\"spiffe://cluster.local/ns/default/sa/httpbin\"",
+            "response_code=\"200\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(line.contains(want), "{want} missing in {line}");
+        }
+        assert!(line.ends_with(" 3"), "{line}");
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+        assert!(text.lines().any(
+            |l| l.starts_with("istio_request_duration_milliseconds_bucket")
+                && l.contains("le=\"10\"}")
+                && l.ends_with(" 3")
+        ));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_response_bytes_sum") && l.ends_with(" 963"))
+        );
+        assert!(text.contains("# TYPE istio_tcp_connections_opened_total counter"));
+    }
+
+    #[test]
+    fn access_log_lines_follow_envoys_default_format() {
+        let e = LogEntry {
+            start: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_551_470_563_123)),
+            method: "GET",
+            path: "/headers",
+            protocol: "HTTP/1.1",
+            code: 200,
+            flags: "-",
+            bytes_sent: 321,
+            duration_ms: 3,
+            user_agent: Some("curl/7.35.0"),
+            request_id: Some("571c0fd6-98d4-4c93-af79-6a2fe2945847"),
+            authority: Some("httpbin:8000"),
+            upstream_host: Some("10.233.1.3:80".into()),
+            upstream_cluster: Some("outbound|8000|v1|httpbin.default.svc.cluster.local"),
+            route: Some("default/httpbin/0"),
+            ..LogEntry::default()
+        };
+        let line = AccessLog::Text.format(&e).unwrap();
+        assert!(
+            line.starts_with("[2019-03-01T20:02:43.123Z] \"GET /headers HTTP/1.1\" 200 - "),
+            "{line}"
+        );
+        assert!(line.contains("\"curl/7.35.0\" \"571c0fd6-98d4-4c93-af79-6a2fe2945847\" \"httpbin:8000\" \"10.233.1.3:80\" outbound|8000|v1|httpbin.default.svc.cluster.local"), "{line}");
+        let json: serde_json::Value =
+            serde_json::from_str(&AccessLog::Json.format(&e).unwrap()).unwrap();
+        assert_eq!(json["response_code"], 200);
+        assert_eq!(json["authority"], "httpbin:8000");
+        assert!(AccessLog::Off.format(&e).is_none());
+    }
+}
+
+/// A connection that counts its bytes into a listener's [`TcpCounters`] (opened when wrapped, closed
+/// and bytes added when dropped).
+#[derive(Debug)]
+pub struct Counted<T> {
+    inner: T,
+    metrics: Arc<Metrics>,
+    inbound: bool,
+    received: u64,
+    sent: u64,
+}
+
+impl<T> Counted<T> {
+    /// Wraps an accepted connection of the inbound (`true`) or outbound listener.
+    pub fn new(inner: T, metrics: Arc<Metrics>, inbound: bool) -> Self {
+        let c = if inbound {
+            &metrics.tcp_inbound
+        } else {
+            &metrics.tcp_outbound
+        };
+        c.opened.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner,
+            metrics,
+            inbound,
+            received: 0,
+            sent: 0,
+        }
+    }
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        let c = if self.inbound {
+            &self.metrics.tcp_inbound
+        } else {
+            &self.metrics.tcp_outbound
+        };
+        c.closed.fetch_add(1, Ordering::Relaxed);
+        c.received.fetch_add(self.received, Ordering::Relaxed);
+        c.sent.fetch_add(self.sent, Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.received += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.sent += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
