@@ -5,9 +5,8 @@ use http::header::{self, HeaderName};
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1); HTTP/2 forbids
 /// them outright, so leaving one in would break the h1 → h2 hop between sidecars.
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
-    header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
@@ -29,6 +28,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
+    }
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
@@ -121,11 +127,15 @@ mod tests {
         h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-private", "1".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::TE, "gzip".parse().unwrap());
         h.insert("x-b3-traceid", "abc".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-b3-traceid"));
+        let mut g = HeaderMap::new();
+        g.insert(header::TE, "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut g);
+        assert_eq!(g[header::TE], "trailers", "gRPC's te: trailers passes");
     }
 
     #[test]

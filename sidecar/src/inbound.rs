@@ -86,6 +86,8 @@ pub struct Inbound {
     unknown_source: Arc<str>,
     unknown_service: Arc<str>,
     app: Client<HttpConnector, Body>,
+    /// HTTP/2 prior knowledge to apps that speak it (gRPC).
+    app_h2: Client<HttpConnector, Body>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -112,6 +114,11 @@ impl Inbound {
         let app = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
+            .build(http.clone());
+        let app_h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
             .build(http);
         Self {
             tables,
@@ -123,6 +130,7 @@ impl Inbound {
             unknown_source: workload_labels("source", "", "", "", "", ""),
             unknown_service: crate::telemetry::service_labels(""),
             app,
+            app_h2,
         }
     }
 }
@@ -278,6 +286,12 @@ impl Inbound {
                     .map(str::to_owned)
             });
         strip_hop_by_hop(&mut parts.headers);
+        // Only a mesh peer (mTLS) may say the app speaks HTTP/2; the hint never reaches the app.
+        let h2_app = parts
+            .headers
+            .remove(crate::outbound::APP_PROTOCOL_HEADER)
+            .is_some_and(|v| v == "h2")
+            && caller.is_some();
         // Never pass on a caller's claim about who it is; only the handshake says that.
         parts.headers.remove(XFCC);
         if let Some(caller) = caller {
@@ -334,7 +348,13 @@ impl Inbound {
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
-        let result = self.app.request(out).await.map_err(|e| {
+        let client = if h2_app {
+            *out.version_mut() = http::Version::HTTP_2;
+            &self.app_h2
+        } else {
+            &self.app
+        };
+        let result = client.request(out).await.map_err(|e| {
             tracing::debug!(%peer, error = %e, "app request failed");
             ProxyError::Connect(crate::upstream::UpstreamError::Connect {
                 addr: app_addr,

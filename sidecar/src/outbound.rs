@@ -31,6 +31,9 @@ use crate::telemetry::{AccessLog, LogEntry, Metrics, Reporter, RequestMetric, co
 use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::{Body, UpstreamError, Upstreams};
 
+/// Tells the peer sidecar (over mTLS only) that its app speaks HTTP/2 (gRPC, h2c).
+pub const APP_PROTOCOL_HEADER: &str = "x-weft-app-protocol";
+
 /// How the outbound listener learns destinations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -272,6 +275,13 @@ impl Outbound {
                 }
             }
         }
+        if port.protocol == "grpc" || port.protocol == "http2" {
+            // The peer's sidecar talks to its app in HTTP/1.1 unless told the app speaks HTTP/2
+            // (Istio's protocol selection: port name or appProtocol).
+            parts
+                .headers
+                .insert(APP_PROTOCOL_HEADER, http::HeaderValue::from_static("h2"));
+        }
         let method = self.tracer.enabled().then(|| parts.method.to_string());
         let request_bytes = content_length(&parts.headers);
         let log = (self.access_log != AccessLog::Off).then(|| RequestLog::new(&parts));
@@ -493,7 +503,9 @@ fn build_request(
         *req.version_mut() = http::Version::HTTP_2;
         format!("http://{authority}{path}")
     } else {
-        // HTTP/1.1 straight to the endpoint: dial its address, keep the caller's Host.
+        // HTTP/1.1 straight to the endpoint: dial its address, keep the caller's Host; the hint is
+        // for a peer sidecar only.
+        req.headers_mut().remove(APP_PROTOCOL_HEADER);
         if let Ok(v) = http::HeaderValue::from_str(authority) {
             req.headers_mut().insert(http::header::HOST, v);
         }

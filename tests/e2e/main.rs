@@ -6,6 +6,7 @@
 mod ca;
 mod discovery;
 mod fidelity;
+mod grpc;
 mod inject;
 mod mesh;
 mod mirror;
