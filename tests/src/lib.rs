@@ -22,11 +22,14 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("WEFT_BIN_DIR")
         .map(PathBuf::from)
         .or_else(|| {
-            // target/debug/deps/e2e-<hash> -> target/debug
-            std::env::current_exe()
-                .ok()?
-                .parent()?
-                .parent()
+            // A test runs from target/<profile>/deps, a benchmark from target/<profile>: take the
+            // first of the executable's directory and its parent that holds the binary.
+            let exe = std::env::current_exe().ok()?;
+            let here = exe.parent()?;
+            [Some(here), here.parent()]
+                .into_iter()
+                .flatten()
+                .find(|d| d.join(name).exists())
                 .map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from("target/debug"));
