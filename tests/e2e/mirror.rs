@@ -401,3 +401,62 @@ fn istio_metrics_and_access_logs_move_as_expected() {
         "{v1_lines:#?}"
     );
 }
+
+#[test]
+fn spans_also_export_over_otlp_http_protobuf() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = weft_tests::ControlPlane::start(dir.path(), &[]).unwrap();
+    let sink = weft_tests::OtlpSink::start(dir.path(), None).unwrap();
+    plane.otlp = Some(sink.http.clone());
+    plane.otlp_protocol = "http/protobuf";
+    let svc = dir.path().join("svc.yaml");
+    std::fs::write(
+        &svc,
+        std::fs::read_to_string(format!(
+            "{}/httpbin-service.yaml",
+            weft_tests::seed::EXAMPLES
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        plane
+            .pilot_cmd(&["apply", "-f", svc.to_str().unwrap()])
+            .unwrap()
+            .0
+    );
+    let app = weft_tests::Httpbin::start(dir.path(), "httpbin").unwrap();
+    let _server = weft_tests::Sidecar::explicit(
+        &plane,
+        "httpbin-1",
+        "httpbin",
+        "app=httpbin",
+        Some(app.port),
+        &[],
+    )
+    .unwrap();
+    let client =
+        weft_tests::Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, &[]).unwrap();
+    let mut body = String::new();
+    for _ in 0..100 {
+        let (code, b) = client.curl("http://httpbin:8000/headers", &[]).unwrap();
+        if code == 200 {
+            body = b;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let trace_id = json(&body)["headers"]["X-B3-Traceid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sink.wait("both spans over OTLP/HTTP", |spans| {
+        spans
+            .iter()
+            .filter(|s| s["trace_id"] == trace_id.as_str())
+            .count()
+            >= 2
+    })
+    .unwrap();
+}

@@ -238,8 +238,10 @@ pub struct ControlPlane {
     pub pilot: Proc,
     /// pilot's discovery address.
     pub discovery_addr: String,
-    /// Where sidecars started for this plane export spans (an [`OtlpSink`]'s gRPC address).
+    /// Where sidecars started for this plane export spans (an [`OtlpSink`]'s address).
     pub otlp: Option<String>,
+    /// `grpc` (default) or `http/protobuf`.
+    pub otlp_protocol: &'static str,
 }
 
 impl ControlPlane {
@@ -288,6 +290,7 @@ impl ControlPlane {
             pilot,
             discovery_addr,
             otlp: None,
+            otlp_protocol: "grpc",
         })
     }
 
@@ -729,7 +732,7 @@ const ACCESS_LOG_FORMAT: &str =
 fn otlp_env(cmd: &mut Command, plane: &ControlPlane) {
     if let Some(addr) = &plane.otlp {
         cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", plane.otlp_protocol);
     }
 }
 
@@ -739,6 +742,8 @@ pub struct OtlpSink {
     proc: Proc,
     /// Its OTLP/gRPC address.
     pub grpc: String,
+    /// Its OTLP/HTTP address (`POST /v1/traces`).
+    pub http: String,
 }
 
 impl OtlpSink {
@@ -751,9 +756,13 @@ impl OtlpSink {
         };
         cmd.args(["--grpc", &format!("{ip}:0"), "--http", &format!("{ip}:0")]);
         let (proc, addr) = Proc::spawn_listening("otlp-sink", cmd, dir)?;
+        let http = proc
+            .announced("http")
+            .context("otlp-sink did not announce its HTTP address")?;
         Ok(Self {
             proc,
             grpc: addr.to_string(),
+            http,
         })
     }
 
