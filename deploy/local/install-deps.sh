@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what weft's tests and demo need on a Debian machine, idempotently:
-#   apt:  iptables, iproute2, curl (and python3-venv if venvs cannot be made)
-#   PyPI: httpbin + gunicorn in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
+#   apt:  iptables, iproute2, curl, socat (weft-local's relay to a Jaeger; and python3-venv if venvs
+#         cannot be made)
+#   PyPI: httpbin + gunicorn (+ PyYAML, weft-local's manifest reader) in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
 #         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise), plus the
 #         test-only kubernetes-validate (requirements-test.txt, ~108 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
 #         e.g. for the demo alone)
@@ -18,9 +19,12 @@ missing=()
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(iptables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
-probe="$(mktemp -d)"
-python3 -m venv "$probe/v" >/dev/null 2>&1 || missing+=(python3-venv)
-rm -rf "$probe"
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+if [ ! -x "$venv/bin/python" ]; then # only needed to make the venv
+  probe="$(mktemp -d)"
+  python3 -m venv "$probe/v" >/dev/null 2>&1 || missing+=(python3-venv)
+  rm -rf "$probe"
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "install-deps: apt-get install ${missing[*]}"
@@ -31,8 +35,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-if [ ! -x "$venv/bin/gunicorn" ] || ! "$venv/bin/python" -c 'import httpbin' >/dev/null 2>&1; then
-  echo "install-deps: creating $venv with httpbin and gunicorn"
+if [ ! -x "$venv/bin/gunicorn" ] || ! "$venv/bin/python" -c 'import httpbin, yaml' >/dev/null 2>&1; then
+  echo "install-deps: creating $venv with httpbin, gunicorn and PyYAML"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"

@@ -12,4 +12,5 @@ mod mesh;
 mod mirror;
 mod pilot;
 mod resilience;
+mod runtime;
 mod transparent;
