@@ -25,7 +25,7 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Why an upstream request failed before a response arrived.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     /// TCP connect failed or timed out.
     #[error("connect to {addr} failed: {reason}")]
@@ -53,8 +53,19 @@ pub enum UpstreamError {
     },
 }
 
-/// One pooled HTTP/2 connection slot.
-type H2Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+/// One pooled HTTP/2 connection slot: the connection, or when the last attempt to make one failed
+/// (so that a dead endpoint costs one connect attempt per [`FAILURE_HOLD`], not one per request).
+type H2Slot = Arc<tokio::sync::Mutex<Slot>>;
+
+#[derive(Default)]
+struct Slot {
+    sender: Option<SendRequest<Body>>,
+    failed: Option<(tokio::time::Instant, UpstreamError)>,
+}
+
+/// How long a failed connect is remembered before the endpoint is tried again (a light form of
+/// Envoy's outlier ejection; without it a dead mirror target or endpoint costs a connect per request).
+pub const FAILURE_HOLD: Duration = Duration::from_millis(500);
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -145,14 +156,30 @@ impl Upstreams {
             map.entry(key).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref()
+        if let Some(sender) = slot.sender.as_ref()
             && !sender.is_closed()
         {
             return Ok(sender.clone());
         }
-        let sender = self.connect_h2(addr, identity, connect_timeout).await?;
-        *slot = Some(sender.clone());
-        Ok(sender)
+        if let Some((at, err)) = &slot.failed
+            && at.elapsed() < FAILURE_HOLD
+        {
+            return Err(err.clone());
+        }
+        match self.connect_h2(addr, identity, connect_timeout).await {
+            Ok(sender) => {
+                *slot = Slot {
+                    sender: Some(sender.clone()),
+                    failed: None,
+                };
+                Ok(sender)
+            }
+            Err(e) => {
+                slot.sender = None;
+                slot.failed = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     fn client_config(
@@ -241,5 +268,49 @@ fn classify_legacy(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> U
                 .map(ToString::to_string)
                 .unwrap_or_else(|| e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_endpoint_is_not_retried_within_the_hold() {
+        weft_ca::tls::install_default_provider();
+        // A CA and credentials, so the pool can be built.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = weft_ca::authority::Authority::load_or_create(
+            dir.path(),
+            weft_ca::authority::AuthorityOptions::default(),
+        )
+        .unwrap();
+        let id = SpiffeId::new("cluster.local", "default", "sleep").unwrap();
+        let kc = weft_ca::csr::generate(&id).unwrap();
+        let chain = ca
+            .sign_csr(&kc.csr_pem, &id, 0, std::time::SystemTime::now())
+            .unwrap();
+        let creds = weft_ca::tls::Credentials::from_pem(&chain, &kc.key_pem).unwrap();
+        let pool = Upstreams::new(
+            CredentialStore::new(creds),
+            TrustBundle::from_pem(ca.root_pem()).unwrap(),
+        );
+        // Accepts TCP but never speaks TLS: every attempt costs the whole handshake timeout.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let timeout = Duration::from_millis(300);
+        let first = tokio::time::Instant::now();
+        assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
+        assert!(first.elapsed() >= timeout);
+        // Within the hold the failure is answered at once, without another attempt.
+        let second = tokio::time::Instant::now();
+        let err = pool.h2_sender(addr, &id, timeout).await.unwrap_err();
+        assert!(second.elapsed() < timeout, "retried within the hold");
+        assert!(matches!(err, UpstreamError::Tls { .. }), "{err}");
+        // After the hold, the endpoint is tried again.
+        tokio::time::sleep(FAILURE_HOLD).await;
+        let third = tokio::time::Instant::now();
+        assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
+        assert!(third.elapsed() >= timeout, "not tried again after the hold");
     }
 }
