@@ -427,6 +427,11 @@ impl Inbound {
                 ("server.address", host),
                 ("server.port", app_port.to_string()),
             ];
+            attributes.push(("weft.response_flags", flags.to_owned()));
+            attributes.push((
+                "weft.destination.workload",
+                self.telemetry.pod_name.to_string(),
+            ));
             if let Some(c) = caller {
                 attributes.push(("weft.peer.identity", c.to_string()));
             }

@@ -351,6 +351,12 @@ impl Outbound {
                     ("weft.route", route.name.clone()),
                     ("weft.upstream_cluster", dest.cluster.name.clone()),
                     ("weft.subset", dest.cluster.subset.clone()),
+                    ("weft.response_flags", flags.to_owned()),
+                    ("weft.source.workload", self.pod_name.to_string()),
+                    (
+                        "weft.destination.workload",
+                        endpoint.map_or_else(|| "unknown".to_owned(), |e| e.workload.clone()),
+                    ),
                 ],
             });
         }

@@ -725,9 +725,9 @@ impl Sidecar {
     }
 }
 
-/// gunicorn's default access-log format with ` host=<Host>` appended.
-const ACCESS_LOG_FORMAT: &str =
-    r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" host=%({host}i)s"#;
+/// gunicorn's default access-log format with the request id, `x-envoy-internal`, `x-forwarded-for` and,
+/// last, the Host appended (what the seed's tcpdump shows of a mirrored request).
+const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}i)s internal=%({x-envoy-internal}i)s xff="%({x-forwarded-for}i)s" host=%({host}i)s"#;
 
 fn otlp_env(cmd: &mut Command, plane: &ControlPlane) {
     if let Some(addr) = &plane.otlp {
