@@ -10,8 +10,8 @@ use weft_tests::run;
 use weft_tests::seed::{Seed, has_vs_route};
 
 #[test]
-fn captured_pods_resolve_route_and_talk_mtls() {
-    if !netns::available("captured_pods_resolve_route_and_talk_mtls") {
+fn the_seed_walkthrough_in_captured_pods() {
+    if !netns::available("the_seed_walkthrough_in_captured_pods") {
         return;
     }
     let p = Seed::transparent(&[]).unwrap();
@@ -38,12 +38,39 @@ fn captured_pods_resolve_route_and_talk_mtls() {
         body.contains("URI=spiffe://cluster.local/ns/default/sa/sleep"),
         "{body}"
     );
+    // The seed's mirror step: both logs grow, v2's entry carries the shadow host, curl's answer is v1's.
+    p.apply("mirror-v2.yaml").unwrap();
+    p.wait_mirroring(true).unwrap();
+    let v2_before = p.v2.log_lines().len();
+    assert_eq!(p.send(1, &[]).unwrap().0, 1, "the primary goes to v1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.v2.log_lines().len() < v2_before + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never reached v2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shadow = p.v2.log_lines().last().cloned().unwrap_or_default();
+    assert!(shadow.ends_with("host=httpbin-shadow:8000"), "{shadow}");
+
     // The app's access log shows the request from localhost, as in the seed.
     let last = p.v1.log_lines().last().cloned().unwrap_or_default();
     assert!(
         last.starts_with("127.0.0.1 ") && last.contains("\"GET /headers HTTP/1.1\" 200"),
         "{last}"
     );
+
+    // Cleanup (the seed's kubectl delete) restores default balancing.
+    let (ok, _, err) = p
+        .plane
+        .pilot_cmd(&["delete", "virtualservice", "httpbin"])
+        .unwrap();
+    assert!(ok, "{err}");
+    p.wait_routes("the VirtualService is gone", |r| !has_vs_route(r))
+        .unwrap();
+    let (v1, v2) = p.send(20, &[]).unwrap();
+    assert!(v1 > 0 && v2 > 0, "after cleanup v1 {v1}, v2 {v2}");
 }
 
 #[test]
