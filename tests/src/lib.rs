@@ -508,21 +508,16 @@ impl Sidecar {
     ) -> Result<Self> {
         let token = plane.token("default", sa)?;
         let mut cmd = Command::new(bin("sidecar"));
-        cmd.args(["run", "--mode", "explicit", "--bind", "127.0.0.1"])
-            .args(["--pilot", pilot, "--ca", &plane.ca_addr])
-            .arg("--ca-root")
-            .arg(&plane.root)
-            .arg("--token-file")
-            .arg(&token)
-            .args([
-                "--namespace",
-                "default",
-                "--service-account",
-                sa,
-                "--name",
-                name,
-            ])
-            .args(["--labels", labels, "--ip", "127.0.0.1"])
+        run_flags(
+            &mut cmd,
+            plane,
+            "explicit",
+            pilot,
+            (&plane.root, &token),
+            (sa, name, labels),
+            "127.0.0.1",
+        );
+        cmd.args(["--bind", "127.0.0.1"])
             .args([
                 "--outbound-port",
                 "0",
@@ -530,27 +525,13 @@ impl Sidecar {
                 "0",
                 "--admin-port",
                 "0",
-                "--dns-port",
-                "0",
-                "--status-port",
-                "0",
             ])
-            .args(extra)
-            .env("RUST_LOG", "info");
-        otlp_env(&mut cmd, plane);
+            .args(["--dns-port", "0", "--status-port", "0"])
+            .args(extra);
         if let Some(p) = app_port {
             cmd.args(["--app-port", &p.to_string()]);
         }
-        let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
-        let sidecar = Sidecar {
-            outbound: proc.announced("outbound").context("no outbound address")?,
-            inbound: proc.announced("inbound").context("no inbound address")?,
-            admin: admin.to_string(),
-            proc,
-            host: None,
-        };
-        sidecar.wait_ready()?;
-        Ok(sidecar)
+        Self::spawn(name, cmd, plane, None)
     }
 
     /// Starts a transparent sidecar in pod `host`: `sidecar init` as root (iptables in the pod's
@@ -575,30 +556,32 @@ impl Sidecar {
             bail!("sidecar init in {}: {out}{err}", host.ns);
         }
         let mut cmd = host.command_as(1337, &sidecar_bin);
-        cmd.args(["run", "--mode", "transparent"])
-            .args(["--pilot", &plane.discovery_addr, "--ca", &plane.ca_addr])
-            .arg("--ca-root")
-            .arg(&root)
-            .arg("--token-file")
-            .arg(&token)
-            .args([
-                "--namespace",
-                "default",
-                "--service-account",
-                sa,
-                "--name",
-                name,
-            ])
-            .args(["--labels", labels, "--ip", &host.ip])
-            .env("RUST_LOG", "info");
-        otlp_env(&mut cmd, plane);
+        run_flags(
+            &mut cmd,
+            plane,
+            "transparent",
+            &plane.discovery_addr,
+            (&root, &token),
+            (sa, name, labels),
+            &host.ip,
+        );
+        Self::spawn(name, cmd, plane, Some(host.clone()))
+    }
+
+    /// Starts the process and waits until the sidecar is ready.
+    fn spawn(
+        name: &str,
+        cmd: Command,
+        plane: &ControlPlane,
+        host: Option<netns::Host>,
+    ) -> Result<Self> {
         let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
         let sidecar = Sidecar {
             outbound: proc.announced("outbound").context("no outbound address")?,
             inbound: proc.announced("inbound").context("no inbound address")?,
             admin: admin.to_string(),
             proc,
-            host: Some(host.clone()),
+            host,
         };
         sidecar.wait_ready()?;
         Ok(sidecar)
@@ -728,6 +711,43 @@ impl Sidecar {
 /// gunicorn's default access-log format with the request id, `x-envoy-internal`, `x-forwarded-for` and,
 /// last, the Host appended (what the seed's tcpdump shows of a mirrored request).
 const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}i)s internal=%({x-envoy-internal}i)s xff="%({x-forwarded-for}i)s" host=%({host}i)s"#;
+
+/// The `sidecar run` flags every test sidecar has: mode, pilot, CA, (root, token) files, (service
+/// account, pod name, labels) and pod IP; logs at info and spans to the plane's sink.
+fn run_flags(
+    cmd: &mut Command,
+    plane: &ControlPlane,
+    mode: &str,
+    pilot: &str,
+    (root, token): (&std::path::Path, &std::path::Path),
+    (sa, name, labels): (&str, &str, &str),
+    ip: &str,
+) {
+    cmd.args([
+        "run",
+        "--mode",
+        mode,
+        "--pilot",
+        pilot,
+        "--ca",
+        &plane.ca_addr,
+    ])
+    .arg("--ca-root")
+    .arg(root)
+    .arg("--token-file")
+    .arg(token)
+    .args([
+        "--namespace",
+        "default",
+        "--service-account",
+        sa,
+        "--name",
+        name,
+    ])
+    .args(["--labels", labels, "--ip", ip])
+    .env("RUST_LOG", "info");
+    otlp_env(cmd, plane);
+}
 
 fn otlp_env(cmd: &mut Command, plane: &ControlPlane) {
     if let Some(addr) = &plane.otlp {
