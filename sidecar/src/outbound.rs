@@ -391,7 +391,7 @@ impl Outbound {
                 TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
             };
             let Some(identity) = identity else {
-                let req = build_request(&parts, body, authority, path, endpoint, false)?;
+                let req = build_request(parts, body, authority, path, endpoint, false)?;
                 return self
                     .upstreams
                     .send_plain(endpoint.dial, req)
@@ -405,7 +405,7 @@ impl Outbound {
                 .await
             {
                 Ok(sender) => {
-                    let req = build_request(&parts, body, authority, path, endpoint, true)?;
+                    let req = build_request(parts, body, authority, path, endpoint, true)?;
                     return Upstreams::send_h2(sender, endpoint.dial, req)
                         .await
                         .map(|r| (r, idx, true))
@@ -492,8 +492,10 @@ fn rewrite_path(route: &Route, uri: &Uri) -> String {
     format!("{new}{query}")
 }
 
+/// Builds the upstream request, moving the head (no per-request copy of the headers): it runs once,
+/// after the connection is ready, so connect retries never need the head twice.
 fn build_request(
-    parts: &http::request::Parts,
+    parts: http::request::Parts,
     body: Body,
     authority: &str,
     path: &str,
@@ -501,8 +503,8 @@ fn build_request(
     h2: bool,
 ) -> Result<Request<Body>, ProxyError> {
     let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.method_mut() = parts.method;
+    *req.headers_mut() = parts.headers;
     let uri = if h2 {
         // HTTP/2 to the peer sidecar: :authority carries the original host; Host would be redundant.
         req.headers_mut().remove(http::header::HOST);
