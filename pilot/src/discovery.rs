@@ -6,30 +6,47 @@
 //! wait) into a new [`PushContext`]; every stream then recomputes its view and pushes only if the view
 //! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
 //! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
+//!
+//! Cost per push: sidecars whose nodes share an [`OutboundKey`] share the outbound part of their
+//! views (services and clusters, nearly all of a view). It is translated, fingerprinted and encoded
+//! once per key per push context; each stream's response is its own small part (version, nonce,
+//! mesh, inbound, tracing) around those shared bytes, which it refers to instead of copying (see
+//! [`wire`]). Each stream queues at most [`STREAM_QUEUE`] response beyond the one being written.
+
+mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use futures_util::Stream;
+use bytes::Bytes;
 use tokio::sync::{OnceCell, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codec::Codec as _;
+use tonic::{Request, Status, Streaming};
 use weft_ca::SpiffeId;
 use weft_pilot_config::Resource;
 use weft_pilot_config::translate::{
-    MeshOptions, Outbound, OutboundKey, Workload, fingerprint, fingerprint_outbound,
-    source_label_keys, translate_local, translate_outbound,
+    MeshOptions, OutboundKey, Workload, fingerprint, fingerprint_outbound, source_label_keys,
+    translate_local, translate_outbound,
 };
 use weft_proto::discovery as pb;
-use weft_proto::discovery::discovery_service_server::DiscoveryService;
 
 use crate::registry::{Registration, Registry, WorkloadSource};
 use crate::store::Snapshot;
 
 /// How long a new stream has to send its node.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request a sidecar may send (tonic's default limit for generated servers).
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Responses queued per stream beyond the one being written: a slow sidecar holds up only its own
+/// session, and what is queued refers to the shared outbound bytes rather than copying them.
+const STREAM_QUEUE: usize = 1;
 
 /// How many outbound translations run at once (on the blocking pool): enough to use the cores,
 /// few enough that a push to many sidecars with different keys does not hold every view in memory
@@ -54,10 +71,12 @@ pub struct PushContext {
     outbound: Mutex<HashMap<OutboundKey, Arc<OnceCell<Arc<SharedOutbound>>>>>,
 }
 
-/// One translated outbound part and its fingerprint.
+/// One translated outbound part, encoded once for every stream it is sent to, and its fingerprint.
 #[derive(Debug)]
 struct SharedOutbound {
-    outbound: Outbound,
+    /// The services and clusters as `ProxyConfig` fields 2 and 3 (see [`wire::encode_outbound`]);
+    /// every response carrying them refers to these bytes.
+    encoded: Bytes,
     fingerprint: u64,
 }
 
@@ -101,10 +120,9 @@ impl PushContext {
                 let (ctx, node, mesh) = (self.clone(), node.clone(), mesh.clone());
                 tokio::task::spawn_blocking(move || {
                     let outbound = translate_outbound(&ctx.resources, &ctx.workloads, &node, &mesh);
-                    let fingerprint = fingerprint_outbound(&outbound);
                     Arc::new(SharedOutbound {
-                        outbound,
-                        fingerprint,
+                        fingerprint: fingerprint_outbound(&outbound),
+                        encoded: wire::encode_outbound(&outbound),
                     })
                 })
                 .await
@@ -286,16 +304,77 @@ impl Discovery {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+impl tonic::server::NamedService for Discovery {
+    const NAME: &'static str = wire::SERVICE_NAME;
+}
 
-#[tonic::async_trait]
-impl DiscoveryService for Discovery {
-    type StreamConfigStream = ResponseStream;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
 
+/// `weft.discovery.v1.DiscoveryService`, served by hand rather than through the generated server so
+/// that responses can be written from shared pre-encoded pieces (see [`wire`]). Requests are decoded
+/// with the generated prost types as before, and errors are the same gRPC statuses.
+impl tower::Service<http::Request<tonic::body::Body>> for Discovery {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            Ok(match this.route(request).await {
+                Ok(body) => {
+                    let mut response = http::Response::new(tonic::body::Body::new(body));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+impl Discovery {
+    /// Checks method and encoding as the generated server does, then opens the stream.
+    async fn route(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<wire::ResponseBody, Status> {
+        if request.uri().path() != wire::STREAM_CONFIG_PATH {
+            return Err(Status::unimplemented(format!(
+                "unknown method {}",
+                request.uri().path()
+            )));
+        }
+        if let Some(encoding) = request.headers().get("grpc-encoding")
+            && encoding.as_bytes() != b"identity"
+        {
+            return Err(Status::unimplemented(format!(
+                "request compression {encoding:?} is not supported"
+            )));
+        }
+        let (metadata, extensions, body) = Request::from_http(request).into_parts();
+        let decoder =
+            tonic_prost::ProstCodec::<pb::DiscoveryResponse, pb::DiscoveryRequest>::default()
+                .decoder();
+        let inbound = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST_BYTES));
+        self.stream_config(Request::from_parts(metadata, extensions, inbound))
+            .await
+    }
+
+    /// `StreamConfig`: checks the client certificate against the node of the first request,
+    /// registers the workload and starts its session; the body carries the session's responses.
     async fn stream_config(
         &self,
         request: Request<Streaming<pb::DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+    ) -> Result<wire::ResponseBody, Status> {
         let peer = request
             .peer_certs()
             .and_then(|certs| weft_ca::tls::peer_identity(&certs))
@@ -324,7 +403,7 @@ impl DiscoveryService for Discovery {
         );
         let registration = self.registry.register(workload.clone());
         tracing::info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %peer, "sidecar connected");
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let session = Session {
             id,
             node: workload,
@@ -339,9 +418,7 @@ impl DiscoveryService for Discovery {
             last_nonce: String::new(),
         };
         tokio::spawn(session.run(inbound, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(wire::ResponseBody::new(rx))
     }
 }
 
@@ -391,7 +468,7 @@ struct Session {
     mesh: Arc<MeshOptions>,
     proxies: Arc<ProxyTable>,
     translations: Arc<Semaphore>,
-    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<wire::Message>,
     _registration: Registration,
     last_fingerprint: Option<u64>,
     nonce: u64,
@@ -449,21 +526,17 @@ impl Session {
         if self.last_fingerprint == Some(fp) {
             return Ok(());
         }
-        let config = pb::ProxyConfig {
-            services: shared.outbound.services.clone(),
-            clusters: shared.outbound.clusters.clone(),
-            ..local
-        };
-        drop(shared);
         self.nonce += 1;
         let version = ctx.epoch.to_string();
         let nonce = format!("{}-{}", self.id, self.nonce);
-        let response = pb::DiscoveryResponse {
-            version_info: version.clone(),
-            nonce: nonce.clone(),
-            config: Some(config),
+        // The services and clusters are the shared bytes, referred to, not copied.
+        let Some(response) = wire::Message::response(&version, &nonce, &local, &shared.encoded)
+        else {
+            tracing::error!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "view exceeds the largest gRPC message");
+            return Err(());
         };
-        self.tx.send(Ok(response)).await.map_err(|_| ())?;
+        drop(shared);
+        self.tx.send(response).await.map_err(|_| ())?;
         self.last_fingerprint = Some(fp);
         self.last_nonce = nonce;
         self.proxies.update(self.id, |p| {
@@ -597,9 +670,7 @@ pub async fn serve(
     tracing::info!(%identity, "discovery serving");
     let incoming = weft_ca::grpc::tls_incoming(listener, Arc::new(config));
     let server = tonic::transport::Server::builder()
-        .add_service(pb::discovery_service_server::DiscoveryServiceServer::new(
-            service,
-        ))
+        .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);
     let result = tokio::select! {

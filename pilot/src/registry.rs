@@ -34,7 +34,11 @@ struct Inner {
     entries: BTreeMap<(String, String), Entry>,
     next_conn: u64,
     generation: u64,
+    /// The workloads as of the last [`WorkloadSource::workloads`] call...
     published: Arc<Vec<Workload>>,
+    /// ...unless a change came since: then the list is rebuilt on the next call, so that a burst
+    /// of registrations (many sidecars connecting) costs one rebuild per push rather than one each.
+    stale: bool,
 }
 
 #[derive(Debug)]
@@ -132,14 +136,20 @@ impl Registry {
 
     fn publish(&self, inner: &mut Inner) {
         inner.generation += 1;
-        inner.published = Arc::new(inner.entries.values().map(|e| e.workload.clone()).collect());
+        inner.stale = true;
         self.changes.send_replace(inner.generation);
     }
 }
 
 impl WorkloadSource for Registry {
     fn workloads(&self) -> Arc<Vec<Workload>> {
-        self.lock().published.clone()
+        let mut inner = self.lock();
+        if inner.stale {
+            inner.published =
+                Arc::new(inner.entries.values().map(|e| e.workload.clone()).collect());
+            inner.stale = false;
+        }
+        inner.published.clone()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {

@@ -197,13 +197,14 @@ pub fn translate_outbound(
 }
 
 /// `node`'s view without services and clusters (mesh settings, inbound mode, tracing): the same
-/// as [`translate`]'s. None of it depends on the live workloads.
+/// as [`translate`]'s. None of it depends on the live workloads. Costs about one pass over the
+/// objects (pilot computes it per sidecar and push).
 pub fn translate_local(
     resources: &[Resource],
     node: &Workload,
     mesh: &MeshOptions,
 ) -> pb::ProxyConfig {
-    local(&Catalog::new(resources, &[], node, mesh), node)
+    local(&Catalog::for_local(resources, node, mesh), node)
 }
 
 fn outbound(catalog: &Catalog<'_>) -> Outbound {

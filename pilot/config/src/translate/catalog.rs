@@ -137,6 +137,71 @@ impl<'a> Catalog<'a> {
         }
     }
 
+    /// The part of [`Self::new`] a node's local view looks at, built in time linear in the
+    /// objects without allocating per Service (pilot builds one per sidecar and push): the
+    /// PeerAuthentications, and of the Services only those that select `node`, as [`Self::new`]
+    /// keeps them (one per FQDN, the first in input order). No workloads, VirtualServices or
+    /// DestinationRules.
+    pub(super) fn for_local(
+        resources: &'a [Resource],
+        node: &'a Workload,
+        mesh: &'a MeshOptions,
+    ) -> Self {
+        let mut services = Vec::new();
+        let mut peer_authentications = Vec::new();
+        for (at, resource) in resources.iter().enumerate() {
+            let namespace = resource.namespace();
+            let name = resource.name();
+            match resource {
+                // `selects` without building the view first: the same three conditions.
+                Resource::Service(svc)
+                    if namespace == node.namespace
+                        && !svc.spec.selector.is_empty()
+                        && labels_match(&svc.spec.selector, &node.labels) =>
+                {
+                    let fqdn = host::expand(name, namespace);
+                    // `new` keeps the first Service of an FQDN. An FQDN starts with the name it
+                    // was expanded from, so only Services whose name is a prefix of this FQDN
+                    // can have the same one.
+                    let shadowed = resources.get(..at).unwrap_or_default().iter().any(|r| {
+                        matches!(r, Resource::Service(_))
+                            && fqdn.starts_with(r.name())
+                            && host::expand(r.name(), r.namespace()) == fqdn
+                    });
+                    if !shadowed {
+                        services.push(ServiceView {
+                            fqdn,
+                            name,
+                            namespace,
+                            vip: svc.spec.cluster_ip.as_deref().unwrap_or(""),
+                            spec: &svc.spec,
+                        });
+                    }
+                }
+                Resource::PeerAuthentication(pa) => peer_authentications.push(RuleView {
+                    namespace,
+                    name,
+                    spec: &pa.spec,
+                    hosts: Vec::new(),
+                }),
+                _ => {}
+            }
+        }
+        services.sort_by(|a, b| a.fqdn.cmp(&b.fqdn));
+        peer_authentications.sort_by(RuleView::by_key);
+        Self {
+            services,
+            by_fqdn: BTreeMap::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
+            peer_authentications,
+            workloads: Vec::new(),
+            by_label: BTreeMap::new(),
+            node,
+            mesh,
+        }
+    }
+
     /// Services sorted by FQDN (one per FQDN).
     pub(super) fn services(&self) -> &[ServiceView<'a>] {
         &self.services

@@ -1,0 +1,206 @@
+//! Discovery responses on the wire, assembled from pre-encoded pieces.
+//!
+//! A push to many sidecars carries the same services and clusters to every sidecar with the same
+//! [`OutboundKey`](weft_pilot_config::translate::OutboundKey). Protobuf lets a message be written
+//! field by field, and a repeated field's elements be written one after the other, so the encoding
+//! of a `DiscoveryResponse` is the concatenation of: the version and nonce fields, the `config`
+//! field's key and length, the node's own `mesh` field, the shared `services` and `clusters` fields
+//! (encoded once per key and per push, see [`encode_outbound`]), and the node's own `inbound` and
+//! `tracing` fields. Those are the bytes prost writes for the same `DiscoveryResponse` (fields in
+//! number order), so sidecars decode exactly the `ProxyConfig` that `translate` returns.
+//!
+//! The shared piece is a [`Bytes`]: every stream's response refers to the same allocation, and
+//! hyper hands it to h2 without copying, so pilot holds one copy of each key's outbound part however
+//! many streams it is being sent to. To get that, the `StreamConfig` method is served by hand (a
+//! tower service, see [`super::Discovery`]) instead of through the generated server, whose codec
+//! would encode each stream's response into a buffer of its own: requests are still decoded with
+//! the generated prost types, and responses are framed here as gRPC length-prefixed messages.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::HeaderMap;
+use http::header::HeaderValue;
+use http_body::Frame;
+use prost::encoding::{self, WireType};
+use tokio::sync::mpsc;
+use weft_pilot_config::translate::Outbound;
+use weft_proto::discovery as pb;
+
+/// The gRPC path of the one method this service has.
+pub(super) const STREAM_CONFIG_PATH: &str = "/weft.discovery.v1.DiscoveryService/StreamConfig";
+/// The gRPC service name (the path's first segment).
+pub(super) const SERVICE_NAME: &str = "weft.discovery.v1.DiscoveryService";
+
+/// Field numbers of `DiscoveryResponse` and `ProxyConfig` in `discovery.proto`.
+mod field {
+    pub(super) const VERSION_INFO: u32 = 1;
+    pub(super) const NONCE: u32 = 2;
+    pub(super) const CONFIG: u32 = 3;
+    pub(super) const MESH: u32 = 1;
+    pub(super) const SERVICES: u32 = 2;
+    pub(super) const CLUSTERS: u32 = 3;
+    pub(super) const INBOUND: u32 = 4;
+    pub(super) const TRACING: u32 = 5;
+}
+
+/// An outbound part encoded as `ProxyConfig` fields: every service as field 2, then every
+/// cluster as field 3, exactly as prost encodes them inside a whole `ProxyConfig`.
+pub(super) fn encode_outbound(outbound: &Outbound) -> Bytes {
+    let Outbound { services, clusters } = outbound;
+    let len = encoding::message::encoded_len_repeated(field::SERVICES, services)
+        + encoding::message::encoded_len_repeated(field::CLUSTERS, clusters);
+    let mut buf = BytesMut::with_capacity(len);
+    encoding::message::encode_repeated(field::SERVICES, services, &mut buf);
+    encoding::message::encode_repeated(field::CLUSTERS, clusters, &mut buf);
+    buf.freeze()
+}
+
+/// One `DiscoveryResponse` as a gRPC message (5-byte length prefix included), in pieces: the part
+/// written for this stream, the shared outbound bytes, and this node's trailing fields.
+#[derive(Debug, Clone)]
+pub(super) struct Message {
+    pieces: [Bytes; 3],
+}
+
+impl Message {
+    /// The response `{version_info, nonce, config}` whose config is `local` (the node's own part:
+    /// mesh, inbound, tracing; its services and clusters are not used) with the services and
+    /// clusters `shared` holds (from [`encode_outbound`]). `None` if it would exceed the 4 GiB a
+    /// gRPC message can have.
+    pub(super) fn response(
+        version: &str,
+        nonce: &str,
+        local: &pb::ProxyConfig,
+        shared: &Bytes,
+    ) -> Option<Self> {
+        let mesh_len = local
+            .mesh
+            .as_ref()
+            .map_or(0, |m| encoding::message::encoded_len(field::MESH, m));
+        let tail_len = local
+            .inbound
+            .as_ref()
+            .map_or(0, |m| encoding::message::encoded_len(field::INBOUND, m))
+            + local
+                .tracing
+                .as_ref()
+                .map_or(0, |m| encoding::message::encoded_len(field::TRACING, m));
+        let config_len = mesh_len + shared.len() + tail_len;
+        let string_len = |tag: u32, value: &str| {
+            if value.is_empty() {
+                0
+            } else {
+                encoding::key_len(tag)
+                    + encoding::encoded_len_varint(value.len() as u64)
+                    + value.len()
+            }
+        };
+        let response_len = string_len(field::VERSION_INFO, version)
+            + string_len(field::NONCE, nonce)
+            + encoding::key_len(field::CONFIG)
+            + encoding::encoded_len_varint(config_len as u64)
+            + config_len;
+        let prefix = u32::try_from(response_len).ok()?;
+
+        let head_len = 5 + response_len - shared.len() - tail_len;
+        let mut head = BytesMut::with_capacity(head_len);
+        // gRPC framing: not compressed, then the length (big-endian).
+        head.put_u8(0);
+        head.put_u32(prefix);
+        if !version.is_empty() {
+            encoding::encode_key(field::VERSION_INFO, WireType::LengthDelimited, &mut head);
+            encoding::encode_varint(version.len() as u64, &mut head);
+            head.put_slice(version.as_bytes());
+        }
+        if !nonce.is_empty() {
+            encoding::encode_key(field::NONCE, WireType::LengthDelimited, &mut head);
+            encoding::encode_varint(nonce.len() as u64, &mut head);
+            head.put_slice(nonce.as_bytes());
+        }
+        encoding::encode_key(field::CONFIG, WireType::LengthDelimited, &mut head);
+        encoding::encode_varint(config_len as u64, &mut head);
+        if let Some(mesh) = &local.mesh {
+            encoding::message::encode(field::MESH, mesh, &mut head);
+        }
+        let mut tail = BytesMut::with_capacity(tail_len);
+        if let Some(inbound) = &local.inbound {
+            encoding::message::encode(field::INBOUND, inbound, &mut tail);
+        }
+        if let Some(tracing) = &local.tracing {
+            encoding::message::encode(field::TRACING, tracing, &mut tail);
+        }
+        Some(Self {
+            pieces: [head.freeze(), shared.clone(), tail.freeze()],
+        })
+    }
+
+    /// The encoded length, gRPC prefix included.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+}
+
+/// The response body of one `StreamConfig` call: the messages the session sends, each as its
+/// pieces (the shared one handed on without copying), then the trailers of a call that ended
+/// normally (`grpc-status: 0`) once the session drops its sender, as tonic ends a stream.
+#[derive(Debug)]
+pub(super) struct ResponseBody {
+    messages: mpsc::Receiver<Message>,
+    pieces: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl ResponseBody {
+    pub(super) fn new(messages: mpsc::Receiver<Message>) -> Self {
+        Self {
+            messages,
+            pieces: VecDeque::new(),
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(piece) = this.pieces.pop_front() {
+                if piece.is_empty() {
+                    continue;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.messages.poll_recv(cx) {
+                Poll::Ready(Some(message)) => this.pieces.extend(message.pieces),
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pieces.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;
