@@ -57,6 +57,41 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether the first bytes of a connection are HTTP/1.x (a method and a space) or the HTTP/2
+/// connection preface; anything else is carried as opaque TCP.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+        b"TRACE ",
+    ];
+    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
+}
+
+/// Peeks at a new connection's first bytes (waiting up to `timeout` for at least 8, enough for any
+/// method and a space) and says whether it speaks HTTP; `None` when nothing arrived in time (a
+/// server-first protocol).
+pub async fn sniff_http(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 16];
+    // Once something arrived, a short message (an interactive protocol) is not held for long.
+    let mut partial_deadline = None;
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        let head = buf.get(..n).unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        let partial_until =
+            *partial_deadline.get_or_insert(now + std::time::Duration::from_millis(50));
+        if n >= 8 || looks_like_http(head) || now >= partial_until {
+            return Some(looks_like_http(head));
+        }
+        // A partial first segment: give the rest a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
 /// Checks the raw head of the first request on a new connection for both `Content-Length` and
 /// `Transfer-Encoding`. hyper resolves that ambiguity itself (it drops the Content-Length, lets
 /// Transfer-Encoding win and closes the connection afterwards), so by the time a request reaches us the
@@ -104,6 +139,15 @@ pub fn bad_request_bytes(reason: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tells_http_from_other_protocols() {
+        assert!(looks_like_http(b"GET /headers HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!looks_like_http(b"\x16\x03\x01"));
+        assert!(!looks_like_http(b"hello\n"));
+        assert!(!looks_like_http(b"GETX"));
+    }
+
     #[test]
     fn finds_content_length_with_transfer_encoding_in_a_raw_head() {
         let both = b"POST http://httpbin:8000/post HTTP/1.1\r\nHost: httpbin:8000\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";

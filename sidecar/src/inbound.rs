@@ -199,10 +199,34 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             .1
             .peer_certificates()
             .and_then(weft_ca::tls::peer_identity);
+        if tls.get_ref().1.alpn_protocol() == Some(crate::upstream::ALPN_TCP) {
+            // Opaque TCP from a peer sidecar: splice it to the app.
+            let mut tls = tls;
+            let app = TcpStream::connect(("127.0.0.1", app_port))
+                .await
+                .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
+            crate::upstream::TcpOrTls::Tcp(app)
+                .splice(&mut tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
         serve_http(TokioIo::new(tls), inbound, app_port, caller, peer).await
     } else {
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
+        }
+        if crate::headers::sniff_http(&tcp, FIRST_BYTES_TIMEOUT).await != Some(true) {
+            // Plaintext opaque TCP (PERMISSIVE): splice it to the app.
+            let mut tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
+            let app = TcpStream::connect(("127.0.0.1", app_port))
+                .await
+                .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
+            crate::upstream::TcpOrTls::Tcp(app)
+                .splice(&mut tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
         }
         if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
             use tokio::io::AsyncWriteExt;

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
@@ -146,6 +146,11 @@ async fn connection(
             "refusing a connection to the proxy's own port {dst}"
         ));
     }
+    if let Some(dst) = original_dst
+        && !is_http(&tcp, &outbound, dst).await
+    {
+        return outbound.forward_tcp(tcp, dst).await;
+    }
     if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
         use tokio::io::AsyncWriteExt;
         let mut tcp = tcp;
@@ -168,7 +173,52 @@ async fn connection(
         .map_err(|e| e.to_string())
 }
 
+/// How long a captured connection may stay silent before it is taken for a server-first protocol.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a captured connection carries HTTP: a Service port declared `tcp` never does; otherwise the
+/// first bytes decide (Istio's protocol sniffing), and silence means a server-first protocol.
+async fn is_http(tcp: &TcpStream, outbound: &Outbound, dst: SocketAddr) -> bool {
+    let declared_tcp = {
+        let table = outbound.tables.borrow();
+        table.by_vip(dst).is_some_and(|(_, p)| p.protocol == "tcp")
+    };
+    if declared_tcp {
+        return false;
+    }
+    crate::headers::sniff_http(tcp, SNIFF_TIMEOUT)
+        .await
+        .unwrap_or(false)
+}
+
 impl Outbound {
+    /// Carries a non-HTTP connection: to an endpoint of the Service whose VIP it was dialled at (mTLS
+    /// to its sidecar), or straight to the original destination when that is not a Service (Istio's
+    /// PassthroughCluster).
+    async fn forward_tcp(&self, tcp: TcpStream, dst: SocketAddr) -> Result<(), String> {
+        let target = {
+            let table = self.tables.borrow();
+            table.by_vip(dst).and_then(|(svc, port)| {
+                let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
+                let (_, e) = balance::pick(cluster, None)?;
+                let identity = match cluster.tls {
+                    TlsMode::Disable => None,
+                    _ => e.identity.clone(),
+                };
+                Some((e.dial, identity, cluster.connect_timeout))
+            })
+        };
+        let (addr, identity, timeout) = target.unwrap_or((dst, None, Duration::from_secs(10)));
+        let upstream = self
+            .upstreams
+            .connect_tcp(addr, identity.as_ref(), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tcp = crate::telemetry::Counted::new(tcp, self.metrics.clone(), false);
+        upstream.splice(&mut tcp).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     fn service_name(&self, table: &RouteTable) -> Arc<str> {
         if table.tracing.service_name.is_empty() {
             self.pod_name.clone()

@@ -184,19 +184,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     let local = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
     let own_ports = vec![local(&outbound_l), local(&inbound_l), local(&admin_l)];
 
-    let strict = tls::server_config(
-        creds.clone(),
-        &bundle,
-        ClientAuth::Required,
-        &[tls::ALPN_H2],
-    )
+    // HTTP/2 for HTTP between sidecars, `istio` for opaque TCP (Istio's ALPN for it).
+    let alpn: &[&[u8]] = &[tls::ALPN_H2, crate::upstream::ALPN_TCP];
+    let strict = tls::server_config(creds.clone(), &bundle, ClientAuth::Required, alpn)
     .map_err(|e| RunError::Identity(e.to_string()))?;
-    let permissive = tls::server_config(
-        creds.clone(),
-        &bundle,
-        ClientAuth::Optional,
-        &[tls::ALPN_H2],
-    )
+    let permissive = tls::server_config(creds.clone(), &bundle, ClientAuth::Optional, alpn)
     .map_err(|e| RunError::Identity(e.to_string()))?;
     let target = match cfg.mode {
         Mode::Transparent => AppTarget::OriginalPort,

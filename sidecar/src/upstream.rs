@@ -83,8 +83,11 @@ pub struct Upstreams {
     plain: Client<HttpConnector, Body>,
     /// rustls client configs per expected identity (building one per request would cost a verifier
     /// allocation each time).
-    configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
+    configs: Mutex<HashMap<(SpiffeId, bool), Arc<rustls::ClientConfig>>>,
 }
+
+/// ALPN for opaque TCP carried over mTLS between sidecars (Istio's value for TCP in the mesh).
+pub const ALPN_TCP: &[u8] = b"istio";
 
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,24 +188,64 @@ impl Upstreams {
     fn client_config(
         &self,
         identity: &SpiffeId,
+        tcp: bool,
     ) -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = configs.get(identity) {
+        let key = (identity.clone(), tcp);
+        if let Some(c) = configs.get(&key) {
             return Ok(c.clone());
         }
+        let alpn: &[&[u8]] = if tcp { &[ALPN_TCP] } else { &[tls::ALPN_H2] };
         let c = tls::client_config(
             Some(self.creds.clone()),
             &self.bundle,
             vec![identity.clone()],
-            &[tls::ALPN_H2],
+            alpn,
         )
         .map_err(|e| UpstreamError::Tls {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             reason: e.to_string(),
         })?;
         let c = Arc::new(c);
-        configs.insert(identity.clone(), c.clone());
+        configs.insert(key, c.clone());
         Ok(c)
+    }
+
+    /// Opens an opaque TCP stream to `addr`: over mTLS (ALPN `istio`) to a sidecar that must prove
+    /// `identity`, or plain when there is none.
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+        identity: Option<&SpiffeId>,
+        connect_timeout: Duration,
+    ) -> Result<TcpOrTls, UpstreamError> {
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::Connect {
+                addr,
+                reason: format!("timed out after {connect_timeout:?}"),
+            })?
+            .map_err(|e| UpstreamError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let Some(identity) = identity else {
+            return Ok(TcpOrTls::Tcp(tcp));
+        };
+        let connector = tokio_rustls::TlsConnector::from(self.client_config(identity, true)?);
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Tls {
+                addr,
+                reason: "handshake timed out".into(),
+            })?
+            .map_err(|e| UpstreamError::Tls {
+                addr,
+                reason: e.to_string(),
+            })?;
+        Ok(TcpOrTls::Tls(Box::new(tls)))
     }
 
     async fn connect_h2(
@@ -222,7 +265,7 @@ impl Upstreams {
                 reason: e.to_string(),
             })?;
         let _ = tcp.set_nodelay(true);
-        let config = self.client_config(identity)?;
+        let config = self.client_config(identity, false)?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
@@ -312,5 +355,27 @@ mod tests {
         let third = tokio::time::Instant::now();
         assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
         assert!(third.elapsed() >= timeout, "not tried again after the hold");
+    }
+}
+
+/// An opaque upstream stream.
+#[derive(Debug)]
+pub enum TcpOrTls {
+    /// Plaintext.
+    Tcp(TcpStream),
+    /// mTLS to a peer sidecar.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl TcpOrTls {
+    /// Copies both ways between `downstream` and this stream until either side closes.
+    pub async fn splice<D>(self, downstream: &mut D) -> std::io::Result<(u64, u64)>
+    where
+        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match self {
+            TcpOrTls::Tcp(mut s) => tokio::io::copy_bidirectional(downstream, &mut s).await,
+            TcpOrTls::Tls(mut s) => tokio::io::copy_bidirectional(downstream, &mut *s).await,
+        }
     }
 }
