@@ -61,7 +61,14 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
 /// connection preface; anything else is carried as opaque TCP.
 pub fn looks_like_http(first: &[u8]) -> bool {
     const METHODS: [&[u8]; 9] = [
-        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
         b"TRACE ",
     ];
     first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
@@ -76,7 +83,10 @@ pub async fn sniff_http(tcp: &tokio::net::TcpStream, timeout: std::time::Duratio
     // Once something arrived, a short message (an interactive protocol) is not held for long.
     let mut partial_deadline = None;
     loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await.ok()?.ok()?;
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
         if n == 0 {
             return None;
         }

@@ -168,9 +168,19 @@ async fn connection(
     });
     let tcp = crate::telemetry::Counted::new(tcp, metrics, false);
     auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Whether a request asks to switch protocols (`Connection: upgrade` plus an `Upgrade` header).
+fn is_upgrade(h: &http::HeaderMap) -> bool {
+    h.contains_key(http::header::UPGRADE)
+        && h.get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// How long a captured connection may stay silent before it is taken for a server-first protocol.
@@ -199,7 +209,8 @@ impl Outbound {
         let target = {
             let table = self.tables.borrow();
             table.by_vip(dst).and_then(|(svc, port)| {
-                let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
+                let cluster =
+                    table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
                 let (_, e) = balance::pick(cluster, None)?;
                 let identity = match cluster.tls {
                     TlsMode::Disable => None,
@@ -217,6 +228,118 @@ impl Outbound {
         let mut tcp = crate::telemetry::Counted::new(tcp, self.metrics.clone(), false);
         upstream.splice(&mut tcp).await.map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// An HTTP/1.1 Upgrade (WebSocket and the like): HTTP/2 between sidecars cannot carry it, so the
+    /// request goes over an opaque mTLS stream (ALPN `istio`) that the peer sidecar splices to its app;
+    /// after `101 Switching Protocols` both upgraded connections are spliced together.
+    async fn upgrade(
+        &self,
+        mut parts: http::request::Parts,
+        cluster: &Cluster,
+        authority: &str,
+    ) -> Result<Response<Body>, ProxyError> {
+        let downstream = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(ProxyError::BadRequest("this connection cannot be upgraded"))?;
+        let (_, endpoint) = balance::pick(cluster, None)
+            .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+        let identity = match cluster.tls {
+            TlsMode::Disable => None,
+            TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
+        };
+        let stream = self
+            .upstreams
+            .connect_tcp(endpoint.dial, identity, cluster.connect_timeout)
+            .await
+            .map_err(ProxyError::Connect)?;
+        let http_err = |e: hyper::Error| {
+            ProxyError::Connect(UpstreamError::Http {
+                addr: endpoint.dial,
+                reason: e.to_string(),
+            })
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http_err)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let mut req = Request::new(empty_body());
+        *req.method_mut() = parts.method;
+        *req.headers_mut() = parts.headers;
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
+        if let Ok(v) = http::HeaderValue::from_str(authority) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        let mut resp = sender.send_request(req).await.map_err(http_err)?;
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) {
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(down),
+                        &mut TokioIo::new(up),
+                    )
+                    .await;
+                }
+            });
+        }
+        Ok(resp.map(BodyExt::boxed))
+    }
+
+    /// `CONNECT host:port` (explicit mode): a TCP tunnel to an endpoint of that Service (mTLS to its
+    /// sidecar) or, for a host that is not a Service, to the host itself.
+    async fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        table: &RouteTable,
+    ) -> Result<Response<Body>, ProxyError> {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
+        let target = table.by_authority(&authority, 443).and_then(|(svc, port)| {
+            let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
+            let (_, e) = balance::pick(cluster, None)?;
+            let identity = match cluster.tls {
+                TlsMode::Disable => None,
+                _ => e.identity.clone(),
+            };
+            Some((e.dial, identity, cluster.connect_timeout))
+        });
+        let (addr, identity, timeout) = match target {
+            Some(t) => t,
+            None => {
+                let addr = tokio::net::lookup_host(&authority)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| ProxyError::NoService(authority.clone()))?;
+                (addr, None, Duration::from_secs(10))
+            }
+        };
+        let upstream = self
+            .upstreams
+            .connect_tcp(addr, identity.as_ref(), timeout)
+            .await
+            .map_err(ProxyError::Connect)?;
+        let downstream = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(down) = downstream.await {
+                let _ = upstream.splice(&mut TokioIo::new(down)).await;
+            }
+        });
+        Ok(Response::new(empty_body()))
     }
 
     fn service_name(&self, table: &RouteTable) -> Arc<str> {
@@ -252,6 +375,9 @@ impl Outbound {
         check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
         // One Arc clone; never held across anything but this request.
         let table = self.tables.borrow().clone();
+        if req.method() == http::Method::CONNECT {
+            return self.connect(req, &table).await;
+        }
         let authority = request_authority(&req).ok_or(ProxyError::BadRequest("no Host"))?;
         let found = match original_dst {
             Some(dst) => table
@@ -294,6 +420,9 @@ impl Outbound {
         };
         let start = SystemTime::now();
         let (mut parts, body) = req.into_parts();
+        if is_upgrade(&parts.headers) {
+            return self.upgrade(parts, &dest.cluster, &authority).await;
+        }
         strip_hop_by_hop(&mut parts.headers);
         apply_route_headers(route, &dest.request_headers, &mut parts.headers);
         let authority = match route.rewrite.as_ref().and_then(|r| r.authority.clone()) {

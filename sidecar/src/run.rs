@@ -187,9 +187,9 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     // HTTP/2 for HTTP between sidecars, `istio` for opaque TCP (Istio's ALPN for it).
     let alpn: &[&[u8]] = &[tls::ALPN_H2, crate::upstream::ALPN_TCP];
     let strict = tls::server_config(creds.clone(), &bundle, ClientAuth::Required, alpn)
-    .map_err(|e| RunError::Identity(e.to_string()))?;
+        .map_err(|e| RunError::Identity(e.to_string()))?;
     let permissive = tls::server_config(creds.clone(), &bundle, ClientAuth::Optional, alpn)
-    .map_err(|e| RunError::Identity(e.to_string()))?;
+        .map_err(|e| RunError::Identity(e.to_string()))?;
     let target = match cfg.mode {
         Mode::Transparent => AppTarget::OriginalPort,
         Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),

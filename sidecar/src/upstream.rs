@@ -369,13 +369,56 @@ pub enum TcpOrTls {
 
 impl TcpOrTls {
     /// Copies both ways between `downstream` and this stream until either side closes.
-    pub async fn splice<D>(self, downstream: &mut D) -> std::io::Result<(u64, u64)>
+    pub async fn splice<D>(mut self, downstream: &mut D) -> std::io::Result<(u64, u64)>
     where
         D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        match self {
-            TcpOrTls::Tcp(mut s) => tokio::io::copy_bidirectional(downstream, &mut s).await,
-            TcpOrTls::Tls(mut s) => tokio::io::copy_bidirectional(downstream, &mut *s).await,
+        tokio::io::copy_bidirectional(downstream, &mut self).await
+    }
+}
+
+impl tokio::io::AsyncRead for TcpOrTls {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for TcpOrTls {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

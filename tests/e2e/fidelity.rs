@@ -462,3 +462,134 @@ fn hop_by_hop_headers_are_dropped_end_to_end_headers_kept() {
     assert_eq!(h["X-Request-Id"], "e2e-4f1d", "{body}");
     assert_eq!(h["X-End-To-End"], "kept", "{body}");
 }
+
+/// An app that accepts `Upgrade: echo` and then echoes raw bytes (the shape of a WebSocket).
+async fn upgrade_echo_app() -> u16 {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = on.await {
+                                let mut io = TokioIo::new(up);
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        let mut resp =
+                            http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert("connection", "upgrade".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("upgrade", "echo".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn http_upgrades_and_connect_tunnels_cross_the_mesh() {
+    use std::io::{Read, Write};
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = weft_tests::ControlPlane::start(dir.path(), &[]).unwrap();
+    let svc = dir.path().join("ws.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ws\nspec:\n  selector:\n    app: ws\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n",
+    )
+    .unwrap();
+    assert!(
+        plane
+            .pilot_cmd(&["apply", "-f", svc.to_str().unwrap()])
+            .unwrap()
+            .0
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app_port = rt.block_on(upgrade_echo_app());
+    let _ws =
+        weft_tests::Sidecar::explicit(&plane, "ws-1", "ws", "app=ws", Some(app_port), &[]).unwrap();
+    let client =
+        weft_tests::Sidecar::explicit(&plane, "client", "client", "app=client", None, &[]).unwrap();
+    let mut ready = false;
+    for _ in 0..200 {
+        if client.config_dump().unwrap().contains("default/ws-1") {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ready, "the ws endpoint never reached the client's sidecar");
+
+    let mut tcp = std::net::TcpStream::connect(&client.outbound).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET http://ws:8000/chat HTTP/1.1\r\nHost: ws:8000\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).unwrap(),
+            1,
+            "connection closed in the response head: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    // After the switch, bytes flow both ways through both sidecars.
+    for msg in [&b"ping"[..], b"a longer message through the mesh"] {
+        tcp.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tcp.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    // CONNECT (explicit mode): a tunnel to the Service, carried over mTLS to its pod's sidecar.
+    let mut tunnel = std::net::TcpStream::connect(&client.outbound).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let read_head = |s: &mut std::net::TcpStream| {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed in a head: {head:?}");
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    };
+    tunnel
+        .write_all(b"CONNECT ws:8000 HTTP/1.1\r\nHost: ws:8000\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut tunnel);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Through the tunnel, the app itself answers.
+    tunnel
+        .write_all(b"GET / HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut tunnel);
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    tunnel.write_all(b"tunnelled").unwrap();
+    let mut back = [0u8; 9];
+    tunnel.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"tunnelled");
+}
