@@ -173,6 +173,22 @@ async fn connection(
         .map_err(|e| e.to_string())
 }
 
+/// Where an opaque stream to a Service port goes: an endpoint of its default cluster, with the identity
+/// its sidecar must prove (none when TLS is disabled or the endpoint has no sidecar).
+fn tcp_target(
+    table: &RouteTable,
+    svc: &crate::config::Service,
+    port: &crate::config::ServicePort,
+) -> Option<(SocketAddr, Option<weft_ca::SpiffeId>, Duration)> {
+    let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
+    let (_, e) = balance::pick(cluster, None)?;
+    let identity = match cluster.tls {
+        TlsMode::Disable => None,
+        TlsMode::Auto | TlsMode::IstioMutual => e.identity.clone(),
+    };
+    Some((e.dial, identity, cluster.connect_timeout))
+}
+
 /// Whether a request asks to switch protocols (`Connection: upgrade` plus an `Upgrade` header).
 fn is_upgrade(h: &http::HeaderMap) -> bool {
     h.contains_key(http::header::UPGRADE)
@@ -208,16 +224,9 @@ impl Outbound {
     async fn forward_tcp(&self, tcp: TcpStream, dst: SocketAddr) -> Result<(), String> {
         let target = {
             let table = self.tables.borrow();
-            table.by_vip(dst).and_then(|(svc, port)| {
-                let cluster =
-                    table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
-                let (_, e) = balance::pick(cluster, None)?;
-                let identity = match cluster.tls {
-                    TlsMode::Disable => None,
-                    _ => e.identity.clone(),
-                };
-                Some((e.dial, identity, cluster.connect_timeout))
-            })
+            table
+                .by_vip(dst)
+                .and_then(|(svc, port)| tcp_target(&table, svc, port))
         };
         let (addr, identity, timeout) = target.unwrap_or((dst, None, Duration::from_secs(10)));
         let upstream = self
@@ -308,15 +317,9 @@ impl Outbound {
             .authority()
             .map(|a| a.as_str().to_owned())
             .ok_or(ProxyError::BadRequest("CONNECT needs host:port"))?;
-        let target = table.by_authority(&authority, 443).and_then(|(svc, port)| {
-            let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
-            let (_, e) = balance::pick(cluster, None)?;
-            let identity = match cluster.tls {
-                TlsMode::Disable => None,
-                _ => e.identity.clone(),
-            };
-            Some((e.dial, identity, cluster.connect_timeout))
-        });
+        let target = table
+            .by_authority(&authority, 443)
+            .and_then(|(svc, port)| tcp_target(table, svc, port));
         let (addr, identity, timeout) = match target {
             Some(t) => t,
             None => {

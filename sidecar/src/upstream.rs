@@ -219,6 +219,18 @@ impl Upstreams {
         identity: Option<&SpiffeId>,
         connect_timeout: Duration,
     ) -> Result<TcpOrTls, UpstreamError> {
+        self.dial(addr, identity, true, connect_timeout).await
+    }
+
+    /// TCP connect, then (with an identity) the mTLS handshake, each bounded by `connect_timeout`;
+    /// `tcp` picks the ALPN (`istio` for opaque TCP, `h2` otherwise).
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        identity: Option<&SpiffeId>,
+        tcp_alpn: bool,
+        connect_timeout: Duration,
+    ) -> Result<TcpOrTls, UpstreamError> {
         let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| UpstreamError::Connect {
@@ -233,7 +245,7 @@ impl Upstreams {
         let Some(identity) = identity else {
             return Ok(TcpOrTls::Tcp(tcp));
         };
-        let connector = tokio_rustls::TlsConnector::from(self.client_config(identity, true)?);
+        let connector = tokio_rustls::TlsConnector::from(self.client_config(identity, tcp_alpn)?);
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
             .await
@@ -254,30 +266,9 @@ impl Upstreams {
         identity: &SpiffeId,
         connect_timeout: Duration,
     ) -> Result<SendRequest<Body>, UpstreamError> {
-        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::Connect {
-                addr,
-                reason: format!("timed out after {connect_timeout:?}"),
-            })?
-            .map_err(|e| UpstreamError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let config = self.client_config(identity, false)?;
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
-            .await
-            .map_err(|_| UpstreamError::Tls {
-                addr,
-                reason: "handshake timed out".into(),
-            })?
-            .map_err(|e| UpstreamError::Tls {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let tls = self
+            .dial(addr, Some(identity), false, connect_timeout)
+            .await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
