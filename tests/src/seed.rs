@@ -201,15 +201,23 @@ impl Seed {
                 bail!("request answered {code}: {body}");
             }
         }
-        // gunicorn logs after answering: wait (bounded) for the last lines.
+        // gunicorn logs after answering, and mirror copies land in a log too: wait (bounded) until
+        // at least `n` lines arrived and the counts have stopped moving for a moment.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = (usize::MAX, usize::MAX);
+        let mut stable_since = std::time::Instant::now();
         loop {
-            let (b1, b2) = (
+            let now = (
                 self.v1.log_lines().len() - a1,
                 self.v2.log_lines().len() - a2,
             );
-            if b1 + b2 >= n || std::time::Instant::now() > deadline {
-                return Ok((b1, b2));
+            if now != last {
+                last = now;
+                stable_since = std::time::Instant::now();
+            }
+            let settled = stable_since.elapsed() >= Duration::from_millis(150);
+            if (now.0 + now.1 >= n && settled) || std::time::Instant::now() > deadline {
+                return Ok(now);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
