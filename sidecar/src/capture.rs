@@ -73,6 +73,14 @@ const CHAINS: [&str; 4] = [
     "WEFT_OUTPUT",
 ];
 
+/// An iptables command on the nat table, where all of weft's rules live.
+fn nat(args: &[&str]) -> Result<(), CaptureError> {
+    let mut all = Vec::with_capacity(args.len() + 2);
+    all.extend_from_slice(&["-t", "nat"]);
+    all.extend_from_slice(args);
+    iptables(&all)
+}
+
 fn iptables(args: &[&str]) -> Result<(), CaptureError> {
     let out = Command::new("iptables")
         .args(["-w", "5"])
@@ -92,29 +100,9 @@ fn iptables(args: &[&str]) -> Result<(), CaptureError> {
 /// Removes weft's chains and the jumps to them; absent ones are fine (idempotent).
 pub fn clean() -> Result<(), CaptureError> {
     // Jumps first (a chain cannot be deleted while referenced); ignore "does not exist".
-    let _ = iptables(&[
-        "-t",
-        "nat",
-        "-D",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_INBOUND",
-    ]);
-    let _ = iptables(&[
-        "-t",
-        "nat",
-        "-D",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_OUTPUT",
-    ]);
-    let _ = iptables(&[
-        "-t",
-        "nat",
+    let _ = nat(&["-D", "PREROUTING", "-p", "tcp", "-j", "WEFT_INBOUND"]);
+    let _ = nat(&["-D", "OUTPUT", "-p", "tcp", "-j", "WEFT_OUTPUT"]);
+    let _ = nat(&[
         "-D",
         "OUTPUT",
         "-p",
@@ -125,8 +113,8 @@ pub fn clean() -> Result<(), CaptureError> {
         "WEFT_OUTPUT",
     ]);
     for chain in CHAINS {
-        let _ = iptables(&["-t", "nat", "-F", chain]);
-        let _ = iptables(&["-t", "nat", "-X", chain]);
+        let _ = nat(&["-F", chain]);
+        let _ = nat(&["-X", chain]);
     }
     Ok(())
 }
@@ -139,12 +127,10 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
     let outbound = cfg.outbound_port.to_string();
     let dns = cfg.dns_port.to_string();
     for chain in CHAINS {
-        iptables(&["-t", "nat", "-N", chain])?;
+        nat(&["-N", chain])?;
     }
     // Inbound.
-    iptables(&[
-        "-t",
-        "nat",
+    nat(&[
         "-A",
         "WEFT_IN_REDIRECT",
         "-p",
@@ -155,9 +141,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
         &inbound,
     ])?;
     for port in &cfg.exclude_inbound_ports {
-        iptables(&[
-            "-t",
-            "nat",
+        nat(&[
             "-A",
             "WEFT_INBOUND",
             "-p",
@@ -168,30 +152,10 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
             "RETURN",
         ])?;
     }
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "WEFT_INBOUND",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_IN_REDIRECT",
-    ])?;
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_INBOUND",
-    ])?;
+    nat(&["-A", "WEFT_INBOUND", "-p", "tcp", "-j", "WEFT_IN_REDIRECT"])?;
+    nat(&["-A", "PREROUTING", "-p", "tcp", "-j", "WEFT_INBOUND"])?;
     // Outbound.
-    iptables(&[
-        "-t",
-        "nat",
+    nat(&[
         "-A",
         "WEFT_REDIRECT",
         "-p",
@@ -203,9 +167,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
     ])?;
     // DNS first: the proxy's own lookups go to the real resolver, everyone else's to the DNS proxy.
     for proto in ["udp", "tcp"] {
-        iptables(&[
-            "-t",
-            "nat",
+        nat(&[
             "-A",
             "WEFT_OUTPUT",
             "-p",
@@ -219,9 +181,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
             "-j",
             "RETURN",
         ])?;
-        iptables(&[
-            "-t",
-            "nat",
+        nat(&[
             "-A",
             "WEFT_OUTPUT",
             "-p",
@@ -235,9 +195,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
         ])?;
     }
     // The proxy's own connections (upstream, to pilot and the CA) are never captured.
-    iptables(&[
-        "-t",
-        "nat",
+    nat(&[
         "-A",
         "WEFT_OUTPUT",
         "-m",
@@ -248,9 +206,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
         "RETURN",
     ])?;
     // Loopback-to-self (app to app on localhost) stays local.
-    iptables(&[
-        "-t",
-        "nat",
+    nat(&[
         "-A",
         "WEFT_OUTPUT",
         "-o",
@@ -261,9 +217,7 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
         "RETURN",
     ])?;
     for port in &cfg.exclude_outbound_ports {
-        iptables(&[
-            "-t",
-            "nat",
+        nat(&[
             "-A",
             "WEFT_OUTPUT",
             "-p",
@@ -274,29 +228,9 @@ pub fn init(cfg: &CaptureConfig) -> Result<(), CaptureError> {
             "RETURN",
         ])?;
     }
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "WEFT_OUTPUT",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_REDIRECT",
-    ])?;
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-j",
-        "WEFT_OUTPUT",
-    ])?;
-    iptables(&[
-        "-t",
-        "nat",
+    nat(&["-A", "WEFT_OUTPUT", "-p", "tcp", "-j", "WEFT_REDIRECT"])?;
+    nat(&["-A", "OUTPUT", "-p", "tcp", "-j", "WEFT_OUTPUT"])?;
+    nat(&[
         "-A",
         "OUTPUT",
         "-p",

@@ -35,14 +35,7 @@ fn seed_routing_default_balance_then_all_to_v1_with_mtls_identities() {
     );
 
     // Cleanup (the seed's last step) restores default balancing.
-    let (ok, _, err) = m
-        .plane
-        .pilot_cmd(&["delete", "virtualservice", "httpbin"])
-        .unwrap();
-    assert!(ok, "{err}");
-    m.wait_routes("the VirtualService is gone", |r| !has_vs_route(r))
-        .unwrap();
-    let (v1, v2) = m.send(20, &[]).unwrap();
+    let (v1, v2) = m.cleanup_and_send().unwrap();
     assert!(v1 > 0 && v2 > 0, "after cleanup v1 {v1}, v2 {v2}");
 }
 

@@ -62,14 +62,7 @@ fn the_seed_walkthrough_in_captured_pods() {
     );
 
     // Cleanup (the seed's kubectl delete) restores default balancing.
-    let (ok, _, err) = p
-        .plane
-        .pilot_cmd(&["delete", "virtualservice", "httpbin"])
-        .unwrap();
-    assert!(ok, "{err}");
-    p.wait_routes("the VirtualService is gone", |r| !has_vs_route(r))
-        .unwrap();
-    let (v1, v2) = p.send(20, &[]).unwrap();
+    let (v1, v2) = p.cleanup_and_send().unwrap();
     assert!(v1 > 0 && v2 > 0, "after cleanup v1 {v1}, v2 {v2}");
 }
 

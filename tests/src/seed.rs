@@ -182,6 +182,19 @@ impl Seed {
         })
     }
 
+    /// The seed's cleanup: deletes the VirtualService and returns how the next 20 requests split over
+    /// v1 and v2 once sleep's sidecar has dropped the rule (both should be > 0: default balancing).
+    pub fn cleanup_and_send(&self) -> Result<(usize, usize)> {
+        let (ok, _, err) = self
+            .plane
+            .pilot_cmd(&["delete", "virtualservice", "httpbin"])?;
+        if !ok {
+            bail!("delete virtualservice httpbin: {err}");
+        }
+        self.wait_routes("the VirtualService is gone", |r| !has_vs_route(r))?;
+        self.send(20, &[])
+    }
+
     /// A counter from sleep's `/stats/prometheus` (the full sample name with labels).
     pub fn sleep_stat(&self, sample: &str) -> Result<u64> {
         let text = self.sleep.stats()?;
