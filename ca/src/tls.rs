@@ -33,7 +33,14 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// The crypto provider every weft config is built with (ring; never the process default, so two
 /// providers in the dependency graph can never make rustls panic).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first, as Envoy and HAProxy prefer it: as strong as the mesh needs and four fewer
+    // AES rounds per block than rustls's default first choice, AES-256-GCM, on every byte of every
+    // mesh connection. The others stay, for peers that only offer them.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Installs ring as the process-wide rustls provider, for libraries that build their own configs.

@@ -71,14 +71,14 @@ mod tests {
                     identity: None,
                     workload: format!("ns/p{i}"),
                     in_flight: AtomicU32::new(0),
-                    metric_labels: std::sync::Arc::from(""),
+                    metric_labels: crate::telemetry::Labels::new(String::new()),
                 })
                 .collect(),
             lb,
             tls: crate::config::TlsMode::Auto,
             connect_timeout: Duration::from_secs(1),
             cursor: AtomicUsize::new(0),
-            metric_labels: std::sync::Arc::from(""),
+            metric_labels: crate::telemetry::Labels::new(String::new()),
         }
     }
 

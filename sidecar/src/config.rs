@@ -114,7 +114,7 @@ pub struct Service {
     /// Ports with their routes.
     pub ports: Vec<ServicePort>,
     /// Istio `destination_service*` metric labels.
-    pub metric_labels: Arc<str>,
+    pub metric_labels: crate::telemetry::Labels,
 }
 
 /// One port of a Service, with its routes (first match wins).
@@ -335,7 +335,7 @@ pub struct Cluster {
     /// Round-robin cursor.
     pub cursor: AtomicUsize,
     /// Istio `destination_service*` metric labels.
-    pub metric_labels: Arc<str>,
+    pub metric_labels: crate::telemetry::Labels,
 }
 
 /// One endpoint of a cluster.
@@ -352,7 +352,7 @@ pub struct Endpoint {
     /// Requests in flight, for LEAST_REQUEST.
     pub in_flight: AtomicU32,
     /// Istio `destination_*` metric labels of this endpoint, built once per push.
-    pub metric_labels: Arc<str>,
+    pub metric_labels: crate::telemetry::Labels,
 }
 
 /// Load-balancing policy.

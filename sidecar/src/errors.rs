@@ -28,6 +28,10 @@ pub enum ProxyError {
     /// Connecting failed.
     #[error("{0}")]
     Connect(UpstreamError),
+    /// The upstream reset the stream before sending response headers (Envoy's "upstream reset
+    /// before headers").
+    #[error("upstream reset before response headers: {0}")]
+    UpstreamReset(String),
     /// The upstream timed out.
     #[error("upstream timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -48,7 +52,9 @@ impl ProxyError {
         use http::StatusCode as S;
         match self {
             ProxyError::NoService(_) | ProxyError::NoRoute => S::NOT_FOUND,
-            ProxyError::NoConfig | ProxyError::NoEndpoint(_) => S::SERVICE_UNAVAILABLE,
+            ProxyError::NoConfig | ProxyError::NoEndpoint(_) | ProxyError::UpstreamReset(_) => {
+                S::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect(_) => S::BAD_GATEWAY,
             ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => S::BAD_REQUEST,
@@ -66,6 +72,7 @@ impl ProxyError {
             ProxyError::NoConfig => "NC",
             ProxyError::NoEndpoint(_) => "UH",
             ProxyError::Connect(_) => "UF",
+            ProxyError::UpstreamReset(_) => "UR",
             ProxyError::Timeout(_) => "UT",
             ProxyError::BadRequest(_) => "DPE",
             ProxyError::FaultAbort(_) => "FI",
@@ -105,6 +112,10 @@ mod tests {
             (ProxyError::NoService("x:1".into()), 404),
             (ProxyError::NoEndpoint("outbound|8000|v3|h".into()), 503),
             (ProxyError::NoConfig, 503),
+            (
+                ProxyError::UpstreamReset("stream error received".into()),
+                503,
+            ),
             (ProxyError::Timeout(std::time::Duration::from_secs(1)), 504),
             (
                 ProxyError::Connect(UpstreamError::Connect {

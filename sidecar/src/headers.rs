@@ -13,8 +13,26 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+fn always_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || *name == KEEP_ALIVE || *name == PROXY_CONNECTION
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Nearly every request has none: one pass over the names (comparisons, no hashing) decides
+    // whether any removal, each a hash lookup, is needed at all.
+    let te_ok = |headers: &HeaderMap| {
+        headers
+            .get(header::TE)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    };
+    if !headers.keys().any(always_hop_by_hop) && te_ok(headers) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too; collect first (they borrow `headers`).
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -30,14 +48,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
+    if !te_ok(headers) {
         headers.remove(header::TE);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
 }
 
 /// Refuses framing that two HTTP parsers could read differently (request smuggling): both
@@ -190,6 +205,25 @@ mod tests {
         g.insert(header::TE, "trailers".parse().unwrap());
         strip_hop_by_hop(&mut g);
         assert_eq!(g[header::TE], "trailers", "gRPC's te: trailers passes");
+        // Each hop-by-hop name alone takes the slow path; a clean head is left as it was.
+        for name in [
+            "proxy-connection",
+            "keep-alive",
+            "upgrade",
+            "transfer-encoding",
+        ] {
+            let mut one = HeaderMap::new();
+            one.insert(HeaderName::from_static(name), "x".parse().unwrap());
+            one.insert("x-kept", "1".parse().unwrap());
+            strip_hop_by_hop(&mut one);
+            assert_eq!(one.len(), 1, "{name} must go");
+        }
+        let mut clean = HeaderMap::new();
+        clean.insert(header::HOST, "h".parse().unwrap());
+        clean.append("x-multi", "1".parse().unwrap());
+        clean.append("x-multi", "2".parse().unwrap());
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 3);
     }
 
     #[test]

@@ -12,9 +12,7 @@ use std::time::{Duration, SystemTime};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -32,7 +30,7 @@ use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::Body;
 
 /// Header naming the verified caller, as Envoy sets it on sidecar inbound.
-const XFCC: &str = "x-forwarded-client-cert";
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
 /// How long a new connection may take to send its first bytes.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,11 +81,10 @@ pub struct Inbound {
     pub own_ports: Vec<u16>,
     /// Spans, metrics and access log.
     pub telemetry: InboundTelemetry,
-    unknown_source: Arc<str>,
-    unknown_service: Arc<str>,
-    app: Client<HttpConnector, Body>,
-    /// HTTP/2 prior knowledge to apps that speak it (gRPC).
-    app_h2: Client<HttpConnector, Body>,
+    unknown_source: crate::telemetry::Labels,
+    unknown_service: crate::telemetry::Labels,
+    /// Connections to the app.
+    app: crate::app::App,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -109,17 +106,6 @@ impl Inbound {
         own_ports: Vec<u16>,
         telemetry: InboundTelemetry,
     ) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        let app = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(http.clone());
-        let app_h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(http);
         Self {
             tables,
             tls,
@@ -129,8 +115,7 @@ impl Inbound {
             telemetry,
             unknown_source: workload_labels("source", "", "", "", "", ""),
             unknown_service: crate::telemetry::service_labels(""),
-            app,
-            app_h2,
+            app: crate::app::App::new(),
         }
     }
 }
@@ -256,27 +241,48 @@ where
         Some(id) => workload_labels("source", "", id.namespace(), id.as_str(), "", ""),
         None => inbound.unknown_source.clone(),
     };
-    let caller = caller.map(Arc::new);
+    // XFCC and the app's URI authority are the same for every request of this connection.
+    let xfcc = caller.as_ref().and_then(|c| {
+        http::HeaderValue::from_str(&format!("By={};URI={}", inbound.identity, c)).ok()
+    });
+    let app_authority = http::uri::Authority::try_from(format!("127.0.0.1:{app_port}"))
+        .map_err(|e| format!("app authority: {e}"))?;
+    let conn = Arc::new(Caller {
+        identity: caller,
+        xfcc,
+        source,
+        app_authority,
+        peer,
+    });
     let svc = hyper::service::service_fn(move |req| {
         let inbound = inbound.clone();
-        let caller = caller.clone();
-        let source = source.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                match inbound
-                    .forward(req, app_port, caller.as_deref(), &source, peer)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => rescue(&e),
-                },
-            )
-        }
+        let conn = conn.clone();
+        // Boxed so that hyper moves a pointer, not the whole request future (see outbound).
+        Box::pin(async move {
+            Ok::<_, std::convert::Infallible>(match inbound.forward(req, app_port, &conn).await {
+                Ok(r) => r,
+                Err(e) => rescue(&e),
+            })
+        })
     });
     auto::Builder::new(TokioExecutor::new())
         .serve_connection(io, svc)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// What every request of one inbound connection shares: who called, as the handshake proved it.
+struct Caller {
+    /// The peer's SPIFFE ID (mTLS only).
+    identity: Option<SpiffeId>,
+    /// The `x-forwarded-client-cert` value naming it.
+    xfcc: Option<http::HeaderValue>,
+    /// Its metric labels.
+    source: crate::telemetry::Labels,
+    /// `127.0.0.1:<app port>`.
+    app_authority: http::uri::Authority,
+    /// The connection's remote address.
+    peer: SocketAddr,
 }
 
 impl Inbound {
@@ -289,10 +295,9 @@ impl Inbound {
         &self,
         req: Request<Incoming>,
         app_port: u16,
-        caller: Option<&SpiffeId>,
-        source: &Arc<str>,
-        peer: SocketAddr,
+        conn: &Caller,
     ) -> Result<Response<Body>, ProxyError> {
+        let (caller, source, peer) = (conn.identity.as_ref(), &conn.source, conn.peer);
         check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
         let start = SystemTime::now();
         let (mut parts, body) = req.into_parts();
@@ -318,11 +323,8 @@ impl Inbound {
             && caller.is_some();
         // Never pass on a caller's claim about who it is; only the handshake says that.
         parts.headers.remove(XFCC);
-        if let Some(caller) = caller {
-            let v = format!("By={};URI={}", self.identity, caller);
-            if let Ok(v) = http::HeaderValue::from_str(&v) {
-                parts.headers.insert(XFCC, v);
-            }
+        if let Some(v) = &conn.xfcc {
+            parts.headers.insert(XFCC, v.clone());
         }
         if let Some(a) = authority
             .as_deref()
@@ -363,29 +365,26 @@ impl Inbound {
                 h("x-request-id"),
             )
         });
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: http::Uri = format!("http://127.0.0.1:{app_port}{path}")
-            .parse()
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(conn.app_authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = http::Uri::from_parts(uri)
             .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
         let mut out = Request::new(body.boxed());
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
-        let client = if h2_app {
-            *out.version_mut() = http::Version::HTTP_2;
-            &self.app_h2
-        } else {
-            &self.app
-        };
-        let result = client.request(out).await.map_err(|e| {
+        let result = self.app.send(app_addr, out, h2_app).await.map_err(|e| {
             tracing::debug!(%peer, error = %e, "app request failed");
-            ProxyError::Connect(crate::upstream::UpstreamError::Connect {
-                addr: app_addr,
-                reason: std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_else(|| e.to_string()),
-            })
+            app_error(e)
         });
         let (code, flags) = match &result {
             Ok(r) => (r.status().as_u16(), "-"),
@@ -473,5 +472,23 @@ impl Inbound {
         let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp.map(BodyExt::boxed))
+    }
+}
+
+/// What a failed request to the app becomes. An HTTP/2 stream the app reset before its response
+/// headers is Envoy's "upstream reset before headers" (503, flag UR); anything else is a failure to
+/// reach the app (502, UF). The reason is the whole cause chain: hyper's own text for a reset is
+/// only "http2 error", the reset's reason is in its source.
+fn app_error(e: crate::app::AppError) -> ProxyError {
+    use crate::app::AppError;
+    match e {
+        AppError::Exchange {
+            reason,
+            reset: true,
+            ..
+        } => ProxyError::UpstreamReset(reason),
+        AppError::Connect { addr, reason } | AppError::Exchange { addr, reason, .. } => {
+            ProxyError::Connect(crate::upstream::UpstreamError::Connect { addr, reason })
+        }
     }
 }

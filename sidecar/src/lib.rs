@@ -2,6 +2,7 @@
 //! pilot pushes.
 
 pub mod admin;
+pub mod app;
 pub mod balance;
 pub mod capture;
 pub mod cli;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
@@ -32,7 +33,8 @@ use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::upstream::{Body, UpstreamError, Upstreams};
 
 /// Tells the peer sidecar (over mTLS only) that its app speaks HTTP/2 (gRPC, h2c).
-pub const APP_PROTOCOL_HEADER: &str = "x-weft-app-protocol";
+pub const APP_PROTOCOL_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-weft-app-protocol");
 
 /// How the outbound listener learns destinations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +67,7 @@ pub struct Outbound {
     /// Access-log format.
     pub access_log: AccessLog,
     /// Metric labels for a destination that was never reached.
-    pub unknown: Arc<str>,
+    pub unknown: crate::telemetry::Labels,
 }
 
 /// What an access-log line needs from the request head, captured before the head is consumed.
@@ -160,11 +162,13 @@ async fn connection(
         return Err(format!("refused: {reason}"));
     }
     let metrics = outbound.metrics.clone();
+    // The request future is large (every local of `forward` that lives across an await): boxed,
+    // hyper moves a pointer instead of copying kilobytes of future state on each request.
     let svc = hyper::service::service_fn(move |req| {
         let outbound = outbound.clone();
-        async move {
+        Box::pin(async move {
             Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst, Some(peer)).await)
-        }
+        })
     });
     let tcp = crate::telemetry::Counted::new(tcp, metrics, false);
     auto::Builder::new(TokioExecutor::new())
@@ -432,11 +436,10 @@ impl Outbound {
             Some(a) => a,
             None => authority,
         };
-        let path = rewrite_path(route, &parts.uri);
+        let path = rewrite_path(route, &parts.uri)?;
         // This hop's client span: continue the caller's trace or start one, and tell the next hop.
         let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
-        hop.inject(&mut parts.headers);
         let service_name: Arc<str> = self.service_name(&table);
         let mut body = body.boxed();
         if !route.mirrors.is_empty() {
@@ -444,7 +447,7 @@ impl Outbound {
                 route,
                 &parts,
                 &authority,
-                &path,
+                path.as_str(),
                 &hop,
                 table.mirror_shadow_suffix,
             );
@@ -467,7 +470,12 @@ impl Outbound {
         let method = self.tracer.enabled().then(|| parts.method.to_string());
         let request_bytes = content_length(&parts.headers);
         let log = (self.access_log != AccessLog::Off).then(|| RequestLog::new(&parts));
-        let sent = self.send(&dest.cluster, route, parts, body, &authority, &path);
+        let next = NextHop {
+            authority: &authority,
+            path: &path,
+            hop: &hop,
+        };
+        let sent = self.send(&dest.cluster, route, parts, body, &next);
         let result = with_timeout(route, sent).await.and_then(|r| r);
         let endpoint = result
             .as_ref()
@@ -528,7 +536,7 @@ impl Outbound {
                 status,
                 attributes: vec![
                     ("http.request.method", method),
-                    ("url.path", path),
+                    ("url.path", path.as_str().to_owned()),
                     ("server.address", authority),
                     ("weft.route", route.name.clone()),
                     ("weft.upstream_cluster", dest.cluster.name.clone()),
@@ -558,8 +566,7 @@ impl Outbound {
         route: &Route,
         parts: http::request::Parts,
         body: Body,
-        authority: &str,
-        path: &str,
+        next: &NextHop<'_>,
     ) -> Result<(Response<Incoming>, usize, bool), ProxyError> {
         let attempts = 1 + route.retries.as_ref().map_or(0, |r| r.attempts);
         let mut skip = None;
@@ -573,7 +580,7 @@ impl Outbound {
                 TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
             };
             let Some(identity) = identity else {
-                let req = build_request(parts, body, authority, path, endpoint, false)?;
+                let req = build_request(parts, body, next, endpoint, false)?;
                 return self
                     .upstreams
                     .send_plain(endpoint.dial, req)
@@ -587,7 +594,7 @@ impl Outbound {
                 .await
             {
                 Ok(sender) => {
-                    let req = build_request(parts, body, authority, path, endpoint, true)?;
+                    let req = build_request(parts, body, next, endpoint, true)?;
                     return Upstreams::send_h2(sender, endpoint.dial, req)
                         .await
                         .map(|r| (r, idx, true))
@@ -656,11 +663,20 @@ fn apply_route_headers(
     }
 }
 
-fn rewrite_path(route: &Route, uri: &Uri) -> String {
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+/// The path (and query) to send upstream: the request's own (shared, not copied) unless the route
+/// rewrites it.
+fn rewrite_path(route: &Route, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
     let Some(new) = route.rewrite.as_ref().and_then(|r| r.uri.as_deref()) else {
-        return pq.to_owned();
+        return Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
     };
+    PathAndQuery::try_from(rewritten(route, new, uri))
+        .map_err(|_| ProxyError::BadRequest("unrepresentable rewritten path"))
+}
+
+fn rewritten(route: &Route, new: &str, uri: &Uri) -> String {
     // Replace the matched prefix if a prefix match selected the route, else the whole path.
     let path = uri.path();
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
@@ -674,36 +690,54 @@ fn rewrite_path(route: &Route, uri: &Uri) -> String {
     format!("{new}{query}")
 }
 
+/// What the upstream request says beyond the caller's head: where it goes and its trace context.
+#[derive(Clone, Copy)]
+struct NextHop<'a> {
+    authority: &'a str,
+    path: &'a PathAndQuery,
+    hop: &'a Hop,
+}
+
 /// Builds the upstream request, moving the head (no per-request copy of the headers): it runs once,
 /// after the connection is ready, so connect retries never need the head twice.
 fn build_request(
     parts: http::request::Parts,
     body: Body,
-    authority: &str,
-    path: &str,
+    next: &NextHop<'_>,
     endpoint: &Endpoint,
     h2: bool,
 ) -> Result<Request<Body>, ProxyError> {
+    let NextHop {
+        authority,
+        path,
+        hop,
+    } = *next;
     let mut req = Request::new(body);
     *req.method_mut() = parts.method;
     *req.headers_mut() = parts.headers;
-    let uri = if h2 {
+    let authority = if h2 {
         // HTTP/2 to the peer sidecar: :authority carries the original host; Host would be redundant.
         req.headers_mut().remove(http::header::HOST);
+        hop.inject_mesh(req.headers_mut());
         *req.version_mut() = http::Version::HTTP_2;
-        format!("http://{authority}{path}")
+        Authority::try_from(authority)
     } else {
         // HTTP/1.1 straight to the endpoint: dial its address, keep the caller's Host; the hint is
         // for a peer sidecar only.
         req.headers_mut().remove(APP_PROTOCOL_HEADER);
+        hop.inject(req.headers_mut());
         if let Ok(v) = http::HeaderValue::from_str(authority) {
             req.headers_mut().insert(http::header::HOST, v);
         }
-        format!("http://{}{path}", endpoint.dial)
-    };
-    *req.uri_mut() = uri
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
+        Authority::try_from(endpoint.dial.to_string())
+    }
+    .map_err(|_| ProxyError::BadRequest("unrepresentable request authority"))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path.clone());
+    *req.uri_mut() =
+        Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
     Ok(req)
 }
 

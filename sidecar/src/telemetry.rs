@@ -56,6 +56,86 @@ fn esc(v: &str) -> String {
 }
 
 /// The label fragment describing a workload on one side (`source` or `destination`).
+/// A preformatted Prometheus label fragment, built once per workload, cluster, endpoint or connection
+/// and shared by every request that reports it. Its hash is computed once, so recording a request
+/// hashes a few words instead of a kilobyte of label text, and equal fragments built apart (after a
+/// config push) still count as one series.
+#[derive(Clone)]
+pub struct Labels(Arc<LabelText>);
+
+struct LabelText {
+    text: Box<str>,
+    hash: u64,
+}
+
+impl Labels {
+    /// Wraps an already formatted fragment.
+    pub fn new(text: String) -> Self {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(text.as_str());
+        Self(Arc::new(LabelText {
+            text: text.into_boxed_str(),
+            hash,
+        }))
+    }
+
+    /// The fragment.
+    pub fn as_str(&self) -> &str {
+        &self.0.text
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.hash == other.0.hash && self.0.text == other.0.text)
+    }
+}
+
+impl Eq for Labels {}
+
+impl std::hash::Hash for Labels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.hash);
+    }
+}
+
+impl std::fmt::Display for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.text)
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0.text, f)
+    }
+}
+
+/// Hashes a series key: its parts are already hashes or small integers, so one multiply-and-rotate
+/// per word mixes enough, where SipHash's rounds would cost more than the rest of recording.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
 pub fn workload_labels(
     side: &str,
     workload: &str,
@@ -63,7 +143,7 @@ pub fn workload_labels(
     principal: &str,
     app: &str,
     version: &str,
-) -> Arc<str> {
+) -> Labels {
     let or_unknown = |v: &str| {
         if v.is_empty() {
             "unknown".to_owned()
@@ -71,7 +151,7 @@ pub fn workload_labels(
             esc(v)
         }
     };
-    Arc::from(format!(
+    Labels::new(format!(
         "{side}_workload=\"{}\",{side}_workload_namespace=\"{}\",{side}_principal=\"{}\",{side}_app=\"{}\",{side}_version=\"{}\",{side}_canonical_service=\"{}\"",
         or_unknown(workload),
         or_unknown(namespace),
@@ -83,7 +163,7 @@ pub fn workload_labels(
 }
 
 /// The label fragment describing the destination Service (from its FQDN `name.ns.svc.<domain>`).
-pub fn service_labels(fqdn: &str) -> Arc<str> {
+pub fn service_labels(fqdn: &str) -> Labels {
     let mut parts = fqdn.split('.');
     let name = parts.next().unwrap_or_default();
     let ns = parts.next().unwrap_or_default();
@@ -94,7 +174,7 @@ pub fn service_labels(fqdn: &str) -> Arc<str> {
             esc(v)
         }
     };
-    Arc::from(format!(
+    Labels::new(format!(
         "destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\"",
         or_unknown(fqdn),
         or_unknown(name),
@@ -105,9 +185,9 @@ pub fn service_labels(fqdn: &str) -> Arc<str> {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     reporter: Reporter,
-    source: Arc<str>,
-    destination: Arc<str>,
-    service: Arc<str>,
+    source: Labels,
+    destination: Labels,
+    service: Labels,
     code: u16,
     mtls: bool,
 }
@@ -163,11 +243,11 @@ pub struct RequestMetric {
     /// Which side reports.
     pub reporter: Reporter,
     /// Source workload fragment.
-    pub source: Arc<str>,
+    pub source: Labels,
     /// Destination workload fragment.
-    pub destination: Arc<str>,
+    pub destination: Labels,
     /// Destination service fragment.
-    pub service: Arc<str>,
+    pub service: Labels,
     /// HTTP status.
     pub code: u16,
     /// Whether the hop between sidecars was mTLS.
@@ -194,17 +274,16 @@ pub struct TcpCounters {
 }
 
 /// The sidecar's Istio metrics.
-#[derive(Default)]
 pub struct Metrics {
-    series: Mutex<HashMap<Key, Series>>,
+    series: Mutex<HashMap<Key, Series, std::hash::BuildHasherDefault<KeyHasher>>>,
     /// Outbound listener connections.
     pub tcp_outbound: TcpCounters,
     /// Inbound listener connections.
     pub tcp_inbound: TcpCounters,
     /// This workload as a source (outbound) and as a destination (inbound).
-    pub this_source: Arc<str>,
+    pub this_source: Labels,
     /// This workload as a destination.
-    pub this_destination: Arc<str>,
+    pub this_destination: Labels,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -215,11 +294,13 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Metrics for a workload described by `this_source`/`this_destination` fragments.
-    pub fn new(this_source: Arc<str>, this_destination: Arc<str>) -> Self {
+    pub fn new(this_source: Labels, this_destination: Labels) -> Self {
         Self {
+            series: Mutex::default(),
+            tcp_outbound: TcpCounters::default(),
+            tcp_inbound: TcpCounters::default(),
             this_source,
             this_destination,
-            ..Self::default()
         }
     }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -33,6 +33,18 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 512;
 /// Longest a span waits in the batch.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+// Header names, parsed once: a `&str` name is parsed and validated again on every lookup, and these
+// are looked up on every request.
+const B3: HeaderName = HeaderName::from_static("b3");
+const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// `x-request-id`, Envoy's per-request id.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A trace context read from a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +73,29 @@ fn hex_u64(s: &str) -> Option<u64> {
     }
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// Writes the low `out.len()` nibbles of `v` as lowercase hex (what `{:0Nx}` does, without the
+/// formatting machinery, which cost more than the rest of the trace path together).
+fn put_hex(v: u128, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut v = v;
+    for b in out.iter_mut().rev() {
+        // The mask keeps the index below 16.
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+/// A header value for an id that is new on every request. Marked sensitive so HPACK sends it as a
+/// literal instead of inserting it into the connection's dynamic table, where it could never be
+/// reused and would only evict entries that could.
+fn id_value(bytes: &[u8]) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_bytes(bytes).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 fn sampled_flag(s: &str) -> Option<bool> {
@@ -76,7 +109,7 @@ fn sampled_flag(s: &str) -> Option<bool> {
 /// Reads the caller's context; `None` (start a new trace) when absent or malformed. A lone sampling
 /// decision (`b3: 0`, `X-B3-Sampled` without ids) is returned as `Err(decision)`.
 pub fn extract(h: &HeaderMap) -> Result<Context, Option<bool>> {
-    if let Some(b3) = header(h, "b3") {
+    if let Some(b3) = header(h, &B3) {
         let mut parts = b3.split('-');
         let first = parts.next().unwrap_or_default();
         if let (Some(trace_id), Some(span)) = (hex_u128(first), parts.next()) {
@@ -93,10 +126,10 @@ pub fn extract(h: &HeaderMap) -> Result<Context, Option<bool>> {
         // `b3: 0` / `b3: 1` / `b3: d`: a decision only.
         return Err(sampled_flag(first));
     }
-    let sampled = header(h, "x-b3-sampled")
+    let sampled = header(h, &X_B3_SAMPLED)
         .and_then(sampled_flag)
-        .or_else(|| (header(h, "x-b3-flags") == Some("1")).then_some(true));
-    match (header(h, "x-b3-traceid"), header(h, "x-b3-spanid")) {
+        .or_else(|| (header(h, &X_B3_FLAGS) == Some("1")).then_some(true));
+    match (header(h, &X_B3_TRACEID), header(h, &X_B3_SPANID)) {
         (Some(t), Some(s)) => {
             return match (hex_u128(t), hex_u64(s)) {
                 (Some(trace_id), Some(span_id)) => Ok(Context {
@@ -111,7 +144,7 @@ pub fn extract(h: &HeaderMap) -> Result<Context, Option<bool>> {
         (None, None) if sampled.is_some() => return Err(sampled),
         (None, None) => {}
     }
-    if let Some(tp) = header(h, "traceparent") {
+    if let Some(tp) = header(h, &TRACEPARENT) {
         let f: Vec<&str> = tp.split('-').collect();
         if let [version, trace, span, flags] = f.as_slice()
             && version.len() == 2
@@ -186,54 +219,90 @@ impl Hop {
     /// Writes this span as the context of the next hop: B3 multi-header (as Envoy) and `traceparent`;
     /// the single `b3` header is removed so the next hop cannot read a stale one first.
     pub fn inject(&self, h: &mut HeaderMap) {
-        let put = |h: &mut HeaderMap, name: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(name, v);
-            }
-        };
-        h.remove("b3");
-        put(h, "x-b3-traceid", format!("{:032x}", self.trace_id));
-        put(h, "x-b3-spanid", format!("{:016x}", self.span_id));
+        h.remove(B3);
+        let mut trace = [0u8; 32];
+        put_hex(self.trace_id, &mut trace);
+        let mut span = [0u8; 16];
+        put_hex(u128::from(self.span_id), &mut span);
+        if let Some(v) = id_value(&trace) {
+            h.insert(X_B3_TRACEID, v);
+        }
+        if let Some(v) = id_value(&span) {
+            h.insert(X_B3_SPANID, v);
+        }
         match self.parent {
-            Some(p) => put(h, "x-b3-parentspanid", format!("{p:016x}")),
+            Some(p) => {
+                let mut parent = [0u8; 16];
+                put_hex(u128::from(p), &mut parent);
+                if let Some(v) = id_value(&parent) {
+                    h.insert(X_B3_PARENTSPANID, v);
+                }
+            }
             None => {
-                h.remove("x-b3-parentspanid");
+                h.remove(X_B3_PARENTSPANID);
             }
         }
         h.insert(
-            "x-b3-sampled",
+            X_B3_SAMPLED,
             HeaderValue::from_static(if self.sampled { "1" } else { "0" }),
         );
-        put(
-            h,
-            "traceparent",
-            format!(
-                "00-{:032x}-{:016x}-{}",
-                self.trace_id,
-                self.span_id,
-                if self.sampled { "01" } else { "00" }
-            ),
-        );
+        // 00-<trace>-<span>-<flags>
+        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        tp[3..35].copy_from_slice(&trace);
+        tp[36..52].copy_from_slice(&span);
+        if self.sampled {
+            tp[54] = b'1';
+        }
+        if let Some(v) = id_value(&tp) {
+            h.insert(TRACEPARENT, v);
+        }
+    }
+}
+
+impl Hop {
+    /// Writes this span as the context of the next hop when that hop is a peer sidecar (mTLS): the
+    /// single `b3` header alone, which weft and Envoy both read before any other form. The peer's
+    /// inbound side writes the multi-header form and `traceparent` for its app, so this hop carries
+    /// one header instead of five: less HPACK work on both ends of the busiest hop. Headers of the
+    /// other forms that the app sent are left for the peer to overwrite.
+    pub fn inject_mesh(&self, h: &mut HeaderMap) {
+        // <trace>-<span>-<sampled>-<parent>
+        let mut b3 = [0u8; 32 + 1 + 16 + 2 + 17];
+        put_hex(self.trace_id, &mut b3[0..32]);
+        b3[32] = b'-';
+        put_hex(u128::from(self.span_id), &mut b3[33..49]);
+        b3[49] = b'-';
+        b3[50] = if self.sampled { b'1' } else { b'0' };
+        let len = match self.parent {
+            Some(p) => {
+                b3[51] = b'-';
+                put_hex(u128::from(p), &mut b3[52..68]);
+                68
+            }
+            None => 51,
+        };
+        if let Some(v) = b3.get(..len).and_then(id_value) {
+            h.insert(B3, v);
+        }
     }
 }
 
 /// Sets `x-request-id` (a UUIDv4) when the request has none; returns it.
 pub fn ensure_request_id(h: &mut HeaderMap) -> Option<HeaderValue> {
-    if let Some(v) = h.get("x-request-id") {
+    if let Some(v) = h.get(X_REQUEST_ID) {
         return Some(v.clone());
     }
-    let a = fastrand::u64(..);
-    let b = fastrand::u64(..);
-    let id = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    );
-    let v = HeaderValue::from_str(&id).ok()?;
-    h.insert("x-request-id", v.clone());
+    // A version-4 UUID: 8-4-4-4-12 hex digits, version nibble 4, variant bits 10.
+    let a = u128::from(fastrand::u64(..));
+    let b = u128::from(fastrand::u64(..));
+    let mut id = *b"00000000-0000-4000-0000-000000000000";
+    put_hex(a >> 32, &mut id[0..8]);
+    put_hex(a >> 16, &mut id[9..13]);
+    put_hex(a, &mut id[15..18]);
+    put_hex(((b >> 48) & 0x3fff) | 0x8000, &mut id[19..23]);
+    put_hex(b, &mut id[24..36]);
+    let v = id_value(&id)?;
+    h.insert(X_REQUEST_ID, v.clone());
     Some(v)
 }
 
@@ -639,7 +708,68 @@ mod tests {
         let s = id.to_str().unwrap();
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
+        assert!(
+            matches!(&s[19..20], "8" | "9" | "a" | "b"),
+            "variant bits: {s}"
+        );
+        let groups: Vec<usize> = s.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{s}");
+        assert!(s.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        assert!(
+            id.is_sensitive(),
+            "a unique id must stay out of HPACK's table"
+        );
         assert_eq!(ensure_request_id(&mut h).unwrap(), id);
+    }
+
+    #[test]
+    fn the_mesh_hop_carries_one_b3_header_that_reads_back_the_same() {
+        for (incoming, parent) in [
+            (headers(&[("b3", &format!("{T}-a2fb4a1d1a96d312-1"))]), true),
+            (HeaderMap::new(), false),
+        ] {
+            let hop = Hop::from_request(&incoming, 100.0);
+            let mut out = HeaderMap::new();
+            hop.inject_mesh(&mut out);
+            assert_eq!(out.len(), 1, "{out:?}");
+            let b3 = out["b3"].to_str().unwrap();
+            let mut fields = b3.split('-');
+            assert_eq!(fields.next().unwrap(), format!("{:032x}", hop.trace_id));
+            assert_eq!(fields.next().unwrap(), format!("{:016x}", hop.span_id));
+            assert_eq!(fields.next().unwrap(), "1");
+            match (fields.next(), hop.parent) {
+                (Some(p), Some(want)) => assert_eq!(p, format!("{want:016x}")),
+                (None, None) => {}
+                other => panic!("parent field {other:?} in {b3}"),
+            }
+            assert_eq!(hop.parent.is_some(), parent);
+            let next = extract(&out).unwrap();
+            assert_eq!(
+                (next.trace_id, next.span_id, next.sampled),
+                (hop.trace_id, hop.span_id, Some(true))
+            );
+        }
+        // It wins over stale multi-headers the app sent along.
+        let mut stale = headers(&[("x-b3-traceid", T), ("x-b3-spanid", "a2fb4a1d1a96d312")]);
+        let hop = Hop::from_request(&HeaderMap::new(), 0.0);
+        hop.inject_mesh(&mut stale);
+        assert_eq!(extract(&stale).unwrap().span_id, hop.span_id);
+    }
+
+    #[test]
+    fn hex_matches_the_formatter() {
+        for _ in 0..1000 {
+            let v = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+            let mut wide = [0u8; 32];
+            put_hex(v, &mut wide);
+            assert_eq!(std::str::from_utf8(&wide).unwrap(), format!("{v:032x}"));
+            let mut narrow = [0u8; 16];
+            put_hex(v, &mut narrow);
+            assert_eq!(
+                std::str::from_utf8(&narrow).unwrap(),
+                format!("{:016x}", v as u64)
+            );
+        }
     }
 
     #[test]

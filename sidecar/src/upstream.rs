@@ -53,25 +53,19 @@ pub enum UpstreamError {
     },
 }
 
-/// One pooled HTTP/2 connection slot: the connection, or when the last attempt to make one failed
-/// (so that a dead endpoint costs one connect attempt per [`FAILURE_HOLD`], not one per request).
-type H2Slot = Arc<tokio::sync::Mutex<Slot>>;
-
-#[derive(Default)]
-struct Slot {
+/// One pooled HTTP/2 peer (an address and the identity it must prove): its live connection, taken
+/// without waiting on the request path, and the lock that one dialler holds while connecting, with
+/// when its last attempt failed (so that a dead endpoint costs one connect attempt per
+/// [`FAILURE_HOLD`], not one per request).
+struct Peer {
+    identity: SpiffeId,
     sender: Option<SendRequest<Body>>,
-    failed: Option<(tokio::time::Instant, UpstreamError)>,
+    dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
 }
 
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of
 /// Envoy's outlier ejection; without it a dead mirror target or endpoint costs a connect per request).
 pub const FAILURE_HOLD: Duration = Duration::from_millis(500);
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct Key {
-    addr: SocketAddr,
-    identity: SpiffeId,
-}
 
 /// Connection pools to upstream endpoints.
 pub struct Upstreams {
@@ -79,7 +73,7 @@ pub struct Upstreams {
     bundle: TrustBundle,
     /// Each peer gets one HTTP/2 connection; the per-key async mutex makes concurrent first requests
     /// share one handshake instead of racing several.
-    h2: Mutex<HashMap<Key, H2Slot>>,
+    h2: Mutex<HashMap<SocketAddr, Vec<Peer>>>,
     plain: Client<HttpConnector, Body>,
     /// rustls client configs per expected identity (building one per request would cost a verifier
     /// allocation each time).
@@ -150,39 +144,62 @@ impl Upstreams {
         identity: &SpiffeId,
         connect_timeout: Duration,
     ) -> Result<SendRequest<Body>, UpstreamError> {
-        let key = Key {
-            addr,
-            identity: identity.clone(),
-        };
-        let slot = {
+        // The common case, a live connection, costs one short lock and no allocation.
+        let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key).or_default().clone()
+            let peers = map.entry(addr).or_default();
+            match peers.iter().find(|p| p.identity == *identity) {
+                Some(p) => {
+                    if let Some(sender) = p.sender.as_ref().filter(|s| !s.is_closed()) {
+                        return Ok(sender.clone());
+                    }
+                    p.dial.clone()
+                }
+                None => {
+                    let dial = Arc::new(tokio::sync::Mutex::new(None));
+                    peers.push(Peer {
+                        identity: identity.clone(),
+                        sender: None,
+                        dial: dial.clone(),
+                    });
+                    dial
+                }
+            }
         };
-        let mut slot = slot.lock().await;
-        if let Some(sender) = slot.sender.as_ref()
-            && !sender.is_closed()
-        {
-            return Ok(sender.clone());
+        let mut failed = dial.lock().await;
+        // Whoever held the dial lock before us may have connected.
+        if let Some(sender) = self.live_sender(addr, identity) {
+            return Ok(sender);
         }
-        if let Some((at, err)) = &slot.failed
+        if let Some((at, err)) = failed.as_ref()
             && at.elapsed() < FAILURE_HOLD
         {
             return Err(err.clone());
         }
-        match self.connect_h2(addr, identity, connect_timeout).await {
-            Ok(sender) => {
-                *slot = Slot {
-                    sender: Some(sender.clone()),
-                    failed: None,
-                };
-                Ok(sender)
-            }
-            Err(e) => {
-                slot.sender = None;
-                slot.failed = Some((tokio::time::Instant::now(), e.clone()));
-                Err(e)
-            }
+        let result = self.connect_h2(addr, identity, connect_timeout).await;
+        let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = map
+            .get_mut(&addr)
+            .and_then(|peers| peers.iter_mut().find(|p| p.identity == *identity))
+        {
+            p.sender = result.as_ref().ok().cloned();
         }
+        *failed = result
+            .as_ref()
+            .err()
+            .map(|e| (tokio::time::Instant::now(), e.clone()));
+        result
+    }
+
+    fn live_sender(&self, addr: SocketAddr, identity: &SpiffeId) -> Option<SendRequest<Body>> {
+        let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&addr)?
+            .iter()
+            .find(|p| p.identity == *identity)?
+            .sender
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned()
     }
 
     fn client_config(

@@ -355,3 +355,21 @@ fn credentials_refuse_non_svids_and_mismatched_keys() {
         Err(SvidError::EmptyChain)
     ));
 }
+
+#[test]
+fn aes_128_gcm_is_offered_first_and_nothing_is_dropped() {
+    let ours = provider();
+    assert_eq!(
+        ours.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    let mut defaults: Vec<_> = rustls::crypto::ring::default_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| s.suite())
+        .collect();
+    let mut mine: Vec<_> = ours.cipher_suites.iter().map(|s| s.suite()).collect();
+    defaults.sort_by_key(|s| u16::from(*s));
+    mine.sort_by_key(|s| u16::from(*s));
+    assert_eq!(mine, defaults);
+}
