@@ -510,18 +510,12 @@ fn http_upgrades_and_connect_tunnels_cross_the_mesh() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
     let plane = weft_tests::ControlPlane::start(dir.path(), &[]).unwrap();
-    let svc = dir.path().join("ws.yaml");
-    std::fs::write(
-        &svc,
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: ws\nspec:\n  selector:\n    app: ws\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n",
-    )
-    .unwrap();
-    assert!(
-        plane
-            .pilot_cmd(&["apply", "-f", svc.to_str().unwrap()])
-            .unwrap()
-            .0
-    );
+    plane
+        .apply_yaml(
+            "ws.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: ws\nspec:\n  selector:\n    app: ws\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n",
+        )
+        .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app_port = rt.block_on(upgrade_echo_app());
     let _ws =

@@ -46,12 +46,7 @@ fn grpc_calls_and_error_trailers_cross_the_mesh() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
     let plane = ControlPlane::start(dir.path(), &[]).unwrap();
-    let svc = dir.path().join("echo.yaml");
-    std::fs::write(&svc, SERVICE).unwrap();
-    let (ok, out, err) = plane
-        .pilot_cmd(&["apply", "-f", svc.to_str().unwrap()])
-        .unwrap();
-    assert!(ok, "{out}{err}");
+    plane.apply_yaml("echo.yaml", SERVICE).unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt

@@ -7,6 +7,7 @@ mod ca;
 mod discovery;
 mod fidelity;
 mod grpc;
+mod h2reset;
 mod inject;
 mod mesh;
 mod mirror;

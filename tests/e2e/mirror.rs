@@ -445,22 +445,12 @@ fn spans_also_export_over_otlp_http_protobuf() {
     let sink = weft_tests::OtlpSink::start(dir.path(), None).unwrap();
     plane.otlp = Some(sink.http.clone());
     plane.otlp_protocol = "http/protobuf";
-    let svc = dir.path().join("svc.yaml");
-    std::fs::write(
-        &svc,
-        std::fs::read_to_string(format!(
+    plane
+        .apply(&format!(
             "{}/httpbin-service.yaml",
             weft_tests::seed::EXAMPLES
         ))
-        .unwrap(),
-    )
-    .unwrap();
-    assert!(
-        plane
-            .pilot_cmd(&["apply", "-f", svc.to_str().unwrap()])
-            .unwrap()
-            .0
-    );
+        .unwrap();
     let app = weft_tests::Httpbin::start(dir.path(), "httpbin").unwrap();
     let _server = weft_tests::Sidecar::explicit(
         &plane,

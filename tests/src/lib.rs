@@ -299,6 +299,22 @@ impl ControlPlane {
         token_file(&self.dir, ns, sa)
     }
 
+    /// `pilot apply -f PATH`; a failure carries pilot's output.
+    pub fn apply(&self, path: &str) -> Result<()> {
+        let (ok, out, err) = self.pilot_cmd(&["apply", "-f", path])?;
+        if !ok {
+            bail!("apply {path}: {out}{err}");
+        }
+        Ok(())
+    }
+
+    /// `pilot apply -f` of YAML text, written to `<dir>/<name>` first.
+    pub fn apply_yaml(&self, name: &str, yaml: &str) -> Result<()> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, yaml)?;
+        self.apply(&path.to_string_lossy())
+    }
+
     /// Runs a `pilot` CLI command against this pilot; returns (success, stdout, stderr).
     pub fn pilot_cmd(&self, args: &[&str]) -> Result<(bool, String, String)> {
         run(Command::new(bin("pilot"))

@@ -50,7 +50,7 @@ impl Seed {
         let mut plane = ControlPlane::start(dir.path(), pilot_args)?;
         let otlp = OtlpSink::start(dir.path(), None)?;
         plane.otlp = Some(otlp.grpc.clone());
-        apply(&plane, &format!("{EXAMPLES}/httpbin-service.yaml"))?;
+        plane.apply(&format!("{EXAMPLES}/httpbin-service.yaml"))?;
         let v1 = Httpbin::start(dir.path(), "httpbin-v1")?;
         let v2 = Httpbin::start(dir.path(), "httpbin-v2")?;
         let s1 = Sidecar::explicit(
@@ -94,7 +94,7 @@ impl Seed {
         let mut plane = ControlPlane::start_on(dir.path(), Some(&cp), pilot_args)?;
         let otlp = OtlpSink::start(dir.path(), Some(&cp))?;
         plane.otlp = Some(otlp.grpc.clone());
-        apply(&plane, &format!("{EXAMPLES}/httpbin-service.yaml"))?;
+        plane.apply(&format!("{EXAMPLES}/httpbin-service.yaml"))?;
         let h1 = topo.host("httpbin-v1")?;
         let h2 = topo.host("httpbin-v2")?;
         let hs = topo.host("sleep")?;
@@ -139,14 +139,12 @@ impl Seed {
         } else {
             format!("{EXAMPLES}/{file}")
         };
-        apply(&self.plane, &path)
+        self.plane.apply(&path)
     }
 
     /// `pilot apply -f` of YAML text.
     pub fn apply_yaml(&self, name: &str, yaml: &str) -> Result<()> {
-        let path = self.plane.dir.join(name);
-        std::fs::write(&path, yaml)?;
-        apply(&self.plane, &path.to_string_lossy())
+        self.plane.apply_yaml(name, yaml)
     }
 
     /// Waits (bounded) until sleep's sidecar has a config where `pred` holds.
@@ -235,14 +233,6 @@ impl Seed {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-fn apply(plane: &ControlPlane, path: &str) -> Result<()> {
-    let (ok, out, err) = plane.pilot_cmd(&["apply", "-f", path])?;
-    if !ok {
-        bail!("apply {path}: {out}{err}");
-    }
-    Ok(())
 }
 
 /// Number of endpoints of `cluster` in a `/config_dump`.
