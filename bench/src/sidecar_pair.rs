@@ -2,8 +2,8 @@
 //! against a direct call and an HAProxy mTLS pair, measured in the same run; the recipe prints medians
 //! and the ratios `ours / direct` and `ours / haproxy`.
 //!
-//! Two real `sidecar`s in explicit mode on 127.0.0.1, one worker thread each (as the recipe gives
-//! HAProxy), mTLS with certificates from a real `ca`: the client-side one takes the load tool's plain
+//! Two real `sidecar`s in explicit mode on 127.0.0.1, one worker thread each (`--concurrency`, as the
+//! recipe gives HAProxy `nbthread`), mTLS with certificates from a real `ca`: the client-side one takes the load tool's plain
 //! HTTP/1.1 or h2c on its outbound port and forwards over mTLS/HTTP/2 to the server-side one, which
 //! forwards to the recipe's nginx backend on 127.0.0.1:18080. Their config comes from an in-process
 //! discovery server (the e2e suite's fake pilot), because the load tool addresses the proxy itself
@@ -21,17 +21,8 @@ use weft_tests::fake_pilot::{FakePilot, simple_config};
 use weft_tests::{ControlPlane, Sidecar};
 
 fn main() -> Result<()> {
-    // The recipe gives each HAProxy one worker thread (PROXY_THREADS); our sidecars get as many, via
-    // tokio's TOKIO_WORKER_THREADS, which they inherit: set it by re-running ourselves.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let threads = std::env::var("PROXY_THREADS").unwrap_or_else(|_| "1".into());
-        let status = Command::new(std::env::current_exe().context("current_exe")?)
-            .args(std::env::args_os().skip(1))
-            .env("TOKIO_WORKER_THREADS", threads)
-            .status()
-            .context("re-run with TOKIO_WORKER_THREADS")?;
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    // The recipe gives each HAProxy PROXY_THREADS worker threads (default 1); ours get as many.
+    let threads = std::env::var("PROXY_THREADS").unwrap_or_else(|_| "1".into());
     let mut args = std::env::args().skip(1);
     let recipe = args
         .next()
@@ -70,7 +61,7 @@ fn main() -> Result<()> {
     let pilot = FakePilot::start(&plane)?;
     // A first, empty config lets the sidecars become ready; the real one needs their ports.
     pilot.push("1", simple_config("unused", 1, &[]));
-    let flags = ["--access-log", "off"];
+    let flags = ["--access-log", "off", "--concurrency", &threads];
     let server = Sidecar::explicit_with_pilot(
         &plane,
         &pilot.addr.to_string(),

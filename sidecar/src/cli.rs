@@ -120,6 +120,10 @@ pub struct RunArgs {
     /// Requested certificate lifetime (rotated at about half of it).
     #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
     pub cert_ttl: Duration,
+    /// Worker threads (Istio's proxy `concurrency`); 1 runs everything on one thread with no
+    /// work-stealing at all. Default: one per core.
+    #[arg(long, env = "WEFT_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: Option<u16>,
 }
 
 /// `sidecar init` flags.
@@ -225,10 +229,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 app_port: args.app_port,
                 cert_ttl: args.cert_ttl,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
+            let runtime = match args.concurrency {
+                // One thread: the single-threaded scheduler does the same work without the
+                // multi-threaded one's cross-thread queues and wake-ups.
+                Some(1) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                Some(n) => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(usize::from(n))
+                    .enable_all()
+                    .build(),
+                None => tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build(),
+            }
+            .context("cannot start the async runtime")?;
             runtime.block_on(async move {
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();

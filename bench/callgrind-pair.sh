@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Instructions per request of weft's sidecar pair and of the shared recipe's HAProxy pair, counted by
+# callgrind in the same run: the same 1 KiB GETs (hey, 16 connections) through each pair to the same
+# nginx. Unlike the wall-clock recipe (../shared/bench/run.sh), the counts do not move with whatever
+# else the machine is doing, so a change to the request path can be judged from one run. They cover
+# user space only (syscalls and the kernel's TCP work are not counted) and each proxy runs under
+# valgrind on one thread.
+#
+# Usage (root not needed; the release binaries must be built, with line tables for annotating):
+#   CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bins
+#   bench/callgrind-pair.sh [REQUESTS]          # default 3000; takes about a minute
+# Keeps the profiles in $OUT (default /tmp/weft-callgrind-<ts>) for callgrind_annotate.
+# Only 127.0.0.1 is used; every process started here is stopped on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+RECIPE=${RECIPE:-$ROOT/../shared/bench}
+REL=${CARGO_TARGET_DIR:-$ROOT/target}/release
+N=${1:-3000}
+C=16
+OUT=${OUT:-/tmp/weft-callgrind-$(date +%Y%m%d-%H%M%S)}
+W=$OUT/work
+mkdir -p "$W" "$OUT/bin" "$OUT/recipe"
+
+for tool in valgrind callgrind_control haproxy nginx hey; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind haproxy nginx-light hey)" >&2; exit 1; }
+done
+for b in sidecar ca pilot sidecar-pair; do
+  [ -x "$REL/$b" ] || { echo "$REL/$b missing: cargo build --release --bins" >&2; exit 1; }
+done
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# The backend: the recipe's nginx, 1 KiB at /1k.
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+cat > "$W/nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $W/nginx.pid;
+error_log $W/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server { listen 127.0.0.1:18080 backlog=4096; location = /1k { return 200 "$BODY"; } }
+}
+EOF
+nginx -c "$W/nginx.conf" -p "$W" & PIDS+=($!)
+
+VG_OPTS="--tool=callgrind --instr-atstart=no"
+# Counts only the measured requests: instrumentation goes on after a warm-up, off with the dump.
+measure() { # URL PID... -> one "pid per_request" line per PID
+  local url=$1; shift
+  hey -n 200 -c $C "$url/1k" >/dev/null
+  for p in "$@"; do callgrind_control -i on "$p" >/dev/null; done
+  local ok
+  ok=$(hey -n "$N" -c $C "$url/1k" | awk '/\[200\]/{print $2}')
+  for p in "$@"; do callgrind_control -d "$p" >/dev/null; done
+  for p in "$@"; do
+    local f total
+    f=$(ls "$OUT"/cg.$p.* 2>/dev/null | head -1)
+    total=$(awk '/^totals:/{print $2}' "$f")
+    echo "$p $((total / ok))"
+  done
+}
+
+# --- weft: the bench's own pair (sidecar-pair), with each sidecar started under valgrind.
+cat > "$OUT/bin/sidecar" <<EOF
+#!/bin/sh
+exec valgrind $VG_OPTS --callgrind-out-file=$OUT/cg.%p $REL/sidecar "\$@"
+EOF
+chmod +x "$OUT/bin/sidecar"
+ln -sf "$REL/ca" "$OUT/bin/ca"; ln -sf "$REL/pilot" "$OUT/bin/pilot"
+# sidecar-pair runs "run.sh" from the recipe directory it is given, with OURS_URL and OURS_PIDS.
+cat > "$OUT/recipe/run.sh" <<EOF
+#!/usr/bin/env bash
+set -euo pipefail
+$(declare -f measure)
+N=$N C=$C OUT=$OUT
+set -- \$OURS_PIDS
+measure "\$OURS_URL" "\$1" "\$2" | sed -n '1s/^/client /p;2s/^/server /p' > $OUT/weft.txt
+EOF
+chmod +x "$OUT/recipe/run.sh"
+WEFT_BIN_DIR=$OUT/bin "$REL/sidecar-pair" "$OUT/recipe" 1 >"$OUT/weft.log" 2>&1 \
+  || { cat "$OUT/weft.log" >&2; exit 1; }
+
+# --- HAProxy: the recipe's configuration (h1 between the proxies, and h2 as a second reference).
+"$RECIPE/certs.sh" "$W/certs" >/dev/null
+hap() { # ALPN -> "client N" / "server N" lines
+  cat > "$W/hap-server.cfg" <<EOF
+global
+  nbthread 1
+  ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend inbound
+  bind 127.0.0.1:16443 ssl crt $W/certs/server.pem ca-file $W/certs/ca.pem verify required alpn h2,http/1.1
+  default_backend app
+backend app
+  server app 127.0.0.1:18080
+EOF
+  cat > "$W/hap-client.cfg" <<EOF
+global
+  nbthread 1
+  ssl-default-server-ciphersuites TLS_AES_128_GCM_SHA256
+  ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend outbound
+  bind 127.0.0.1:16001
+  default_backend mesh
+backend mesh
+  server peer 127.0.0.1:16443 ssl crt $W/certs/client.pem ca-file $W/certs/ca.pem verify required verifyhost server.mesh.local sni str(server.mesh.local) alpn $1
+EOF
+  valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-server.cfg" >"$W/hs.log" 2>&1 & local s=$!
+  valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-client.cfg" >"$W/hc.log" 2>&1 & local c=$!
+  PIDS+=("$s" "$c")
+  for _ in $(seq 1 100); do
+    curl -fs -o /dev/null http://127.0.0.1:16001/1k && break
+    sleep 0.2
+  done
+  measure http://127.0.0.1:16001 "$c" "$s" | sed -n '1s/^/client /p;2s/^/server /p'
+  kill "$s" "$c"; wait "$s" "$c" 2>/dev/null || true
+}
+hap http/1.1 > "$OUT/haproxy-h1.txt"
+hap h2 > "$OUT/haproxy-h2.txt"
+
+row() { awk -v side="$2" '$1==side{print $3}' "$1"; }
+printf '| instructions per request | weft | HAProxy (h1 between) | ratio | HAProxy (h2 between) | ratio |\n|---|---|---|---|---|---|\n'
+for side in client server; do
+  ours=$(row "$OUT/weft.txt" $side); h1=$(row "$OUT/haproxy-h1.txt" $side); h2=$(row "$OUT/haproxy-h2.txt" $side)
+  awk -v s=$side -v o="$ours" -v a="$h1" -v b="$h2" 'BEGIN{printf "| %s side | %d | %d | %.2f | %d | %.2f |\n", s, o, a, o/a, b, o/b}'
+done
+echo "profiles: $OUT (callgrind_annotate $OUT/cg.<pid>.1)"
