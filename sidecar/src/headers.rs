@@ -30,7 +30,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .get(header::TE)
             .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     };
-    if !headers.keys().any(always_hop_by_hop) && te_ok(headers) {
+    if !headers
+        .keys()
+        .any(|k| always_hop_by_hop(k) || *k == header::TE)
+    {
         return;
     }
     // Names listed in Connection are hop-by-hop too; collect first (they borrow `headers`).
@@ -59,14 +62,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Content-Length and Transfer-Encoding, or several Content-Length values. hyper already refuses
 /// malformed values such as `Content-Length: +5` and NUL bytes before we see the request.
 pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
-    if cl > 0 && headers.contains_key(header::TRANSFER_ENCODING) {
+    // One pass over the entries (a `HeaderMap` iterates each value with its name) instead of three
+    // hash lookups: this runs on every request.
+    let (mut cl, mut te, mut host) = (0, false, 0);
+    for name in headers.iter().map(|(name, _)| name) {
+        if *name == header::CONTENT_LENGTH {
+            cl += 1;
+        } else if *name == header::TRANSFER_ENCODING {
+            te = true;
+        } else if *name == header::HOST {
+            host += 1;
+        }
+    }
+    if cl > 0 && te {
         return Err("both Content-Length and Transfer-Encoding");
     }
     if cl > 1 {
         return Err("several Content-Length headers");
     }
-    if headers.get_all(header::HOST).iter().count() > 1 {
+    if host > 1 {
         return Err("several Host headers");
     }
     Ok(())

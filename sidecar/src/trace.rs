@@ -57,20 +57,43 @@ pub struct Context {
     pub sampled: Option<bool>,
 }
 
-fn hex_u128(s: &str) -> Option<u128> {
-    if (s.len() == 16 || s.len() == 32) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        u128::from_str_radix(s, 16).ok().filter(|v| *v != 0)
-    } else {
-        None
+/// Up to 16 hex digits as a number (`from_str_radix` costs several times more, on every request that
+/// carries a trace context).
+fn hex_digits(s: &[u8]) -> Option<u64> {
+    if s.len() > 16 {
+        return None;
     }
+    let mut v = 0u64;
+    for &b in s {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u64::from(d);
+    }
+    Some(v)
+}
+
+fn hex_u128(s: &str) -> Option<u128> {
+    let b = s.as_bytes();
+    let v = match b.len() {
+        16 => u128::from(hex_digits(b)?),
+        32 => {
+            let (high, low) = b.split_at(16);
+            (u128::from(hex_digits(high)?) << 64) | u128::from(hex_digits(low)?)
+        }
+        _ => return None,
+    };
+    (v != 0).then_some(v)
 }
 
 fn hex_u64(s: &str) -> Option<u64> {
-    if s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        u64::from_str_radix(s, 16).ok().filter(|v| *v != 0)
-    } else {
-        None
+    if s.len() != 16 {
+        return None;
     }
+    hex_digits(s.as_bytes()).filter(|v| *v != 0)
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -754,6 +777,36 @@ mod tests {
         let hop = Hop::from_request(&HeaderMap::new(), 0.0);
         hop.inject_mesh(&mut stale);
         assert_eq!(extract(&stale).unwrap().span_id, hop.span_id);
+    }
+
+    #[test]
+    fn hex_ids_parse_as_from_str_radix_does() {
+        for _ in 0..1000 {
+            let v = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+            let wide = format!("{v:032x}");
+            assert_eq!(hex_u128(&wide), Some(v));
+            assert_eq!(hex_u128(&wide.to_uppercase()), Some(v));
+            let narrow = format!("{:016x}", v as u64);
+            assert_eq!(hex_u64(&narrow), Some(v as u64));
+            assert_eq!(hex_u128(&narrow), Some(u128::from(v as u64)));
+        }
+        for bad in [
+            "",
+            "0",
+            "abc",
+            "0000000000000000",
+            "g000000000000000",
+            "+00000000000000a",
+        ] {
+            assert_eq!(hex_u64(bad), None, "{bad:?}");
+            assert_eq!(hex_u128(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            hex_u128(&"0".repeat(32)),
+            None,
+            "an all-zero trace id is invalid"
+        );
+        assert_eq!(hex_u128(&"a".repeat(31)), None);
     }
 
     #[test]
