@@ -265,7 +265,13 @@ where
             })
         })
     });
-    auto::Builder::new(TokioExecutor::new())
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .initial_stream_window_size(crate::upstream::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::upstream::H2_CONNECTION_WINDOW)
+        .max_send_buf_size(crate::upstream::H2_MAX_SEND_BUF);
+    builder
         .serve_connection(io, svc)
         .await
         .map_err(|e| e.to_string())

@@ -65,6 +65,13 @@ struct Peer {
     dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
 }
 
+/// HTTP/2 flow-control windows between sidecars, in both directions (the inbound server uses them too).
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection-wide window: a few streams' worth.
+pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Bytes a stream may queue for sending before it waits for the socket.
+pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
+
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of
 /// Envoy's outlier ejection; without it a dead mirror target or endpoint costs a connect per request).
 pub const FAILURE_HOLD: Duration = Duration::from_millis(500);
@@ -291,6 +298,12 @@ impl Upstreams {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
+            // What the peer may send before we read it: hyper's defaults (2 MiB per stream, 5 MiB per
+            // connection) let one bulk response park megabytes in each proxy; a loopback or LAN hop
+            // needs far less to stay at full speed.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| UpstreamError::Http {
