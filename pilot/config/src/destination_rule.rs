@@ -438,6 +438,11 @@ impl ConnectionPoolSettings {
         if let Some(tcp) = &self.tcp {
             let at = path.field("tcp");
             report.not_implemented(&at.field("tcpKeepalive"), &tcp.tcp_keepalive, "");
+            report.not_implemented_if(
+                &at.field("maxConnectionDuration"),
+                tcp.max_connection_duration.is_some(),
+                "",
+            );
             report.non_negative(&at.field("maxConnections"), tcp.max_connections);
             report.duration(&at.field("connectTimeout"), &tcp.connect_timeout);
             report.duration(
@@ -458,6 +463,21 @@ impl ConnectionPoolSettings {
                 report.non_negative(&at.field(field), value);
             }
             report.duration(&at.field("idleTimeout"), &http.idle_timeout);
+            for (field, set) in [
+                ("maxRetries", http.max_retries.is_some()),
+                (
+                    "maxConcurrentStreams",
+                    http.max_concurrent_streams.is_some(),
+                ),
+                ("useClientProtocol", http.use_client_protocol.is_some()),
+                (
+                    "h2UpgradePolicy",
+                    http.h2_upgrade_policy
+                        .is_some_and(|p| p != H2UpgradePolicy::Default),
+                ),
+            ] {
+                report.not_implemented_if(&at.field(field), set, "");
+            }
         }
     }
 }
@@ -492,6 +512,27 @@ impl OutlierDetection {
                 "consecutiveLocalOriginFailures is only valid when splitExternalLocalOriginErrors is true",
             );
         }
+        // 0 and false are Istio's defaults (off) and what weft does; other values are refused.
+        report.not_implemented_if(
+            &path.field("consecutiveGatewayErrors"),
+            self.consecutive_gateway_errors.is_some_and(|n| n != 0),
+            "only consecutive5xxErrors ejects endpoints",
+        );
+        report.not_implemented_if(
+            &path.field("minHealthPercent"),
+            self.min_health_percent.is_some_and(|n| n != 0),
+            "ejection never stops for a pool's health; only 0 is implemented",
+        );
+        report.not_implemented_if(
+            &path.field("splitExternalLocalOriginErrors"),
+            self.split_external_local_origin_errors == Some(true),
+            "only false is implemented",
+        );
+        report.not_implemented_if(
+            &path.field("consecutiveLocalOriginFailures"),
+            self.consecutive_local_origin_failures.is_some(),
+            "",
+        );
         report.duration(&path.field("interval"), &self.interval);
         report.duration(&path.field("baseEjectionTime"), &self.base_ejection_time);
         for (field, value) in [
@@ -514,24 +555,41 @@ impl ClientTlsSettings {
             "",
         );
         report.not_implemented(&path.field("caCrl"), &self.ca_crl, "");
-        let has_files = self.client_certificate.is_some()
-            || self.private_key.is_some()
-            || self.ca_certificates.is_some();
-        let has_client_pair = self.client_certificate.is_some() && self.private_key.is_some();
-        match self.mode {
-            Some(TlsMode::Mutual) if !has_client_pair => {
-                report.invalid(
-                    path,
-                    "mode MUTUAL requires clientCertificate and privateKey",
-                );
-            }
-            Some(TlsMode::Disable | TlsMode::IstioMutual) | None if has_files => {
-                report.invalid(
-                    path,
-                    "clientCertificate, privateKey and caCertificates are only used with mode SIMPLE or MUTUAL",
-                );
-            }
-            _ => {}
+        // TLS origination with the user's certificates (to a server outside the mesh) is not in
+        // the data-plane model: the sidecar speaks mesh mTLS (ISTIO_MUTUAL, or auto mTLS) or
+        // forwards what the application sent (DISABLE). Translation used to turn SIMPLE and MUTUAL
+        // into DISABLE, i.e. plaintext where the user asked for TLS.
+        let origination = match self.mode {
+            Some(TlsMode::Simple) => Some("SIMPLE"),
+            Some(TlsMode::Mutual) => Some("MUTUAL"),
+            Some(TlsMode::Disable | TlsMode::IstioMutual) | None => None,
+        };
+        if let Some(name) = origination {
+            report.push(
+                &path.field("mode"),
+                Problem::not_implemented(format!(
+                    "mode {name} (TLS origination to a server outside the mesh); implemented: ISTIO_MUTUAL, DISABLE"
+                )),
+            );
         }
+        for (field, set) in [
+            ("clientCertificate", self.client_certificate.is_some()),
+            ("privateKey", self.private_key.is_some()),
+            ("caCertificates", self.ca_certificates.is_some()),
+        ] {
+            report.not_implemented_if(
+                &path.field(field),
+                set,
+                "certificate files are for modes SIMPLE and MUTUAL",
+            );
+        }
+        // With ISTIO_MUTUAL the sidecar checks the endpoint's SPIFFE identity from the registry
+        // and sends no SNI of the user's choosing.
+        report.not_implemented_if(
+            &path.field("subjectAltNames"),
+            !self.subject_alt_names.is_empty(),
+            "the endpoint's SPIFFE identity is what is verified",
+        );
+        report.not_implemented_if(&path.field("sni"), self.sni.is_some(), "");
     }
 }

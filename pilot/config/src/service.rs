@@ -33,8 +33,8 @@ pub struct Service {
 /// `spec` of a Service.
 ///
 /// Accepted and ignored: server-populated fields that do not change routing (`clusterIPs`,
-/// `ipFamilies`, `ipFamilyPolicy`, `internalTrafficPolicy`), so `kubectl get -o yaml` output
-/// applies. Rejected as not implemented: `externalName`, `externalIPs`, load-balancer and
+/// `ipFamilies`, `ipFamilyPolicy`, and `internalTrafficPolicy: Cluster`), so `kubectl get -o yaml`
+/// output applies. Rejected as not implemented: `externalName`, `externalIPs`, load-balancer and
 /// node-port fields, `sessionAffinity: ClientIP`, `publishNotReadyAddresses`, and so on.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -60,8 +60,9 @@ pub struct ServiceSpec {
     ip_families: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
     ip_family_policy: Option<IgnoredAny>,
+    /// Read to refuse `Local`; not stored (the server default, `Cluster`, is what weft does).
     #[serde(default, skip_serializing)]
-    internal_traffic_policy: Option<IgnoredAny>,
+    internal_traffic_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     external_name: Unimplemented,
     #[serde(
@@ -234,6 +235,15 @@ impl ServiceSpec {
                 &path.field("clusterIP"),
                 format!("{ip:?} is not an IP address; use an IPv4/IPv6 address, or omit it to have one allocated"),
             ),
+        }
+        // `Local` keeps traffic on the caller's node; weft has no nodes, so it would be ignored.
+        if let Some(policy) = self.internal_traffic_policy.as_deref()
+            && policy != "Cluster"
+        {
+            report.push(
+                &path.field("internalTrafficPolicy"),
+                Problem::not_implemented(format!("only Cluster is implemented, got {policy:?}")),
+            );
         }
         report.labels(&path.field("selector"), &self.selector);
         self.validate_ports(report, &path.field("ports"));

@@ -72,6 +72,14 @@ impl Report {
         }
     }
 
+    /// Reports a typed Istio field translation would drop: an error when `dropped` (the field is
+    /// set to something other than what weft already does), so a knob is never silently ignored.
+    pub(crate) fn not_implemented_if(&mut self, path: &FieldPath, dropped: bool, hint: &str) {
+        if dropped {
+            self.push(path, Problem::not_implemented(hint));
+        }
+    }
+
     pub(crate) fn range(&mut self, path: &FieldPath, value: i64, min: i64, max: i64) {
         if value < min || value > max {
             self.push(path, Problem::out_of_range(min, max, value));

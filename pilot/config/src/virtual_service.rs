@@ -488,13 +488,19 @@ impl VirtualServiceSpec {
     }
 }
 
-/// `exportTo` entries: `.`, `*` or a namespace name.
+/// `exportTo` entries: `.`, `*`, `~` or a namespace name. Translation shows every rule to every
+/// namespace (Istio's default, `*`), so a list without `*` would be silently widened: refused.
 pub(crate) fn validate_export_to(report: &mut Report, path: &FieldPath, export_to: &[String]) {
     for (i, entry) in export_to.iter().enumerate() {
-        if entry != "." && entry != "*" {
+        if entry != "." && entry != "*" && entry != "~" {
             report.dns1123_label(&path.index(i), entry);
         }
     }
+    report.not_implemented_if(
+        path,
+        !export_to.is_empty() && !export_to.iter().any(|e| e == "*"),
+        "every rule is visible in every namespace; only \"*\" is implemented",
+    );
 }
 
 impl HttpRoute {
@@ -642,6 +648,14 @@ impl HttpMatchRequest {
                 m.validate_allow_empty(report, &at);
             }
         }
+        // The data-plane model can say "header absent" but not "header absent or not matching".
+        for (name, m) in &self.without_headers {
+            report.not_implemented_if(
+                &path.field("withoutHeaders").key(name),
+                m.kind() != StringMatchKind::Present,
+                "withoutHeaders with a value; only {} (the header must be absent) is implemented",
+            );
+        }
         for (name, m) in &self.query_params {
             m.validate_allow_empty(report, &path.field("queryParams").key(name));
         }
@@ -761,6 +775,11 @@ impl HttpRewrite {
             );
         }
         if let Some(regex) = &self.uri_regex_rewrite {
+            report.not_implemented_if(
+                &path.field("uriRegexRewrite"),
+                true,
+                "the data-plane model has no regex rewrite; use uri",
+            );
             report.regex(
                 &path.field("uriRegexRewrite").field("match"),
                 &regex.pattern,
@@ -824,6 +843,23 @@ impl HttpRetry {
         }
         report.duration(&path.field("perTryTimeout"), &self.per_try_timeout);
         report.duration(&path.field("backoff"), &self.backoff);
+        // What weft's sidecar does is Istio's default for the last two (no localities; a retry goes
+        // to another endpoint when there is one), so only other values are refused.
+        report.not_implemented_if(
+            &path.field("backoff"),
+            self.backoff.is_some(),
+            "retries are not spaced by a backoff",
+        );
+        report.not_implemented_if(
+            &path.field("retryRemoteLocalities"),
+            self.retry_remote_localities == Some(true),
+            "weft has no localities; only false is implemented",
+        );
+        report.not_implemented_if(
+            &path.field("retryIgnorePreviousHosts"),
+            self.retry_ignore_previous_hosts == Some(false),
+            "a retry always prefers another endpoint; only true is implemented",
+        );
         if let Some(retry_on) = &self.retry_on {
             for token in retry_on.split(',').map(str::trim) {
                 let is_status = token

@@ -259,8 +259,8 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>) -> pb::LbPolicy {
 
 /// `tls.mode` (§2.2): no `tls` block means auto mTLS; any `tls` block turns auto mTLS off and its
 /// mode applies (an absent mode is the API default, DISABLE). SIMPLE and MUTUAL (TLS origination
-/// with user certificates) have no counterpart in the data-plane model yet; they become DISABLE,
-/// so the sidecar sends what the application sent, unencrypted by the mesh.
+/// with user certificates) have no counterpart in the data-plane model yet and validation refuses
+/// them; one stored before that rule becomes DISABLE (the sidecar sends what the application sent).
 fn tls_mode(tls: Option<&ClientTlsSettings>) -> pb::TlsMode {
     match tls {
         None => pb::TlsMode::Auto,

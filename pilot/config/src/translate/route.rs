@@ -249,9 +249,10 @@ fn applies_here(catalog: &Catalog<'_>, m: &HttpMatchRequest, port: u32) -> bool 
 
 /// A match block in the model. `authority` becomes a header match on `:authority`, as Istio
 /// translates it for Envoy (`TranslateRouteMatch`); the `headers` keys `uri`, `scheme`, `method` and
-/// `authority` are ignored as in Istio. `withoutHeaders` entries that only test presence become
-/// `without_headers`; one with a value ("header absent or different") cannot be expressed by the
-/// model yet, so that match block is left out (it never matches rather than matching too much).
+/// `authority` are ignored as in Istio. `withoutHeaders` entries (presence only: validation refuses
+/// one with a value, "header absent or different", which the model cannot express) become
+/// `without_headers`. Should one with a value arrive anyway (an object stored before validation
+/// refused it), the block is left out: it never matches rather than matching too much.
 fn compile_match(m: &HttpMatchRequest) -> Option<pb::HttpMatch> {
     let mut without_headers = Vec::new();
     for (name, condition) in &m.without_headers {
@@ -344,8 +345,8 @@ fn destination_cluster(
 /// `retries` (§1.5, `retry.ConvertPolicy`): absent = Istio's default policy; `attempts` absent or 0
 /// = no retries; otherwise the default policy with the given attempts, per-try timeout and
 /// `retryOn` (status codes in it are retriable codes, and `retriable-status-codes` is added when
-/// there are any, as Istio does). Backoff (25ms base), `retryRemoteLocalities` and
-/// `retryIgnorePreviousHosts` are not in the model.
+/// there are any, as Istio does). `backoff`, `retryRemoteLocalities: true` and
+/// `retryIgnorePreviousHosts: false` are not in the model; validation refuses them.
 fn retries(retry: Option<&HttpRetry>) -> Option<pb::RetryPolicy> {
     let Some(retry) = retry else {
         return Some(pb::RetryPolicy {
