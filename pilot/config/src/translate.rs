@@ -8,10 +8,11 @@
 //!
 //! Layout: `catalog` indexes the inputs and picks the VirtualService/DestinationRule for a host,
 //! `cluster` builds clusters and endpoints, `route` compiles VirtualService rules, `inbound` resolves
-//! PeerAuthentication, and `json` renders the model for golden files and fingerprints.
+//! PeerAuthentication, `json` renders the model for golden files, and `fingerprint` hashes it.
 
 mod catalog;
 mod cluster;
+mod fingerprint;
 mod inbound;
 mod json;
 mod route;
@@ -27,7 +28,10 @@ use crate::service::ServicePort;
 use catalog::{Catalog, ServiceView};
 use cluster::ClusterId;
 
-pub use json::{fingerprint, fingerprint_outbound, to_json};
+pub use catalog::LocalIndex;
+
+pub use fingerprint::{fingerprint, fingerprint_outbound};
+pub use json::to_json;
 
 /// Istio's default root namespace (meshConfig `rootNamespace`): its selector-less PeerAuthentication
 /// is mesh-wide.
@@ -197,14 +201,27 @@ pub fn translate_outbound(
 }
 
 /// `node`'s view without services and clusters (mesh settings, inbound mode, tracing): the same
-/// as [`translate`]'s. None of it depends on the live workloads. Costs about one pass over the
-/// objects (pilot computes it per sidecar and push).
+/// as [`translate`]'s. None of it depends on the live workloads. Indexes the objects first (about
+/// a millisecond for a thousand Services); for many nodes, index them once and use
+/// [`translate_local_with`] (about a microsecond per node).
 pub fn translate_local(
     resources: &[Resource],
     node: &Workload,
     mesh: &MeshOptions,
 ) -> pb::ProxyConfig {
-    local(&Catalog::for_local(resources, node, mesh), node)
+    translate_local_with(resources, &LocalIndex::new(resources), node, mesh)
+}
+
+/// [`translate_local`] with the objects indexed beforehand (`index` built from `resources`): costs
+/// about the Services of the node's namespace plus the PeerAuthentications, not every object
+/// (pilot computes a local view per sidecar and push).
+pub fn translate_local_with(
+    resources: &[Resource],
+    index: &LocalIndex,
+    node: &Workload,
+    mesh: &MeshOptions,
+) -> pb::ProxyConfig {
+    local(&Catalog::for_local(resources, index, node, mesh), node)
 }
 
 fn outbound(catalog: &Catalog<'_>) -> Outbound {

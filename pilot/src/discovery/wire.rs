@@ -15,18 +15,23 @@
 //! tower service, see [`super::Discovery`]) instead of through the generated server, whose codec
 //! would encode each stream's response into a buffer of its own: requests are still decoded with
 //! the generated prost types, and responses are framed here as gRPC length-prefixed messages.
+//!
+//! Between a stream's session and its body sits an [`Outbox`]: one slot, not a queue. A push that
+//! finds the previous one still waiting replaces it, since a sidecar only needs the newest view; so
+//! a slow sidecar holds at most the response being written plus one waiting, never a backlog of
+//! stale views (each of which would keep an old push's shared bytes alive).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::HeaderValue;
 use http_body::Frame;
 use prost::encoding::{self, WireType};
-use tokio::sync::mpsc;
 use weft_pilot_config::translate::Outbound;
 use weft_proto::discovery as pb;
 
@@ -145,23 +150,95 @@ impl Message {
     }
 }
 
-/// The response body of one `StreamConfig` call: the messages the session sends, each as its
+/// The sending side of a stream's one-slot mailbox (see the module docs). Dropping it ends the
+/// body once the last response has been written.
+#[derive(Debug)]
+pub(super) struct Outbox {
+    slot: Arc<Mutex<Slot>>,
+}
+
+/// Why a response could not be posted: the body is gone (the call ended).
+#[derive(Debug)]
+pub(super) struct Closed;
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The response waiting to be written, if any.
+    waiting: Option<Message>,
+    /// The body's task, to wake when a response arrives or the outbox goes.
+    waker: Option<Waker>,
+    /// The outbox was dropped: end the body after what is left.
+    sender_gone: bool,
+    /// The body was dropped: nobody will write what is posted.
+    body_gone: bool,
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A stream's outbox and the body that writes what is posted to it.
+pub(super) fn outbox() -> (Outbox, ResponseBody) {
+    let slot = Arc::new(Mutex::new(Slot::default()));
+    (
+        Outbox { slot: slot.clone() },
+        ResponseBody {
+            slot,
+            pieces: VecDeque::new(),
+            done: false,
+        },
+    )
+}
+
+impl Outbox {
+    /// Posts `message`, replacing one that is still waiting (it was never started, so the sidecar
+    /// never sees it; the newer view supersedes it). Never waits.
+    pub(super) fn post(&self, message: Message) -> Result<(), Closed> {
+        let waker = {
+            let mut slot = lock(&self.slot);
+            if slot.body_gone {
+                return Err(Closed);
+            }
+            slot.waiting = Some(message);
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let waker = {
+            let mut slot = lock(&self.slot);
+            slot.sender_gone = true;
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The response body of one `StreamConfig` call: the messages the session posts, each as its
 /// pieces (the shared one handed on without copying), then the trailers of a call that ended
-/// normally (`grpc-status: 0`) once the session drops its sender, as tonic ends a stream.
+/// normally (`grpc-status: 0`) once the session drops its outbox, as tonic ends a stream.
 #[derive(Debug)]
 pub(super) struct ResponseBody {
-    messages: mpsc::Receiver<Message>,
+    slot: Arc<Mutex<Slot>>,
+    /// The rest of the message being written.
     pieces: VecDeque<Bytes>,
     done: bool,
 }
 
-impl ResponseBody {
-    pub(super) fn new(messages: mpsc::Receiver<Message>) -> Self {
-        Self {
-            messages,
-            pieces: VecDeque::new(),
-            done: false,
-        }
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let mut slot = lock(&self.slot);
+        slot.body_gone = true;
+        // Nothing will write it; do not keep its shared bytes alive until the session notices.
+        slot.waiting = None;
     }
 }
 
@@ -184,16 +261,21 @@ impl http_body::Body for ResponseBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.messages.poll_recv(cx) {
-                Poll::Ready(Some(message)) => this.pieces.extend(message.pieces),
-                Poll::Ready(None) => {
-                    this.done = true;
-                    let mut trailers = HeaderMap::new();
-                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                }
-                Poll::Pending => return Poll::Pending,
+            let mut slot = lock(&this.slot);
+            if let Some(message) = slot.waiting.take() {
+                drop(slot);
+                this.pieces.extend(message.pieces);
+                continue;
             }
+            if slot.sender_gone {
+                drop(slot);
+                this.done = true;
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            slot.waker = Some(cx.waker().clone());
+            return Poll::Pending;
         }
     }
 

@@ -1,7 +1,7 @@
 //! The inputs of one translation, indexed and sorted, and the rules that pick which
 //! VirtualService and DestinationRule apply to a host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::destination_rule::DestinationRuleSpec;
 use crate::host;
@@ -36,6 +36,51 @@ pub(super) struct RuleView<'a, S> {
 impl<S> RuleView<'_, S> {
     fn by_key(a: &Self, b: &Self) -> std::cmp::Ordering {
         (a.namespace, a.name).cmp(&(b.namespace, b.name))
+    }
+}
+
+/// What a node's local view looks at in a set of objects, found once for every node translated
+/// from them (see [`super::translate_local_with`]).
+#[derive(Clone, Debug, Default)]
+pub struct LocalIndex {
+    /// The Services that can select a workload: a non-empty selector, and the first Service of
+    /// their FQDN in input order (as [`Catalog::new`] keeps them), as indexes into the objects, by
+    /// namespace and then by the first label of their selector. A node looks up each of its own
+    /// labels, so it meets only the Services that might select it (for a thousand Services, one
+    /// instead of a thousand).
+    services: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>>,
+    /// The PeerAuthentications, indexes in input order.
+    peer_authentications: Vec<usize>,
+}
+
+impl LocalIndex {
+    /// Indexes `resources` (one pass).
+    pub fn new(resources: &[Resource]) -> Self {
+        let mut index = Self::default();
+        let mut fqdns = HashSet::new();
+        for (i, resource) in resources.iter().enumerate() {
+            match resource {
+                Resource::Service(svc) => {
+                    let first = fqdns.insert(host::expand(resource.name(), resource.namespace()));
+                    if let Some((key, value)) = svc.spec.selector.iter().next()
+                        && first
+                    {
+                        index
+                            .services
+                            .entry(resource.namespace().to_string())
+                            .or_default()
+                            .entry(key.clone())
+                            .or_default()
+                            .entry(value.clone())
+                            .or_default()
+                            .push(i);
+                    }
+                }
+                Resource::PeerAuthentication(_) => index.peer_authentications.push(i),
+                _ => {}
+            }
+        }
+        index
     }
 }
 
@@ -137,56 +182,56 @@ impl<'a> Catalog<'a> {
         }
     }
 
-    /// The part of [`Self::new`] a node's local view looks at, built in time linear in the
-    /// objects without allocating per Service (pilot builds one per sidecar and push): the
-    /// PeerAuthentications, and of the Services only those that select `node`, as [`Self::new`]
-    /// keeps them (one per FQDN, the first in input order). No workloads, VirtualServices or
-    /// DestinationRules.
+    /// The part of [`Self::new`] a node's local view looks at, from an index built once for many
+    /// nodes (pilot builds one local view per sidecar and push, so a pass over every object per
+    /// sidecar was a thousand passes per push): the PeerAuthentications, and of the Services only
+    /// those that select `node`, as [`Self::new`] keeps them (one per FQDN, the first in input
+    /// order). No workloads, VirtualServices or DestinationRules. `index` must have been built from
+    /// `resources`.
     pub(super) fn for_local(
         resources: &'a [Resource],
+        index: &LocalIndex,
         node: &'a Workload,
         mesh: &'a MeshOptions,
     ) -> Self {
-        let mut services = Vec::new();
-        let mut peer_authentications = Vec::new();
-        for (at, resource) in resources.iter().enumerate() {
-            let namespace = resource.namespace();
-            let name = resource.name();
-            match resource {
-                // `selects` without building the view first: the same three conditions.
-                Resource::Service(svc)
-                    if namespace == node.namespace
-                        && !svc.spec.selector.is_empty()
-                        && labels_match(&svc.spec.selector, &node.labels) =>
-                {
-                    let fqdn = host::expand(name, namespace);
-                    // `new` keeps the first Service of an FQDN. An FQDN starts with the name it
-                    // was expanded from, so only Services whose name is a prefix of this FQDN
-                    // can have the same one.
-                    let shadowed = resources.get(..at).unwrap_or_default().iter().any(|r| {
-                        matches!(r, Resource::Service(_))
-                            && fqdn.starts_with(r.name())
-                            && host::expand(r.name(), r.namespace()) == fqdn
-                    });
-                    if !shadowed {
-                        services.push(ServiceView {
-                            fqdn,
-                            name,
-                            namespace,
-                            vip: svc.spec.cluster_ip.as_deref().unwrap_or(""),
-                            spec: &svc.spec,
-                        });
-                    }
+        let at = |i: &usize| resources.get(*i);
+        let in_namespace = index.services.get(&node.namespace);
+        let mut services: Vec<ServiceView<'a>> = node
+            .labels
+            .iter()
+            .filter_map(|(key, value)| in_namespace?.get(key)?.get(value))
+            .flatten()
+            .filter_map(at)
+            .filter_map(|resource| match resource {
+                // `selects`: same namespace (the index's key), non-empty selector (the index
+                // keeps no other), and every selector label on the node (the first one is, as
+                // the index's key; each Service is under one key, so it comes up at most once).
+                Resource::Service(svc) if labels_match(&svc.spec.selector, &node.labels) => {
+                    Some(ServiceView {
+                        fqdn: host::expand(resource.name(), resource.namespace()),
+                        name: resource.name(),
+                        namespace: resource.namespace(),
+                        vip: svc.spec.cluster_ip.as_deref().unwrap_or(""),
+                        spec: &svc.spec,
+                    })
                 }
-                Resource::PeerAuthentication(pa) => peer_authentications.push(RuleView {
-                    namespace,
-                    name,
+                _ => None,
+            })
+            .collect();
+        let mut peer_authentications: Vec<_> = index
+            .peer_authentications
+            .iter()
+            .filter_map(at)
+            .filter_map(|resource| match resource {
+                Resource::PeerAuthentication(pa) => Some(RuleView {
+                    namespace: resource.namespace(),
+                    name: resource.name(),
                     spec: &pa.spec,
                     hosts: Vec::new(),
                 }),
-                _ => {}
-            }
-        }
+                _ => None,
+            })
+            .collect();
         services.sort_by(|a, b| a.fqdn.cmp(&b.fqdn));
         peer_authentications.sort_by(RuleView::by_key);
         Self {

@@ -1,44 +1,16 @@
-//! The data-plane model as canonical JSON (golden files, debugging) and its fingerprint.
+//! The data-plane model as canonical JSON, for golden files and debugging.
 //!
 //! prost generates `HashMap`s for `map<>` fields, so neither `Debug` nor the protobuf encoding of a
 //! `ProxyConfig` is stable. The JSON here sorts every map, so equal configs give equal text. It
 //! follows the proto3 JSON habit of leaving out default values (empty strings and lists, 0,
 //! false, absent messages) with field names as in `discovery.proto`; enums are always written, by
 //! name. Every message is destructured without `..`, so a field added to the proto does not compile
-//! until it is rendered here, and therefore can never be missed by [`fingerprint`].
+//! until it is rendered here, and therefore can never be missed by a golden file. (Pushes compare
+//! [`super::fingerprint`]s, which hash the model directly instead of rendering it.)
 
 use serde_json::{Map, Value};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::string_match::Kind as PbMatch;
-
-use super::Outbound;
-
-/// A stable 64-bit fingerprint of a config: FNV-1a over its canonical JSON. Equal configs give
-/// equal fingerprints whatever the order of their maps, in any process and build, so pilot can
-/// compare it with what a sidecar last received to decide whether to push.
-pub fn fingerprint(config: &pb::ProxyConfig) -> u64 {
-    fnv1a(&to_json(config).to_string())
-}
-
-/// The fingerprint of an [`Outbound`] part, as [`fingerprint`] computes it for a config holding
-/// only these services and clusters (so it changes exactly when they do).
-pub fn fingerprint_outbound(outbound: &Outbound) -> u64 {
-    let Outbound { services, clusters } = outbound;
-    let json: Value = Obj::default()
-        .list("services", services.iter().map(outbound_service))
-        .list("clusters", clusters.iter().map(cluster))
-        .into();
-    fnv1a(&json.to_string())
-}
-
-/// FNV-1a, 64 bits.
-fn fnv1a(text: &str) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    text.bytes().fold(OFFSET, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    })
-}
 
 /// The config as canonical JSON (see the module docs for the format).
 pub fn to_json(config: &pb::ProxyConfig) -> Value {

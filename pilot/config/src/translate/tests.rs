@@ -633,3 +633,184 @@ spec:
         "sleep is routed to v2, curl to v1"
     );
 }
+
+#[test]
+fn the_local_part_agrees_with_the_whole_view_when_a_service_name_repeats() {
+    // Two objects with one FQDN (the store never holds that, translate's input may): the whole view
+    // keeps the first, and so must the indexed local part, whose tracing name comes from it.
+    let first = parse(
+        "apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec:
+  ports: [{name: http, port: 80}]
+  selector: {app: other}
+",
+    );
+    let second = parse(
+        "apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec:
+  ports: [{name: http, port: 80}]
+  selector: {app: sleep}
+",
+    );
+    // And a Service selecting on two labels, which only the node with both gets.
+    let both = parse(
+        "apiVersion: v1
+kind: Service
+metadata: {name: a-both}
+spec:
+  ports: [{name: http, port: 80}]
+  selector: {app: sleep, version: v1}
+",
+    );
+    let mesh = MeshOptions::default();
+    let plain = sleep();
+    let mut versioned = sleep();
+    versioned.labels.insert("version".into(), "v1".into());
+    // The first object of the FQDN wins: with `second` first, the plain node is selected by `api`.
+    for (resources, plain_name) in [
+        (
+            [first.clone(), second.clone(), both.clone()].concat(),
+            "sleep",
+        ),
+        ([both, second, first].concat(), "api"),
+    ] {
+        let index = LocalIndex::new(&resources);
+        for node in [&plain, &versioned] {
+            let whole = translate(&resources, std::slice::from_ref(node), node, &mesh);
+            let local = translate_local_with(&resources, &index, node, &mesh);
+            assert_eq!(
+                (&local.mesh, &local.inbound, &local.tracing),
+                (&whole.mesh, &whole.inbound, &whole.tracing)
+            );
+        }
+        let name = |node: &Workload| {
+            translate_local_with(&resources, &index, node, &mesh)
+                .tracing
+                .map(|t| t.service_name)
+        };
+        assert_eq!(name(&versioned).as_deref(), Some("a-both"));
+        assert_eq!(name(&plain).as_deref(), Some(plain_name));
+    }
+}
+
+#[test]
+fn fingerprint_outbound_is_the_fingerprint_of_a_config_with_only_those_parts() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - headers: {{request: {{set: {{x1: a}}, add: {{x2: b}}}}}}
+    route: [{{destination: {{host: httpbin}}}}]
+"
+    );
+    let resources = parse(&yaml);
+    let node = sleep();
+    let workloads = vec![httpbin("v1", "10.0.0.11"), node.clone()];
+    let mesh = MeshOptions::default();
+    let outbound = translate_outbound(&resources, &workloads, &node, &mesh);
+    let only = pb::ProxyConfig {
+        services: outbound.services.clone(),
+        clusters: outbound.clusters.clone(),
+        ..pb::ProxyConfig::default()
+    };
+    assert_eq!(fingerprint_outbound(&outbound), fingerprint(&only));
+    // Moving a header from `set` to `add` (same names and values, another meaning) changes it.
+    let mut moved = only.clone();
+    let ops = moved
+        .services
+        .iter_mut()
+        .flat_map(|s| &mut s.ports)
+        .flat_map(|p| &mut p.routes)
+        .find_map(|r| r.request_headers.as_mut())
+        .expect("the route sets headers");
+    let set = std::mem::take(&mut ops.set);
+    ops.add.extend(set);
+    assert_ne!(fingerprint(&only), fingerprint(&moved));
+    // An endpoint label is part of it too.
+    let mut relabelled = only.clone();
+    if let Some(e) = relabelled
+        .clusters
+        .iter_mut()
+        .flat_map(|c| &mut c.endpoints)
+        .next()
+    {
+        e.labels.insert("version".into(), "v9".into());
+    }
+    assert_ne!(fingerprint(&only), fingerprint(&relabelled));
+}
+
+#[test]
+fn a_name_dot_namespace_host_means_that_namespaces_service() {
+    // `reviews.default` written in a rule of another namespace (Istio would keep it as written:
+    // a virtual host for that literal Host only, and a cluster that does not exist). weft expands
+    // it (README, "Short names"): the VirtualService routes the reviews Service under every name
+    // a client uses, and the destination is reviews' own v2 cluster, with its endpoint.
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  ports: [{name: http, port: 9080}]
+  selector: {app: reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: ops}
+spec:
+  hosts: [reviews.default]
+  http:
+  - route: [{destination: {host: reviews.default, subset: v2}}]
+";
+    let node = workload("ops", "client", &[("app", "client")], "10.0.0.1");
+    let v2 = workload(
+        "default",
+        "reviews-v2",
+        &[("app", "reviews"), ("version", "v2")],
+        "10.0.0.22",
+    );
+    let config = translate(
+        &parse(yaml),
+        &[node.clone(), v2],
+        &node,
+        &MeshOptions::default(),
+    );
+    let reviews = config
+        .services
+        .iter()
+        .find(|s| s.name == "reviews")
+        .expect("the reviews Service");
+    assert_eq!(
+        reviews.aliases,
+        [
+            "reviews.default",
+            "reviews.default.svc",
+            "reviews.default.svc.cluster.local"
+        ]
+    );
+    let route = &reviews.ports[0].routes[0];
+    assert_eq!(route.name, "ops/reviews/0");
+    let cluster = "outbound|9080|v2|reviews.default.svc.cluster.local";
+    assert_eq!(route.destinations[0].cluster, cluster);
+    let endpoints: Vec<&str> = config
+        .clusters
+        .iter()
+        .filter(|c| c.name == cluster)
+        .flat_map(|c| &c.endpoints)
+        .map(|e| e.address.as_str())
+        .collect();
+    assert_eq!(endpoints, ["10.0.0.22"]);
+}

@@ -233,8 +233,25 @@ async fn next_frame(body: &mut ResponseBody) -> Option<Frame<Bytes>> {
         .map(|r| r.unwrap())
 }
 
-#[tokio::test]
-async fn the_body_carries_each_message_then_ok_trailers() {
+/// Polls frames until the body has one ready (or ends), without waiting for more to be posted.
+fn ready_frames(body: &mut ResponseBody) -> Vec<Frame<Bytes>> {
+    use http_body::Body as _;
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut frames = Vec::new();
+    while let Poll::Ready(Some(frame)) = Pin::new(&mut *body).poll_frame(&mut cx) {
+        frames.push(frame.unwrap());
+    }
+    frames
+}
+
+fn data_of(frames: Vec<Frame<Bytes>>) -> Vec<u8> {
+    frames
+        .into_iter()
+        .flat_map(|f| f.into_data().unwrap().to_vec())
+        .collect()
+}
+
+fn two_messages() -> (Message, Message) {
     let case = golden_cases().remove(0);
     let shared = encode_outbound(&translate_outbound(
         &case.resources,
@@ -243,13 +260,21 @@ async fn the_body_carries_each_message_then_ok_trailers() {
         &case.mesh,
     ));
     let local = translate_local(&case.resources, &case.node, &case.mesh);
-    let (tx, rx) = mpsc::channel(2);
-    let mut body = ResponseBody::new(rx);
-    let first = Message::response("1", "1-1", &local, &shared).unwrap();
-    let second = Message::response("2", "1-2", &local, &shared).unwrap();
-    tx.send(first.clone()).await.unwrap();
-    tx.send(second.clone()).await.unwrap();
-    drop(tx);
+    (
+        Message::response("1", "1-1", &local, &shared).unwrap(),
+        Message::response("2", "1-2", &local, &shared).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_body_carries_each_message_then_ok_trailers() {
+    let (first, second) = two_messages();
+    let (outbox, mut body) = outbox();
+    assert!(ready_frames(&mut body).is_empty(), "nothing posted yet");
+    outbox.post(first.clone()).unwrap();
+    assert_eq!(data_of(ready_frames(&mut body)), concat(&first));
+    outbox.post(second.clone()).unwrap();
+    drop(outbox);
     let mut data = Vec::new();
     let trailers = loop {
         let frame = next_frame(&mut body)
@@ -262,9 +287,45 @@ async fn the_body_carries_each_message_then_ok_trailers() {
     };
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
     assert!(next_frame(&mut body).await.is_none());
+    assert_eq!(data, concat(&second));
+}
+
+#[tokio::test]
+async fn a_newer_message_replaces_one_still_waiting_but_not_one_being_written() {
+    let (first, second) = two_messages();
+    let (outbox, mut body) = outbox();
+    // Both posted before the body ran: only the newer view goes out.
+    outbox.post(first.clone()).unwrap();
+    outbox.post(second.clone()).unwrap();
+    assert_eq!(data_of(ready_frames(&mut body)), concat(&second));
+
+    // A message the body has started is written whole; the next one follows it.
+    let (outbox, mut body) = super::outbox();
+    outbox.post(first.clone()).unwrap();
+    let started = next_frame(&mut body).await.unwrap().into_data().unwrap();
+    outbox.post(second.clone()).unwrap();
+    let mut data = started.to_vec();
+    data.extend(data_of(ready_frames(&mut body)));
     let mut expected = concat(&first);
     expected.extend(concat(&second));
     assert_eq!(data, expected);
+}
+
+#[tokio::test]
+async fn a_body_that_is_gone_refuses_posts_and_wakes_on_posts() {
+    let (first, second) = two_messages();
+    let (outbox, mut body) = outbox();
+    // A waiting body is woken by a post.
+    let poll = tokio::spawn(async move {
+        let frame = next_frame(&mut body).await;
+        (frame.is_some(), body)
+    });
+    tokio::task::yield_now().await;
+    outbox.post(first).unwrap();
+    let (got, body) = poll.await.unwrap();
+    assert!(got);
+    drop(body);
+    assert!(outbox.post(second).is_err(), "the call has ended");
 }
 
 #[tokio::test]
@@ -273,14 +334,14 @@ async fn calls_without_a_client_certificate_or_to_other_methods_are_refused() {
     let ctx = Arc::new(crate::discovery::PushContext::new(
         1,
         1,
-        Vec::new(),
+        Arc::new(crate::discovery::Objects::new(Vec::new())),
         Arc::new(Vec::new()),
     ));
     let (_contexts_tx, contexts) = tokio::sync::watch::channel(ctx);
     let discovery = crate::discovery::Discovery::new(
         contexts,
         crate::registry::Registry::new(std::time::Duration::from_secs(1)),
-        MeshOptions::default(),
+        crate::discovery::Translator::new(MeshOptions::default(), 1).unwrap(),
         Arc::default(),
         tokio_util::sync::CancellationToken::new(),
     );
