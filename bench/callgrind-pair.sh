@@ -91,12 +91,12 @@ WEFT_BIN_DIR=$OUT/bin "$REL/sidecar-pair" "$OUT/recipe" 1 >"$OUT/weft.log" 2>&1 
 
 # --- HAProxy: the recipe's configuration (h1 between the proxies, and h2 as a second reference).
 "$RECIPE/certs.sh" "$W/certs" >/dev/null
-hap() { # ALPN -> "client N" / "server N" lines
-  cat > "$W/hap-server.cfg" <<EOF
+hap_common() { # bind|server: what both of the recipe's HAProxy configurations start with
+  cat <<EOF
 global
   nbthread 1
-  ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
-  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-$1-ciphersuites TLS_AES_128_GCM_SHA256
+  ssl-default-$1-options ssl-min-ver TLSv1.3
 defaults
   mode http
   timeout connect 5s
@@ -104,30 +104,25 @@ defaults
   timeout server 60s
   option http-keep-alive
   http-reuse always
+EOF
+}
+hap() { # ALPN -> "client N" / "server N" lines
+  { hap_common bind; cat <<EOF
 frontend inbound
   bind 127.0.0.1:16443 ssl crt $W/certs/server.pem ca-file $W/certs/ca.pem verify required alpn h2,http/1.1
   default_backend app
 backend app
   server app 127.0.0.1:18080
 EOF
-  cat > "$W/hap-client.cfg" <<EOF
-global
-  nbthread 1
-  ssl-default-server-ciphersuites TLS_AES_128_GCM_SHA256
-  ssl-default-server-options ssl-min-ver TLSv1.3
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-  http-reuse always
+  } > "$W/hap-server.cfg"
+  { hap_common server; cat <<EOF
 frontend outbound
   bind 127.0.0.1:16001
   default_backend mesh
 backend mesh
   server peer 127.0.0.1:16443 ssl crt $W/certs/client.pem ca-file $W/certs/ca.pem verify required verifyhost server.mesh.local sni str(server.mesh.local) alpn $1
 EOF
+  } > "$W/hap-client.cfg"
   valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-server.cfg" >"$W/hs.log" 2>&1 & local s=$!
   valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-client.cfg" >"$W/hc.log" 2>&1 & local c=$!
   PIDS+=("$s" "$c")

@@ -285,8 +285,15 @@ fn serve(args: ServeArgs) -> Result<()> {
 /// An error and its causes on one line for operators, skipping a cause whose text the message before
 /// it already contains (library errors often render their source inline).
 pub fn report(err: &anyhow::Error) -> String {
+    report_chain(err.as_ref())
+}
+
+/// [`report`] for any error: it and its sources, `: `-joined, repeated texts once.
+pub fn report_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
-    for cause in err.chain() {
+    let mut next = Some(err);
+    while let Some(cause) = next {
+        next = cause.source();
         let text = cause.to_string();
         if out.contains(&text) {
             continue;

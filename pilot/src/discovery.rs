@@ -545,18 +545,8 @@ fn node_to_workload(node: &pb::Node, peer: &SpiffeId) -> Result<Workload, Status
         .filter(|p| *p != 0)
         .ok_or_else(|| Status::invalid_argument("node.inbound_port must be 1..65535"))?;
     Ok(Workload {
-        name: node.name.clone(),
-        namespace: node.namespace.clone(),
-        service_account: node.service_account.clone(),
-        labels: node
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        ip: node.ip.clone(),
-        ports: node.ports.clone(),
         inbound_port: u32::from(inbound_port),
-        captured: node.captured,
+        ..Workload::from(node)
     })
 }
 

@@ -102,7 +102,7 @@ impl App {
         if h2 {
             *req.version_mut() = http::Version::HTTP_2;
             return self.h2.request(req).await.map_err(|e| {
-                let reason = chain(&e);
+                let reason = weft_ca::cli::report_chain(&e);
                 if e.is_connect() {
                     AppError::Connect { addr, reason }
                 } else {
@@ -135,7 +135,7 @@ impl App {
                         let e = e.into_error();
                         return Err(AppError::Exchange {
                             addr,
-                            reason: chain(&e),
+                            reason: weft_ca::cli::report_chain(&e),
                             reset: false,
                         });
                     }
@@ -177,25 +177,13 @@ async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Body>, AppError>
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = http1::handshake(TokioIo::new(tcp))
         .await
-        .map_err(|e| failed(chain(&e)))?;
+        .map_err(|e| failed(weft_ca::cli::report_chain(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%addr, error = %e, "app connection ended");
         }
     });
     Ok(sender)
-}
-
-/// An error and its causes, `: `-joined (hyper's own text is often just "http2 error").
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut reason = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        reason.push_str(": ");
-        reason.push_str(&c.to_string());
-        cause = c.source();
-    }
-    reason
 }
 
 /// Whether an HTTP/2 stream reset is among the causes.

@@ -59,7 +59,7 @@ fn esc(v: &str) -> String {
 /// A preformatted Prometheus label fragment, built once per workload, cluster, endpoint or connection
 /// and shared by every request that reports it. Its hash is computed once, so recording a request
 /// hashes a few words instead of a kilobyte of label text, and equal fragments built apart (after a
-/// config push) still count as one series.
+/// config push) still count as one series. Series keys are hashed with foldhash: a few words each.
 #[derive(Clone)]
 pub struct Labels(Arc<LabelText>);
 
@@ -110,29 +110,6 @@ impl std::fmt::Display for Labels {
 impl std::fmt::Debug for Labels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(&*self.0.text, f)
-    }
-}
-
-/// Hashes a series key: its parts are already hashes or small integers, so one multiply-and-rotate
-/// per word mixes enough, where SipHash's rounds would cost more than the rest of recording.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
@@ -275,7 +252,7 @@ pub struct TcpCounters {
 
 /// The sidecar's Istio metrics.
 pub struct Metrics {
-    series: Mutex<HashMap<Key, Series, std::hash::BuildHasherDefault<KeyHasher>>>,
+    series: Mutex<HashMap<Key, Series, foldhash::fast::RandomState>>,
     /// Outbound listener connections.
     pub tcp_outbound: TcpCounters,
     /// Inbound listener connections.

@@ -154,16 +154,14 @@ impl Upstreams {
         connect_timeout: Duration,
     ) -> Result<SendRequest<Body>, UpstreamError> {
         // The common case, a live connection, costs one short lock and no allocation.
+        if let Some(sender) = self.live_sender(addr, identity) {
+            return Ok(sender);
+        }
         let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             let peers = map.entry(addr).or_default();
             match peers.iter().find(|p| p.identity == *identity) {
-                Some(p) => {
-                    if let Some(sender) = p.sender.as_ref().filter(|s| !s.is_closed()) {
-                        return Ok(sender.clone());
-                    }
-                    p.dial.clone()
-                }
+                Some(p) => p.dial.clone(),
                 None => {
                     let dial = Arc::new(tokio::sync::Mutex::new(None));
                     peers.push(Peer {
