@@ -16,46 +16,70 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether `name` is hop-by-hop whatever `Connection` says.
-fn always_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || *name == KEEP_ALIVE || *name == PROXY_CONNECTION
+/// Which of the always-hop-by-hop names (bit `i` for `HOP_BY_HOP[i]`, then `keep-alive`,
+/// `proxy-connection` and `te`) a head carries.
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    let mut mask = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            mask |= 1 << i;
+        } else if *name == KEEP_ALIVE {
+            mask |= 1 << HOP_BY_HOP.len();
+        } else if *name == PROXY_CONNECTION {
+            mask |= 1 << (HOP_BY_HOP.len() + 1);
+        } else if *name == header::TE {
+            mask |= 1 << (HOP_BY_HOP.len() + 2);
+        }
+    }
+    mask
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Nearly every request has none: one pass over the names (comparisons, no hashing) decides
-    // whether any removal, each a hash lookup, is needed at all.
-    let te_ok = |headers: &HeaderMap| {
-        headers
-            .get(header::TE)
-            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    };
-    if !headers
-        .keys()
-        .any(|k| always_hop_by_hop(k) || *k == header::TE)
-    {
+    // One pass over the names (comparisons, no hashing) finds which are present; only those are
+    // removed, each a hash lookup. Nearly every request has none, and a typical app response only
+    // `Connection: keep-alive`.
+    let mask = hop_by_hop_present(headers);
+    if mask == 0 {
         return;
     }
+    let te = HOP_BY_HOP.len() + 2;
     // Names listed in Connection are hop-by-hop too; collect first (they borrow `headers`).
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let listed: Vec<HeaderName> = if mask & 1 != 0 {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            // Those handled below by the mask (`keep-alive` is the usual one) cost no lookup.
+            .filter(|n| !HOP_BY_HOP.contains(n) && *n != KEEP_ALIVE && *n != PROXY_CONNECTION)
+            .collect()
+    } else {
+        Vec::new()
+    };
     for name in listed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if mask & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(KEEP_ALIVE);
+    }
+    if mask & (1 << (HOP_BY_HOP.len() + 1)) != 0 {
+        headers.remove(PROXY_CONNECTION);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
-    if !te_ok(headers) {
+    if mask & (1 << te) != 0
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
         headers.remove(header::TE);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
 }
 
 /// Refuses framing that two HTTP parsers could read differently (request smuggling): both
@@ -232,6 +256,14 @@ mod tests {
             strip_hop_by_hop(&mut one);
             assert_eq!(one.len(), 1, "{name} must go");
         }
+        // `Connection: te` makes even `te: trailers` hop-by-hop; a listed standard name goes too.
+        let mut listed = HeaderMap::new();
+        listed.insert(header::CONNECTION, "te, accept-language".parse().unwrap());
+        listed.insert(header::TE, "trailers".parse().unwrap());
+        listed.insert(header::ACCEPT_LANGUAGE, "en".parse().unwrap());
+        listed.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut listed);
+        assert_eq!(listed.len(), 1, "{listed:?}");
         let mut clean = HeaderMap::new();
         clean.insert(header::HOST, "h".parse().unwrap());
         clean.append("x-multi", "1".parse().unwrap());

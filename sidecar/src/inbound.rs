@@ -388,10 +388,13 @@ impl Inbound {
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
-        let result = self.app.send(app_addr, out, h2_app).await.map_err(|e| {
-            tracing::debug!(%peer, error = %e, "app request failed");
-            app_error(e)
-        });
+        // Boxed so that this future (moved on every request) does not carry the exchange's state.
+        let result = Box::pin(self.app.send(app_addr, out, h2_app))
+            .await
+            .map_err(|e| {
+                tracing::debug!(%peer, error = %e, "app request failed");
+                app_error(e)
+            });
         let (code, flags) = match &result {
             Ok(r) => (r.status().as_u16(), "-"),
             Err(e) => (e.status().as_u16(), e.flag()),

@@ -383,7 +383,9 @@ impl Outbound {
         // One Arc clone; never held across anything but this request.
         let table = self.tables.borrow().clone();
         if req.method() == http::Method::CONNECT {
-            return self.connect(req, &table).await;
+            // Boxed, like the other rare paths below: an inline future would make every request's
+            // future (copied on each move) as large as the largest path.
+            return Box::pin(self.connect(req, &table)).await;
         }
         let authority = request_authority(&req).ok_or(ProxyError::BadRequest("no Host"))?;
         let found = match original_dst {
@@ -411,7 +413,7 @@ impl Outbound {
             if let Some((delay, pct)) = fault.delay
                 && roll(pct)
             {
-                tokio::time::sleep(delay).await;
+                Box::pin(tokio::time::sleep(delay)).await;
             }
             if let Some((status, pct)) = fault.abort
                 && roll(pct)
@@ -428,7 +430,7 @@ impl Outbound {
         let start = SystemTime::now();
         let (mut parts, body) = req.into_parts();
         if is_upgrade(&parts.headers) {
-            return self.upgrade(parts, &dest.cluster, &authority).await;
+            return Box::pin(self.upgrade(parts, &dest.cluster, &authority)).await;
         }
         strip_hop_by_hop(&mut parts.headers);
         apply_route_headers(route, &dest.request_headers, &mut parts.headers);
@@ -475,8 +477,16 @@ impl Outbound {
             path: &path,
             hop: &hop,
         };
-        let sent = self.send(&dest.cluster, route, parts, body, &next);
-        let result = with_timeout(route, sent).await.and_then(|r| r);
+        // Boxed: inline, the send future would sit in this one (and be copied with it) up to three
+        // times: as a local, as the timeout's argument and inside the timeout.
+        let sent = Box::pin(self.send(&dest.cluster, route, parts, body, &next));
+        let result = match route.timeout {
+            Some(t) => tokio::time::timeout(t, sent)
+                .await
+                .map_err(|_| ProxyError::Timeout(t))
+                .and_then(|r| r),
+            None => sent.await,
+        };
         let endpoint = result
             .as_ref()
             .ok()
@@ -581,9 +591,7 @@ impl Outbound {
             };
             let Some(identity) = identity else {
                 let req = build_request(parts, body, next, endpoint, false)?;
-                return self
-                    .upstreams
-                    .send_plain(endpoint.dial, req)
+                return Box::pin(self.upstreams.send_plain(endpoint.dial, req))
                     .await
                     .map(|r| (r, idx, false))
                     .map_err(ProxyError::Connect);
@@ -613,18 +621,6 @@ impl Outbound {
                 reason: "no attempt made".into(),
             },
         )))
-    }
-}
-
-async fn with_timeout<T>(
-    route: &Route,
-    fut: impl std::future::Future<Output = T>,
-) -> Result<T, ProxyError> {
-    match route.timeout {
-        Some(t) => tokio::time::timeout(t, fut)
-            .await
-            .map_err(|_| ProxyError::Timeout(t)),
-        None => Ok(fut.await),
     }
 }
 

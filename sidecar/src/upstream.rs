@@ -157,6 +157,17 @@ impl Upstreams {
         if let Some(sender) = self.live_sender(addr, identity) {
             return Ok(sender);
         }
+        // Boxed: the dial path's future is large, and inline it would be copied on every request.
+        Box::pin(self.dial_h2(addr, identity, connect_timeout)).await
+    }
+
+    /// The slow path of [`Upstreams::h2_sender`]: one dialler per peer, the others wait for it.
+    async fn dial_h2(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
         let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             let peers = map.entry(addr).or_default();
