@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -383,7 +382,7 @@ impl Inbound {
         );
         let uri = http::Uri::from_parts(uri)
             .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
-        let mut out = Request::new(body.boxed());
+        let mut out = Request::new(crate::upstream::boxed(body));
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;
@@ -480,7 +479,7 @@ impl Inbound {
         }
         let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(BodyExt::boxed))
+        Ok(resp.map(crate::upstream::boxed))
     }
 }
 

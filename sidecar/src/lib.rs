@@ -14,6 +14,7 @@ pub mod headers;
 pub mod inbound;
 pub mod mirror;
 pub mod outbound;
+pub mod peer;
 pub mod run;
 pub mod telemetry;
 pub mod trace;

@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::balance;
 use crate::config::{Cluster, Route, TlsMode, shadow_authority};
 use crate::trace::{Hop, Kind, Span, Tracer};
-use crate::upstream::{Body, Upstreams};
+use crate::upstream::{Body, BodyError, Upstreams};
 
 /// Default cap on a mirrored request body (Envoy's connection buffer limit).
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -277,12 +277,12 @@ struct TeeBody {
 
 impl HttpBody for TeeBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

@@ -306,7 +306,7 @@ impl Outbound {
                 }
             });
         }
-        Ok(resp.map(BodyExt::boxed))
+        Ok(resp.map(crate::upstream::boxed))
     }
 
     /// `CONNECT host:port` (explicit mode): a TCP tunnel to an endpoint of that Service (mTLS to its
@@ -443,7 +443,7 @@ impl Outbound {
         let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
         let service_name: Arc<str> = self.service_name(&table);
-        let mut body = body.boxed();
+        let mut body = crate::upstream::boxed(body);
         if !route.mirrors.is_empty() {
             let copies = self.mirrors.prepare(
                 route,
@@ -564,7 +564,7 @@ impl Outbound {
         strip_hop_by_hop(resp.headers_mut());
         route.response_headers.apply(resp.headers_mut());
         dest.response_headers.apply(resp.headers_mut());
-        Ok(resp.map(BodyExt::boxed))
+        Ok(resp)
     }
 
     /// Sends to an endpoint of `cluster`. Connection and TLS failures (which happen before the
@@ -577,7 +577,7 @@ impl Outbound {
         parts: http::request::Parts,
         body: Body,
         next: &NextHop<'_>,
-    ) -> Result<(Response<Incoming>, usize, bool), ProxyError> {
+    ) -> Result<(Response<Body>, usize, bool), ProxyError> {
         let attempts = 1 + route.retries.as_ref().map_or(0, |r| r.attempts);
         let mut skip = None;
         let mut last_err = None;

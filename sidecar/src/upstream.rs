@@ -3,8 +3,8 @@
 //! To a peer sidecar: mTLS (verifying that the peer presents the SPIFFE ID pilot gave for the endpoint)
 //! carrying HTTP/2, so every request to that endpoint shares one connection. Pools are keyed by the dialled
 //! address and the expected identity, never by the request's authority (which is often a VIP; pitfall
-//! P11). To an endpoint without a sidecar, or with TLS disabled by a DestinationRule: plaintext HTTP/1.1
-//! through hyper-util's pooled client.
+//! P11); the HTTP/2 itself is in [`crate::peer`]. To an endpoint without a sidecar, or with TLS disabled
+//! by a DestinationRule: plaintext HTTP/1.1 through hyper-util's pooled client.
 
 // Looked up on every request with keys pilot chose (a request can only miss, never insert): foldhash
 // is several times cheaper than SipHash here and flooding is not a concern.
@@ -15,16 +15,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpStream;
 use weft_ca::SpiffeId;
 use weft_ca::tls::{self, CredentialStore, TrustBundle};
 
+use crate::peer::{Connection, Windows};
+
+/// Why a body stopped early (a hyper or h2 error; the reason of an HTTP/2 reset stays findable in
+/// its source chain, see [`crate::peer::h2_reason`]).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type the proxy moves around: streamed, boxed once per request.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// A hyper body (a request from a client, a response from an app) as a [`Body`].
+pub fn boxed(body: hyper::body::Incoming) -> Body {
+    use http_body_util::BodyExt;
+    body.map_err(BodyError::from).boxed()
+}
 
 /// Why an upstream request failed before a response arrived.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,7 +72,7 @@ pub enum UpstreamError {
 /// [`FAILURE_HOLD`], not one per request).
 struct Peer {
     identity: SpiffeId,
-    sender: Option<SendRequest<Body>>,
+    sender: Option<Connection>,
     dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
 }
 
@@ -122,26 +133,24 @@ impl Upstreams {
         &self,
         addr: SocketAddr,
         req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<http::Response<Body>, UpstreamError> {
         self.plain
             .request(req)
             .await
+            .map(|r| r.map(boxed))
             .map_err(|e| classify_legacy(addr, &e))
     }
 
     /// Sends `req` on an HTTP/2 connection from [`Upstreams::h2_sender`].
     pub async fn send_h2(
-        mut sender: SendRequest<Body>,
+        sender: Connection,
         addr: SocketAddr,
         req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Http {
-                addr,
-                reason: e.to_string(),
-            })
+    ) -> Result<http::Response<Body>, UpstreamError> {
+        sender.send(req).await.map_err(|e| UpstreamError::Http {
+            addr,
+            reason: e.to_string(),
+        })
     }
 
     /// A ready HTTP/2 connection over mTLS to the sidecar at `addr`, which must prove `identity`:
@@ -152,7 +161,7 @@ impl Upstreams {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<Body>, UpstreamError> {
+    ) -> Result<Connection, UpstreamError> {
         // The common case, a live connection, costs one short lock and no allocation.
         if let Some(sender) = self.live_sender(addr, identity) {
             return Ok(sender);
@@ -167,7 +176,7 @@ impl Upstreams {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<Body>, UpstreamError> {
+    ) -> Result<Connection, UpstreamError> {
         let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             let peers = map.entry(addr).or_default();
@@ -209,7 +218,7 @@ impl Upstreams {
         result
     }
 
-    fn live_sender(&self, addr: SocketAddr, identity: &SpiffeId) -> Option<SendRequest<Body>> {
+    fn live_sender(&self, addr: SocketAddr, identity: &SpiffeId) -> Option<Connection> {
         let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&addr)?
             .iter()
@@ -300,31 +309,24 @@ impl Upstreams {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<Body>, UpstreamError> {
+    ) -> Result<Connection, UpstreamError> {
         let tls = self
             .dial(addr, Some(identity), false, connect_timeout)
             .await?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            // What the peer may send before we read it: hyper's defaults (2 MiB per stream, 5 MiB per
-            // connection) let one bulk response park megabytes in each proxy; a loopback or LAN hop
-            // needs far less to stay at full speed.
-            .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .max_send_buf_size(H2_MAX_SEND_BUF)
-            .handshake(TokioIo::new(tls))
+        // What the peer may send before we read it: hyper's defaults (2 MiB per stream, 5 MiB per
+        // connection) let one bulk response park megabytes in each proxy; a loopback or LAN hop needs
+        // far less to stay at full speed.
+        let windows = Windows {
+            stream: H2_STREAM_WINDOW,
+            connection: H2_CONNECTION_WINDOW,
+            max_send_buf: H2_MAX_SEND_BUF,
+        };
+        Connection::handshake(tls, windows)
             .await
             .map_err(|e| UpstreamError::Http {
                 addr,
                 reason: e.to_string(),
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream connection closed");
-            }
-        });
-        Ok(sender)
+            })
     }
 }
 
