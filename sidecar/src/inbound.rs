@@ -195,7 +195,29 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
                 .map_err(|e| e.to_string())?;
             return Ok(());
         }
-        serve_http(TokioIo::new(tls), inbound, app_port, caller, peer).await
+        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(weft_ca::tls::ALPN_H2);
+        let conn = caller_context(&inbound, app_port, caller, peer)?;
+        if is_h2 {
+            // The HTTP/2 hop from a peer sidecar: h2 driven directly (see `peer`).
+            let windows = crate::peer::Windows {
+                stream: crate::upstream::H2_STREAM_WINDOW,
+                connection: crate::upstream::H2_CONNECTION_WINDOW,
+                max_send_buf: crate::upstream::H2_MAX_SEND_BUF,
+            };
+            return crate::peer::serve(tls, windows, move |req| {
+                let inbound = inbound.clone();
+                let conn = conn.clone();
+                async move {
+                    match inbound.forward(req, app_port, &conn).await {
+                        Ok(r) => r,
+                        Err(e) => rescue(&e),
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.to_string());
+        }
+        serve_http(TokioIo::new(tls), inbound, app_port, conn).await
     } else {
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
@@ -221,20 +243,18 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             return Err(format!("refused: {reason}"));
         }
         let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
-        serve_http(TokioIo::new(tcp), inbound, app_port, None, peer).await
+        let conn = caller_context(&inbound, app_port, None, peer)?;
+        serve_http(TokioIo::new(tcp), inbound, app_port, conn).await
     }
 }
 
-async fn serve_http<IO>(
-    io: IO,
-    inbound: Arc<Inbound>,
+/// What the requests of one connection share, worked out once.
+fn caller_context(
+    inbound: &Inbound,
     app_port: u16,
     caller: Option<SpiffeId>,
     peer: SocketAddr,
-) -> Result<(), String>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
+) -> Result<Arc<Caller>, String> {
     // The caller's metric labels, once per connection: its identity comes from the handshake.
     let source = match &caller {
         Some(id) => workload_labels("source", "", id.namespace(), id.as_str(), "", ""),
@@ -246,18 +266,31 @@ where
     });
     let app_authority = http::uri::Authority::try_from(format!("127.0.0.1:{app_port}"))
         .map_err(|e| format!("app authority: {e}"))?;
-    let conn = Arc::new(Caller {
+    Ok(Arc::new(Caller {
         identity: caller,
         xfcc,
         source,
         app_authority,
         peer,
-    });
-    let svc = hyper::service::service_fn(move |req| {
+    }))
+}
+
+/// HTTP/1.1 (plaintext, PERMISSIVE) or HTTP/2 over TLS without ALPN `h2`, through hyper.
+async fn serve_http<IO>(
+    io: IO,
+    inbound: Arc<Inbound>,
+    app_port: u16,
+    conn: Arc<Caller>,
+) -> Result<(), String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let inbound = inbound.clone();
         let conn = conn.clone();
         // Boxed so that hyper moves a pointer, not the whole request future (see outbound).
         Box::pin(async move {
+            let req = req.map(crate::upstream::boxed);
             Ok::<_, std::convert::Infallible>(match inbound.forward(req, app_port, &conn).await {
                 Ok(r) => r,
                 Err(e) => rescue(&e),
@@ -298,7 +331,7 @@ impl Inbound {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         app_port: u16,
         conn: &Caller,
     ) -> Result<Response<Body>, ProxyError> {
@@ -382,7 +415,7 @@ impl Inbound {
         );
         let uri = http::Uri::from_parts(uri)
             .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
-        let mut out = Request::new(crate::upstream::boxed(body));
+        let mut out = Request::new(body);
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;

@@ -1,12 +1,14 @@
-//! HTTP/2 to a peer sidecar, driven on the `h2` crate directly.
+//! The HTTP/2 hop between sidecars, both ends, driven on the `h2` crate directly.
 //!
 //! hyper's HTTP/2 client hands every request to its connection task through a channel, spawns a task
 //! per request to await the response and answers through a oneshot: three hand-offs and a task for
 //! each request on the busiest hop of the mesh. Here the request's own task opens the stream and awaits
 //! its response; only a request body that is not already complete gets a task of its own (it has to
-//! keep flowing while the response is awaited). Semantics follow hyper's: the response body releases
-//! flow-control capacity as it is read, a body error resets the stream with the reason it carried
-//! (INTERNAL_ERROR when it carried none), and a peer's reset ends the request body's pump.
+//! keep flowing while the response is awaited). The server side ([`serve`]) runs one task per stream,
+//! as hyper's does, without its service and executor layers. Semantics follow hyper's: a received
+//! body releases flow-control capacity as it is read, a body error resets the stream with the reason
+//! it carried (INTERNAL_ERROR when it carried none), a peer's reset stops the pump, and a caller's
+//! reset drops the request's handler (so the app sees it too).
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -63,6 +65,7 @@ impl Connection {
             .initial_window_size(windows.stream)
             .initial_connection_window_size(windows.connection)
             .max_send_buffer_size(windows.max_send_buf)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
@@ -129,7 +132,71 @@ impl Connection {
     }
 }
 
-/// The `Content-Length` a response declared (h2 checks the DATA frames against it).
+/// hyper's limit of concurrent streams per connection (server side), and Envoy's 60 KiB header limit
+/// rounded up (both sides; h2's own default, 16 MiB, would let one peer make the sidecar buffer that
+/// much per message).
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// Serves HTTP/2 from a peer sidecar on `io`: each request stream gets a task running `handler`,
+/// whose response (head, then body) is sent back within the caller's flow-control window.
+pub async fn serve<IO, F, Fut>(io: IO, windows: Windows, handler: F) -> Result<(), h2::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: Fn(Request<Body>) -> Fut,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
+        .max_send_buffer_size(windows.max_send_buf)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    // Accepting also drives the connection: this loop runs until the peer closes it.
+    while let Some(accepted) = conn.accept().await {
+        let (req, respond) = accepted?;
+        let (parts, recv) = req.into_parts();
+        let body = Incoming {
+            size: content_length(&parts.headers),
+            recv,
+            data_done: false,
+        };
+        // Boxed once here, so that the spawned task (and every move of it) carries a pointer, not the
+        // handler's whole state.
+        let reply = Box::pin(handler(Request::from_parts(parts, body.boxed())));
+        tokio::spawn(answer(reply, respond));
+    }
+    Ok(())
+}
+
+/// Awaits the handler's response and sends it; a reset from the caller first drops the handler.
+async fn answer<Fut>(mut reply: Pin<Box<Fut>>, mut respond: h2::server::SendResponse<Bytes>)
+where
+    Fut: std::future::Future<Output = Response<Body>>,
+{
+    let resp = poll_fn(|cx| {
+        if respond.poll_reset(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        reply.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    let Some(resp) = resp else { return };
+    let (parts, body) = resp.into_parts();
+    let end = body.is_end_stream();
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(stream) if !end => pump(body, stream).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "response head refused; resetting the stream");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+}
+
+/// The `Content-Length` a message declared (h2 checks the DATA frames against it).
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)
@@ -149,7 +216,7 @@ pub fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     None
 }
 
-/// Copies a request body into its stream, within the peer's flow-control window; stops when the
+/// Copies a body into its stream, within the peer's flow-control window; stops when the
 /// peer resets the stream.
 async fn pump(mut body: Body, mut tx: SendStream<Bytes>) {
     enum Next {
@@ -186,14 +253,28 @@ async fn pump(mut body: Body, mut tx: SendStream<Bytes>) {
                 return;
             }
         };
-        if send_data(&mut tx, data).await.is_err() {
+        // The last chunk carries END_STREAM itself, not an empty DATA frame after it.
+        let end = body.is_end_stream();
+        if send_data(&mut tx, data, end).await.is_err() || end {
             return;
         }
     }
 }
 
-/// Sends `data` as the window allows: capacity is asked for and granted piecewise.
-async fn send_data(tx: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+/// Sends `data` as the window allows (capacity is asked for and granted piecewise), the last piece
+/// with END_STREAM when `end`.
+async fn send_data(
+    tx: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return if end {
+            tx.send_data(data, true)
+        } else {
+            Ok(())
+        };
+    }
     while !data.is_empty() {
         tx.reserve_capacity(data.len());
         let granted = match poll_fn(|cx| tx.poll_capacity(cx)).await {
@@ -204,12 +285,12 @@ async fn send_data(tx: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2
             continue;
         }
         let chunk = data.split_to(granted.min(data.len()));
-        tx.send_data(chunk, false)?;
+        tx.send_data(chunk, end && data.is_empty())?;
     }
     Ok(())
 }
 
-/// A response body read from a peer's stream.
+/// A body read from a peer's stream.
 struct Incoming {
     recv: RecvStream,
     data_done: bool,
@@ -252,5 +333,121 @@ impl HttpBody for Incoming {
         }
         self.size
             .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const WINDOWS: Windows = Windows {
+        stream: 64 * 1024,
+        connection: 128 * 1024,
+        max_send_buf: 16 * 1024,
+    };
+
+    /// A client and a server of this module on loopback; the server echoes the request body back,
+    /// with a trailer counting its bytes.
+    async fn pair() -> Connection {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = serve(tcp, WINDOWS, |req: Request<Body>| async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let mut trailers = HeaderMap::new();
+                trailers.insert("x-echoed", body.len().to_string().parse().unwrap());
+                let frames = vec![
+                    Ok::<_, BodyError>(Frame::data(body)),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            })
+            .await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Connection::handshake(TcpOrTls::Tcp(tcp), WINDOWS)
+            .await
+            .unwrap()
+    }
+
+    fn request(body: Body) -> Request<Body> {
+        Request::post("http://peer.test/echo").body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_windows_and_trailers_cross_both_ways() {
+        let conn = pair().await;
+        // Five times the connection window, in uneven chunks: both pumps must wait for capacity.
+        let chunks: Vec<Result<Frame<Bytes>, BodyError>> = (0..40u8)
+            .map(|i| {
+                Ok(Frame::data(Bytes::from(vec![
+                    i;
+                    16 * 1024 + usize::from(i)
+                ])))
+            })
+            .collect();
+        let sent: usize = (0..40).map(|i| 16 * 1024 + i).sum();
+        let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+        let resp = conn.clone().send(request(body)).await.unwrap();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        let bytes = collected.to_bytes();
+        assert_eq!(bytes.len(), sent);
+        assert_eq!(bytes[0], 0);
+        assert_eq!(bytes[bytes.len() - 1], 39);
+        assert_eq!(trailers["x-echoed"], sent.to_string().as_str());
+        // The connection is still good for the next request, with an empty body.
+        let empty = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed();
+        let resp = conn.send(request(empty)).await.unwrap();
+        assert!(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_request_body_resets_the_stream_with_its_reason() {
+        let conn = pair().await;
+        let frames: Vec<Result<Frame<Bytes>, BodyError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"partial"))),
+            Err(Box::new(h2::Error::from(Reason::CANCEL))),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        // The server never sees a complete body: the exchange fails instead of answering.
+        let outcome = match conn.send(request(body)).await {
+            Ok(resp) => resp.into_body().collect().await.map(|_| ()),
+            Err(e) => Err(Box::new(e) as BodyError),
+        };
+        let err = outcome.expect_err("a reset request must not complete");
+        assert_eq!(h2_reason(err.as_ref()), Some(Reason::CANCEL), "{err}");
+    }
+
+    #[test]
+    fn the_reset_reason_is_found_through_wrapping_errors() {
+        #[derive(Debug)]
+        struct Wrap(h2::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Wrap(h2::Error::from(Reason::REFUSED_STREAM));
+        assert_eq!(h2_reason(&e), Some(Reason::REFUSED_STREAM));
+        let io = std::io::Error::other("no h2 here");
+        assert_eq!(h2_reason(&io), None);
     }
 }
