@@ -216,78 +216,60 @@ pub fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     None
 }
 
-/// Copies a body into its stream, within the peer's flow-control window; stops when the
-/// peer resets the stream.
+/// Copies a body into its stream; stops when the peer resets the stream.
+///
+/// Backpressure as in hyper: the next chunk is read only once the stream has room for at least a
+/// byte, and h2 then sends the whole chunk in frames it sizes to the window itself (asking for a
+/// chunk's full size up front would split it into as many small frames as window updates arrive).
 async fn pump(mut body: Body, mut tx: SendStream<Bytes>) {
     enum Next {
         Frame(Option<Result<Frame<Bytes>, BodyError>>),
-        Reset,
+        Stop,
     }
     loop {
+        tx.reserve_capacity(1);
         let next = poll_fn(|cx| {
             if tx.poll_reset(cx).is_ready() {
-                return Poll::Ready(Next::Reset);
+                return Poll::Ready(Next::Stop);
+            }
+            while tx.capacity() == 0 {
+                match ready!(tx.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Poll::Ready(Next::Stop),
+                }
             }
             Pin::new(&mut body).poll_frame(cx).map(Next::Frame)
         })
         .await;
         let frame = match next {
-            Next::Reset => return,
+            Next::Stop => return,
             Next::Frame(None) => {
                 let _ = tx.send_data(Bytes::new(), true);
                 return;
             }
             Next::Frame(Some(Err(e))) => {
-                tracing::debug!(error = %e, "request body failed; resetting the stream");
+                tracing::debug!(error = %e, "body failed; resetting the stream");
                 tx.send_reset(h2_reason(e.as_ref()).unwrap_or(Reason::INTERNAL_ERROR));
                 return;
             }
             Next::Frame(Some(Ok(frame))) => frame,
         };
-        let data = match frame.into_data() {
-            Ok(data) => data,
+        match frame.into_data() {
+            Ok(data) => {
+                // The last chunk carries END_STREAM itself, not an empty DATA frame after it.
+                let end = body.is_end_stream();
+                if tx.send_data(data, end).is_err() || end {
+                    return;
+                }
+            }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     let _ = tx.send_trailers(trailers);
                 }
                 return;
             }
-        };
-        // The last chunk carries END_STREAM itself, not an empty DATA frame after it.
-        let end = body.is_end_stream();
-        if send_data(&mut tx, data, end).await.is_err() || end {
-            return;
         }
     }
-}
-
-/// Sends `data` as the window allows (capacity is asked for and granted piecewise), the last piece
-/// with END_STREAM when `end`.
-async fn send_data(
-    tx: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    end: bool,
-) -> Result<(), h2::Error> {
-    if data.is_empty() {
-        return if end {
-            tx.send_data(data, true)
-        } else {
-            Ok(())
-        };
-    }
-    while !data.is_empty() {
-        tx.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| tx.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Error::from(Reason::CANCEL)),
-        };
-        if granted == 0 {
-            continue;
-        }
-        let chunk = data.split_to(granted.min(data.len()));
-        tx.send_data(chunk, end && data.is_empty())?;
-    }
-    Ok(())
 }
 
 /// A body read from a peer's stream.
