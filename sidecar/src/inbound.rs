@@ -359,11 +359,20 @@ impl Inbound {
             .remove(crate::outbound::APP_PROTOCOL_HEADER)
             .is_some_and(|v| v == "h2")
             && caller.is_some();
-        // Never pass on a caller's claim about who it is; only the handshake says that.
-        parts.headers.remove(XFCC);
-        if let Some(v) = &conn.xfcc {
-            parts.headers.insert(XFCC, v.clone());
+        // Never pass on a caller's claim about who it is; only the handshake says that. (`insert`
+        // replaces every value a caller sent.)
+        match &conn.xfcc {
+            Some(v) => {
+                parts.headers.insert(XFCC, v.clone());
+            }
+            None => {
+                parts.headers.remove(XFCC);
+            }
         }
+        // Room for what this hop adds (XFCC, Host, request id, five trace headers): one growth of
+        // the map instead of several. (http's limit, 32,768 entries, is far above what the 64 KiB
+        // header-list limit or hyper's 100 headers let in, so this cannot be refused in practice.)
+        let _ = parts.headers.try_reserve(8);
         if let Some(a) = authority
             .as_deref()
             .and_then(|a| http::HeaderValue::from_str(a).ok())
