@@ -188,16 +188,7 @@ async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Body>, AppError>
 
 /// Whether an HTTP/2 stream reset is among the causes.
 fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if c.downcast_ref::<h2::Error>()
-            .is_some_and(h2::Error::is_reset)
-        {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
+    crate::peer::h2_error(e).is_some_and(h2::Error::is_reset)
 }
 
 #[cfg(test)] // tests below may unwrap

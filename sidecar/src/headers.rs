@@ -82,6 +82,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `Content-Length` a message declared, if it declared a valid one.
+pub fn declared_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Refuses framing that two HTTP parsers could read differently (request smuggling): both
 /// Content-Length and Transfer-Encoding, or several Content-Length values. hyper already refuses
 /// malformed values such as `Content-Length: +5` and NUL bytes before we see the request.

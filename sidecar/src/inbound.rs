@@ -199,12 +199,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         let conn = caller_context(&inbound, app_port, caller, peer)?;
         if is_h2 {
             // The HTTP/2 hop from a peer sidecar: h2 driven directly (see `peer`).
-            let windows = crate::peer::Windows {
-                stream: crate::upstream::H2_STREAM_WINDOW,
-                connection: crate::upstream::H2_CONNECTION_WINDOW,
-                max_send_buf: crate::upstream::H2_MAX_SEND_BUF,
-            };
-            return crate::peer::serve(tls, windows, move |req| {
+            return crate::peer::serve(tls, crate::upstream::H2_WINDOWS, move |req| {
                 let inbound = inbound.clone();
                 let conn = conn.clone();
                 async move {
@@ -300,9 +295,9 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
-        .initial_stream_window_size(crate::upstream::H2_STREAM_WINDOW)
-        .initial_connection_window_size(crate::upstream::H2_CONNECTION_WINDOW)
-        .max_send_buf_size(crate::upstream::H2_MAX_SEND_BUF);
+        .initial_stream_window_size(crate::upstream::H2_WINDOWS.stream)
+        .initial_connection_window_size(crate::upstream::H2_WINDOWS.connection)
+        .max_send_buf_size(crate::upstream::H2_WINDOWS.max_send_buf);
     builder
         .serve_connection(io, svc)
         .await

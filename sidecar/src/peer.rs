@@ -20,7 +20,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
+
+use crate::headers::declared_length;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -46,7 +48,7 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Flow-control settings of the connection (see `upstream`'s constants for why these sizes).
+/// Flow-control settings of a connection (`upstream::H2_WINDOWS` says why the mesh uses its sizes).
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
     /// Per-stream receive window.
@@ -122,7 +124,7 @@ impl Connection {
             tokio::spawn(pump(body, stream));
         }
         let (parts, recv) = response.await?.into_parts();
-        let size = content_length(&parts.headers);
+        let size = declared_length(&parts.headers);
         let body = Incoming {
             recv,
             data_done: false,
@@ -159,7 +161,7 @@ where
         let (req, respond) = accepted?;
         let (parts, recv) = req.into_parts();
         let body = Incoming {
-            size: content_length(&parts.headers),
+            size: declared_length(&parts.headers),
             recv,
             data_done: false,
         };
@@ -196,24 +198,21 @@ where
     }
 }
 
-/// The `Content-Length` a message declared (h2 checks the DATA frames against it).
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-/// The reason an HTTP/2 error in `e`'s source chain carries, if any.
-pub fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+/// The first HTTP/2 error in `e`'s source chain (hyper and the body wrappers keep it as a cause).
+pub fn h2_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a h2::Error> {
     let mut cause = Some(e);
     while let Some(err) = cause {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason();
+            return Some(h2);
         }
         cause = err.source();
     }
     None
+}
+
+/// The reason an HTTP/2 error in `e`'s source chain carries, if any.
+pub fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    h2_error(e).and_then(h2::Error::reason)
 }
 
 /// Copies a body into its stream; stops when the peer resets the stream.
@@ -321,6 +320,7 @@ impl HttpBody for Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
     use http_body_util::{BodyExt, StreamBody};
     use tokio::net::{TcpListener, TcpStream};
 

@@ -507,10 +507,7 @@ impl AccessLog {
 
 /// Content-Length of a header map, 0 when absent.
 pub fn content_length(h: &http::HeaderMap) -> u64 {
-    h.get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    crate::headers::declared_length(h).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -76,12 +76,16 @@ struct Peer {
     dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
 }
 
-/// HTTP/2 flow-control windows between sidecars, in both directions (the inbound server uses them too).
-pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
-/// The connection-wide window: a few streams' worth.
-pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
-/// Bytes a stream may queue for sending before it waits for the socket.
-pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
+/// HTTP/2 flow control between sidecars, in both directions (the inbound server uses it too). What the
+/// peer may send before we read it: hyper's defaults (2 MiB per stream, 5 MiB per connection) let one
+/// bulk response park megabytes in each proxy; a loopback or LAN hop needs far less to stay at full
+/// speed. The connection-wide window is a few streams' worth; a stream may queue 64 KiB for sending
+/// before it waits for the socket.
+pub const H2_WINDOWS: Windows = Windows {
+    stream: 256 * 1024,
+    connection: 1024 * 1024,
+    max_send_buf: 64 * 1024,
+};
 
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of
 /// Envoy's outlier ejection; without it a dead mirror target or endpoint costs a connect per request).
@@ -313,15 +317,7 @@ impl Upstreams {
         let tls = self
             .dial(addr, Some(identity), false, connect_timeout)
             .await?;
-        // What the peer may send before we read it: hyper's defaults (2 MiB per stream, 5 MiB per
-        // connection) let one bulk response park megabytes in each proxy; a loopback or LAN hop needs
-        // far less to stay at full speed.
-        let windows = Windows {
-            stream: H2_STREAM_WINDOW,
-            connection: H2_CONNECTION_WINDOW,
-            max_send_buf: H2_MAX_SEND_BUF,
-        };
-        Connection::handshake(tls, windows)
+        Connection::handshake(tls, H2_WINDOWS)
             .await
             .map_err(|e| UpstreamError::Http {
                 addr,
