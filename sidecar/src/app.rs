@@ -1,7 +1,8 @@
 //! The inbound side's connections to the pod's own application on `127.0.0.1`.
 //!
-//! HTTP/1.1 apps (nearly all): a pool of keep-alive connections per app address, each carrying one
-//! request at a time. Taking a connection is one short lock and a scan for one that is idle, which is
+//! HTTP/1.1 apps (nearly all): a request without a body (most of them) is exchanged by
+//! [`crate::h1`] on a connection of its own pool, without hyper. A request with a body takes a pool of
+//! hyper keep-alive connections per app address, each carrying one request at a time. Taking a connection is one short lock and a scan for one that is idle, which is
 //! what this hop needs on every request; hyper-util's general client (connector, per-host pool keys,
 //! checkout futures, a spawned task per returned connection) cost a tenth of the inbound side's
 //! instructions for the same job. HTTP/2 apps (gRPC, h2c) keep hyper-util's pooled client, which
@@ -25,6 +26,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::upstream::Body;
+
+/// A hyper response as the proxy's response type.
+fn boxed(resp: Response<Incoming>) -> Response<Body> {
+    resp.map(crate::upstream::boxed)
+}
 
 /// Pooled HTTP/1.1 connections kept beyond this are closed when their request ends.
 const MAX_POOLED: usize = 1024;
@@ -60,6 +66,7 @@ struct Pooled {
 
 /// Connections to the app.
 pub struct App {
+    bodiless: crate::h1::Pool,
     h1: Mutex<Vec<Pooled>>,
     h2: Client<HttpConnector, Body>,
 }
@@ -87,6 +94,7 @@ impl App {
             .pool_timer(TokioTimer::new())
             .build(http);
         Self {
+            bodiless: crate::h1::Pool::default(),
             h1: Mutex::new(Vec::new()),
             h2,
         }
@@ -98,10 +106,10 @@ impl App {
         addr: SocketAddr,
         mut req: Request<Body>,
         h2: bool,
-    ) -> Result<Response<Incoming>, AppError> {
+    ) -> Result<Response<Body>, AppError> {
         if h2 {
             *req.version_mut() = http::Version::HTTP_2;
-            return self.h2.request(req).await.map_err(|e| {
+            return self.h2.request(req).await.map(boxed).map_err(|e| {
                 let reason = weft_ca::cli::report_chain(&e);
                 if e.is_connect() {
                     AppError::Connect { addr, reason }
@@ -113,6 +121,21 @@ impl App {
                     }
                 }
             });
+        }
+        if crate::h1::eligible(&req) {
+            return crate::h1::send(&self.bodiless, addr, req)
+                .await
+                .map_err(|e| match e {
+                    crate::h1::Error::Connect(e) => AppError::Connect {
+                        addr,
+                        reason: e.to_string(),
+                    },
+                    e => AppError::Exchange {
+                        addr,
+                        reason: e.to_string(),
+                        reset: false,
+                    },
+                });
         }
         // A connection takes the origin form; the authority is in Host already.
         if let Some(pq) = req.uri().path_and_query().cloned() {
@@ -128,7 +151,7 @@ impl App {
             let sent = sender.try_send_request(req);
             self.checkin(addr, sender);
             match sent.await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok(boxed(resp)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,
                     _ => {
@@ -240,7 +263,7 @@ mod tests {
         req
     }
 
-    async fn body(resp: Response<Incoming>) -> String {
+    async fn body(resp: Response<Body>) -> String {
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
     }

@@ -516,7 +516,7 @@ impl Inbound {
         }
         let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(crate::upstream::boxed))
+        Ok(resp)
     }
 }
 

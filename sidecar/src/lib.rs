@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod errors;
+pub mod h1;
 pub mod headers;
 pub mod inbound;
 pub mod mirror;
