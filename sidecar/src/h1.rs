@@ -171,7 +171,7 @@ pub async fn send(
             None => (Conn::connect(addr).await?, false),
         };
         match exchange(&mut conn, &head).await {
-            Ok(head) => return respond(head, conn, pool, addr, &method),
+            Ok((head, rest)) => return respond(head, rest, conn, pool, addr, &method),
             Err((_, false)) if reused && idempotent => {
                 pool.forget(addr);
                 pooled = false;
@@ -183,7 +183,7 @@ pub async fn send(
 
 /// Writes the head and reads up to the final response head. On failure, also says whether any
 /// byte of a response had arrived.
-async fn exchange(conn: &mut Conn, head: &[u8]) -> Result<Head, (Error, bool)> {
+async fn exchange(conn: &mut Conn, head: &[u8]) -> Result<(Head, Bytes), (Error, bool)> {
     conn.tcp
         .write_all(head)
         .await
@@ -193,16 +193,15 @@ async fn exchange(conn: &mut Conn, head: &[u8]) -> Result<Head, (Error, bool)> {
         if !conn.buf.is_empty() {
             answered = true;
             match parse_head(&mut conn.buf).map_err(|e| (e, true))? {
-                Some(h) if h.status.is_informational() => {
+                Some((h, rest)) if h.status.is_informational() => {
                     if h.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err((
-                            Error::Protocol("101 Switching Protocols without an upgrade"),
-                            true,
-                        ));
+                        let e = Error::Protocol("101 Switching Protocols without an upgrade");
+                        return Err((e, true));
                     }
+                    conn.buf = BytesMut::from(rest);
                     continue;
                 }
-                Some(h) => return Ok(h),
+                Some(done) => return Ok(done),
                 None => {}
             }
         }
@@ -215,10 +214,8 @@ async fn exchange(conn: &mut Conn, head: &[u8]) -> Result<Head, (Error, bool)> {
             } else {
                 "the app closed the connection without a response"
             };
-            return Err((
-                Error::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why)),
-                answered,
-            ));
+            let e = Error::Io(io::Error::new(io::ErrorKind::UnexpectedEof, why));
+            return Err((e, answered));
         }
     }
 }
@@ -259,71 +256,56 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// Parses one response head from the front of `buf` and removes it; `None` until it is complete.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
-    // Where each header's name and value lie in `buf`, so that the values can share its bytes once
-    // the head is split off (hyper does the same).
-    let mut at = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let (len, code, minor, count) = {
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default()
-            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
-                return Err(Error::Protocol("response head over 64 KiB"));
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Error::Protocol("more than 100 response headers"));
-            }
-            Err(_) => return Err(Error::Protocol("malformed response head")),
-        };
-        if len > MAX_HEAD {
-            return Err(Error::Protocol("response head over 64 KiB"));
+/// Parses one response head from the front of `buf` and removes it, returning it with the bytes
+/// that followed it; `None` (and `buf` as it was) until the head is complete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Bytes)>, Error> {
+    // Frozen first, so that header values share its bytes (no copy, and no table of offsets to
+    // fill); taken whole, so that an incomplete head goes back without a copy.
+    let data = std::mem::take(buf).freeze();
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, &data, &mut slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Partial) if data.len() < MAX_HEAD => {
+            *buf = BytesMut::from(data);
+            return Ok(None);
         }
-        let base = buf.as_ptr() as usize;
-        for (slot, h) in at.iter_mut().zip(resp.headers.iter()) {
-            *slot = (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            );
+        Ok(_) => return Err(Error::Protocol("response head over 64 KiB")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Protocol("more than 100 response headers"));
         }
-        (
-            len,
-            resp.code.unwrap_or(0),
-            resp.version.unwrap_or(0),
-            resp.headers.len(),
-        )
+        Err(_) => return Err(Error::Protocol("malformed response head")),
     };
-    let bytes = buf.split_to(len).freeze();
-    let status = StatusCode::from_u16(code).map_err(|_| Error::Protocol("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name, name_len, value, value_len) in &at[..count] {
-        let name = HeaderName::from_bytes(&bytes[name..name + name_len])
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0))
+        .map_err(|_| Error::Protocol("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Protocol("invalid response header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value..value + value_len))
+        let value = HeaderValue::from_maybe_shared(data.slice_ref(h.value))
             .map_err(|_| Error::Protocol("invalid response header value"))?;
         headers.append(name, value);
     }
-    let version = if minor == 1 {
+    let version = if resp.version == Some(1) {
         Version::HTTP_11
     } else {
         Version::HTTP_10
     };
-    Ok(Some(Head {
+    let head = Head {
         status,
         version,
         headers,
-    }))
+    };
+    Ok(Some((head, data.slice(len..))))
 }
 
-/// The response to hand on: its framing decided, its body reading from `conn`.
+/// The response to hand on: its framing decided, its body `rest` (what followed the head) and then
+/// what `conn` reads.
 fn respond(
     head: Head,
+    mut rest: Bytes,
     mut conn: Conn,
     pool: &Pool,
     addr: SocketAddr,
@@ -334,15 +316,17 @@ fn respond(
         version,
         mut headers,
     } = head;
-    let mut reusable = version == Version::HTTP_11 && !asks_close(&headers);
+    let declared = Declared::of(&headers)?;
+    let mut reusable = version == Version::HTTP_11 && !declared.close;
     let no_body = *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let framing = if no_body {
         Framing::Length(0)
-    } else if let Some(chunked) = transfer_chunked(&headers) {
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+    } else if let Some(chunked) = declared.chunked {
+        if declared.length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
             reusable = false;
         }
         if chunked {
@@ -352,7 +336,7 @@ fn respond(
             Framing::Close
         }
     } else {
-        match content_length(&headers)? {
+        match declared.length {
             Some(n) => Framing::Length(n),
             None => {
                 reusable = false;
@@ -362,9 +346,10 @@ fn respond(
     };
     let body = match framing {
         // The whole body is here already (nearly every small response): the connection is free now.
-        Framing::Length(n) if n <= conn.buf.len() as u64 => {
-            let data = conn.buf.split_to(n as usize).freeze();
-            if reusable {
+        Framing::Length(n) if n <= rest.len() as u64 => {
+            let data = rest.split_to(n as usize);
+            // Bytes after the body mean the app and this side disagree on framing.
+            if reusable && rest.is_empty() {
                 pool.put(addr, conn);
             }
             if data.is_empty() {
@@ -375,12 +360,17 @@ fn respond(
                     .boxed()
             }
         }
-        framing => AppBody {
-            conn: Some(conn),
-            framing,
-            home: reusable.then(|| (pool.clone(), addr)),
+        framing => {
+            if !rest.is_empty() {
+                conn.buf = BytesMut::from(rest);
+            }
+            AppBody {
+                conn: Some(conn),
+                framing,
+                home: reusable.then(|| (pool.clone(), addr)),
+            }
+            .boxed()
         }
-        .boxed(),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -389,45 +379,45 @@ fn respond(
     Ok(resp)
 }
 
-/// Whether the app said it will close the connection after this response.
-fn asks_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+/// What a response head says about its framing and its connection.
+#[derive(Debug, Default)]
+struct Declared {
+    /// `Connection: close`.
+    close: bool,
+    /// With a Transfer-Encoding: whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    /// The Content-Length, all its values the same.
+    length: Option<u64>,
 }
 
-/// With a Transfer-Encoding: whether its last coding is `chunked`.
-fn transfer_chunked(headers: &HeaderMap) -> Option<bool> {
-    let last = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()?;
-    let coding = last
-        .as_bytes()
-        .rsplit(|&b| b == b',')
-        .next()
-        .unwrap_or_default();
-    Some(coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// The body length the headers declare: digits only, and every value the same.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let bytes = v.as_bytes();
-        let n = (!bytes.is_empty() && bytes.len() <= 19 && bytes.iter().all(u8::is_ascii_digit))
-            .then(|| bytes.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
-            .ok_or(Error::Protocol("invalid Content-Length in the response"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(Error::Protocol(
-                "conflicting Content-Length values in the response",
-            ));
+impl Declared {
+    /// Reads the three framing headers in one pass over the names (no hashing): this runs on every
+    /// response.
+    fn of(headers: &HeaderMap) -> Result<Self, Error> {
+        let mut d = Self::default();
+        for (name, value) in headers {
+            let v = value.as_bytes();
+            if *name == header::CONTENT_LENGTH {
+                let n = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                    .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+                    .ok_or(Error::Protocol("invalid Content-Length in the response"))?;
+                if d.length.is_some_and(|l| l != n) {
+                    return Err(Error::Protocol(
+                        "conflicting Content-Length values in the response",
+                    ));
+                }
+                d.length = Some(n);
+            } else if *name == header::TRANSFER_ENCODING {
+                let last = v.rsplit(|&b| b == b',').next().unwrap_or_default();
+                d.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if *name == header::CONNECTION {
+                d.close |= v
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
         }
-        length = Some(n);
+        Ok(d)
     }
-    Ok(length)
 }
 
 /// How the rest of the body is delimited.
