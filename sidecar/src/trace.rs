@@ -289,7 +289,8 @@ impl Hop {
     /// one header instead of five: less HPACK work on both ends of the busiest hop. Headers of the
     /// other forms that the app sent are left for the peer to overwrite. B3's optional parent field
     /// is left out: the peer's span is a child of this span, so it never reads this span's parent,
-    /// and the 17 characters would be Huffman-coded and decoded on every request.
+    /// and on a request that continues a trace its 17 characters would be Huffman-coded and decoded
+    /// for nothing.
     pub fn inject_mesh(&self, h: &mut HeaderMap) {
         // <trace>-<span>-<sampled>
         let mut b3 = [0u8; 32 + 1 + 16 + 2];
