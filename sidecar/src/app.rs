@@ -1,7 +1,7 @@
 //! The inbound side's connections to the pod's own application on `127.0.0.1`.
 //!
 //! HTTP/1.1 apps (nearly all): a request without a body (most of them) is exchanged by
-//! [`crate::h1`] on a connection of its own pool, without hyper. A request with a body takes a pool of
+//! [`crate::h1::client`] on a connection of its own pool, without hyper. A request with a body takes a pool of
 //! hyper keep-alive connections per app address, each carrying one request at a time. Taking a connection is one short lock and a scan for one that is idle, which is
 //! what this hop needs on every request; hyper-util's general client (connector, per-host pool keys,
 //! checkout futures, a spawned task per returned connection) cost a tenth of the inbound side's
@@ -66,7 +66,7 @@ struct Pooled {
 
 /// Connections to the app.
 pub struct App {
-    bodiless: crate::h1::Pool,
+    bodiless: crate::h1::client::Pool,
     h1: Mutex<Vec<Pooled>>,
     h2: Client<HttpConnector, Body>,
 }
@@ -94,7 +94,7 @@ impl App {
             .pool_timer(TokioTimer::new())
             .build(http);
         Self {
-            bodiless: crate::h1::Pool::default(),
+            bodiless: crate::h1::client::Pool::default(),
             h1: Mutex::new(Vec::new()),
             h2,
         }
@@ -122,11 +122,11 @@ impl App {
                 }
             });
         }
-        if crate::h1::eligible(&req) {
-            return crate::h1::send(&self.bodiless, addr, req)
+        if crate::h1::client::eligible(&req) {
+            return crate::h1::client::send(&self.bodiless, addr, req)
                 .await
                 .map_err(|e| match e {
-                    crate::h1::Error::Connect(e) => AppError::Connect {
+                    crate::h1::client::Error::Connect(e) => AppError::Connect {
                         addr,
                         reason: e.to_string(),
                     },

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::{self, InFlight};
 use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
 use crate::errors::{ProxyError, rescue};
+use crate::h1::server::{Outcome, Replay};
 use crate::headers::{check_framing, strip_hop_by_hop};
 use crate::mirror::Mirrors;
 use crate::telemetry::{AccessLog, LogEntry, Metrics, Reporter, RequestMetric, content_length};
@@ -161,18 +162,28 @@ async fn connection(
             .await;
         return Err(format!("refused: {reason}"));
     }
-    let metrics = outbound.metrics.clone();
+    let tcp = crate::telemetry::Counted::new(tcp, outbound.metrics.clone(), false);
+    // Requests without a body are served without hyper; the first other request (or anything this
+    // server does not parse) hands the connection to hyper.
+    let served =
+        crate::h1::server::serve(tcp, |req| outbound.handle(req, original_dst, Some(peer)))
+            .await
+            .map_err(|e| e.to_string())?;
+    let (tcp, read) = match served {
+        Outcome::Closed => return Ok(()),
+        Outcome::HandOver(tcp, read) => (tcp, read),
+    };
     // The request future is large (every local of `forward` that lives across an await): boxed,
     // hyper moves a pointer instead of copying kilobytes of future state on each request.
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let outbound = outbound.clone();
         Box::pin(async move {
+            let req = req.map(crate::upstream::boxed);
             Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst, Some(peer)).await)
         })
     });
-    let tcp = crate::telemetry::Counted::new(tcp, metrics, false);
     auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+        .serve_connection_with_upgrades(TokioIo::new(Replay::new(tcp, read)), svc)
         .await
         .map_err(|e| e.to_string())
 }
@@ -313,7 +324,7 @@ impl Outbound {
     /// sidecar) or, for a host that is not a Service, to the host itself.
     async fn connect(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         table: &RouteTable,
     ) -> Result<Response<Body>, ProxyError> {
         let authority = req
@@ -360,7 +371,7 @@ impl Outbound {
     /// Handles one request end to end; never fails (errors become responses).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         original_dst: Option<SocketAddr>,
         downstream: Option<SocketAddr>,
     ) -> Response<Body> {
@@ -375,7 +386,7 @@ impl Outbound {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         original_dst: Option<SocketAddr>,
         downstream: Option<SocketAddr>,
     ) -> Result<Response<Body>, ProxyError> {
@@ -443,7 +454,7 @@ impl Outbound {
         let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
         let service_name: Arc<str> = self.service_name(&table);
-        let mut body = crate::upstream::boxed(body);
+        let mut body = body;
         if !route.mirrors.is_empty() {
             let copies = self.mirrors.prepare(
                 route,

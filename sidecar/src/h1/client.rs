@@ -1,5 +1,5 @@
-//! HTTP/1.1 exchanges with the pod's app for requests without a body (GET, HEAD, DELETE, ...), done
-//! on the connection by the request's own task.
+//! The inbound side's HTTP/1.1 exchanges with the pod's app for requests without a body (GET, HEAD,
+//! DELETE, ...), done on the connection by the request's own task.
 //!
 //! hyper's client drives each connection from a task of its own and hands every request and response
 //! across a channel and a oneshot. For a GET to an app on loopback that dispatch cost more than the
@@ -21,7 +21,7 @@
 //!   race with the app: an idempotent request is sent once more on a new connection and the app's
 //!   other idle connections are dropped. Before a non-idempotent request a pooled connection is first
 //!   checked with one non-blocking read.
-//! - A response head may have 100 headers (hyper's limit) in 64 KiB (the sidecar's header limit).
+//! - A response head may have [`MAX_HEADERS`] headers in [`MAX_HEAD`] bytes.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -38,12 +38,9 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::{MAX_HEAD, MAX_HEADERS, header_map};
 use crate::upstream::{Body, BodyError};
 
-/// The most a response head (or a chunked body's trailers) may take.
-const MAX_HEAD: usize = 64 * 1024;
-/// The most headers a response head (or trailer section) may have.
-const MAX_HEADERS: usize = 100;
 /// Reads ask for at least this much room.
 const READ_CHUNK: usize = 16 * 1024;
 /// Less room than this left in the read buffer makes it grow first.
@@ -280,14 +277,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Bytes)>, Error> {
     };
     let status = StatusCode::from_u16(resp.code.unwrap_or(0))
         .map_err(|_| Error::Protocol("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Error::Protocol("invalid response header name"))?;
-        let value = HeaderValue::from_maybe_shared(data.slice_ref(h.value))
-            .map_err(|_| Error::Protocol("invalid response header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(resp.headers, &data).map_err(Error::Protocol)?;
     let version = if resp.version == Some(1) {
         Version::HTTP_11
     } else {
