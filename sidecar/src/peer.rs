@@ -13,7 +13,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -33,11 +33,16 @@ use crate::upstream::{Body, BodyError, TcpOrTls};
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Every this many requests on a connection, one sends its per-request ids indexable (see
+/// [`Connection::send`]).
+const NAME_REFRESH: u32 = 1024;
+
 /// One HTTP/2 connection to a peer sidecar; clones share it.
 #[derive(Clone)]
 pub struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    sent: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -105,7 +110,11 @@ impl Connection {
             }
             flag.store(true, Ordering::Release);
         });
-        Ok(Self { send, closed })
+        Ok(Self {
+            send,
+            closed,
+            sent: Arc::new(AtomicU32::new(0)),
+        })
     }
 
     /// Whether the connection has ended (the pool then dials a new one).
@@ -117,7 +126,22 @@ impl Connection {
     /// pumped by a task of its own.
     pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
         let mut send = self.send.ready().await?;
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // The per-request ids (`b3`, `x-request-id`) are marked never-indexed so that their values
+        // stay out of HPACK's table, but then their names would be Huffman-coded on every request
+        // too, and decoded into a new name at the peer. Sent indexable now and then, they put their
+        // names in the table, and the never-indexed ones in between refer to the name by index.
+        if self
+            .sent
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(NAME_REFRESH)
+        {
+            for name in &crate::trace::MESH_IDS {
+                if let Some(v) = parts.headers.get_mut(name) {
+                    v.set_sensitive(false);
+                }
+            }
+        }
         let end = body.is_end_stream();
         let (response, stream) = send.send_request(Request::from_parts(parts, ()), end)?;
         if !end {
@@ -357,6 +381,43 @@ mod tests {
 
     fn request(body: Body) -> Request<Body> {
         Request::post("http://peer.test/echo").body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn per_request_ids_arrive_intact_whether_sent_indexable_or_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = serve(tcp, WINDOWS, |req: Request<Body>| async move {
+                let mut resp = Response::new(crate::outbound::empty_body());
+                for name in &crate::trace::MESH_IDS {
+                    if let Some(v) = req.headers().get(name) {
+                        resp.headers_mut().insert(name.clone(), v.clone());
+                    }
+                }
+                resp
+            })
+            .await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let conn = Connection::handshake(TcpOrTls::Tcp(tcp), WINDOWS)
+            .await
+            .unwrap();
+        // The first request primes the names; the rest refer to them by index.
+        for _ in 0..5 {
+            let mut req = Request::get("http://peer.test/ids")
+                .body(crate::outbound::empty_body())
+                .unwrap();
+            let hop = crate::trace::Hop::from_request(req.headers(), 100.0);
+            hop.inject_mesh(req.headers_mut());
+            let id = crate::trace::ensure_request_id(req.headers_mut()).unwrap();
+            let b3 = req.headers()["b3"].clone();
+            assert!(id.is_sensitive() && b3.is_sensitive());
+            let resp = conn.clone().send(req).await.unwrap();
+            assert_eq!(resp.headers()["x-request-id"], id);
+            assert_eq!(resp.headers()["b3"], b3);
+        }
     }
 
     #[tokio::test]
