@@ -37,12 +37,18 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// [`Connection::send`]).
 const NAME_REFRESH: u32 = 1024;
 
+/// A stream's task writes out what the connection has queued after every this many streams (see
+/// [`Driven`]). Measured at saturation (32 connections, recipe's pair): idle cores 24% without, 9-10%
+/// at 4, 8 and 16; 8 spent the least CPU per request of those.
+const FLUSH_EVERY: u32 = 8;
+
 /// One HTTP/2 connection to a peer sidecar; clones share it.
 #[derive(Clone)]
 pub struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
     sent: Arc<AtomicU32>,
+    driven: Arc<Driven<h2::client::Connection<TcpOrTls, Bytes>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -50,6 +56,84 @@ impl std::fmt::Debug for Connection {
         f.debug_struct("peer::Connection")
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
+    }
+}
+
+/// A connection's state machine, polled by its own task and now and then by a stream's task.
+///
+/// h2 writes queued frames only when the connection's task runs, and a burst of requests (or of
+/// responses) wakes their tasks together: every one of them runs before the connection's task, so
+/// the whole burst leaves in one write and the peer starts on none of it before the last is ready.
+/// The pair then works in waves, one side idle while the other works (at saturation a quarter of the
+/// two cores sat idle, against a tenth with HAProxy). A stream's task that polls the connection
+/// itself, with the connection task's waker so that the connection's I/O still wakes that task,
+/// sends the burst in pieces the peer can start on. A std mutex guards the connection: it is held
+/// only for one poll, never across an await, and a stream's task that finds it taken leaves the
+/// flush to whoever holds it.
+struct Driven<C> {
+    conn: std::sync::Mutex<Option<C>>,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+    streams: AtomicU32,
+}
+
+impl<C> Driven<C> {
+    fn new(conn: C) -> Self {
+        Self {
+            conn: std::sync::Mutex::new(Some(conn)),
+            waker: std::sync::Mutex::new(None),
+            streams: AtomicU32::new(0),
+        }
+    }
+
+    /// Polls the connection with `f` for its own task; `None` once it has ended.
+    fn poll<R>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut C, &mut Context<'_>) -> Poll<R>,
+    ) -> Poll<Option<R>> {
+        {
+            let mut w = self.waker.lock().unwrap_or_else(|p| p.into_inner());
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        match conn.as_mut() {
+            Some(c) => f(c, cx).map(Some),
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// Counts a stream, and on every [`FLUSH_EVERY`]th polls the connection with `f` from the
+    /// stream's task, unless the connection's own task is polling it right now. `f` returning ready
+    /// means the connection ended: it is dropped, and its task finds it gone.
+    fn stream_ready<R>(&self, f: impl FnOnce(&mut C, &mut Context<'_>) -> Poll<R>) {
+        if !self
+            .streams
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(FLUSH_EVERY)
+        {
+            return;
+        }
+        let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return;
+        };
+        let Ok(mut conn) = self.conn.try_lock() else {
+            return;
+        };
+        let Some(c) = conn.as_mut() else { return };
+        if f(c, &mut Context::from_waker(&waker)).is_ready() {
+            *conn = None;
+        }
+        drop(conn);
+        // The poll may have taken in what the connection's own task is for (a new stream to accept,
+        // the connection's end): it looks next.
+        waker.wake();
+    }
+
+    /// Drops the connection (closing it) once its task is done with it.
+    fn end(&self) {
+        drop(self.conn.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
 
@@ -78,11 +162,13 @@ impl Connection {
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
         let mut pings = conn.ping_pong();
+        let driven = Arc::new(Driven::new(conn));
+        let shared = driven.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r {
+                    r = poll_fn(|cx| shared.poll(cx, |c, cx| Pin::new(c).poll(cx))) => {
+                        if let Some(Err(e)) = r {
                             tracing::debug!(error = %e, "peer connection closed");
                         }
                         break;
@@ -91,8 +177,8 @@ impl Connection {
                         let Some(p) = pings.as_mut() else { continue };
                         // The connection must keep being driven while the ping is out.
                         let answered = tokio::select! {
-                            r = &mut conn => {
-                                if let Err(e) = r {
+                            r = poll_fn(|cx| shared.poll(cx, |c, cx| Pin::new(c).poll(cx))) => {
+                                if let Some(Err(e)) = r {
                                     tracing::debug!(error = %e, "peer connection closed");
                                 }
                                 break;
@@ -108,12 +194,15 @@ impl Connection {
                     }
                 }
             }
+            // Dropping the connection closes it (a ping that went unanswered).
+            shared.end();
             flag.store(true, Ordering::Release);
         });
         Ok(Self {
             send,
             closed,
             sent: Arc::new(AtomicU32::new(0)),
+            driven,
         })
     }
 
@@ -131,11 +220,8 @@ impl Connection {
         // stay out of HPACK's table, but then their names would be Huffman-coded on every request
         // too, and decoded into a new name at the peer. Sent indexable now and then, they put their
         // names in the table, and the never-indexed ones in between refer to the name by index.
-        if self
-            .sent
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(NAME_REFRESH)
-        {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(NAME_REFRESH) {
             for name in &crate::trace::MESH_IDS {
                 if let Some(v) = parts.headers.get_mut(name) {
                     v.set_sensitive(false);
@@ -147,6 +233,7 @@ impl Connection {
         if !end {
             tokio::spawn(pump(body, stream));
         }
+        self.driven.stream_ready(|c, cx| Pin::new(c).poll(cx));
         let (parts, recv) = response.await?.into_parts();
         let size = declared_length(&parts.headers);
         let body = Incoming {
@@ -168,11 +255,11 @@ const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// whose response (head, then body) is sent back within the caller's flow-control window.
 pub async fn serve<IO, F, Fut>(io: IO, windows: Windows, handler: F) -> Result<(), h2::Error>
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Body>) -> Fut,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let conn = h2::server::Builder::new()
         .initial_window_size(windows.stream)
         .initial_connection_window_size(windows.connection)
         .max_send_buffer_size(windows.max_send_buf)
@@ -180,8 +267,10 @@ where
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(io)
         .await?;
+    let driven = Arc::new(Driven::new(conn));
     // Accepting also drives the connection: this loop runs until the peer closes it.
-    while let Some(accepted) = conn.accept().await {
+    while let Some(Some(accepted)) = poll_fn(|cx| driven.poll(cx, |c, cx| c.poll_accept(cx))).await
+    {
         let (req, respond) = accepted?;
         let (parts, recv) = req.into_parts();
         let body = Incoming {
@@ -192,15 +281,20 @@ where
         // Boxed once here, so that the spawned task (and every move of it) carries a pointer, not the
         // handler's whole state.
         let reply = Box::pin(handler(Request::from_parts(parts, body.boxed())));
-        tokio::spawn(answer(reply, respond));
+        tokio::spawn(answer(reply, respond, driven.clone()));
     }
+    driven.end();
     Ok(())
 }
 
 /// Awaits the handler's response and sends it; a reset from the caller first drops the handler.
-async fn answer<Fut>(mut reply: Pin<Box<Fut>>, mut respond: h2::server::SendResponse<Bytes>)
-where
+async fn answer<Fut, IO>(
+    mut reply: Pin<Box<Fut>>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    driven: Arc<Driven<h2::server::Connection<IO, Bytes>>>,
+) where
     Fut: std::future::Future<Output = Response<Body>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let resp = poll_fn(|cx| {
         if respond.poll_reset(cx).is_ready() {
@@ -220,6 +314,9 @@ where
             respond.send_reset(Reason::INTERNAL_ERROR);
         }
     }
+    // `poll_closed` drives the connection without accepting: a stream that arrives meanwhile waits
+    // for the accept loop.
+    driven.stream_ready(|c, cx| c.poll_closed(cx));
 }
 
 /// The first HTTP/2 error in `e`'s source chain (hyper and the body wrappers keep it as a cause).
@@ -345,7 +442,7 @@ impl HttpBody for Incoming {
 mod tests {
     use super::*;
     use http::HeaderMap;
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::{BodyExt, Full, StreamBody};
     use tokio::net::{TcpListener, TcpStream};
 
     const WINDOWS: Windows = Windows {
@@ -381,6 +478,34 @@ mod tests {
 
     fn request(body: Body) -> Request<Body> {
         Request::post("http://peer.test/echo").body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bursts_flushed_by_stream_tasks_all_complete() {
+        // Many requests at once on one connection: stream tasks poll the connection themselves
+        // (every FLUSH_EVERY-th), taking in frames and new streams meant for the connection's own
+        // task; none may be stranded. Bounded: 5 rounds of 200, each within 10 s.
+        let conn = pair().await;
+        for round in 0..5 {
+            let mut tasks = Vec::new();
+            for i in 0..200usize {
+                let conn = conn.clone();
+                tasks.push(tokio::spawn(async move {
+                    let body = Full::new(Bytes::from(format!("{round}-{i}")))
+                        .map_err(|never| match never {})
+                        .boxed();
+                    let resp = conn.send(request(body)).await.unwrap();
+                    resp.into_body().collect().await.unwrap().to_bytes()
+                }));
+            }
+            for (i, t) in tasks.into_iter().enumerate() {
+                let got = tokio::time::timeout(Duration::from_secs(10), t)
+                    .await
+                    .expect("every stream completes")
+                    .unwrap();
+                assert_eq!(got, format!("{round}-{i}").as_bytes());
+            }
+        }
     }
 
     #[tokio::test]
