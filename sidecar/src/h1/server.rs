@@ -31,9 +31,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{MAX_HEAD, MAX_HEADERS, header_map};
 use crate::upstream::Body;
 
-/// Frames larger than this are written from their own buffer instead of being copied.
-const COPY_BELOW: usize = 8 * 1024;
-/// Buffered output beyond this is written before more is gathered.
+/// Buffered output beyond this is written before more is gathered; a frame larger than this is
+/// written from its own buffer instead of being copied. (Copying a 16 KiB frame costs less than the
+/// write it saves: a 1 MiB body leaves in 16 writes instead of one per HTTP/2 frame.)
 const FLUSH_ABOVE: usize = 64 * 1024;
 
 /// How a connection served here ended.
@@ -374,7 +374,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
             }
             _ => {}
         }
-        if data.len() < COPY_BELOW {
+        if data.len() <= FLUSH_ABOVE {
             out.put_slice(&data);
         } else {
             io.write_all_buf(&mut (&mut out).chain(&mut data)).await?;
