@@ -1,9 +1,10 @@
 //! The inbound side's connections to the pod's own application on `127.0.0.1`.
 //!
 //! HTTP/1.1 apps (nearly all): a request without a body (most of them) is exchanged by
-//! [`crate::h1::client`] on a connection of its own pool, without hyper. A request with a body takes a pool of
-//! hyper keep-alive connections per app address, each carrying one request at a time. Taking a connection is one short lock and a scan for one that is idle, which is
-//! what this hop needs on every request; hyper-util's general client (connector, per-host pool keys,
+//! [`crate::h1::client`] on a connection of its own pool, without hyper. A request with a body takes
+//! a pool of hyper keep-alive connections per app address, each carrying one request at a time.
+//! Taking a connection is one short lock and a scan for one that is idle, which is what this hop
+//! needs on every request; hyper-util's general client (connector, per-host pool keys,
 //! checkout futures, a spawned task per returned connection) cost a tenth of the inbound side's
 //! instructions for the same job. HTTP/2 apps (gRPC, h2c) keep hyper-util's pooled client, which
 //! multiplexes every request over one connection.

@@ -439,7 +439,7 @@ impl Outbound {
                 .ok_or(ProxyError::NoRoute)?,
         };
         let start = SystemTime::now();
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         if is_upgrade(&parts.headers) {
             return Box::pin(self.upgrade(parts, &dest.cluster, &authority)).await;
         }
@@ -454,7 +454,6 @@ impl Outbound {
         let hop = Hop::from_request(&parts.headers, table.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
         let service_name: Arc<str> = self.service_name(&table);
-        let mut body = body;
         if !route.mirrors.is_empty() {
             let copies = self.mirrors.prepare(
                 route,
