@@ -33,9 +33,6 @@ fn boxed(resp: Response<Incoming>) -> Response<Body> {
     resp.map(crate::upstream::boxed)
 }
 
-/// Pooled HTTP/1.1 connections kept beyond this are closed when their request ends.
-const MAX_POOLED: usize = 1024;
-
 /// Why a request to the app failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -187,7 +184,7 @@ impl App {
     /// response has ended.
     fn checkin(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
         let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < MAX_POOLED {
+        if pool.len() < crate::h1::MAX_POOLED {
             pool.push(Pooled { addr, sender });
         }
     }

@@ -85,8 +85,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The `Content-Length` a message declared, if it declared a valid one.
 pub fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| length_value(v.as_bytes()))
+}
+
+/// A `Content-Length` value: digits only (no sign, no spaces), at most 19 of them.
+pub fn length_value(v: &[u8]) -> Option<u64> {
+    (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+        .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The comma-separated tokens of a header value (`Connection`, `TE`, `Transfer-Encoding`), trimmed.
+pub fn tokens(v: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
 /// Refuses framing that two HTTP parsers could read differently (request smuggling): both

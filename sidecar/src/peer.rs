@@ -47,7 +47,6 @@ const FLUSH_EVERY: u32 = 8;
 pub struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
-    sent: Arc<AtomicU32>,
     driven: Arc<Driven<h2::client::Connection<TcpOrTls, Bytes>>>,
 }
 
@@ -104,15 +103,16 @@ impl<C> Driven<C> {
         }
     }
 
-    /// Counts a stream, and on every [`FLUSH_EVERY`]th polls the connection with `f` from the
-    /// stream's task, unless the connection's own task is polling it right now. `f` returning ready
-    /// means the connection ended: it is dropped, and its task finds it gone.
-    fn stream_ready<R>(&self, f: impl FnOnce(&mut C, &mut Context<'_>) -> Poll<R>) {
-        if !self
-            .streams
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(FLUSH_EVERY)
-        {
+    /// Counts a stream; its number on this connection, from 0.
+    fn next_stream(&self) -> u32 {
+        self.streams.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// For every [`FLUSH_EVERY`]th stream (`n` from [`Self::next_stream`]), polls the connection
+    /// with `f` from the stream's task, unless the connection's own task is polling it right now.
+    /// `f` returning ready means the connection ended: it is dropped, and its task finds it gone.
+    fn stream_ready<R>(&self, n: u32, f: impl FnOnce(&mut C, &mut Context<'_>) -> Poll<R>) {
+        if !n.is_multiple_of(FLUSH_EVERY) {
             return;
         }
         let Some(waker) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
@@ -201,7 +201,6 @@ impl Connection {
         Ok(Self {
             send,
             closed,
-            sent: Arc::new(AtomicU32::new(0)),
             driven,
         })
     }
@@ -220,7 +219,7 @@ impl Connection {
         // stay out of HPACK's table, but then their names would be Huffman-coded on every request
         // too, and decoded into a new name at the peer. Sent indexable now and then, they put their
         // names in the table, and the never-indexed ones in between refer to the name by index.
-        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let n = self.driven.next_stream();
         if n.is_multiple_of(NAME_REFRESH) {
             for name in &crate::trace::MESH_IDS {
                 if let Some(v) = parts.headers.get_mut(name) {
@@ -233,7 +232,7 @@ impl Connection {
         if !end {
             tokio::spawn(pump(body, stream));
         }
-        self.driven.stream_ready(|c, cx| Pin::new(c).poll(cx));
+        self.driven.stream_ready(n, |c, cx| Pin::new(c).poll(cx));
         let (parts, recv) = response.await?.into_parts();
         let size = declared_length(&parts.headers);
         let body = Incoming {
@@ -316,7 +315,7 @@ async fn answer<Fut, IO>(
     }
     // `poll_closed` drives the connection without accepting: a stream that arrives meanwhile waits
     // for the accept loop.
-    driven.stream_ready(|c, cx| c.poll_closed(cx));
+    driven.stream_ready(driven.next_stream(), |c, cx| c.poll_closed(cx));
 }
 
 /// The first HTTP/2 error in `e`'s source chain (hyper and the body wrappers keep it as a cause).

@@ -38,7 +38,8 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{MAX_HEAD, MAX_HEADERS, header_map};
+use super::{MAX_HEAD, MAX_HEADERS, MAX_POOLED, header_map};
+use crate::headers::{length_value, tokens};
 use crate::upstream::{Body, BodyError};
 
 /// Reads ask for at least this much room.
@@ -47,8 +48,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const MIN_SPARE: usize = 4096;
 /// A body with a known length is read in pieces up to this size.
 const MAX_READ: usize = 256 * 1024;
-/// Idle connections kept beyond this are closed.
-const MAX_POOLED: usize = 1024;
 /// The longest chunk-size line (with extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -388,8 +387,7 @@ impl Declared {
         for (name, value) in headers {
             let v = value.as_bytes();
             if *name == header::CONTENT_LENGTH {
-                let n = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
-                    .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+                let n = length_value(v)
                     .ok_or(Error::Protocol("invalid Content-Length in the response"))?;
                 if d.length.is_some_and(|l| l != n) {
                     return Err(Error::Protocol(
@@ -398,12 +396,10 @@ impl Declared {
                 }
                 d.length = Some(n);
             } else if *name == header::TRANSFER_ENCODING {
-                let last = v.rsplit(|&b| b == b',').next().unwrap_or_default();
-                d.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                let last = tokens(v).next_back().unwrap_or_default();
+                d.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             } else if *name == header::CONNECTION {
-                d.close |= v
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                d.close |= tokens(v).any(|t| t.eq_ignore_ascii_case(b"close"));
             }
         }
         Ok(d)

@@ -17,6 +17,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a head may have (hyper's limit).
 pub const MAX_HEADERS: usize = 100;
+/// Idle connections to the app kept beyond this are closed.
+pub const MAX_POOLED: usize = 1024;
 
 /// The parsed headers of a head in `data`, their values sharing its bytes.
 fn header_map(parsed: &[httparse::Header<'_>], data: &Bytes) -> Result<HeaderMap, &'static str> {

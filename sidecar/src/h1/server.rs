@@ -29,6 +29,7 @@ use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{MAX_HEAD, MAX_HEADERS, header_map};
+use crate::headers::{length_value, tokens};
 use crate::upstream::Body;
 
 /// Buffered output beyond this is written before more is gathered; a frame larger than this is
@@ -193,16 +194,13 @@ fn shape(req: &httparse::Request<'_, '_>) -> Result<Option<Shape>, &'static str>
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            for token in tokens(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep |= token.eq_ignore_ascii_case(b"keep-alive");
                 other |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name.eq_ignore_ascii_case(b"te") {
-            trailers |= h
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         } else {
             other |= name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect");
         }
@@ -247,24 +245,36 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     // A request refused as malformed ends its connection (Envoy does the same): nothing pipelined
     // behind it is trusted.
     let mut keep_alive = keep_alive && status != StatusCode::BAD_REQUEST;
-    let (mut length, mut has_date) = (None, false);
-    for (name, value) in &parts.headers {
-        if *name == header::CONTENT_LENGTH {
-            length = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-        } else if *name == header::CONNECTION {
-            keep_alive &= !value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if *name == header::DATE {
-            has_date = true;
-        }
-    }
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    let mut out = BytesMut::with_capacity(512);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    // One pass writes the headers and notes what decides the framing, which is written after them.
+    let (mut length, mut has_date) = (None, false);
+    for (name, value) in &parts.headers {
+        if *name == header::CONTENT_LENGTH {
+            length = length_value(value.as_bytes());
+            // RFC 9110 §8.6: never on a 1xx or 204 (a 304 keeps the length of what it stands for).
+            if status.is_informational() || status == StatusCode::NO_CONTENT {
+                continue;
+            }
+        } else if *name == header::CONNECTION {
+            // This hop's connection is decided here, not by the response.
+            keep_alive &= !tokens(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
+            continue;
+        } else if *name == header::TRANSFER_ENCODING {
+            // And so is its framing.
+            continue;
+        } else if *name == header::DATE {
+            has_date = true;
+        }
+        put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
     let framing = if head_only || bodiless {
         Framing::None
     } else if let Some(n) = length {
@@ -277,29 +287,9 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     } else {
         Framing::Chunked
     };
-
-    let mut out = BytesMut::with_capacity(512);
-    out.put_slice(b"HTTP/1.1 ");
-    out.put_slice(status.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.put_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        // This hop's framing and connection are decided here, not by the response.
-        if *name == header::TRANSFER_ENCODING || *name == header::CONNECTION {
-            continue;
-        }
-        // RFC 9110 §8.6: never on a 1xx or 204 (a 304 keeps the length of what it stands for).
-        if *name == header::CONTENT_LENGTH
-            && (status.is_informational() || status == StatusCode::NO_CONTENT)
-        {
-            continue;
-        }
-        put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
-    }
     match framing {
         Framing::Length(n) if length.is_none() => {
-            put_field(&mut out, b"content-length", itoa_u64(n).as_bytes());
+            put_field(&mut out, b"content-length", digits(n, 10).as_bytes());
         }
         Framing::Chunked => put_field(&mut out, b"transfer-encoding", b"chunked"),
         _ => {}
@@ -369,7 +359,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
                 left -= n;
             }
             Framing::Chunked => {
-                out.put_slice(format_hex(data.len()).as_bytes());
+                out.put_slice(digits(data.len() as u64, 16).as_bytes());
                 out.put_slice(b"\r\n");
             }
             _ => {}
@@ -430,31 +420,18 @@ impl Digits {
     }
 }
 
-fn itoa_u64(mut n: u64) -> Digits {
+/// `n` in `radix` (10 or 16), lowercase.
+fn digits(mut n: u64, radix: u64) -> Digits {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut d = Digits {
         buf: [0; 20],
         start: 20,
     };
     loop {
         d.start -= 1;
-        d.buf[d.start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return d;
-        }
-    }
-}
-
-fn format_hex(mut n: usize) -> Digits {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut d = Digits {
-        buf: [0; 20],
-        start: 20,
-    };
-    loop {
-        d.start -= 1;
-        d.buf[d.start] = HEX[n & 0xf];
-        n >>= 4;
+        // The remainder is below the radix, at most 16.
+        d.buf[d.start] = DIGITS[(n % radix) as usize];
+        n /= radix;
         if n == 0 {
             return d;
         }
