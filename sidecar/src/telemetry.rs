@@ -514,6 +514,38 @@ pub fn content_length(h: &http::HeaderMap) -> u64 {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn counted_writes_every_slice_of_a_vectored_write() {
+        // rustls flushes its queued TLS records as slices; the trait's default would send only
+        // the first, one send per record.
+        use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut server, _) = accepted.unwrap();
+        let me = workload_labels(
+            "source",
+            "a",
+            "default",
+            "spiffe://cluster.local/ns/default/sa/a",
+            "a",
+            "",
+        );
+        let metrics = Arc::new(Metrics::new(me.clone(), me));
+        let mut counted = Counted::new(client.unwrap(), metrics, true);
+        assert!(counted.is_write_vectored());
+        let slices = [
+            std::io::IoSlice::new(b"head"),
+            std::io::IoSlice::new(b"payload"),
+        ];
+        assert_eq!(counted.write_vectored(&slices).await.unwrap(), 11);
+        assert_eq!(counted.sent, 11);
+        let mut got = [0u8; 11];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"headpayload");
+    }
+
     #[test]
     fn renders_istio_metric_names_and_labels() {
         let me = workload_labels(
@@ -679,6 +711,25 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
             self.sent += *n as u64;
         }
         r
+    }
+
+    // Forwarded, not left to the trait's default (which writes the first slice only): rustls
+    // hands its queued TLS records over as slices, and h2 a frame head and its payload, and each
+    // would otherwise cost a send of its own.
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.sent += *n as u64;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(

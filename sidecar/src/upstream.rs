@@ -349,6 +349,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn tcp_or_tls_writes_every_slice_of_a_vectored_write() {
+        // h2 hands over a frame head and its payload as two slices; the trait's default would
+        // write only the head, and the payload would go in a TLS record and a send of its own.
+        use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut server, _) = accepted.unwrap();
+        let mut stream = TcpOrTls::Tcp(client.unwrap());
+        assert!(stream.is_write_vectored());
+        let slices = [
+            std::io::IoSlice::new(b"head"),
+            std::io::IoSlice::new(b"payload"),
+        ];
+        assert_eq!(stream.write_vectored(&slices).await.unwrap(), 11);
+        let mut got = [0u8; 11];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"headpayload");
+    }
+
+    #[tokio::test]
     async fn a_failed_endpoint_is_not_retried_within_the_hold() {
         weft_ca::tls::install_default_provider();
         // A CA and credentials, so the pool can be built.
@@ -429,6 +450,26 @@ impl tokio::io::AsyncWrite for TcpOrTls {
         match self.get_mut() {
             TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    // Forwarded so that h2 hands over a frame head and its payload in one call (one TLS record
+    // and one send instead of two); see `telemetry::Counted`.
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            TcpOrTls::Tcp(s) => s.is_write_vectored(),
+            TcpOrTls::Tls(s) => s.is_write_vectored(),
         }
     }
 
