@@ -15,6 +15,7 @@
 //! kept unless the caller or the response asked to close it, the body failed, or the answer is 400. Writes are batched:
 //! what the body has ready goes out in one write, and the head goes with the first data.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -32,10 +33,16 @@ use super::{MAX_HEAD, MAX_HEADERS, header_map};
 use crate::headers::{length_value, tokens};
 use crate::upstream::Body;
 
-/// Buffered output beyond this is written before more is gathered; a frame larger than this is
-/// written from its own buffer instead of being copied. (Copying a 16 KiB frame costs less than the
-/// write it saves: a 1 MiB body leaves in 16 writes instead of one per HTTP/2 frame.)
+/// Gathered output beyond this is written before more is gathered: a 1 MiB body leaves in 16
+/// writes instead of one per HTTP/2 frame.
 const FLUSH_ABOVE: usize = 64 * 1024;
+
+/// Body frames from this size on are written from their own buffers, in one vectored write with
+/// what precedes them, instead of being copied; smaller ones cost less to copy than a slice.
+const GATHER_FROM: usize = 4096;
+
+/// Slices handed to one vectored write (a 64 KiB batch of 16 KiB frames and their framing needs 9).
+const MAX_SLICES: usize = 16;
 
 /// How a connection served here ended.
 #[derive(Debug)]
@@ -307,6 +314,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         io.write_all_buf(&mut out).await?;
         return Ok(keep_alive);
     }
+    let mut out = Gather::new(out);
 
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -317,7 +325,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         let frame = match std::future::poll_fn(|cx| Poll::Ready(poll_frame(&mut body, cx))).await {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                io.write_all_buf(&mut out).await?;
+                out.write_to(io).await?;
                 std::future::poll_fn(|cx| poll_frame(&mut body, cx)).await
             }
         };
@@ -327,20 +335,20 @@ async fn write_response<IO: AsyncWrite + Unpin>(
             Some(Err(e)) => {
                 // Mid-body the caller can only be told by the connection closing.
                 tracing::debug!(error = %e, "response body failed");
-                let _ = io.write_all_buf(&mut out).await;
+                let _ = out.write_to(io).await;
                 return Ok(false);
             }
         };
-        let mut data = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
                 if let (Framing::Chunked, true, Ok(trailers)) =
                     (framing, trailers_ok, frame.into_trailers())
                 {
-                    out.put_slice(b"0\r\n");
-                    put_trailers(&mut out, &trailers);
-                    out.put_slice(b"\r\n");
-                    io.write_all_buf(&mut out).await?;
+                    out.buf.put_slice(b"0\r\n");
+                    put_trailers(&mut out.buf, &trailers);
+                    out.buf.put_slice(b"\r\n");
+                    out.write_to(io).await?;
                     return Ok(keep_alive);
                 }
                 continue;
@@ -359,33 +367,107 @@ async fn write_response<IO: AsyncWrite + Unpin>(
                 left -= n;
             }
             Framing::Chunked => {
-                out.put_slice(digits(data.len() as u64, 16).as_bytes());
-                out.put_slice(b"\r\n");
+                out.buf.put_slice(digits(data.len() as u64, 16).as_bytes());
+                out.buf.put_slice(b"\r\n");
             }
             _ => {}
         }
-        if data.len() <= FLUSH_ABOVE {
-            out.put_slice(&data);
-        } else {
-            io.write_all_buf(&mut (&mut out).chain(&mut data)).await?;
-        }
+        out.frame(data);
         if framing == Framing::Chunked {
-            out.put_slice(b"\r\n");
+            out.buf.put_slice(b"\r\n");
         }
         if out.len() > FLUSH_ABOVE {
-            io.write_all_buf(&mut out).await?;
+            out.write_to(io).await?;
         }
     }
     match framing {
-        Framing::Chunked => out.put_slice(b"0\r\n\r\n"),
+        Framing::Chunked => out.buf.put_slice(b"0\r\n\r\n"),
         Framing::Length(_) if left != 0 => {
-            let _ = io.write_all_buf(&mut out).await;
+            let _ = out.write_to(io).await;
             return Ok(false);
         }
         _ => {}
     }
-    io.write_all_buf(&mut out).await?;
+    out.write_to(io).await?;
     Ok(keep_alive && framing != Framing::Close)
+}
+
+/// A response's output waiting to be written: small pieces copied into `buf`, large body frames
+/// kept as they came and queued, in order, ahead of it.
+struct Gather {
+    /// Written before `buf`, front first.
+    queued: VecDeque<Bytes>,
+    /// Bytes in `queued`.
+    queued_len: usize,
+    buf: BytesMut,
+}
+
+impl Gather {
+    fn new(buf: BytesMut) -> Self {
+        Self {
+            queued: VecDeque::new(),
+            queued_len: 0,
+            buf,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queued_len + self.buf.len()
+    }
+
+    /// Adds a body frame after what is gathered.
+    fn frame(&mut self, data: Bytes) {
+        if data.len() < GATHER_FROM {
+            self.buf.put_slice(&data);
+            return;
+        }
+        self.queue_buf();
+        self.queued_len += data.len();
+        self.queued.push_back(data);
+    }
+
+    /// Moves what `buf` holds to the queue (its spare capacity stays for what follows).
+    fn queue_buf(&mut self) {
+        if !self.buf.is_empty() {
+            let head = self.buf.split().freeze();
+            self.queued_len += head.len();
+            self.queued.push_back(head);
+        }
+    }
+
+    /// Writes everything gathered.
+    async fn write_to<IO: AsyncWrite + Unpin>(&mut self, io: &mut IO) -> io::Result<()> {
+        if self.queued.is_empty() {
+            // Nothing large: one buffer, the common case.
+            return io.write_all_buf(&mut self.buf).await;
+        }
+        self.queue_buf();
+        while !self.queued.is_empty() {
+            let written = {
+                let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+                let n = slices
+                    .iter_mut()
+                    .zip(&self.queued)
+                    .map(|(slice, part)| *slice = io::IoSlice::new(part))
+                    .count();
+                io.write_vectored(&slices[..n]).await?
+            };
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.queued_len -= written;
+            let mut left = written;
+            while let Some(front) = self.queued.front_mut() {
+                if front.len() > left {
+                    front.advance(left);
+                    break;
+                }
+                left -= front.len();
+                self.queued.pop_front();
+            }
+        }
+        Ok(())
+    }
 }
 
 fn poll_frame(
@@ -554,6 +636,19 @@ mod tests {
                 ];
                 StreamBody::new(futures_util::stream::iter(frames)).boxed()
             }
+            // Many HTTP/2-sized frames, each of its own byte: order and completeness show.
+            "/big" | "/big-chunked" => {
+                let frames: Vec<Result<Frame<Bytes>, crate::upstream::BodyError>> = (0..BIG_FRAMES)
+                    .map(|i| Ok(Frame::data(Bytes::from(vec![big_byte(i); BIG_FRAME]))))
+                    .collect();
+                let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+                let mut resp = Response::new(body);
+                if path == "/big" {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, (BIG_FRAMES * BIG_FRAME).into());
+                }
+                return resp;
+            }
             "/broken" => {
                 let frames: Vec<Result<Frame<Bytes>, crate::upstream::BodyError>> = vec![
                     Ok(Frame::data(Bytes::from_static(b"part"))),
@@ -578,6 +673,13 @@ mod tests {
             );
         }
         resp
+    }
+
+    const BIG_FRAMES: usize = 70;
+    const BIG_FRAME: usize = 16 * 1024;
+
+    fn big_byte(frame: usize) -> u8 {
+        (frame % 251) as u8
     }
 
     /// A connected pair: the test's client end, and the task serving the other end here. The task
@@ -695,6 +797,149 @@ mod tests {
             with.ends_with("xxxx\r\n0\r\ngrpc-status: 0\r\n\r\n"),
             "{with:.200}"
         );
+    }
+
+    #[tokio::test]
+    async fn large_bodies_arrive_whole_and_in_order() {
+        // Frames this size are written from their own buffers, batched into vectored writes; a
+        // slice lost, repeated or out of order changes the bytes.
+        let expected: Vec<u8> = (0..BIG_FRAMES)
+            .flat_map(|i| std::iter::repeat_n(big_byte(i), BIG_FRAME))
+            .collect();
+        let (mut c, _task) = pair().await;
+        for path in ["/big", "/big-chunked"] {
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 65536];
+            let (head_end, body) = loop {
+                let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+                    .await
+                    .expect("response in time")
+                    .unwrap();
+                assert_ne!(n, 0, "closed early on {path}");
+                got.extend_from_slice(&chunk[..n]);
+                let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                let body = if path == "/big" {
+                    assert!(
+                        head.contains(&format!("content-length: {}", expected.len())),
+                        "{head}"
+                    );
+                    got.get(end + 4..end + 4 + expected.len())
+                        .map(<[u8]>::to_vec)
+                } else {
+                    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+                    if got.ends_with(b"\r\n0\r\n\r\n") {
+                        Some(dechunk(&got[end + 4..]))
+                    } else {
+                        None
+                    }
+                };
+                if let Some(body) = body {
+                    break (end, body);
+                }
+            };
+            assert!(head_end > 0);
+            assert!(
+                body == expected,
+                "{path}: body differs ({} bytes)",
+                body.len()
+            );
+        }
+    }
+
+    /// Takes at most `limit` bytes per write, across slices: every write is a short one.
+    struct Trickle {
+        got: Vec<u8>,
+        limit: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let me = self.get_mut();
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(me.limit - n);
+                me.got.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn gathered_output_survives_short_writes() {
+        // Short writes end inside a slice and across several: what is written is each byte once,
+        // in order, however the writes fall.
+        for limit in [1, 7, 4096, 5000, 20_000] {
+            let mut out = Gather::new(BytesMut::from(&b"head"[..]));
+            let mut expected = b"head".to_vec();
+            for (i, size) in [10, 5000, 3, 16_384, 16_384, 4095, 4096, 70_000]
+                .iter()
+                .enumerate()
+            {
+                let frame = vec![i as u8 + 1; *size];
+                expected.extend_from_slice(&frame);
+                out.frame(Bytes::from(frame));
+                out.buf.put_slice(b"|");
+                expected.push(b'|');
+            }
+            assert_eq!(out.len(), expected.len());
+            let mut w = Trickle {
+                got: Vec::new(),
+                limit,
+            };
+            out.write_to(&mut w).await.unwrap();
+            assert_eq!(out.len(), 0);
+            assert!(
+                w.got == expected,
+                "limit {limit}: {} bytes written",
+                w.got.len()
+            );
+        }
+    }
+
+    /// The data of a complete chunked body.
+    fn dechunk(mut wire: &[u8]) -> Vec<u8> {
+        let mut data = Vec::new();
+        loop {
+            let line = wire.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&wire[..line]).unwrap(), 16).unwrap();
+            if size == 0 {
+                return data;
+            }
+            data.extend_from_slice(&wire[line + 2..line + 2 + size]);
+            wire = &wire[line + 2 + size + 2..];
+        }
     }
 
     #[tokio::test]
