@@ -23,33 +23,10 @@ OUT=${OUT:-/tmp/weft-callgrind-$(date +%Y%m%d-%H%M%S)}
 W=$OUT/work
 mkdir -p "$W" "$OUT/bin" "$OUT/recipe"
 
-for tool in valgrind callgrind_control haproxy nginx hey; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind haproxy nginx-light hey)" >&2; exit 1; }
-done
-for b in sidecar ca pilot sidecar-pair; do
-  [ -x "$REL/$b" ] || { echo "$REL/$b missing: cargo build --release --bins" >&2; exit 1; }
-done
-
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-# The backend: the recipe's nginx, 1 KiB at /1k.
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-cat > "$W/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $W/nginx.pid;
-error_log $W/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 10000000;
-  keepalive_timeout 300s;
-  server { listen 127.0.0.1:18080 backlog=4096; location = /1k { return 200 "$BODY"; } }
-}
-EOF
+# shellcheck source=bench/pair-lib.sh
+. "$HERE/pair-lib.sh"
+check_setup "valgrind haproxy nginx-light hey" valgrind callgrind_control haproxy nginx hey
+write_nginx_conf "$W"
 nginx -c "$W/nginx.conf" -p "$W" & PIDS+=($!)
 
 VG_OPTS="--tool=callgrind --instr-atstart=no"
@@ -90,46 +67,12 @@ WEFT_BIN_DIR=$OUT/bin "$REL/sidecar-pair" "$OUT/recipe" 1 >"$OUT/weft.log" 2>&1 
   || { cat "$OUT/weft.log" >&2; exit 1; }
 
 # --- HAProxy: the recipe's configuration (h1 between the proxies, and h2 as a second reference).
-"$RECIPE/certs.sh" "$W/certs" >/dev/null
-hap_common() { # bind|server: what both of the recipe's HAProxy configurations start with
-  cat <<EOF
-global
-  nbthread 1
-  ssl-default-$1-ciphersuites TLS_AES_128_GCM_SHA256
-  ssl-default-$1-options ssl-min-ver TLSv1.3
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-  http-reuse always
-EOF
-}
 hap() { # ALPN -> "client N" / "server N" lines
-  { hap_common bind; cat <<EOF
-frontend inbound
-  bind 127.0.0.1:16443 ssl crt $W/certs/server.pem ca-file $W/certs/ca.pem verify required alpn h2,http/1.1
-  default_backend app
-backend app
-  server app 127.0.0.1:18080
-EOF
-  } > "$W/hap-server.cfg"
-  { hap_common server; cat <<EOF
-frontend outbound
-  bind 127.0.0.1:16001
-  default_backend mesh
-backend mesh
-  server peer 127.0.0.1:16443 ssl crt $W/certs/client.pem ca-file $W/certs/ca.pem verify required verifyhost server.mesh.local sni str(server.mesh.local) alpn $1
-EOF
-  } > "$W/hap-client.cfg"
+  write_haproxy_confs "$W" "$1"
   valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-server.cfg" >"$W/hs.log" 2>&1 & local s=$!
   valgrind $VG_OPTS --callgrind-out-file="$OUT/cg.%p" haproxy -db -f "$W/hap-client.cfg" >"$W/hc.log" 2>&1 & local c=$!
   PIDS+=("$s" "$c")
-  for _ in $(seq 1 100); do
-    curl -fs -o /dev/null http://127.0.0.1:16001/1k && break
-    sleep 0.2
-  done
+  wait_for http://127.0.0.1:16001/1k
   measure http://127.0.0.1:16001 "$c" "$s" | sed -n '1s/^/client /p;2s/^/server /p'
   kill "$s" "$c"; wait "$s" "$c" 2>/dev/null || true
 }
