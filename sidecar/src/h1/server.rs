@@ -41,7 +41,7 @@ const FLUSH_ABOVE: usize = 64 * 1024;
 /// what precedes them, instead of being copied; smaller ones cost less to copy than a slice.
 const GATHER_FROM: usize = 4096;
 
-/// Slices handed to one vectored write (a 64 KiB batch of 16 KiB frames and their framing needs 9).
+/// Slices handed to one vectored write (a 64 KiB batch of 16 KiB chunked frames needs about 10).
 const MAX_SLICES: usize = 16;
 
 /// How a connection served here ended.
