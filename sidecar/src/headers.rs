@@ -82,6 +82,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes the mesh's own request headers (`x-envoy-*`, which Envoy-based peers read, and
+/// `x-weft-*`) from a request that entered from outside the mesh: only a mesh peer may send them.
+pub fn strip_mesh_internal(headers: &mut HeaderMap) {
+    let internal = |n: &HeaderName| {
+        let n = n.as_str();
+        n.starts_with("x-envoy-") || n.starts_with("x-weft-")
+    };
+    if !headers.keys().any(internal) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// The `Content-Length` a message declared, if it declared a valid one.
 pub fn declared_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)
@@ -125,51 +141,6 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
         return Err("several Host headers");
     }
     Ok(())
-}
-
-/// Whether the first bytes of a connection are HTTP/1.x (a method and a space) or the HTTP/2
-/// connection preface; anything else is carried as opaque TCP.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"DELETE ",
-        b"HEAD ",
-        b"OPTIONS ",
-        b"PATCH ",
-        b"CONNECT ",
-        b"TRACE ",
-    ];
-    first.starts_with(b"PRI * HTTP/2.0") || METHODS.iter().any(|m| first.starts_with(m))
-}
-
-/// Peeks at a new connection's first bytes (waiting up to `timeout` for at least 8, enough for any
-/// method and a space) and says whether it speaks HTTP; `None` when nothing arrived in time (a
-/// server-first protocol).
-pub async fn sniff_http(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) -> Option<bool> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 16];
-    // Once something arrived, a short message (an interactive protocol) is not held for long.
-    let mut partial_deadline = None;
-    loop {
-        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        let head = buf.get(..n).unwrap_or_default();
-        let now = tokio::time::Instant::now();
-        let partial_until =
-            *partial_deadline.get_or_insert(now + std::time::Duration::from_millis(50));
-        if n >= 8 || looks_like_http(head) || now >= partial_until {
-            return Some(looks_like_http(head));
-        }
-        // A partial first segment: give the rest a moment.
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
 }
 
 /// Checks the raw head of the first request on a new connection for both `Content-Length` and
@@ -219,15 +190,6 @@ pub fn bad_request_bytes(reason: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn tells_http_from_other_protocols() {
-        assert!(looks_like_http(b"GET /headers HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(!looks_like_http(b"\x16\x03\x01"));
-        assert!(!looks_like_http(b"hello\n"));
-        assert!(!looks_like_http(b"GETX"));
-    }
-
     #[test]
     fn finds_content_length_with_transfer_encoding_in_a_raw_head() {
         let both = b"POST http://httpbin:8000/post HTTP/1.1\r\nHost: httpbin:8000\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
@@ -287,6 +249,20 @@ mod tests {
         clean.append("x-multi", "2".parse().unwrap());
         strip_hop_by_hop(&mut clean);
         assert_eq!(clean.len(), 3);
+    }
+
+    #[test]
+    fn strips_the_mesh_internal_headers_only() {
+        let mut h = HeaderMap::new();
+        h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
+        h.insert("x-envoy-upstream-rq-timeout-ms", "1".parse().unwrap());
+        h.insert("x-weft-app-protocol", "h2".parse().unwrap());
+        h.insert("x-request-id", "r".parse().unwrap());
+        h.insert("x-envoyish", "kept".parse().unwrap());
+        strip_mesh_internal(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-envoyish", "x-request-id"]);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use weft_ca::SpiffeId;
 
 use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
-use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::headers::{check_framing, strip_hop_by_hop, strip_mesh_internal};
+use crate::sniff::Verdict;
 use crate::telemetry::{
     AccessLog, Counted, LogEntry, Metrics, Reporter, RequestMetric, content_length, workload_labels,
 };
@@ -184,16 +185,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             .peer_certificates()
             .and_then(weft_ca::tls::peer_identity);
         if tls.get_ref().1.alpn_protocol() == Some(crate::upstream::ALPN_TCP) {
-            // Opaque TCP from a peer sidecar: splice it to the app.
-            let mut tls = tls;
-            let app = TcpStream::connect(("127.0.0.1", app_port))
-                .await
-                .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
-            crate::upstream::TcpOrTls::Tcp(app)
-                .splice(&mut tls)
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
+            // An opaque stream from a peer sidecar: spliced to the app, unless it carries HTTP
+            // (an upgrade, or a CONNECT tunnel's content), which goes through the HTTP path.
+            let conn = caller_context(&inbound, app_port, caller, peer)?;
+            return opaque_from_peer(tls, inbound, app_port, conn).await;
         }
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(weft_ca::tls::ALPN_H2);
         let conn = caller_context(&inbound, app_port, caller, peer)?;
@@ -217,8 +212,11 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
         }
-        if crate::headers::sniff_http(&tcp, FIRST_BYTES_TIMEOUT).await != Some(true) {
-            // Plaintext opaque TCP (PERMISSIVE): splice it to the app.
+        let verdict = crate::sniff::peek_verdict(&tcp, FIRST_BYTES_TIMEOUT)
+            .await
+            .ok_or("closed before its first line")?;
+        if verdict == Verdict::Opaque {
+            // Plaintext that cannot be HTTP (PERMISSIVE): splice it to the app.
             let mut tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
             let app = TcpStream::connect(("127.0.0.1", app_port))
                 .await
@@ -240,6 +238,91 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         let conn = caller_context(&inbound, app_port, None, peer)?;
         serve_http(TokioIo::new(tcp), inbound, app_port, conn).await
+    }
+}
+
+/// An opaque (ALPN `istio`) stream from a peer sidecar. The app's answer flows back from the start
+/// (server-first protocols work), while the peer's first bytes are held until [`crate::sniff`]
+/// decides: a stream that cannot be HTTP is spliced; one that is HTTP (a peer's upgrade request, or
+/// what a caller sent through a `CONNECT` tunnel) is served as HTTP with the verified caller, so no
+/// request reaches the app with a header the mesh did not check. A stream whose app already spoke
+/// first stays opaque: an HTTP server never does.
+async fn opaque_from_peer<S>(
+    stream: S,
+    inbound: Arc<Inbound>,
+    app_port: u16,
+    conn: Arc<Caller>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TcpStream::connect(("127.0.0.1", app_port))
+        .await
+        .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
+    let (mut app_r, mut app_w) = app.into_split();
+    let (mut peer_r, peer_w) = tokio::io::split(stream);
+    // The app → peer direction runs in its own task from the start; it can be stopped and give its
+    // halves back only between two whole writes, so nothing it read is lost.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let to_peer = tokio::spawn(async move {
+        let mut peer_w = peer_w;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                Ok(()) = &mut stop_rx => return Ok((app_r, peer_w, sent, false)),
+                r = app_r.read(&mut buf) => {
+                    let n = r?;
+                    if n == 0 {
+                        let _ = peer_w.shutdown().await;
+                        return Ok((app_r, peer_w, sent, true));
+                    }
+                    peer_w.write_all(buf.get(..n).unwrap_or_default()).await?;
+                    sent += n as u64;
+                }
+            }
+        }
+    });
+    let mut first = bytes::BytesMut::new();
+    let verdict = crate::sniff::read_verdict(&mut peer_r, &mut first, FIRST_BYTES_TIMEOUT).await;
+    if verdict == Some(Verdict::Http) {
+        let _ = stop_tx.send(());
+        let (app_r, peer_w, sent, _) = to_peer
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e: std::io::Error| e.to_string())?;
+        if sent == 0 {
+            drop(app_r.reunite(app_w));
+            let stream = peer_r.unsplit(peer_w);
+            let io = crate::h1::server::Replay::new(stream, first.freeze());
+            return serve_http(TokioIo::new(io), inbound, app_port, conn).await;
+        }
+        // The app spoke first: not an HTTP server; carry on as the opaque stream it is.
+        let (mut peer_r, mut peer_w, mut app_r) = (peer_r, peer_w, app_r);
+        let up = async {
+            app_w.write_all(&first).await?;
+            tokio::io::copy(&mut peer_r, &mut app_w).await?;
+            app_w.shutdown().await
+        };
+        let down = async {
+            tokio::io::copy(&mut app_r, &mut peer_w).await?;
+            peer_w.shutdown().await
+        };
+        let (up, down) = tokio::join!(up, down);
+        return up.and(down).map_err(|e| e.to_string());
+    }
+    drop(stop_tx);
+    app_w.write_all(&first).await.map_err(|e| e.to_string())?;
+    if verdict.is_some() {
+        let _ = tokio::io::copy(&mut peer_r, &mut app_w).await;
+    }
+    let _ = app_w.shutdown().await;
+    // The task's own result: how the app → peer direction ended.
+    match to_peer.await {
+        Ok(Err(e)) => Err(e.to_string()),
+        _ => Ok(()),
     }
 }
 
@@ -299,7 +382,7 @@ where
         .initial_connection_window_size(crate::upstream::H2_WINDOWS.connection)
         .max_send_buf_size(crate::upstream::H2_WINDOWS.max_send_buf);
     builder
-        .serve_connection(io, svc)
+        .serve_connection_with_upgrades(io, svc)
         .await
         .map_err(|e| e.to_string())
 }
@@ -347,7 +430,19 @@ impl Inbound {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             });
+        let upgrade = crate::tunnel::is_upgrade(&parts.headers).then(|| {
+            parts
+                .headers
+                .get(http::header::UPGRADE)
+                .cloned()
+                .unwrap_or_else(|| http::HeaderValue::from_static("websocket"))
+        });
         strip_hop_by_hop(&mut parts.headers);
+        if caller.is_none() {
+            // From outside the mesh: its claims in the mesh's own headers go, as Envoy strips
+            // `x-envoy-*` from external requests.
+            strip_mesh_internal(&mut parts.headers);
+        }
         // Only a mesh peer (mTLS) may say the app speaks HTTP/2; the hint never reaches the app.
         let h2_app = parts
             .headers
@@ -363,6 +458,9 @@ impl Inbound {
             None => {
                 parts.headers.remove(XFCC);
             }
+        }
+        if let Some(protocol) = upgrade {
+            return Box::pin(self.upgrade_app(parts, body, protocol, authority, app_port)).await;
         }
         // Room for what this hop adds (XFCC, Host, request id, five trace headers): one growth of
         // the map instead of several. (http's limit, 32,768 entries, is far above what the 64 KiB
@@ -517,6 +615,61 @@ impl Inbound {
         let mut resp = result?;
         strip_hop_by_hop(resp.headers_mut());
         Ok(resp)
+    }
+}
+
+impl Inbound {
+    /// An upgrade request (WebSocket and the like), its identity headers already set: sent to the
+    /// app on a connection of its own, spliced with the caller's after `101`.
+    async fn upgrade_app(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+        protocol: http::HeaderValue,
+        authority: Option<String>,
+        app_port: u16,
+    ) -> Result<Response<Body>, ProxyError> {
+        let downstream = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(ProxyError::BadRequest("this connection cannot be upgraded"))?;
+        let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+        let app = TcpStream::connect(app_addr).await.map_err(|e| {
+            app_error(crate::app::AppError::Connect {
+                addr: app_addr,
+                reason: e.to_string(),
+            })
+        })?;
+        let headers = &mut parts.headers;
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(http::header::UPGRADE, protocol);
+        if let Some(a) = authority
+            .as_deref()
+            .and_then(|a| http::HeaderValue::from_str(a).ok())
+        {
+            headers.insert(http::header::HOST, a);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = http::Uri::from(path);
+        *req.headers_mut() = parts.headers;
+        crate::tunnel::upgrade_over(app, req, downstream)
+            .await
+            .map_err(|e| {
+                app_error(crate::app::AppError::Exchange {
+                    addr: app_addr,
+                    reason: e.to_string(),
+                    reset: false,
+                })
+            })
     }
 }
 

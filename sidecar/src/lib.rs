@@ -17,6 +17,8 @@ pub mod mirror;
 pub mod outbound;
 pub mod peer;
 pub mod run;
+pub mod sniff;
 pub mod telemetry;
 pub mod trace;
+pub mod tunnel;
 pub mod upstream;

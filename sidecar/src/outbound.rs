@@ -204,21 +204,13 @@ fn tcp_target(
     Some((e.dial, identity, cluster.connect_timeout))
 }
 
-/// Whether a request asks to switch protocols (`Connection: upgrade` plus an `Upgrade` header).
-fn is_upgrade(h: &http::HeaderMap) -> bool {
-    h.contains_key(http::header::UPGRADE)
-        && h.get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// How long a captured connection may stay silent before it is taken for a server-first protocol.
+/// How long a captured connection may stay silent before it is taken for a server-first protocol,
+/// and how long an incomplete first line may take before it is parsed as HTTP.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether a captured connection carries HTTP: a Service port declared `tcp` never does; otherwise the
-/// first bytes decide (Istio's protocol sniffing), and silence means a server-first protocol.
+/// first bytes decide (Istio's protocol sniffing, by [`crate::sniff`]'s rule), and silence means a
+/// server-first protocol.
 async fn is_http(tcp: &TcpStream, outbound: &Outbound, dst: SocketAddr) -> bool {
     let declared_tcp = {
         let table = outbound.tables.borrow();
@@ -227,9 +219,7 @@ async fn is_http(tcp: &TcpStream, outbound: &Outbound, dst: SocketAddr) -> bool 
     if declared_tcp {
         return false;
     }
-    crate::headers::sniff_http(tcp, SNIFF_TIMEOUT)
-        .await
-        .unwrap_or(false)
+    crate::sniff::peek_verdict(tcp, SNIFF_TIMEOUT).await == Some(crate::sniff::Verdict::Http)
 }
 
 impl Outbound {
@@ -255,7 +245,7 @@ impl Outbound {
     }
 
     /// An HTTP/1.1 Upgrade (WebSocket and the like): HTTP/2 between sidecars cannot carry it, so the
-    /// request goes over an opaque mTLS stream (ALPN `istio`) that the peer sidecar splices to its app;
+    /// request goes over an opaque mTLS stream (ALPN `istio`) that the peer sidecar parses as HTTP again;
     /// after `101 Switching Protocols` both upgraded connections are spliced together.
     async fn upgrade(
         &self,
@@ -278,18 +268,6 @@ impl Outbound {
             .connect_tcp(endpoint.dial, identity, cluster.connect_timeout)
             .await
             .map_err(ProxyError::Connect)?;
-        let http_err = |e: hyper::Error| {
-            ProxyError::Connect(UpstreamError::Http {
-                addr: endpoint.dial,
-                reason: e.to_string(),
-            })
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(http_err)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
         let path = parts
             .uri
             .path_and_query()
@@ -304,20 +282,14 @@ impl Outbound {
         if let Ok(v) = http::HeaderValue::from_str(authority) {
             req.headers_mut().insert(http::header::HOST, v);
         }
-        let mut resp = sender.send_request(req).await.map_err(http_err)?;
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) {
-                    let _ = tokio::io::copy_bidirectional(
-                        &mut TokioIo::new(down),
-                        &mut TokioIo::new(up),
-                    )
-                    .await;
-                }
-            });
-        }
-        Ok(resp.map(crate::upstream::boxed))
+        crate::tunnel::upgrade_over(stream, req, downstream)
+            .await
+            .map_err(|e| {
+                ProxyError::Connect(UpstreamError::Http {
+                    addr: endpoint.dial,
+                    reason: e.to_string(),
+                })
+            })
     }
 
     /// `CONNECT host:port` (explicit mode): a TCP tunnel to an endpoint of that Service (mTLS to its
@@ -440,7 +412,7 @@ impl Outbound {
         };
         let start = SystemTime::now();
         let (mut parts, mut body) = req.into_parts();
-        if is_upgrade(&parts.headers) {
+        if crate::tunnel::is_upgrade(&parts.headers) {
             return Box::pin(self.upgrade(parts, &dest.cluster, &authority)).await;
         }
         strip_hop_by_hop(&mut parts.headers);

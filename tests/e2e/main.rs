@@ -8,6 +8,7 @@ mod discovery;
 mod fidelity;
 mod grpc;
 mod h2reset;
+mod identity;
 mod inject;
 mod mesh;
 mod mirror;

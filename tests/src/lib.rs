@@ -724,9 +724,10 @@ impl Sidecar {
     }
 }
 
-/// gunicorn's default access-log format with the request id, `x-envoy-internal`, `x-forwarded-for` and,
+/// gunicorn's default access-log format with the request id, `x-envoy-internal`, `x-forwarded-for`,
+/// `x-forwarded-client-cert` (what identity the app was told) and,
 /// last, the Host appended (what the seed's tcpdump shows of a mirrored request).
-const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}i)s internal=%({x-envoy-internal}i)s xff="%({x-forwarded-for}i)s" host=%({host}i)s"#;
+const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}i)s internal=%({x-envoy-internal}i)s xff="%({x-forwarded-for}i)s" xfcc="%({x-forwarded-client-cert}i)s" host=%({host}i)s"#;
 
 /// The `sidecar run` flags every test sidecar has: mode, pilot, CA, (root, token) files, (service
 /// account, pod name, labels) and pod IP; logs at info and spans to the plane's sink.

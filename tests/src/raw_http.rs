@@ -133,3 +133,54 @@ pub fn exchange_head(addr: &str, request: &[u8], wait: Duration) -> Result<RawRe
 pub fn exchange_to_close(addr: &str, request: &[u8], wait: Duration) -> Result<RawReply> {
     exchange_until(addr, request, wait, |_| false)
 }
+
+/// A raw client that runs as a process (so it can run inside a pod's network namespace): connects to
+/// `host:port`, sends `parts` with `pause` between them, and prints everything it reads until the
+/// server closes or 10 s pass.
+pub const PAUSED_CLIENT: &str = r#"
+import socket, sys, time
+host, port, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+parts = [bytes.fromhex(p) for p in sys.argv[4:]]
+c = socket.create_connection((host, port), timeout=10)
+for i, p in enumerate(parts):
+    if i:
+        time.sleep(pause)
+    c.sendall(p)
+out = b""
+try:
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        out += d
+except (socket.timeout, ConnectionResetError):
+    pass
+sys.stdout.write(out.decode("latin-1"))
+"#;
+
+/// Runs [`PAUSED_CLIENT`] with `python` (a `Command` for the venv's python, in a namespace or not)
+/// and returns what the server answered.
+pub fn paused_exchange(
+    mut python: std::process::Command,
+    addr: (&str, u16),
+    parts: &[&[u8]],
+    pause: Duration,
+) -> Result<RawReply> {
+    python
+        .arg("-c")
+        .arg(PAUSED_CLIENT)
+        .arg(addr.0)
+        .arg(addr.1.to_string())
+        .arg(format!("{}", pause.as_secs_f64()));
+    for p in parts {
+        python.arg(p.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    }
+    let (_, out, err) = crate::run(&mut python)?;
+    if out.is_empty() && !err.is_empty() {
+        anyhow::bail!("raw client failed: {err}");
+    }
+    Ok(RawReply {
+        bytes: out.into_bytes(),
+        closed: true,
+    })
+}
