@@ -32,18 +32,24 @@ pub struct Admin {
     pub trace: Arc<crate::trace::TraceStats>,
     /// Istio metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// The sidecar's drain: not ready once it has started.
+    pub drain: crate::listener::Drain,
+    /// The listeners' counters.
+    pub listeners: Arc<crate::listener::Stats>,
 }
 
 impl Admin {
-    /// Ready once a certificate and a first config are in place.
+    /// Ready once a certificate and a first config are in place, until the drain starts.
     pub fn ready(&self) -> bool {
-        !self.tables.borrow().version.is_empty()
+        !self.drain.is_draining() && !self.tables.borrow().version.is_empty()
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
             "/ready" | "/healthz/ready" => {
-                if self.ready() {
+                if self.drain.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+                } else if self.ready() {
                     text(StatusCode::OK, "ready\n".into())
                 } else {
                     text(
@@ -155,6 +161,7 @@ impl Admin {
             t.dropped.load(Ordering::Relaxed),
         );
         out.push_str(&self.control_stats());
+        out.push_str(&self.listeners.render());
         out.push_str(&self.metrics.render());
         out
     }
@@ -191,13 +198,11 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// Serves the admin endpoints until `shutdown`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let mut backoff = crate::listener::Backoff::default();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(_) => continue,
-            },
+            c = crate::listener::accept(&listener, "admin", &mut backoff) => c,
         };
         let admin = admin.clone();
         tokio::spawn(async move {
@@ -214,13 +219,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 
 /// Serves only `/healthz/ready` on the kubelet-facing status port (the admin port is loopback-only).
 pub async fn serve_status(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let mut backoff = crate::listener::Backoff::default();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(_) => continue,
-            },
+            c = crate::listener::accept(&listener, "status", &mut backoff) => c,
         };
         let admin = admin.clone();
         tokio::spawn(async move {

@@ -120,6 +120,21 @@ pub struct RunArgs {
     /// Requested certificate lifetime (rotated at about half of it).
     #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
     pub cert_ttl: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests and connections get to finish (Istio's
+    /// `terminationDrainDuration`); the process exits sooner once they have.
+    #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration, env = "WEFT_DRAIN_DURATION")]
+    pub drain_duration: Duration,
+    /// Connections each listener serves at once; more are refused (and counted).
+    #[arg(long, default_value_t = crate::listener::Limits::default().max_connections, env = "WEFT_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// How long a request head may take to arrive once begun (a new connection's first line
+    /// too); then 408 and the connection closes.
+    #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration, env = "WEFT_HEAD_TIMEOUT")]
+    pub head_timeout: Duration,
+    /// How long a connection may stay without a request (HTTP) or without bytes either way
+    /// (opaque TCP) before it is closed (Envoy's and Istio's default: 1h).
+    #[arg(long, default_value = "1h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
     /// Worker threads (Istio's proxy `concurrency`); 1 runs everything on one thread with no
     /// work-stealing at all. Default: one per core.
     #[arg(long, env = "WEFT_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -228,6 +243,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 dns_upstream: args.dns_upstream,
                 app_port: args.app_port,
                 cert_ttl: args.cert_ttl,
+                drain_duration: args.drain_duration,
+                limits: crate::listener::Limits {
+                    max_connections: args.max_connections,
+                    head_timeout: args.head_timeout,
+                    idle_timeout: args.idle_timeout,
+                },
             };
             let runtime = match args.concurrency {
                 // One thread: the single-threaded scheduler does the same work without the

@@ -258,13 +258,11 @@ pub async fn serve(
         }
     };
     let tcp_task = async move {
+        let mut backoff = crate::listener::Backoff::default();
         loop {
             let (mut stream, _) = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = tcp.accept() => match r {
-                    Ok(r) => r,
-                    Err(_) => continue,
-                },
+                c = crate::listener::accept(&tcp, "dns", &mut backoff) => c,
             };
             let tables = tables.clone();
             tokio::spawn(async move {

@@ -7,21 +7,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use weft_ca::SpiffeId;
 
 use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
 use crate::headers::{check_framing, strip_hop_by_hop, strip_mesh_internal};
+use crate::listener::Edge;
 use crate::sniff::Verdict;
 use crate::telemetry::{
     AccessLog, Counted, LogEntry, Metrics, Reporter, RequestMetric, content_length, workload_labels,
@@ -31,8 +30,6 @@ use crate::upstream::Body;
 
 /// Header naming the verified caller, as Envoy sets it on sidecar inbound.
 const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
-/// How long a new connection may take to send its first bytes.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where inbound requests go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,30 +117,20 @@ impl Inbound {
     }
 }
 
-/// Accepts connections until `shutdown`.
-pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, shutdown: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let inbound = inbound.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection(tcp, peer, inbound).await {
-                tracing::debug!(%peer, error = %e, "inbound connection refused or ended");
-            }
-        });
-    }
+/// Accepts connections until the drain starts.
+pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, edge: Edge) {
+    crate::listener::accept_loop("inbound", listener, edge, move |tcp, peer, edge| {
+        connection(tcp, peer, inbound.clone(), edge)
+    })
+    .await;
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> Result<(), String> {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    inbound: Arc<Inbound>,
+    edge: Edge,
+) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let app_port = match inbound.target {
         AppTarget::Port(p) => p,
@@ -160,9 +147,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
     };
     let mode = inbound.tables.borrow().inbound.mode_for(app_port);
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(FIRST_BYTES_TIMEOUT, tcp.peek(&mut first))
+    let n = tokio::time::timeout(edge.limits.head_timeout, tcp.peek(&mut first))
         .await
-        .map_err(|_| "no bytes within 10 s".to_string())?
+        .map_err(|_| {
+            edge.stats
+                .timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            "no bytes within the head timeout".to_string()
+        })?
         .map_err(|e| e.to_string())?;
     // 0x16 = TLS handshake record: a ClientHello.
     if n == 1 && first[0] == 0x16 {
@@ -173,7 +165,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         };
         let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         let tls = tokio::time::timeout(
-            FIRST_BYTES_TIMEOUT,
+            edge.limits.head_timeout,
             tokio_rustls::TlsAcceptor::from(config).accept(tcp),
         )
         .await
@@ -188,44 +180,48 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
             // An opaque stream from a peer sidecar: spliced to the app, unless it carries HTTP
             // (an upgrade, or a CONNECT tunnel's content), which goes through the HTTP path.
             let conn = caller_context(&inbound, app_port, caller, peer)?;
-            return opaque_from_peer(tls, inbound, app_port, conn).await;
+            return opaque_from_peer(tls, inbound, app_port, conn, &edge).await;
         }
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(weft_ca::tls::ALPN_H2);
         let conn = caller_context(&inbound, app_port, caller, peer)?;
         if is_h2 {
             // The HTTP/2 hop from a peer sidecar: h2 driven directly (see `peer`).
-            return crate::peer::serve(tls, crate::upstream::H2_WINDOWS, move |req| {
-                let inbound = inbound.clone();
-                let conn = conn.clone();
-                async move {
-                    match inbound.forward(req, app_port, &conn).await {
-                        Ok(r) => r,
-                        Err(e) => rescue(&e),
+            return crate::peer::serve(
+                tls,
+                crate::upstream::H2_WINDOWS,
+                edge.drain.signal(),
+                move |req| {
+                    let inbound = inbound.clone();
+                    let conn = conn.clone();
+                    async move {
+                        match inbound.forward(req, app_port, &conn).await {
+                            Ok(r) => r,
+                            Err(e) => rescue(&e),
+                        }
                     }
-                }
-            })
+                },
+            )
             .await
             .map_err(|e| e.to_string());
         }
-        serve_http(TokioIo::new(tls), inbound, app_port, conn).await
+        serve_http(TokioIo::new(tls), inbound, app_port, conn, &edge).await
     } else {
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
         }
-        let verdict = crate::sniff::peek_verdict(&tcp, FIRST_BYTES_TIMEOUT)
+        let verdict = crate::sniff::peek_verdict(&tcp, edge.limits.head_timeout)
             .await
             .ok_or("closed before its first line")?;
         if verdict == Verdict::Opaque {
             // Plaintext that cannot be HTTP (PERMISSIVE): splice it to the app.
-            let mut tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
+            let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
             let app = TcpStream::connect(("127.0.0.1", app_port))
                 .await
                 .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
-            crate::upstream::TcpOrTls::Tcp(app)
-                .splice(&mut tcp)
+            return crate::listener::splice(tcp, app, &edge)
                 .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
+                .map(|_| ())
+                .map_err(|e| e.to_string());
         }
         if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
             use tokio::io::AsyncWriteExt;
@@ -237,7 +233,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inbound>) -> 
         }
         let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         let conn = caller_context(&inbound, app_port, None, peer)?;
-        serve_http(TokioIo::new(tcp), inbound, app_port, conn).await
+        serve_http(TokioIo::new(tcp), inbound, app_port, conn, &edge).await
     }
 }
 
@@ -252,6 +248,7 @@ async fn opaque_from_peer<S>(
     inbound: Arc<Inbound>,
     app_port: u16,
     conn: Arc<Caller>,
+    edge: &Edge,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -286,7 +283,8 @@ where
         }
     });
     let mut first = bytes::BytesMut::new();
-    let verdict = crate::sniff::read_verdict(&mut peer_r, &mut first, FIRST_BYTES_TIMEOUT).await;
+    let verdict =
+        crate::sniff::read_verdict(&mut peer_r, &mut first, edge.limits.head_timeout).await;
     if verdict == Some(Verdict::Http) {
         let _ = stop_tx.send(());
         let (app_r, peer_w, sent, _) = to_peer
@@ -297,7 +295,7 @@ where
             drop(app_r.reunite(app_w));
             let stream = peer_r.unsplit(peer_w);
             let io = crate::h1::server::Replay::new(stream, first.freeze());
-            return serve_http(TokioIo::new(io), inbound, app_port, conn).await;
+            return serve_http(TokioIo::new(io), inbound, app_port, conn, edge).await;
         }
         // The app spoke first: not an HTTP server; carry on as the opaque stream it is.
         let (mut peer_r, mut peer_w, mut app_r) = (peer_r, peer_w, app_r);
@@ -353,12 +351,14 @@ fn caller_context(
     }))
 }
 
-/// HTTP/1.1 (plaintext, PERMISSIVE) or HTTP/2 over TLS without ALPN `h2`, through hyper.
+/// HTTP/1.1 (plaintext, PERMISSIVE, or an opaque stream that carries HTTP) or HTTP/2 over TLS
+/// without ALPN `h2`, through hyper.
 async fn serve_http<IO>(
     io: IO,
     inbound: Arc<Inbound>,
     app_port: u16,
     conn: Arc<Caller>,
+    edge: &Edge,
 ) -> Result<(), String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -375,16 +375,7 @@ where
             })
         })
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .initial_stream_window_size(crate::upstream::H2_WINDOWS.stream)
-        .initial_connection_window_size(crate::upstream::H2_WINDOWS.connection)
-        .max_send_buf_size(crate::upstream::H2_WINDOWS.max_send_buf);
-    builder
-        .serve_connection_with_upgrades(io, svc)
-        .await
-        .map_err(|e| e.to_string())
+    crate::listener::serve_hyper(io, svc, edge, crate::upstream::H2_WINDOWS).await
 }
 
 /// What every request of one inbound connection shares: who called, as the handshake proved it.

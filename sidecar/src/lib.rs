@@ -13,6 +13,7 @@ pub mod errors;
 pub mod h1;
 pub mod headers;
 pub mod inbound;
+pub mod listener;
 pub mod mirror;
 pub mod outbound;
 pub mod peer;

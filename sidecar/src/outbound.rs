@@ -17,17 +17,16 @@ use http::{Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::balance::{self, InFlight};
 use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
 use crate::errors::{ProxyError, rescue};
 use crate::h1::server::{Outcome, Replay};
 use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::listener::Edge;
 use crate::mirror::Mirrors;
 use crate::telemetry::{AccessLog, LogEntry, Metrics, Reporter, RequestMetric, content_length};
 use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
@@ -108,34 +107,21 @@ impl RequestLog {
     }
 }
 
-/// Accepts connections until `shutdown`.
-pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, shutdown: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection(tcp, peer, outbound).await {
-                tracing::debug!(%peer, error = %e, "outbound connection ended");
-            }
-        });
-    }
+/// Accepts connections until the drain starts.
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, edge: Edge) {
+    crate::listener::accept_loop("outbound", listener, edge, move |tcp, peer, edge| {
+        connection(tcp, peer, outbound.clone(), edge)
+    })
+    .await;
 }
 
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     outbound: Arc<Outbound>,
+    edge: Edge,
 ) -> Result<(), String> {
+    let edge = &edge;
     let _ = tcp.set_nodelay(true);
     let original_dst = match outbound.mode {
         Mode::Transparent => Some(crate::capture::original_dst(&tcp).map_err(|e| e.to_string())?),
@@ -152,7 +138,7 @@ async fn connection(
     if let Some(dst) = original_dst
         && !is_http(&tcp, &outbound, dst).await
     {
-        return outbound.forward_tcp(tcp, dst).await;
+        return outbound.forward_tcp(tcp, dst, edge).await;
     }
     if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
         use tokio::io::AsyncWriteExt;
@@ -165,10 +151,18 @@ async fn connection(
     let tcp = crate::telemetry::Counted::new(tcp, outbound.metrics.clone(), false);
     // Requests without a body are served without hyper; the first other request (or anything this
     // server does not parse) hands the connection to hyper.
-    let served =
-        crate::h1::server::serve(tcp, |req| outbound.handle(req, original_dst, Some(peer)))
-            .await
-            .map_err(|e| e.to_string())?;
+    let served = crate::h1::server::serve(tcp, edge.bounds(), |req| {
+        outbound.handle(req, original_dst, Some(peer))
+    })
+    .await
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            edge.stats
+                .timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        e.to_string()
+    })?;
     let (tcp, read) = match served {
         Outcome::Closed => return Ok(()),
         Outcome::HandOver(tcp, read) => (tcp, read),
@@ -182,10 +176,13 @@ async fn connection(
             Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst, Some(peer)).await)
         })
     });
-    auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(Replay::new(tcp, read)), svc)
-        .await
-        .map_err(|e| e.to_string())
+    crate::listener::serve_hyper(
+        TokioIo::new(Replay::new(tcp, read)),
+        svc,
+        edge,
+        crate::upstream::H2_WINDOWS,
+    )
+    .await
 }
 
 /// Where an opaque stream to a Service port goes: an endpoint of its default cluster, with the identity
@@ -226,7 +223,12 @@ impl Outbound {
     /// Carries a non-HTTP connection: to an endpoint of the Service whose VIP it was dialled at (mTLS
     /// to its sidecar), or straight to the original destination when that is not a Service (Istio's
     /// PassthroughCluster).
-    async fn forward_tcp(&self, tcp: TcpStream, dst: SocketAddr) -> Result<(), String> {
+    async fn forward_tcp(
+        &self,
+        tcp: TcpStream,
+        dst: SocketAddr,
+        edge: &Edge,
+    ) -> Result<(), String> {
         let target = {
             let table = self.tables.borrow();
             table
@@ -239,9 +241,11 @@ impl Outbound {
             .connect_tcp(addr, identity.as_ref(), timeout)
             .await
             .map_err(|e| e.to_string())?;
-        let mut tcp = crate::telemetry::Counted::new(tcp, self.metrics.clone(), false);
-        upstream.splice(&mut tcp).await.map_err(|e| e.to_string())?;
-        Ok(())
+        let tcp = crate::telemetry::Counted::new(tcp, self.metrics.clone(), false);
+        crate::listener::splice(tcp, upstream, edge)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// An HTTP/1.1 Upgrade (WebSocket and the like): HTTP/2 between sidecars cannot carry it, so the
@@ -556,14 +560,17 @@ impl Outbound {
         &self,
         cluster: &Cluster,
         route: &Route,
-        parts: http::request::Parts,
-        body: Body,
+        mut parts: http::request::Parts,
+        mut body: Body,
         next: &NextHop<'_>,
     ) -> Result<(Response<Body>, usize, bool), ProxyError> {
         let attempts = 1 + route.retries.as_ref().map_or(0, |r| r.attempts);
         let mut skip = None;
         let mut last_err = None;
-        for _ in 0..attempts {
+        // A request a draining peer never saw is tried again without using up an attempt, once.
+        let (mut tries, mut requeued) = (0, false);
+        while tries < attempts {
+            tries += 1;
             let (idx, endpoint) = balance::pick(cluster, skip)
                 .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
             let _in_flight = InFlight::new(endpoint);
@@ -585,10 +592,25 @@ impl Outbound {
             {
                 Ok(sender) => {
                     let req = build_request(parts, body, next, endpoint, true)?;
-                    return Upstreams::send_h2(sender, endpoint.dial, req)
-                        .await
-                        .map(|r| (r, idx, true))
-                        .map_err(ProxyError::Connect);
+                    match Upstreams::send_h2(sender, endpoint.dial, req).await {
+                        Ok(r) => return Ok((r, idx, true)),
+                        Err(Err(e)) => return Err(ProxyError::Connect(e)),
+                        // The peer is draining (GOAWAY) and the request never left: it goes to a
+                        // new connection, or another endpoint, like a failed connect.
+                        Err(Ok(unsent)) => {
+                            tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.dial, "peer going away; trying again");
+                            (parts, body) = unsent.into_parts();
+                            if !requeued {
+                                requeued = true;
+                                tries -= 1;
+                            }
+                            last_err = Some(UpstreamError::Http {
+                                addr: endpoint.dial,
+                                reason: "peer is going away".into(),
+                            });
+                            continue;
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(cluster = %cluster.name, error = %e, "connect failed; trying another endpoint");

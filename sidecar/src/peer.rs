@@ -211,9 +211,16 @@ impl Connection {
     }
 
     /// Sends `req` and waits for the response head; the request body, unless already complete, is
-    /// pumped by a task of its own.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
-        let mut send = self.send.ready().await?;
+    /// pumped by a task of its own. A connection that can open no stream (the peer sent GOAWAY: it
+    /// is draining) gives the request back unsent, and is marked closed so that the pool dials anew.
+    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let mut send = match self.send.ready().await {
+            Ok(send) => send,
+            Err(e) => {
+                self.closed.store(true, Ordering::Release);
+                return Err(SendError::NotSent(Box::new(req), e));
+            }
+        };
         let (mut parts, body) = req.into_parts();
         // The per-request ids (`b3`, `x-request-id`) are marked never-indexed so that their values
         // stay out of HPACK's table, but then their names would be Huffman-coded on every request
@@ -228,12 +235,14 @@ impl Connection {
             }
         }
         let end = body.is_end_stream();
-        let (response, stream) = send.send_request(Request::from_parts(parts, ()), end)?;
+        let (response, stream) = send
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(SendError::Failed)?;
         if !end {
             tokio::spawn(pump(body, stream));
         }
         self.driven.stream_ready(n, |c, cx| Pin::new(c).poll(cx));
-        let (parts, recv) = response.await?.into_parts();
+        let (parts, recv) = response.await.map_err(SendError::Failed)?.into_parts();
         let size = declared_length(&parts.headers);
         let body = Incoming {
             recv,
@@ -241,6 +250,31 @@ impl Connection {
             size,
         };
         Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Why [`Connection::send`] failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The connection could not open a stream: the request never left and can go elsewhere.
+    NotSent(Box<Request<Body>>, h2::Error),
+    /// The request was (or may have been) sent.
+    Failed(h2::Error),
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::NotSent(_, e) | SendError::Failed(e) => Some(e),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::NotSent(_, e) | SendError::Failed(e) => e.fmt(f),
+        }
     }
 }
 
@@ -252,7 +286,12 @@ const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// Serves HTTP/2 from a peer sidecar on `io`: each request stream gets a task running `handler`,
 /// whose response (head, then body) is sent back within the caller's flow-control window.
-pub async fn serve<IO, F, Fut>(io: IO, windows: Windows, handler: F) -> Result<(), h2::Error>
+pub async fn serve<IO, F, Fut>(
+    io: IO,
+    windows: Windows,
+    closing: &tokio_util::sync::CancellationToken,
+    handler: F,
+) -> Result<(), h2::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Body>) -> Fut,
@@ -267,8 +306,21 @@ where
         .handshake::<_, Bytes>(io)
         .await?;
     let driven = Arc::new(Driven::new(conn));
-    // Accepting also drives the connection: this loop runs until the peer closes it.
-    while let Some(Some(accepted)) = poll_fn(|cx| driven.poll(cx, |c, cx| c.poll_accept(cx))).await
+    // Accepting also drives the connection: this loop runs until the peer closes it, or, once the
+    // sidecar drains, until the streams in flight are done (GOAWAY tells the peer to open no more).
+    let mut drain = std::pin::pin!(closing.cancelled());
+    let mut going_away = false;
+    while let Some(Some(accepted)) = poll_fn(|cx| {
+        if !going_away && drain.as_mut().poll(cx).is_ready() {
+            going_away = true;
+            let _ = driven.poll(cx, |c, _| {
+                c.graceful_shutdown();
+                Poll::Ready(())
+            });
+        }
+        driven.poll(cx, |c, cx| c.poll_accept(cx))
+    })
+    .await
     {
         let (req, respond) = accepted?;
         let (parts, recv) = req.into_parts();
@@ -457,16 +509,21 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let _ = serve(tcp, WINDOWS, |req: Request<Body>| async move {
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let mut trailers = HeaderMap::new();
-                trailers.insert("x-echoed", body.len().to_string().parse().unwrap());
-                let frames = vec![
-                    Ok::<_, BodyError>(Frame::data(body)),
-                    Ok(Frame::trailers(trailers)),
-                ];
-                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
-            })
+            let _ = serve(
+                tcp,
+                WINDOWS,
+                &Default::default(),
+                |req: Request<Body>| async move {
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("x-echoed", body.len().to_string().parse().unwrap());
+                    let frames = vec![
+                        Ok::<_, BodyError>(Frame::data(body)),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+                },
+            )
             .await;
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -513,15 +570,20 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let _ = serve(tcp, WINDOWS, |req: Request<Body>| async move {
-                let mut resp = Response::new(crate::outbound::empty_body());
-                for name in &crate::trace::MESH_IDS {
-                    if let Some(v) = req.headers().get(name) {
-                        resp.headers_mut().insert(name.clone(), v.clone());
+            let _ = serve(
+                tcp,
+                WINDOWS,
+                &Default::default(),
+                |req: Request<Body>| async move {
+                    let mut resp = Response::new(crate::outbound::empty_body());
+                    for name in &crate::trace::MESH_IDS {
+                        if let Some(v) = req.headers().get(name) {
+                            resp.headers_mut().insert(name.clone(), v.clone());
+                        }
                     }
-                }
-                resp
-            })
+                    resp
+                },
+            )
             .await;
         });
         let tcp = TcpStream::connect(addr).await.unwrap();

@@ -78,6 +78,10 @@ pub struct RunConfig {
     pub status_port: u16,
     /// Requested certificate lifetime.
     pub cert_ttl: Duration,
+    /// How long a drain may take before the process exits anyway.
+    pub drain_duration: Duration,
+    /// Limits at every listener.
+    pub limits: crate::listener::Limits,
 }
 
 /// Why start-up failed.
@@ -142,6 +146,9 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         creds.clone(),
     ));
 
+    // What keeps serving through the drain (discovery, DNS, admin, readiness, span export) stops
+    // after it.
+    let stopped = CancellationToken::new();
     let (tables_tx, tables) = watch::channel(Arc::new(RouteTable::empty()));
     let bind = |what: &'static str, ip: IpAddr, port: u16| async move {
         let addr = SocketAddr::new(ip, port);
@@ -204,7 +211,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
                     ("k8s.namespace.name", cfg.namespace.clone()),
                     ("weft.identity", identity.to_string()),
                 ],
-                shutdown.clone(),
+                stopped.clone(),
             )
         }
         None => crate::trace::Tracer::disabled(),
@@ -265,7 +272,16 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         unknown: crate::telemetry::workload_labels("destination", "", "", "", "", ""),
     });
     let stats = Arc::new(ControlStats::default());
+    let drain = crate::listener::Drain::new();
+    let listeners = Arc::new(crate::listener::Stats::default());
+    let edge = |name: &'static str| crate::listener::Edge {
+        limits: cfg.limits,
+        drain: drain.clone(),
+        stats: listeners.listener(name),
+    };
     let admin = Arc::new(Admin {
+        drain: drain.clone(),
+        listeners: listeners.clone(),
         tables: tables.clone(),
         creds: creds.clone(),
         control: stats.clone(),
@@ -309,32 +325,28 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             creds.clone(),
             tables_tx,
             stats,
-            shutdown.clone(),
+            stopped.clone(),
         )),
         tokio::spawn(crate::outbound::serve(
             outbound_l,
             outbound,
-            shutdown.clone(),
+            edge("outbound"),
         )),
-        tokio::spawn(crate::inbound::serve(inbound_l, inbound, shutdown.clone())),
-        tokio::spawn(crate::admin::serve(
-            admin_l,
-            admin.clone(),
-            shutdown.clone(),
-        )),
+        tokio::spawn(crate::inbound::serve(inbound_l, inbound, edge("inbound"))),
+        tokio::spawn(crate::admin::serve(admin_l, admin.clone(), stopped.clone())),
         tokio::spawn(crate::dns::serve(
             dns_udp,
             dns_tcp,
             tables.clone(),
             dns_upstream,
-            shutdown.clone(),
+            stopped.clone(),
         )),
     ];
     if let Some(l) = status_l {
         tasks.push(tokio::spawn(crate::admin::serve_status(
             l,
             admin,
-            shutdown.clone(),
+            stopped.clone(),
         )));
     }
     {
@@ -355,6 +367,22 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         let _ = std::io::stdout().flush();
     }
     shutdown.cancelled().await;
+    // The drain: not ready from now on, no new connections, and those open finish what they have.
+    drain.start();
+    tracing::info!(
+        connections = drain.open(),
+        within = ?cfg.drain_duration,
+        "draining"
+    );
+    if drain.finished(cfg.drain_duration).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!(
+            connections = drain.open(),
+            "drain duration passed; closing what is left"
+        );
+    }
+    stopped.cancel();
     rotation.abort();
     for t in tasks {
         let _ = t.await;

@@ -145,15 +145,19 @@ impl Upstreams {
             .map_err(|e| classify_legacy(addr, &e))
     }
 
-    /// Sends `req` on an HTTP/2 connection from [`Upstreams::h2_sender`].
+    /// Sends `req` on an HTTP/2 connection from [`Upstreams::h2_sender`]. `Err(Ok(req))`: the
+    /// connection is going away and the request was not sent (it may go to another connection).
     pub async fn send_h2(
         sender: Connection,
         addr: SocketAddr,
         req: http::Request<Body>,
-    ) -> Result<http::Response<Body>, UpstreamError> {
-        sender.send(req).await.map_err(|e| UpstreamError::Http {
-            addr,
-            reason: e.to_string(),
+    ) -> Result<http::Response<Body>, Result<http::Request<Body>, UpstreamError>> {
+        sender.send(req).await.map_err(|e| match e {
+            crate::peer::SendError::NotSent(req, _) => Ok(*req),
+            crate::peer::SendError::Failed(e) => Err(UpstreamError::Http {
+                addr,
+                reason: e.to_string(),
+            }),
         })
     }
 

@@ -5,6 +5,7 @@
 
 mod ca;
 mod discovery;
+mod drain;
 mod fidelity;
 mod grpc;
 mod h2reset;

@@ -54,8 +54,24 @@ pub enum Outcome<IO> {
     HandOver(IO, Bytes),
 }
 
+/// What bounds a connection served here: the drain signal, and how long heads and idleness may last.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds<'a> {
+    /// Cancelled when the sidecar drains: the response in progress says `Connection: close`, an
+    /// idle connection closes.
+    pub closing: &'a tokio_util::sync::CancellationToken,
+    /// A head must be whole this long after its first byte (else `408`).
+    pub head_timeout: std::time::Duration,
+    /// The connection closes after this long without a request.
+    pub idle_timeout: std::time::Duration,
+}
+
 /// Serves `io` with `handle` until it closes or needs hyper.
-pub async fn serve<IO, H, F>(mut io: IO, mut handle: H) -> io::Result<Outcome<IO>>
+pub async fn serve<IO, H, F>(
+    mut io: IO,
+    bounds: Bounds<'_>,
+    mut handle: H,
+) -> io::Result<Outcome<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Request<Body>) -> F,
@@ -63,6 +79,8 @@ where
 {
     let mut buf = BytesMut::new();
     loop {
+        let idle_until = tokio::time::Instant::now() + bounds.idle_timeout;
+        let mut head_until = None;
         let head = loop {
             if !buf.is_empty() {
                 match parse_request(&mut buf) {
@@ -79,8 +97,37 @@ where
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(8 * 1024);
             }
-            if io.read_buf(&mut buf).await? == 0 {
-                return Ok(Outcome::Closed);
+            let until = *head_until.get_or_insert_with(|| {
+                if buf.is_empty() {
+                    idle_until
+                } else {
+                    tokio::time::Instant::now() + bounds.head_timeout
+                }
+            });
+            let read = tokio::select! {
+                // Between requests a draining sidecar closes the connection; a head already begun
+                // is still answered (with `Connection: close`).
+                () = bounds.closing.cancelled(), if buf.is_empty() => return Ok(Outcome::Closed),
+                r = tokio::time::timeout_at(until, io.read_buf(&mut buf)) => r,
+            };
+            match read {
+                Ok(n) => {
+                    if n? == 0 {
+                        return Ok(Outcome::Closed);
+                    }
+                    if head_until == Some(idle_until) {
+                        // The first byte of a head: from now on the head timeout runs.
+                        head_until = None;
+                    }
+                }
+                Err(_) if buf.is_empty() => return Ok(Outcome::Closed),
+                Err(_) => {
+                    io.write_all(REQUEST_TIMEOUT).await?;
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not received in time",
+                    ));
+                }
             }
         };
         let Head {
@@ -91,6 +138,7 @@ where
         let head_only = request.method() == Method::HEAD;
         let version_10 = request.version() == Version::HTTP_10;
         let response = handle(request).await;
+        let keep_alive = keep_alive && !bounds.closing.is_cancelled();
         let kept = write_response(
             &mut io, response, head_only, version_10, keep_alive, trailers,
         )
@@ -101,6 +149,10 @@ where
         }
     }
 }
+
+/// Envoy's answer to a head that did not arrive in time.
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// A request taken here, and what its head said about the connection.
 struct Head {
@@ -685,13 +737,33 @@ mod tests {
     /// A connected pair: the test's client end, and the task serving the other end here. The task
     /// returns what the hand-over carried, if there was one.
     async fn pair() -> (TcpStream, tokio::task::JoinHandle<Option<Bytes>>) {
+        pair_with(
+            bounds(Duration::from_secs(10), Duration::from_secs(60)),
+            answer,
+        )
+        .await
+    }
+
+    /// Bounds with a drain that never starts.
+    fn bounds(head_timeout: Duration, idle_timeout: Duration) -> Bounds<'static> {
+        Bounds {
+            closing: Box::leak(Box::default()),
+            head_timeout,
+            idle_timeout,
+        }
+    }
+
+    async fn pair_with(
+        bounds: Bounds<'static>,
+        answer: fn(Request<Body>) -> Response<Body>,
+    ) -> (TcpStream, tokio::task::JoinHandle<Option<Bytes>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let task = tokio::spawn(async move {
-            match serve(server, |req| async move { answer(req) })
+            match serve(server, bounds, |req| async move { answer(req) })
                 .await
                 .unwrap()
             {
@@ -1060,11 +1132,15 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        tokio::spawn(serve(server, |_req| async {
-            let mut resp = Response::new(crate::outbound::empty_body());
-            *resp.status_mut() = StatusCode::BAD_REQUEST;
-            resp
-        }));
+        tokio::spawn(serve(
+            server,
+            bounds(Duration::from_secs(10), Duration::from_secs(60)),
+            |_req| async {
+                let mut resp = Response::new(crate::outbound::empty_body());
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                resp
+            },
+        ));
         let got = exchange(
             &mut c,
             "GET /a HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
@@ -1092,5 +1168,68 @@ mod tests {
         let mut all = String::new();
         replay.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "hello world");
+    }
+
+    #[tokio::test]
+    async fn slow_heads_get_408_and_idle_connections_close() {
+        let (mut c, task) = pair_with(
+            bounds(Duration::from_millis(200), Duration::from_millis(400)),
+            answer,
+        )
+        .await;
+        // A whole request, then nothing: closed once the idle time has passed.
+        let got = exchange(&mut c, "GET /a HTTP/1.1\r\nhost: x\r\n\r\n", "\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        let t = std::time::Instant::now();
+        assert!(closed(&mut c).await);
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        task.await.unwrap();
+        // A head dripping in: 408 once the head timeout has passed since its first byte.
+        let (mut c, task) = pair_with(
+            bounds(Duration::from_millis(200), Duration::from_secs(60)),
+            answer,
+        )
+        .await;
+        c.write_all(b"GET /a HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(b"host: x\r\n").await.unwrap();
+        let got = read_until(&mut c, "\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 408 "), "{got}");
+        assert!(closed(&mut c).await);
+        // The connection ended with the timeout as its error (the test task unwraps it).
+        assert!(task.await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_idle_connections_and_says_close_on_the_last_answer() {
+        let closing: &'static tokio_util::sync::CancellationToken = Box::leak(Box::default());
+        let b = Bounds {
+            closing,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        };
+        let (mut idle, idle_task) = pair_with(b, answer).await;
+        let got = exchange(&mut idle, "GET /a HTTP/1.1\r\nhost: x\r\n\r\n", "\r\n\r\n").await;
+        assert!(!got.contains("connection: close"), "{got}");
+        let (mut busy, busy_task) = pair_with(b, answer).await;
+        busy.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        closing.cancel();
+        assert!(
+            closed(&mut idle).await,
+            "an idle connection stays open in a drain"
+        );
+        let got = exchange(&mut busy, "\r\n", "\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.contains("connection: close"), "{got}");
+        assert!(closed(&mut busy).await);
+        assert_eq!(idle_task.await.unwrap(), None);
+        assert_eq!(busy_task.await.unwrap(), None);
     }
 }
