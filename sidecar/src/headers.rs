@@ -143,40 +143,6 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Checks the raw head of the first request on a new connection for both `Content-Length` and
-/// `Transfer-Encoding`. hyper resolves that ambiguity itself (it drops the Content-Length, lets
-/// Transfer-Encoding win and closes the connection afterwards), so by the time a request reaches us the
-/// evidence is gone; Envoy and the HTTP spec's stricter reading refuse such requests, and so do we.
-/// Later requests on a kept-alive connection cannot carry the shape past hyper ambiguously: after one
-/// such request hyper closes the connection.
-pub async fn peek_ambiguous_framing(tcp: &tokio::net::TcpStream) -> Option<&'static str> {
-    let mut buf = [0u8; 8192];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.peek(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    ambiguous_framing(buf.get(..n)?)
-}
-
-/// The pure part of [`peek_ambiguous_framing`]: `Some(reason)` when a complete request head has both.
-pub fn ambiguous_framing(head: &[u8]) -> Option<&'static str> {
-    let mut headers = [httparse::EMPTY_HEADER; 96];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {
-            let has = |name: &str| {
-                req.headers
-                    .iter()
-                    .any(|h| h.name.eq_ignore_ascii_case(name))
-            };
-            (has("content-length") && has("transfer-encoding"))
-                .then_some("both Content-Length and Transfer-Encoding")
-        }
-        // Partial or malformed: hyper's own parser decides (it refuses malformed heads).
-        _ => None,
-    }
-}
-
 /// A minimal `400` written straight to a connection hyper never saw.
 pub fn bad_request_bytes(reason: &str) -> Vec<u8> {
     let body = format!("bad request: {reason}\n");
@@ -191,18 +157,11 @@ pub fn bad_request_bytes(reason: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn finds_content_length_with_transfer_encoding_in_a_raw_head() {
-        let both = b"POST http://httpbin:8000/post HTTP/1.1\r\nHost: httpbin:8000\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-        assert!(ambiguous_framing(both).is_some());
-        let te = b"POST /post HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(ambiguous_framing(te).is_none());
-        let partial = b"POST /post HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Enc";
-        assert!(ambiguous_framing(partial).is_none());
-        assert!(
-            String::from_utf8(bad_request_bytes("x"))
-                .unwrap()
-                .starts_with("HTTP/1.1 400 ")
-        );
+    fn a_raw_400_names_its_reason_and_closes() {
+        let bytes = String::from_utf8(bad_request_bytes("x")).unwrap();
+        assert!(bytes.starts_with("HTTP/1.1 400 "), "{bytes}");
+        assert!(bytes.contains("connection: close\r\n"), "{bytes}");
+        assert!(bytes.ends_with("bad request: x\n"), "{bytes}");
     }
 
     use super::*;

@@ -19,6 +19,7 @@ use weft_ca::SpiffeId;
 
 use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
+use crate::h1::framing::{Findings, Guard, refused_body};
 use crate::headers::{check_framing, strip_hop_by_hop, strip_mesh_internal};
 use crate::listener::Edge;
 use crate::sniff::Verdict;
@@ -204,7 +205,7 @@ async fn connection(
             .await
             .map_err(|e| e.to_string());
         }
-        serve_http(TokioIo::new(tls), inbound, app_port, conn, &edge).await
+        serve_http(tls, inbound, app_port, conn, &edge).await
     } else {
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
@@ -223,17 +224,9 @@ async fn connection(
                 .map(|_| ())
                 .map_err(|e| e.to_string());
         }
-        if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
-            use tokio::io::AsyncWriteExt;
-            let mut tcp = tcp;
-            let _ = tcp
-                .write_all(&crate::headers::bad_request_bytes(reason))
-                .await;
-            return Err(format!("refused: {reason}"));
-        }
         let tcp = Counted::new(tcp, inbound.telemetry.metrics.clone(), true);
         let conn = caller_context(&inbound, app_port, None, peer)?;
-        serve_http(TokioIo::new(tcp), inbound, app_port, conn, &edge).await
+        serve_http(tcp, inbound, app_port, conn, &edge).await
     }
 }
 
@@ -295,7 +288,7 @@ where
             drop(app_r.reunite(app_w));
             let stream = peer_r.unsplit(peer_w);
             let io = crate::h1::server::Replay::new(stream, first.freeze());
-            return serve_http(TokioIo::new(io), inbound, app_port, conn, edge).await;
+            return serve_http(io, inbound, app_port, conn, edge).await;
         }
         // The app spoke first: not an HTTP server; carry on as the opaque stream it is.
         let (mut peer_r, mut peer_w, mut app_r) = (peer_r, peer_w, app_r);
@@ -352,7 +345,7 @@ fn caller_context(
 }
 
 /// HTTP/1.1 (plaintext, PERMISSIVE, or an opaque stream that carries HTTP) or HTTP/2 over TLS
-/// without ALPN `h2`, through hyper.
+/// without ALPN `h2`, through hyper, its HTTP/1.1 framing judged by [`Guard`].
 async fn serve_http<IO>(
     io: IO,
     inbound: Arc<Inbound>,
@@ -361,20 +354,23 @@ async fn serve_http<IO>(
     edge: &Edge,
 ) -> Result<(), String>
 where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let verdict = Arc::new(Findings::default());
+    let judged = verdict.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let inbound = inbound.clone();
-        let conn = conn.clone();
+        let (inbound, conn, judged) = (inbound.clone(), conn.clone(), judged.clone());
         // Boxed so that hyper moves a pointer, not the whole request future (see outbound).
         Box::pin(async move {
             let req = req.map(crate::upstream::boxed);
-            Ok::<_, std::convert::Infallible>(match inbound.forward(req, app_port, &conn).await {
+            let resp = match inbound.forward(req, app_port, &conn).await {
                 Ok(r) => r,
                 Err(e) => rescue(&e),
-            })
+            };
+            Ok::<_, std::convert::Infallible>(refused_body(&judged).unwrap_or(resp))
         })
     });
+    let io = TokioIo::new(Guard::new(io, verdict));
     crate::listener::serve_hyper(io, svc, edge, crate::upstream::H2_WINDOWS).await
 }
 

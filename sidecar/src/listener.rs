@@ -95,6 +95,9 @@ where
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder
         .http1()
+        // A request in progress is answered even after the read side ended: a client that
+        // half-closes, or a framing guard that cut the stream after it.
+        .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(edge.limits.head_timeout)
         .max_buf_size(crate::h1::MAX_HEAD);

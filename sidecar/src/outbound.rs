@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use crate::balance::{self, InFlight};
 use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
 use crate::errors::{ProxyError, rescue};
+use crate::h1::framing::{Findings, Guard, refused_body};
 use crate::h1::server::{Outcome, Replay};
 use crate::headers::{check_framing, strip_hop_by_hop};
 use crate::listener::Edge;
@@ -140,14 +141,6 @@ async fn connection(
     {
         return outbound.forward_tcp(tcp, dst, edge).await;
     }
-    if let Some(reason) = crate::headers::peek_ambiguous_framing(&tcp).await {
-        use tokio::io::AsyncWriteExt;
-        let mut tcp = tcp;
-        let _ = tcp
-            .write_all(&crate::headers::bad_request_bytes(reason))
-            .await;
-        return Err(format!("refused: {reason}"));
-    }
     let tcp = crate::telemetry::Counted::new(tcp, outbound.metrics.clone(), false);
     // Requests without a body are served without hyper; the first other request (or anything this
     // server does not parse) hands the connection to hyper.
@@ -169,15 +162,18 @@ async fn connection(
     };
     // The request future is large (every local of `forward` that lives across an await): boxed,
     // hyper moves a pointer instead of copying kilobytes of future state on each request.
+    let verdict = Arc::new(Findings::default());
+    let judged = verdict.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let outbound = outbound.clone();
+        let (outbound, judged) = (outbound.clone(), judged.clone());
         Box::pin(async move {
             let req = req.map(crate::upstream::boxed);
-            Ok::<_, std::convert::Infallible>(outbound.handle(req, original_dst, Some(peer)).await)
+            let resp = outbound.handle(req, original_dst, Some(peer)).await;
+            Ok::<_, std::convert::Infallible>(refused_body(&judged).unwrap_or(resp))
         })
     });
     crate::listener::serve_hyper(
-        TokioIo::new(Replay::new(tcp, read)),
+        TokioIo::new(Guard::new(Replay::new(tcp, read), verdict)),
         svc,
         edge,
         crate::upstream::H2_WINDOWS,

@@ -47,6 +47,13 @@ where
                         .await;
             }
         });
+    } else {
+        // Not switched: the caller's connection closes after this answer, so that nothing sent on
+        // it after an upgrade request is read as a request of its own.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
     }
     Ok(resp.map(crate::upstream::boxed))
 }

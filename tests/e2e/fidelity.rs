@@ -587,3 +587,80 @@ fn http_upgrades_and_connect_tunnels_cross_the_mesh() {
     tunnel.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"tunnelled");
 }
+
+/// Framing is judged on every request of a connection, not only the first, on the client side
+/// (after the first bodied request hands the connection to hyper) and on the server side's
+/// plaintext port: CL+TE after a bodied request, a bare-LF head, and a malformed chunk size (400
+/// that names the body, not a 502 that blames the upstream).
+#[test]
+fn framing_is_judged_on_every_request_of_a_connection() {
+    let m = Seed::explicit(&[]).unwrap();
+    let inbound = m.sidecars[0].inbound.clone();
+    let targets = [
+        ("outbound", m.sleep.outbound.clone(), "http://httpbin:8000"),
+        ("inbound", inbound, ""),
+    ];
+    for (side, addr, prefix) in targets {
+        let host = "Host: httpbin:8000\r\n";
+        let first = format!(
+            "POST {prefix}/anything/first-{side} HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\nhello"
+        );
+        let cl_te = format!(
+            "POST {prefix}/anything/smuggled-clte-{side} HTTP/1.1\r\n{host}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        );
+        let reply = raw_http::exchange_to_close(
+            &addr,
+            format!("{first}{cl_te}").as_bytes(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(reply.statuses(), vec![200, 400], "{side}: {}", reply.text());
+        assert!(
+            reply
+                .text()
+                .contains("both Content-Length and Transfer-Encoding"),
+            "{side}: {}",
+            reply.text()
+        );
+
+        let lf =
+            format!("GET {prefix}/anything/smuggled-lf-{side} HTTP/1.1\nHost: httpbin:8000\n\n");
+        let reply = raw_http::exchange_to_close(
+            &addr,
+            format!("{first}{lf}").as_bytes(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(reply.statuses(), vec![200, 400], "{side}: {}", reply.text());
+        assert!(reply.text().contains("bare LF"), "{side}: {}", reply.text());
+
+        let chunky = format!(
+            "POST {prefix}/anything/chunky-{side} HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"
+        );
+        let reply =
+            raw_http::exchange_to_close(&addr, chunky.as_bytes(), Duration::from_secs(10)).unwrap();
+        assert_eq!(reply.status(), Some(400), "{side}: {}", reply.text());
+        assert!(
+            reply
+                .head_lowercase()
+                .contains("x-weft-error: bad request: malformed chunk size"),
+            "{side}: {}",
+            reply.text()
+        );
+    }
+    // The apps saw the first requests, and none of the refused ones.
+    let lines: Vec<String> =
+        m.v1.log_lines()
+            .into_iter()
+            .chain(m.v2.log_lines())
+            .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("/anything/first-outbound")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("/anything/first-inbound")),
+        "{lines:#?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("smuggled")), "{lines:#?}");
+}

@@ -8,6 +8,7 @@
 //! `CONNECT`, `Expect`, HTTP/2 and any head they do not take.
 
 pub mod client;
+pub mod framing;
 pub mod server;
 
 use bytes::Bytes;

@@ -5,8 +5,8 @@
 //! `0`), no `Upgrade` and no `Expect`, other than `CONNECT`. Anything else, and any head this parser
 //! refuses, is handed to hyper with the bytes read so far, so hyper answers it exactly as it answers
 //! a connection it had from the start (its 400 and 431, uploads, `100 Continue`, upgrades, h2c).
-//! A head with both Content-Length and Transfer-Encoding is refused here with 400 (see
-//! [`crate::headers::peek_ambiguous_framing`] for why hyper must not see it).
+//! Heads are judged by the rules of [`super::framing`] (the same for the requests hyper reads):
+//! ambiguous framing and bare LFs are refused here with 400.
 //!
 //! Responses are written as hyper writes them: `HTTP/1.1` and the canonical reason; a `date` header
 //! when the response has none; the body framed by its Content-Length, by its exact size (a
@@ -29,6 +29,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::framing::{BodyFraming, HeadFacts};
 use super::{MAX_HEAD, MAX_HEADERS, header_map};
 use crate::headers::{length_value, tokens};
 use crate::upstream::Body;
@@ -196,6 +197,9 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
             return Parsed::Other;
         }
     };
+    if super::framing::has_bare_lf(data.get(..len).unwrap_or_default()) {
+        return Parsed::Refused("bare LF in the request head");
+    }
     let taken = match shape(&req) {
         Ok(Some(shape)) => shape,
         Ok(None) => {
@@ -236,48 +240,26 @@ struct Shape {
     trailers: bool,
 }
 
-/// `Ok(None)`: a request for hyper. `Err`: one to refuse.
+/// `Ok(None)`: a request for hyper. `Err`: one to refuse (the rules of [`super::framing`]).
 fn shape(req: &httparse::Request<'_, '_>) -> Result<Option<Shape>, &'static str> {
     let version = match req.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
         _ => return Ok(None),
     };
-    let (mut length, mut chunked, mut other) = (0, false, req.method == Some("CONNECT"));
-    let (mut close, mut keep, mut trailers) = (false, false, false);
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            length += 1;
-            other |= h.value != b"0";
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = true;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in tokens(h.value) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep |= token.eq_ignore_ascii_case(b"keep-alive");
-                other |= token.eq_ignore_ascii_case(b"upgrade");
-            }
-        } else if name.eq_ignore_ascii_case(b"te") {
-            trailers |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
-        } else {
-            other |= name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect");
-        }
-    }
-    if length > 0 && chunked {
-        return Err("both Content-Length and Transfer-Encoding");
-    }
-    if other || chunked || length > 1 {
+    let facts = HeadFacts::of(req);
+    let framing = facts.framing(req.method == Some("CONNECT"))?;
+    if framing != BodyFraming::None || facts.connection_upgrade || facts.expect {
         return Ok(None);
     }
     let keep_alive = match version {
-        Version::HTTP_10 => keep && !close,
-        _ => !close,
+        Version::HTTP_10 => facts.keep_alive && !facts.close,
+        _ => !facts.close,
     };
     Ok(Some(Shape {
         version,
         keep_alive,
-        trailers,
+        trailers: facts.trailers,
     }))
 }
 
