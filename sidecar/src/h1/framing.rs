@@ -286,11 +286,7 @@ impl<IO> Guard<IO> {
                     };
                 }
                 State::Length(n) => {
-                    let take = usize::try_from(n)
-                        .unwrap_or(usize::MAX)
-                        .min(bytes.len() - i);
-                    i += take;
-                    let left = n - take as u64;
+                    let left = skip(n, &mut i, bytes.len());
                     self.state = if left == 0 {
                         State::Head
                     } else {
@@ -298,11 +294,7 @@ impl<IO> Guard<IO> {
                     };
                 }
                 State::Data(n) => {
-                    let take = usize::try_from(n)
-                        .unwrap_or(usize::MAX)
-                        .min(bytes.len() - i);
-                    i += take;
-                    let left = n - take as u64;
+                    let left = skip(n, &mut i, bytes.len());
                     self.state = if left == 0 {
                         State::DataEnd(false)
                     } else {
@@ -395,6 +387,13 @@ impl<IO> Guard<IO> {
         }
         Ok(())
     }
+}
+
+/// Moves `i` over up to `n` body bytes of the `len` there are; what is left of `n`.
+fn skip(n: u64, i: &mut usize, len: usize) -> u64 {
+    let take = usize::try_from(n).unwrap_or(usize::MAX).min(len - *i);
+    *i += take;
+    n - take as u64
 }
 
 /// Where the head that `before` began ends within `rest` (the index just past its empty line).
