@@ -228,7 +228,7 @@ async fn refuses_another_identity_bad_csrs_and_impersonation() {
         &[weft_ca::tls::ALPN_H2],
     )
     .unwrap();
-    let channel = weft_ca::grpc::tls_channel(&ca.addr, Arc::new(cfg)).unwrap();
+    let channel = weft_ca::grpc::tls_channel(&ca.addr, Arc::new(cfg), &Default::default()).unwrap();
     let mut raw = IstioCertificateServiceClient::new(channel);
     let me = csr::generate(&sid("default", "sleep")).unwrap();
     let request = |validity: i64, metadata: Option<prost_types::Struct>| {
