@@ -9,6 +9,7 @@ mod fidelity;
 mod grpc;
 mod h2reset;
 mod inject;
+mod lifetime;
 mod mesh;
 mod mirror;
 mod pilot;
