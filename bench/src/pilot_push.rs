@@ -325,7 +325,8 @@ async fn open(
     .await
     .map_err(|e| e.to_string())?;
     let _permit = connect.acquire().await.map_err(|e| e.to_string())?;
-    let channel = weft_ca::grpc::tls_channel(addr, tls.clone()).map_err(|e| e.to_string())?;
+    let channel = weft_ca::grpc::tls_channel(addr, tls.clone(), &Default::default())
+        .map_err(|e| e.to_string())?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| e.to_string())?;
     let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, LiteResponse>::default();

@@ -20,6 +20,35 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP connect timeout of client channels.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// HTTP/2 keepalive of client channels: a PING every `interval`, the connection dropped (and the
+/// channel reconnecting) when one is not answered within `timeout`. A server that vanished without a
+/// FIN (a partition, a node that died) is thus noticed within `interval + timeout` even on an idle
+/// stream, where TCP alone would wait for its retransmission timeout (about 15 minutes on Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between pings (sent on idle connections too).
+    pub interval: Duration,
+    /// How long a ping may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// Istio's for its xDS channel (the Envoy bootstrap's `connection_keepalive`): 30 s, 10 s.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Keepalive {
+    /// The longest a silent server goes unnoticed.
+    pub fn detection_bound(&self) -> Duration {
+        self.interval + self.timeout
+    }
+}
+
 /// Why a channel could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -29,8 +58,12 @@ pub enum ChannelError {
 }
 
 /// A lazily connecting gRPC channel to `addr` (`host:port`, optionally `https://host:port`) over TLS
-/// with `config`; it reconnects on its own after failures.
-pub fn tls_channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, ChannelError> {
+/// with `config`; it reconnects on its own after failures, including a ping `keepalive` gave up on.
+pub fn tls_channel(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    keepalive: &Keepalive,
+) -> Result<Channel, ChannelError> {
     let addr = addr
         .strip_prefix("https://")
         .or_else(|| addr.strip_prefix("http://"))
@@ -47,7 +80,10 @@ pub fn tls_channel(addr: &str, config: Arc<ClientConfig>) -> Result<Channel, Cha
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ChannelError::Address(addr.clone()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
+        .keep_alive_while_idle(true);
     let connector = TlsConnector::from(config);
     let dial = tower::service_fn(move |_: Uri| {
         let connector = connector.clone();

@@ -2,13 +2,15 @@
 //!
 //! Everything that proves or checks who a workload is lives here, so pilot and the sidecar share one
 //! implementation: [`spiffe`] parses IDs, [`authority`] and [`server`] are the CA, [`token`] its
-//! bootstrap credentials, [`csr`] and [`client`] what a workload uses to get a certificate, [`tls`]
+//! bootstrap credentials, [`csr`] and [`client`] what a workload uses to get a certificate ([`files`]: its token and root
+//! files, read again as they rotate), [`tls`]
 //! the rustls configs and SPIFFE verifiers, [`grpc`] gRPC over those configs.
 
 pub mod authority;
 pub mod cli;
 pub mod client;
 pub mod csr;
+pub mod files;
 pub mod grpc;
 pub mod server;
 pub mod spiffe;

@@ -8,6 +8,7 @@
 //! not a CA, no keyCertSign/cRLSign; an EKU extension naming the purpose; an ID in a DNS SAN is no ID.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -181,33 +182,98 @@ pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
         .ok()
 }
 
-/// A trust bundle: the mesh root(s) every peer must chain to.
-#[derive(Debug, Clone)]
+/// A trust bundle: the mesh root(s) every peer must chain to. Clones share one live set of roots:
+/// [`TrustBundle::replace_pem`] swaps it (a root rotation adds a root, later removes the old one), and
+/// every verifier built from the bundle checks new handshakes against the roots current at that
+/// moment, read through an `ArcSwap` snapshot (no lock, no rebuild per handshake).
+#[derive(Clone)]
 pub struct TrustBundle {
-    roots: Arc<RootCertStore>,
+    current: Arc<ArcSwap<Roots>>,
+}
+
+/// One version of the roots, with the client verifiers rustls builds from them (built once per
+/// version, not per handshake).
+struct Roots {
+    store: Arc<RootCertStore>,
+    ders: Vec<CertificateDer<'static>>,
+    required: Arc<dyn ClientCertVerifier>,
+    optional: Arc<dyn ClientCertVerifier>,
+}
+
+impl Roots {
+    fn parse(pem: &str) -> Result<Self, SvidError> {
+        let mut store = RootCertStore::empty();
+        let mut ders = Vec::new();
+        for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let der = der.map_err(|e| SvidError::Parse(e.to_string()))?;
+            store
+                .add(der.clone())
+                .map_err(|e| SvidError::Parse(e.to_string()))?;
+            ders.push(der);
+        }
+        if store.is_empty() {
+            return Err(SvidError::EmptyChain);
+        }
+        let store = Arc::new(store);
+        let verifier = |mandatory: bool| {
+            let builder = WebPkiClientVerifier::builder_with_provider(store.clone(), provider());
+            let builder = if mandatory {
+                builder
+            } else {
+                builder.allow_unauthenticated()
+            };
+            builder.build().map_err(|e| SvidError::Parse(e.to_string()))
+        };
+        Ok(Self {
+            required: verifier(true)?,
+            optional: verifier(false)?,
+            store,
+            ders,
+        })
+    }
+}
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("roots", &self.len())
+            .finish()
+    }
 }
 
 impl TrustBundle {
     /// Parses one or more PEM root certificates (several during a root rotation).
     pub fn from_pem(pem: &str) -> Result<Self, SvidError> {
-        let mut roots = RootCertStore::empty();
-        for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let der = der.map_err(|e| SvidError::Parse(e.to_string()))?;
-            roots
-                .add(der)
-                .map_err(|e| SvidError::Parse(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(SvidError::EmptyChain);
-        }
         Ok(Self {
-            roots: Arc::new(roots),
+            current: Arc::new(ArcSwap::from_pointee(Roots::parse(pem)?)),
         })
     }
 
-    /// The rustls root store.
+    /// Replaces the roots with those in `pem` for every handshake from now on (connections already
+    /// established are not affected). Returns whether anything changed; on an error (nothing
+    /// parseable, no certificate) the current roots stay.
+    pub fn replace_pem(&self, pem: &str) -> Result<bool, SvidError> {
+        let next = Roots::parse(pem)?;
+        if next.ders == self.current.load().ders {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// The rustls root store in force now.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.clone()
+        self.current.load().store.clone()
+    }
+
+    /// How many roots are trusted now (2 during a root rotation).
+    pub fn len(&self) -> usize {
+        self.current.load().ders.len()
+    }
+
+    /// Never true: a bundle always holds a root (kept for clippy's `len` convention).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -274,10 +340,12 @@ fn is_self_signed(der: &CertificateDer<'_>) -> bool {
 }
 
 /// The current credentials of a workload, swappable at rotation without touching open connections
-/// (a certificate is only used during a handshake).
+/// (a certificate is only used during a handshake), with the counts of renewals for metrics.
 #[derive(Debug)]
 pub struct CredentialStore {
     current: ArcSwap<Credentials>,
+    renewals: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl CredentialStore {
@@ -285,17 +353,41 @@ impl CredentialStore {
     pub fn new(creds: Credentials) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(creds),
+            renewals: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         })
     }
 
-    /// Replaces the credentials; new handshakes use them from now on.
+    /// Replaces the credentials; new handshakes use them from now on. Counts as a renewal.
     pub fn rotate(&self, creds: Credentials) {
         self.current.store(Arc::new(creds));
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a renewal attempt that failed (the current credentials stay).
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Renewals so far (the first certificate is not one).
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// Failed renewal attempts so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// The credentials in force.
     pub fn current(&self) -> Arc<Credentials> {
         self.current.load_full()
+    }
+
+    /// Whether the certificate in force is still valid at `now` (an expired one makes every mesh
+    /// handshake fail, so readiness depends on it).
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        self.current.load().not_after > now
     }
 }
 
@@ -326,7 +418,7 @@ fn svid_err(e: SvidError) -> rustls::Error {
 /// Client-side verifier: the server must chain to the mesh root and be one of `expected`.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: TrustBundle,
     expected: Vec<SpiffeId>,
     algs: WebPkiSupportedAlgorithms,
 }
@@ -335,7 +427,7 @@ impl SpiffeServerVerifier {
     /// Accepts servers with any of `expected` identities.
     pub fn new(bundle: &TrustBundle, expected: Vec<SpiffeId>) -> Self {
         Self {
-            roots: bundle.roots(),
+            bundle: bundle.clone(),
             expected,
             algs: provider().signature_verification_algorithms,
         }
@@ -354,7 +446,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.bundle.current.load().store,
             intermediates,
             now,
             self.algs.all,
@@ -395,33 +487,22 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// Server-side verifier: a client must present an SVID of the mesh's trust domain chained to the root.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    bundle: TrustBundle,
     trust_domain: String,
     mandatory: bool,
+    algs: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeClientVerifier {
     /// `mandatory`: refuse clients without a certificate (STRICT); otherwise they may connect
     /// unauthenticated and carry no identity.
-    pub fn new(
-        bundle: &TrustBundle,
-        trust_domain: &str,
-        mandatory: bool,
-    ) -> Result<Self, SvidError> {
-        let builder = WebPkiClientVerifier::builder_with_provider(bundle.roots(), provider());
-        let builder = if mandatory {
-            builder
-        } else {
-            builder.allow_unauthenticated()
-        };
-        let inner = builder
-            .build()
-            .map_err(|e| SvidError::Parse(e.to_string()))?;
-        Ok(Self {
-            inner,
+    pub fn new(bundle: &TrustBundle, trust_domain: &str, mandatory: bool) -> Self {
+        Self {
+            bundle: bundle.clone(),
             trust_domain: trust_domain.to_owned(),
             mandatory,
-        })
+            algs: provider().signature_verification_algorithms,
+        }
     }
 }
 
@@ -434,8 +515,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.mandatory
     }
 
+    // The hints (certificate_authorities) cannot borrow from a bundle that may be swapped under
+    // them; they are optional in TLS 1.3, and mesh clients have a single certificate to offer anyway.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -444,8 +527,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let roots = self.bundle.current.load();
+        let inner = if self.mandatory {
+            &roots.required
+        } else {
+            &roots.optional
+        };
+        inner.verify_client_cert(end_entity, intermediates, now)?;
         let id = check_svid(end_entity, Purpose::ClientAuth).map_err(svid_err)?;
         if id.trust_domain() != self.trust_domain {
             return Err(svid_err(SvidError::TrustDomain {
@@ -462,7 +550,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
     }
 
     fn verify_tls13_signature(
@@ -471,11 +559,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algs.supported_schemes()
     }
 }
 
@@ -504,12 +592,20 @@ pub fn server_config(
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Required => builder
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle, &td, true)?)),
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle, &td, true))),
         ClientAuth::Optional => builder
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle, &td, false)?)),
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundle, &td, false))),
     };
     let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if client_auth != ClientAuth::None {
+        // A resumed session skips certificate verification on both sides, so a client whose root
+        // was removed from the bundle (the last step of a root rotation) could still get in with an
+        // earlier session. Full handshakes only: mesh connections are long-lived HTTP/2, so a
+        // handshake per connection costs little.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(config)
 }
 

@@ -228,7 +228,7 @@ async fn refuses_another_identity_bad_csrs_and_impersonation() {
         &[weft_ca::tls::ALPN_H2],
     )
     .unwrap();
-    let channel = weft_ca::grpc::tls_channel(&ca.addr, Arc::new(cfg)).unwrap();
+    let channel = weft_ca::grpc::tls_channel(&ca.addr, Arc::new(cfg), &Default::default()).unwrap();
     let mut raw = IstioCertificateServiceClient::new(channel);
     let me = csr::generate(&sid("default", "sleep")).unwrap();
     let request = |validity: i64, metadata: Option<prost_types::Struct>| {
@@ -348,4 +348,69 @@ async fn credentials_rotate_at_half_life_and_survive_a_ca_outage() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.current().identity(), &me);
     task.abort();
+}
+
+#[tokio::test]
+async fn a_client_with_files_reads_the_token_and_the_roots_again_for_every_request() {
+    let ca = start(Duration::from_secs(86400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (token_file, root_file) = (dir.path().join("token"), dir.path().join("root.pem"));
+    let token_for = |sa: &str| {
+        ca.authority
+            .issue_token("default", sa, Duration::from_secs(600))
+            .unwrap()
+    };
+    std::fs::write(&token_file, token_for("sleep")).unwrap();
+    std::fs::write(&root_file, ca.authority.root_pem()).unwrap();
+    let roots = weft_ca::files::RootFile::load(&root_file).unwrap();
+    let c = CaClient::with_files(
+        &ca.addr,
+        &roots,
+        ca_identity("cluster.local").unwrap(),
+        &token_file,
+        &weft_ca::grpc::Keepalive::default(),
+    )
+    .unwrap();
+    let ttl = Duration::from_secs(60);
+    c.fetch_credentials(&sid("default", "sleep"), ttl)
+        .await
+        .unwrap();
+
+    // The file now holds another service account's token: that is what the next request sends.
+    std::fs::write(&token_file, token_for("other")).unwrap();
+    let err = c
+        .fetch_credentials(&sid("default", "sleep"), ttl)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Status(_)), "{err}");
+    c.fetch_credentials(&sid("default", "other"), ttl)
+        .await
+        .unwrap();
+
+    // A token file gone is an error of its own, and the request is not sent.
+    std::fs::remove_file(&token_file).unwrap();
+    let err = c
+        .fetch_credentials(&sid("default", "other"), ttl)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::TokenRead { .. }), "{err}");
+
+    // A root added to the file is trusted from the next request on.
+    let other = tempfile::tempdir().unwrap();
+    let second = Authority::load_or_create(
+        other.path(),
+        AuthorityOptions {
+            trust_domain: "cluster.local".into(),
+            ..AuthorityOptions::default()
+        },
+    )
+    .unwrap();
+    let both = format!("{}{}", ca.authority.root_pem(), second.root_pem());
+    std::fs::write(&root_file, both).unwrap();
+    std::fs::write(&token_file, token_for("sleep")).unwrap();
+    assert_eq!(roots.bundle().len(), 1);
+    c.fetch_credentials(&sid("default", "sleep"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(roots.bundle().len(), 2);
 }

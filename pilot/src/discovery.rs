@@ -746,8 +746,6 @@ fn combine(outbound: u64, local: u64) -> u64 {
 pub const PILOT_NAMESPACE: &str = "weft-system";
 /// Service account of pilot's own identity.
 pub const PILOT_SERVICE_ACCOUNT: &str = "pilot";
-/// Validity pilot asks for its own certificate (rotated at half life).
-const PILOT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long open streams get to end after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -756,10 +754,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub struct DiscoveryOptions {
     /// The CA's address.
     pub ca: String,
-    /// The mesh root PEM.
-    pub root_pem: String,
-    /// pilot's bootstrap token.
-    pub token: String,
+    /// The mesh root PEM file (reloaded when it changes, see `weft_ca::files`).
+    pub root_file: std::path::PathBuf,
+    /// pilot's bootstrap token file (read again for every certificate request).
+    pub token_file: std::path::PathBuf,
+    /// Validity pilot asks for its own certificate (rotated at half life).
+    pub cert_ttl: Duration,
     /// Debounce settings.
     pub debounce: Debounce,
     /// How long a disconnected workload stays registered.
@@ -791,20 +791,27 @@ pub async fn serve(
     proxies: Arc<ProxyTable>,
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
-    use weft_ca::tls::{self, ClientAuth, CredentialStore, TrustBundle};
+    use weft_ca::tls::{self, ClientAuth, CredentialStore};
     let td = opts.mesh.trust_domain.clone();
     let identity = SpiffeId::new(&td, PILOT_NAMESPACE, PILOT_SERVICE_ACCOUNT)
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
-    let bundle = TrustBundle::from_pem(&opts.root_pem)
+    let roots = weft_ca::files::RootFile::load(&opts.root_file)
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let bundle = roots.bundle().clone();
     let ca_id =
         weft_ca::server::ca_identity(&td).map_err(|e| DiscoveryError::Identity(e.to_string()))?;
-    let ca = weft_ca::client::CaClient::new(&opts.ca, &bundle, ca_id, &opts.token)
-        .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    let ca = weft_ca::client::CaClient::with_files(
+        &opts.ca,
+        &roots,
+        ca_id,
+        &opts.token_file,
+        &weft_ca::grpc::Keepalive::default(),
+    )
+    .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
     let Some(creds) = weft_ca::client::fetch_with_retry(
         &ca,
         &identity,
-        PILOT_CERT_TTL,
+        opts.cert_ttl,
         shutdown.clone().cancelled_owned(),
     )
     .await
@@ -815,9 +822,10 @@ pub async fn serve(
     let rotation = tokio::spawn(weft_ca::client::keep_rotated(
         ca,
         identity.clone(),
-        PILOT_CERT_TTL,
+        opts.cert_ttl,
         creds.clone(),
     ));
+    let root_watch = tokio::spawn(roots.watch(weft_ca::files::ROOT_POLL_INTERVAL));
     let config = tls::server_config(creds, &bundle, ClientAuth::Required, &[tls::ALPN_H2])
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
     let registry = Registry::new(opts.workload_grace);
@@ -847,6 +855,7 @@ pub async fn serve(
         }
     };
     rotation.abort();
+    root_watch.abort();
     result
 }
 

@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Trust domain of SPIFFE identities.
     #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
     pub trust_domain: String,
+    /// Lifetime pilot asks for its own certificate (renewed at about half of it).
+    #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
+    pub cert_ttl: Duration,
     /// Quiet period before a config change is pushed to sidecars (e.g. 100ms, 1s).
     #[arg(long, default_value = "100ms", value_parser = weft_ca::cli::parse_duration)]
     pub debounce: Duration,
@@ -84,6 +87,10 @@ impl ServeArgs {
             std::fs::read_to_string(p)
                 .map_err(|e| ServeError::Flags(format!("cannot read {}: {e}", p.display())))
         };
+        // Read again later (the token for every certificate request, the roots when they change);
+        // unreadable files still fail start-up before anything binds.
+        read(ca_root)?;
+        read(token_file)?;
         if !(0.0..=100.0).contains(&self.trace_sampling) {
             return Err(ServeError::Flags("--trace-sampling must be 0..100".into()));
         }
@@ -97,8 +104,9 @@ impl ServeArgs {
             listen.clone(),
             DiscoveryOptions {
                 ca,
-                root_pem: read(ca_root)?,
-                token: read(token_file)?,
+                root_file: ca_root.clone(),
+                token_file: token_file.clone(),
+                cert_ttl: self.cert_ttl,
                 debounce: Debounce {
                     quiet: self.debounce,
                     max: self.debounce_max,

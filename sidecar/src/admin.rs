@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use weft_ca::tls::CredentialStore;
+use weft_ca::tls::{CredentialStore, TrustBundle};
 
 use crate::config::{MtlsMode, RouteTable};
 use crate::control::ControlStats;
@@ -24,6 +24,8 @@ pub struct Admin {
     pub tables: watch::Receiver<Arc<RouteTable>>,
     /// Current certificate.
     pub creds: Arc<CredentialStore>,
+    /// The roots trusted now.
+    pub bundle: TrustBundle,
     /// Discovery counters.
     pub control: Arc<ControlStats>,
     /// Mirroring counters.
@@ -39,25 +41,33 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Ready once a certificate and a first config are in place, until the drain starts.
+    /// Ready once a certificate and a first config are in place, while the certificate has not
+    /// expired, until the drain starts.
     pub fn ready(&self) -> bool {
-        !self.drain.is_draining() && !self.tables.borrow().version.is_empty()
+        self.not_ready().is_none()
+    }
+
+    /// Why the sidecar is not ready, if it is not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.drain.is_draining() {
+            return Some("draining\n");
+        }
+        if !self.creds.valid_at(SystemTime::now()) {
+            // Every mesh handshake would fail: take the pod out of its Services until renewed.
+            return Some("certificate expired and not yet renewed (see the log)\n");
+        }
+        if self.tables.borrow().version.is_empty() {
+            return Some("waiting for the first config from pilot\n");
+        }
+        None
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         match req.uri().path() {
-            "/ready" | "/healthz/ready" => {
-                if self.drain.is_draining() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
-                } else if self.ready() {
-                    text(StatusCode::OK, "ready\n".into())
-                } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "waiting for the first config from pilot\n".into(),
-                    )
-                }
-            }
+            "/ready" | "/healthz/ready" => match self.not_ready() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why.into()),
+            },
             "/config_dump" => self.config_dump(),
             "/stats/prometheus" | "/stats" => text(StatusCode::OK, self.stats()),
             _ => text(
@@ -175,11 +185,22 @@ impl Admin {
              # TYPE weft_config_nacks_total counter\nweft_config_nacks_total {}\n\
              # TYPE weft_control_connects_total counter\nweft_control_connects_total {}\n\
              # TYPE weft_config_version gauge\nweft_config_version {version}\n\
-             # TYPE weft_cert_expiry_seconds gauge\nweft_cert_expiry_seconds {}\n",
+             # TYPE weft_control_connected gauge\nweft_control_connected {}\n\
+             # TYPE weft_cert_expiry_seconds gauge\nweft_cert_expiry_seconds {}\n\
+             # TYPE weft_certificate_valid gauge\nweft_certificate_valid {}\n\
+             # TYPE weft_certificate_renewals_total counter\n\
+             weft_certificate_renewals_total{{result=\"success\"}} {}\n\
+             weft_certificate_renewals_total{{result=\"failure\"}} {}\n\
+             # TYPE weft_trust_bundle_roots gauge\nweft_trust_bundle_roots {}\n",
             c.pushes.load(Ordering::Relaxed),
             c.nacks.load(Ordering::Relaxed),
             c.connects.load(Ordering::Relaxed),
+            c.connected.load(Ordering::Relaxed),
             secs_until(self.creds.current().not_after()),
+            u8::from(self.creds.valid_at(SystemTime::now())),
+            self.creds.renewals(),
+            self.creds.failures(),
+            self.bundle.len(),
         )
     }
 }

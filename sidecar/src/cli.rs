@@ -135,6 +135,13 @@ pub struct RunArgs {
     /// (opaque TCP) before it is closed (Envoy's and Istio's default: 1h).
     #[arg(long, default_value = "1h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
+    /// HTTP/2 keepalive ping interval on the channels to pilot and the CA (Istio's xDS: 30s).
+    #[arg(long, default_value = "30s", value_parser = weft_ca::cli::parse_duration, env = "WEFT_KEEPALIVE_INTERVAL")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is dropped and redialled
+    /// (Istio's xDS: 10s). A silent pilot or CA is noticed within interval + timeout.
+    #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration, env = "WEFT_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Duration,
     /// Worker threads (Istio's proxy `concurrency`); 1 runs everything on one thread with no
     /// work-stealing at all. Default: one per core.
     #[arg(long, env = "WEFT_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -248,6 +255,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     max_connections: args.max_connections,
                     head_timeout: args.head_timeout,
                     idle_timeout: args.idle_timeout,
+                },
+                keepalive: weft_ca::grpc::Keepalive {
+                    interval: args.keepalive_interval,
+                    timeout: args.keepalive_timeout,
                 },
             };
             let runtime = match args.concurrency {

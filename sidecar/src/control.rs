@@ -32,6 +32,8 @@ pub struct ControlConfig {
     pub bundle: TrustBundle,
     /// This sidecar's node description.
     pub node: pb::Node,
+    /// HTTP/2 keepalive of the stream's connection: a pilot gone silent ends the stream.
+    pub keepalive: weft_ca::grpc::Keepalive,
 }
 
 /// Counters for `/stats` and `/config_dump`.
@@ -43,6 +45,8 @@ pub struct ControlStats {
     pub nacks: AtomicU64,
     /// Streams opened.
     pub connects: AtomicU64,
+    /// 1 while a stream to pilot is open, 0 between streams.
+    pub connected: AtomicU64,
 }
 
 /// Runs the discovery client until `shutdown`. Publishes accepted tables on `tables`.
@@ -59,6 +63,7 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             r = session(&cfg, &creds, &tables, &stats) => r,
         };
+        stats.connected.store(0, Ordering::Relaxed);
         match outcome {
             // A stream that delivered config was healthy: start over quickly.
             Ok(true) => backoff = BACKOFF_MIN,
@@ -104,7 +109,7 @@ async fn session(
         vec![cfg.pilot_identity.clone()],
         &[tls::ALPN_H2],
     )?;
-    let channel = weft_ca::grpc::tls_channel(&cfg.pilot, Arc::new(tls))?;
+    let channel = weft_ca::grpc::tls_channel(&cfg.pilot, Arc::new(tls), &cfg.keepalive)?;
     let mut client = DiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     // The node goes first; the last accepted version lets pilot know what we run after a reconnect.
@@ -120,6 +125,7 @@ async fn session(
         .map_err(ControlError::Status)?
         .into_inner();
     stats.connects.fetch_add(1, Ordering::Relaxed);
+    stats.connected.store(1, Ordering::Relaxed);
     tracing::info!(pilot = %cfg.pilot, "discovery stream open");
     let mut got_config = false;
     loop {

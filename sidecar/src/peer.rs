@@ -27,11 +27,16 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::upstream::{Body, BodyError, TcpOrTls};
+use weft_ca::grpc::Keepalive;
 
-/// How often an idle connection is probed, and how long the answer may take (hyper's settings
-/// before: a peer that vanished without a FIN is noticed within a minute).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The hop's HTTP/2 keepalive, on both ends: a PING every 10 s, the connection closed when one is not
+/// answered within 10 s. A peer that vanished without a FIN (a partition, a node that lost power) is
+/// noticed within 20 s, busy or idle: the client then dials a new connection for the next request
+/// instead of queueing streams on a dead one, and the server frees the streams' tasks and buffers.
+pub const KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_secs(10),
+    timeout: Duration::from_secs(10),
+};
 
 /// Every this many requests on a connection, one sends its per-request ids indexable (see
 /// [`Connection::send`]).
@@ -137,7 +142,8 @@ impl<C> Driven<C> {
     }
 }
 
-/// Flow-control settings of a connection (`upstream::H2_WINDOWS` says why the mesh uses its sizes).
+/// Flow-control and keepalive settings of a connection (`upstream::H2_WINDOWS` says why the mesh
+/// uses its sizes, [`KEEPALIVE`] its pings).
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
     /// Per-stream receive window.
@@ -146,6 +152,52 @@ pub struct Windows {
     pub connection: u32,
     /// Bytes a stream may queue for sending.
     pub max_send_buf: usize,
+    /// PINGs, and how long their answer may take.
+    pub keepalive: Keepalive,
+}
+
+/// Sends a PING every `interval` and reports the peer dead when the PONG is later than `timeout`.
+/// Polled next to the connection (the PONG only arrives while the connection is polled), from a
+/// `poll_fn`: one interval timer for the connection's life, no timer per poll.
+struct Pinger {
+    pings: h2::PingPong,
+    tick: tokio::time::Interval,
+    timeout: Duration,
+    due: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Pinger {
+    fn new(pings: Option<h2::PingPong>, keepalive: Keepalive) -> Option<Self> {
+        let start = tokio::time::Instant::now() + keepalive.interval;
+        let mut tick = tokio::time::interval_at(start, keepalive.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(Self {
+            pings: pings?,
+            tick,
+            timeout: keepalive.timeout,
+            due: None,
+        })
+    }
+
+    /// Ready when the peer has not answered a PING in time, or pings cannot be sent any more.
+    fn poll_dead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.due.as_mut() {
+                Some(due) => match self.pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => self.due = None,
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return due.as_mut().poll(cx),
+                },
+                None => {
+                    ready!(self.tick.poll_tick(cx));
+                    if self.pings.send_ping(h2::Ping::opaque()).is_err() {
+                        return Poll::Ready(());
+                    }
+                    self.due = Some(Box::pin(tokio::time::sleep(self.timeout)));
+                }
+            }
+        }
+    }
 }
 
 impl Connection {
@@ -161,38 +213,27 @@ impl Connection {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
-        let mut pings = conn.ping_pong();
+        let mut pinger = Pinger::new(conn.ping_pong(), windows.keepalive);
         let driven = Arc::new(Driven::new(conn));
         let shared = driven.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = poll_fn(|cx| shared.poll(cx, |c, cx| Pin::new(c).poll(cx))) => {
-                        if let Some(Err(e)) = r {
-                            tracing::debug!(error = %e, "peer connection closed");
-                        }
-                        break;
-                    }
-                    () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {
-                        let Some(p) = pings.as_mut() else { continue };
-                        // The connection must keep being driven while the ping is out.
-                        let answered = tokio::select! {
-                            r = poll_fn(|cx| shared.poll(cx, |c, cx| Pin::new(c).poll(cx))) => {
-                                if let Some(Err(e)) = r {
-                                    tracing::debug!(error = %e, "peer connection closed");
-                                }
-                                break;
-                            }
-                            r = tokio::time::timeout(KEEPALIVE_TIMEOUT, p.ping(h2::Ping::opaque())) => {
-                                matches!(r, Ok(Ok(_)))
-                            }
-                        };
-                        if !answered {
-                            tracing::debug!("peer did not answer a ping; closing the connection");
-                            break;
-                        }
-                    }
+            let end = poll_fn(|cx| {
+                let conn = shared.poll(cx, |c, cx| Pin::new(c).poll(cx).map_err(Some));
+                if let Poll::Ready(r) = conn {
+                    return Poll::Ready(r);
                 }
+                match pinger.as_mut().map(|p| p.poll_dead(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(None))),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            match end {
+                Some(Err(Some(e))) => tracing::debug!(error = %e, "peer connection closed"),
+                Some(Err(None)) => {
+                    tracing::info!("peer did not answer a keepalive ping; closing the connection")
+                }
+                _ => {}
             }
             // Dropping the connection closes it (a ping that went unanswered).
             shared.end();
@@ -297,7 +338,7 @@ where
     F: Fn(Request<Body>) -> Fut,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let conn = h2::server::Builder::new()
+    let mut conn = h2::server::Builder::new()
         .initial_window_size(windows.stream)
         .initial_connection_window_size(windows.connection)
         .max_send_buffer_size(windows.max_send_buf)
@@ -305,12 +346,14 @@ where
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .handshake::<_, Bytes>(io)
         .await?;
+    let mut pinger = Pinger::new(conn.ping_pong(), windows.keepalive);
     let driven = Arc::new(Driven::new(conn));
-    // Accepting also drives the connection: this loop runs until the peer closes it, or, once the
-    // sidecar drains, until the streams in flight are done (GOAWAY tells the peer to open no more).
+    // Accepting also drives the connection: this loop runs until the peer closes it or stops
+    // answering pings, or, once the sidecar drains, until the streams in flight are done (GOAWAY
+    // tells the peer to open no more).
     let mut drain = std::pin::pin!(closing.cancelled());
     let mut going_away = false;
-    while let Some(Some(accepted)) = poll_fn(|cx| {
+    let mut next = |cx: &mut Context<'_>| {
         if !going_away && drain.as_mut().poll(cx).is_ready() {
             going_away = true;
             let _ = driven.poll(cx, |c, _| {
@@ -318,10 +361,18 @@ where
                 Poll::Ready(())
             });
         }
-        driven.poll(cx, |c, cx| c.poll_accept(cx))
-    })
-    .await
-    {
+        if let Poll::Ready(r) = driven.poll(cx, |c, cx| c.poll_accept(cx)) {
+            return Poll::Ready(r);
+        }
+        match pinger.as_mut().map(|p| p.poll_dead(cx)) {
+            Some(Poll::Ready(())) => {
+                tracing::info!("peer did not answer a keepalive ping; closing the connection");
+                Poll::Ready(None)
+            }
+            _ => Poll::Pending,
+        }
+    };
+    while let Some(Some(accepted)) = poll_fn(&mut next).await {
         let (req, respond) = accepted?;
         let (parts, recv) = req.into_parts();
         let body = Incoming {
@@ -500,18 +551,32 @@ mod tests {
         stream: 64 * 1024,
         connection: 128 * 1024,
         max_send_buf: 16 * 1024,
+        keepalive: KEEPALIVE,
+    };
+
+    /// Keepalive fast enough for tests: a silent peer is noticed after 100 + 200 ms.
+    const FAST: Windows = Windows {
+        keepalive: Keepalive {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(200),
+        },
+        ..WINDOWS
     };
 
     /// A client and a server of this module on loopback; the server echoes the request body back,
     /// with a trailer counting its bytes.
     async fn pair() -> Connection {
+        pair_with(WINDOWS).await
+    }
+
+    async fn pair_with(windows: Windows) -> Connection {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let _ = serve(
                 tcp,
-                WINDOWS,
+                windows,
                 &Default::default(),
                 |req: Request<Body>| async move {
                     let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -527,13 +592,97 @@ mod tests {
             .await;
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        Connection::handshake(TcpOrTls::Tcp(tcp), WINDOWS)
+        Connection::handshake(TcpOrTls::Tcp(tcp), windows)
             .await
             .unwrap()
     }
 
     fn request(body: Body) -> Request<Body> {
         Request::post("http://peer.test/echo").body(body).unwrap()
+    }
+
+    fn text(t: &'static str) -> Body {
+        Full::new(Bytes::from_static(t.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    const SILENT_AFTER: std::ops::RangeInclusive<Duration> =
+        Duration::from_millis(250)..=Duration::from_millis(1500);
+
+    #[tokio::test]
+    async fn answered_pings_keep_an_idle_connection_open() {
+        let conn = pair_with(FAST).await;
+        // About ten pings, each answered, by both ends.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!conn.is_closed());
+        let resp = conn
+            .clone()
+            .send(request(text("still here")))
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "still here");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_dropped_within_the_keepalive_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Completes the handshake, then never polls the connection again: no PONG, no FIN, as
+        // a peer behind a partition.
+        let silent = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let conn = h2::server::handshake(tcp).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            drop(conn);
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let conn = Connection::handshake(TcpOrTls::Tcp(tcp), FAST)
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        for _ in 0..300 {
+            if conn.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(conn.is_closed(), "still open after {:?}", start.elapsed());
+        assert!(
+            SILENT_AFTER.contains(&start.elapsed()),
+            "{:?}",
+            start.elapsed()
+        );
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_dropped_by_the_server_within_the_keepalive_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let start = tokio::time::Instant::now();
+            serve(
+                tcp,
+                FAST,
+                &Default::default(),
+                |_req: Request<Body>| async move { Response::new(text("")) },
+            )
+            .await
+            .unwrap();
+            start.elapsed()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // The client's connection is never polled after the handshake: it answers nothing.
+        let (_send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let took = tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("the server never gave up on a silent client")
+            .unwrap();
+        assert!(SILENT_AFTER.contains(&took), "{took:?}");
+        drop(conn);
     }
 
     #[tokio::test]

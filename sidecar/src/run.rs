@@ -3,7 +3,9 @@
 //! Order: key + CSR → certificate from the CA (retried with backoff until the CA answers) → listeners
 //! bound (a bind failure fails start-up) → discovery stream to pilot (the node it sends carries the
 //! bound inbound port) → ready once the first config is accepted. Certificates rotate at half life in
-//! the background; if pilot goes away the last config keeps serving.
+//! the background (the token file read again for each; see `weft_ca::files`), the root bundle is
+//! reloaded when its file changes, and readiness turns false while the certificate is expired; if
+//! pilot goes away the last config keeps serving.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +18,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use weft_ca::SpiffeId;
 use weft_ca::client::CaClient;
-use weft_ca::tls::{self, ClientAuth, CredentialStore, TrustBundle};
+use weft_ca::files::RootFile;
+use weft_ca::tls::{self, ClientAuth, CredentialStore};
 use weft_proto::discovery as pb;
 
 use crate::admin::Admin;
@@ -82,6 +85,8 @@ pub struct RunConfig {
     pub drain_duration: Duration,
     /// Limits at every listener.
     pub limits: crate::listener::Limits,
+    /// HTTP/2 keepalive of the channels to pilot and the CA.
+    pub keepalive: weft_ca::grpc::Keepalive,
 }
 
 /// Why start-up failed.
@@ -122,12 +127,15 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     };
     let identity = SpiffeId::new(&cfg.trust_domain, &cfg.namespace, &cfg.service_account)
         .map_err(|e| RunError::Identity(format!("invalid identity: {e}")))?;
-    let bundle = TrustBundle::from_pem(&read(&cfg.ca_root)?)
-        .map_err(|e| RunError::Identity(format!("--ca-root {}: {e}", cfg.ca_root.display())))?;
-    let token = read(&cfg.token_file)?;
+    // Both files are read again later (the token at every certificate request, the roots then and
+    // every few seconds: Kubernetes rotates both in place); here they only have to be usable.
+    let roots =
+        RootFile::load(&cfg.ca_root).map_err(|e| RunError::Identity(format!("--ca-root: {e}")))?;
+    let bundle = roots.bundle().clone();
+    read(&cfg.token_file)?;
     let ca_id = weft_ca::server::ca_identity(&cfg.trust_domain)
         .map_err(|e| RunError::Identity(e.to_string()))?;
-    let ca = CaClient::new(&cfg.ca, &bundle, ca_id, &token)
+    let ca = CaClient::with_files(&cfg.ca, &roots, ca_id, &cfg.token_file, &cfg.keepalive)
         .map_err(|e| RunError::Identity(e.to_string()))?;
 
     let stop = shutdown.clone();
@@ -145,6 +153,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         cfg.cert_ttl,
         creds.clone(),
     ));
+    let root_watch = tokio::spawn(roots.watch(weft_ca::files::ROOT_POLL_INTERVAL));
 
     // What keeps serving through the drain (discovery, DNS, admin, readiness, span export) stops
     // after it.
@@ -284,6 +293,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         listeners: listeners.clone(),
         tables: tables.clone(),
         creds: creds.clone(),
+        bundle: bundle.clone(),
         control: stats.clone(),
         mirror: mirrors.stats.clone(),
         trace: tracer.stats.clone(),
@@ -307,6 +317,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         pilot_identity,
         bundle: bundle.clone(),
         node,
+        keepalive: cfg.keepalive,
     };
 
     let admin_addr = admin_l.local_addr().ok();
@@ -384,6 +395,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     }
     stopped.cancel();
     rotation.abort();
+    root_watch.abort();
     for t in tasks {
         let _ = t.await;
     }

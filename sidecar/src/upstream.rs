@@ -85,6 +85,7 @@ pub const H2_WINDOWS: Windows = Windows {
     stream: 256 * 1024,
     connection: 1024 * 1024,
     max_send_buf: 64 * 1024,
+    keepalive: crate::peer::KEEPALIVE,
 };
 
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of

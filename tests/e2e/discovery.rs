@@ -68,7 +68,9 @@ async fn open(
         &[tls::ALPN_H2],
     )
     .unwrap();
-    let channel = weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg)).unwrap();
+    let channel =
+        weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg), &Default::default())
+            .unwrap();
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::DiscoveryRequest {
         node: Some(node),
@@ -301,7 +303,9 @@ async fn refuses_clients_without_a_mesh_certificate() {
     let bundle = TrustBundle::from_pem(&root).unwrap();
     let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
     let cfg = tls::client_config(None, &bundle, vec![pilot_id], &[tls::ALPN_H2]).unwrap();
-    let channel = weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg)).unwrap();
+    let channel =
+        weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg), &Default::default())
+            .unwrap();
     let (tx, rx) = mpsc::channel(1);
     tx.send(pb::DiscoveryRequest {
         node: Some(node("anon", "sleep", &[], "10.1.0.5")),

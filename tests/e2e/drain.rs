@@ -13,7 +13,7 @@ fn ready_code(s: &Sidecar) -> String {
     let (_, out, _) = run(std::process::Command::new("curl").args([
         "-s",
         "-m",
-        "2",
+        "5",
         "-o",
         "/dev/null",
         "-w",

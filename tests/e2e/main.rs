@@ -11,6 +11,7 @@ mod grpc;
 mod h2reset;
 mod identity;
 mod inject;
+mod lifetime;
 mod mesh;
 mod mirror;
 mod pilot;

@@ -160,6 +160,15 @@ impl Proc {
         Ok(())
     }
 
+    /// How many lines of the process's stderr so far contain `what` (e.g. `certificate rotated`).
+    pub fn log_count(&self, what: &str) -> usize {
+        std::fs::read_to_string(&self.stderr_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
     /// The last lines of the process's stderr, for failure messages.
     pub fn stderr_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
@@ -232,7 +241,8 @@ pub struct ControlPlane {
     pub ca: Proc,
     /// The CA's address.
     pub ca_addr: String,
-    /// The root certificate file.
+    /// The trust bundle file pilot and sidecars take as `--ca-root`: a copy of the CA's root made at
+    /// start, so a test can rotate roots in it independently of the CA's data directory.
     pub root: PathBuf,
     /// The pilot process.
     pub pilot: Proc,
@@ -242,6 +252,9 @@ pub struct ControlPlane {
     pub otlp: Option<String>,
     /// `grpc` (default) or `http/protobuf`.
     pub otlp_protocol: &'static str,
+    /// Lifetime of the bootstrap tokens [`ControlPlane::token`] mints (`ca token --ttl`); the CA's
+    /// default when `None`.
+    pub token_ttl: Option<String>,
 }
 
 impl ControlPlane {
@@ -257,6 +270,17 @@ impl ControlPlane {
         host: Option<&netns::Host>,
         pilot_args: &[&str],
     ) -> Result<Self> {
+        Self::start_with(dir, host, pilot_args, None)
+    }
+
+    /// Like [`ControlPlane::start_on`], with bootstrap tokens (pilot's included) valid for
+    /// `token_ttl` (e.g. `2s`) when given.
+    pub fn start_with(
+        dir: &std::path::Path,
+        host: Option<&netns::Host>,
+        pilot_args: &[&str],
+        token_ttl: Option<&str>,
+    ) -> Result<Self> {
         let listen = format!("{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
         let command = |program: PathBuf| match host {
             Some(h) => h.command(program),
@@ -266,8 +290,9 @@ impl ControlPlane {
         cmd.args(["serve", "--listen", &listen, "--data-dir"])
             .arg(dir.join("ca"));
         let (ca, ca_addr) = Proc::spawn_listening("ca", cmd, dir)?;
-        let root = dir.join("ca").join("root-cert.pem");
-        let token = token_file(dir, "weft-system", "pilot")?;
+        let root = dir.join("mesh-root.pem");
+        std::fs::copy(dir.join("ca").join("root-cert.pem"), &root).context("copy the CA root")?;
+        let token = token_file(dir, "weft-system", "pilot", token_ttl)?;
         let ca_addr = ca_addr.to_string();
         let mut cmd = command(bin("pilot"));
         cmd.args(["serve", "--listen", &listen, "--ca", &ca_addr])
@@ -291,12 +316,28 @@ impl ControlPlane {
             discovery_addr,
             otlp: None,
             otlp_protocol: "grpc",
+            token_ttl: token_ttl.map(str::to_owned),
         })
+    }
+
+    /// Starts the CA again (after [`Proc::kill`] of `self.ca`) on the same address and data
+    /// directory, with `extra` flags (e.g. `--root-cert`/`--root-key` to plug in a new root).
+    pub fn restart_ca(&mut self, extra: &[&str]) -> Result<()> {
+        let mut cmd = Command::new(bin("ca"));
+        cmd.args(["serve", "--listen", &self.ca_addr, "--data-dir"])
+            .arg(self.dir.join("ca"))
+            .args(extra);
+        let (ca, addr) = Proc::spawn_listening("ca-restarted", cmd, &self.dir)?;
+        if addr.to_string() != self.ca_addr {
+            bail!("the CA came back on {addr}, not {}", self.ca_addr);
+        }
+        self.ca = ca;
+        Ok(())
     }
 
     /// Writes a bootstrap token for `ns`/`sa` to a file and returns its path.
     pub fn token(&self, ns: &str, sa: &str) -> Result<PathBuf> {
-        token_file(&self.dir, ns, sa)
+        token_file(&self.dir, ns, sa, self.token_ttl.as_deref())
     }
 
     /// `pilot apply -f PATH`; a failure carries pilot's output.
@@ -324,24 +365,41 @@ impl ControlPlane {
     }
 }
 
-/// Mints a bootstrap token with the CA in `dir/ca` and writes it to `dir/<ns>.<sa>.token`.
-fn token_file(dir: &std::path::Path, ns: &str, sa: &str) -> Result<PathBuf> {
-    let (ok, out, err) = run(Command::new(bin("ca"))
-        .args([
-            "token",
-            "--namespace",
-            ns,
-            "--service-account",
-            sa,
-            "--data-dir",
-        ])
-        .arg(dir.join("ca")))?;
+/// Mints a bootstrap token (valid for `ttl`, or the CA's default) with the CA in `dir/ca` and
+/// writes it to `dir/<ns>.<sa>.token`, atomically (a rename), as the kubelet replaces a projected
+/// token: a reader never sees half a token.
+pub fn token_file(dir: &std::path::Path, ns: &str, sa: &str, ttl: Option<&str>) -> Result<PathBuf> {
+    let mut cmd = Command::new(bin("ca"));
+    cmd.args([
+        "token",
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--data-dir",
+    ])
+    .arg(dir.join("ca"));
+    if let Some(ttl) = ttl {
+        cmd.args(["--ttl", ttl]);
+    }
+    let (ok, out, err) = run(&mut cmd)?;
     if !ok {
         bail!("ca token failed: {err}");
     }
     let path = dir.join(format!("{ns}.{sa}.token"));
-    std::fs::write(&path, out.trim())?;
+    write_atomic(&path, out.trim().as_bytes())?;
     Ok(path)
+}
+
+/// Writes `data` to `path` through a temporary file (unique to this call, so concurrent writers do
+/// not collide) and a rename.
+pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{n}.tmp"));
+    std::fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
 }
 
 /// The Python venv with httpbin and gunicorn that `deploy/local/install-deps.sh` makes.
@@ -561,6 +619,18 @@ impl Sidecar {
         sa: &str,
         labels: &str,
     ) -> Result<Self> {
+        Self::transparent_with(topo, plane, host, (name, sa, labels), &[])
+    }
+
+    /// Like [`Sidecar::transparent`] for pod (name, service account, labels), with `extra` flags
+    /// added to `sidecar run`.
+    pub fn transparent_with(
+        topo: &netns::Topology,
+        plane: &ControlPlane,
+        host: &netns::Host,
+        (name, sa, labels): (&str, &str, &str),
+        extra: &[&str],
+    ) -> Result<Self> {
         let sidecar_bin = topo.shared.join("sidecar");
         if !sidecar_bin.exists() {
             topo.share(&bin("sidecar"), 0o755)?;
@@ -581,6 +651,7 @@ impl Sidecar {
             (sa, name, labels),
             &host.ip,
         );
+        cmd.args(extra);
         Self::spawn(name, cmd, plane, Some(host.clone()))
     }
 
@@ -662,11 +733,7 @@ impl Sidecar {
 
     /// How many times the sidecar has logged `what` on stderr so far (e.g. `certificate rotated`).
     pub fn log_count(&self, what: &str) -> usize {
-        std::fs::read_to_string(&self.proc.stderr_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(what))
-            .count()
+        self.proc.log_count(what)
     }
 
     /// Opens a fresh TLS connection to the inbound listener (explicit mode), verifying it presents a
@@ -677,27 +744,23 @@ impl Sidecar {
         root: &std::path::Path,
         expected: &weft_ca::SpiffeId,
     ) -> Result<Vec<u8>> {
-        let bundle = weft_ca::tls::TrustBundle::from_pem(&std::fs::read_to_string(root)?)?;
-        let cfg = weft_ca::tls::client_config(
-            None,
-            &bundle,
-            vec![expected.clone()],
-            &[weft_ca::tls::ALPN_H2],
-        )?;
-        let name = rustls::pki_types::ServerName::try_from("inbound.weft")?.to_owned();
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
-        let mut tcp = std::net::TcpStream::connect(&self.inbound)?;
-        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut tcp)
-                .context("TLS handshake with the inbound listener")?;
-        }
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .context("no peer certificate")?;
-        Ok(leaf.as_ref().to_vec())
+        served_certificate(&self.inbound, root, expected)
+    }
+
+    /// The status of `/ready` now (200, or 503 with the reason in the body).
+    pub fn ready_status(&self) -> Result<u16> {
+        let url = format!("http://{}/ready", self.admin);
+        let (_, out, _) = run(self.admin_curl().args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "5",
+            &url,
+        ]))?;
+        Ok(out.trim().parse().unwrap_or(0))
     }
 
     /// Runs curl as this sidecar's app would: inside the pod (captured by iptables) in transparent
@@ -722,6 +785,38 @@ impl Sidecar {
         let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
         Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
     }
+}
+
+/// Opens a fresh TLS connection to `addr` (a sidecar's inbound listener, pilot's discovery port),
+/// verifying that it presents a valid certificate (chain, validity, SVID rules) from the roots in
+/// `root` for `expected`; returns the leaf (DER). No client certificate is sent: in TLS 1.3 the
+/// client has judged the server's certificate before the server asks for one.
+pub fn served_certificate(
+    addr: &str,
+    root: &std::path::Path,
+    expected: &weft_ca::SpiffeId,
+) -> Result<Vec<u8>> {
+    let bundle = weft_ca::tls::TrustBundle::from_pem(&std::fs::read_to_string(root)?)?;
+    let cfg = weft_ca::tls::client_config(
+        None,
+        &bundle,
+        vec![expected.clone()],
+        &[weft_ca::tls::ALPN_H2],
+    )?;
+    let name = rustls::pki_types::ServerName::try_from("inbound.weft")?.to_owned();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .with_context(|| format!("TLS handshake with {addr}"))?;
+    }
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no peer certificate")?;
+    Ok(leaf.as_ref().to_vec())
 }
 
 /// gunicorn's default access-log format with the request id, `x-envoy-internal`, `x-forwarded-for`,

@@ -48,6 +48,8 @@ pub struct Host {
     pub ns: String,
     /// Its address on the bridge.
     pub ip: String,
+    /// Its veth's name on the node (bridge) side.
+    pub link: String,
 }
 
 impl Host {
@@ -168,7 +170,18 @@ impl Topology {
                 self.gateway()
             ),
         )?;
-        Ok(Host { ns, ip: addr })
+        Ok(Host {
+            ns,
+            ip: addr,
+            link: veth,
+        })
+    }
+
+    /// Takes `host`'s link to the bridge down or up. Down, its packets are dropped silently: peers
+    /// get no FIN and no RST, as in a network partition or a node that lost power.
+    pub fn set_link(&self, host: &Host, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.node, "link", "set", &host.link, state])
     }
 
     /// Copies `file` into the shared world-readable directory (mode `mode`) and returns the copy.

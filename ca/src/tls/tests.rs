@@ -63,12 +63,10 @@ impl TestCa {
             .collect();
         let key = PrivateKeyDer::from_pem_slice(leaf.1.as_bytes()).unwrap();
         let certified = CertifiedKey::from_der(chain, key, &provider()).unwrap();
-        Arc::new(CredentialStore {
-            current: ArcSwap::from_pointee(Credentials {
-                identity: SpiffeId::parse("spiffe://cluster.local/ns/x/sa/x").unwrap(),
-                not_after: SystemTime::now(),
-                certified: Arc::new(certified),
-            }),
+        CredentialStore::new(Credentials {
+            identity: SpiffeId::parse("spiffe://cluster.local/ns/x/sa/x").unwrap(),
+            not_after: SystemTime::now(),
+            certified: Arc::new(certified),
         })
     }
 
@@ -330,6 +328,60 @@ async fn rotation_changes_the_certificate_of_new_handshakes() {
     .await;
     assert_eq!((ce, se), (None, None));
     assert_eq!(seen, Some(sid("default", "sleep")));
+}
+
+/// A root rotation as the sidecar sees it: configs built once from a bundle pick up roots added to
+/// and removed from it for the next handshake, in both directions.
+#[tokio::test]
+async fn configs_follow_the_bundle_as_roots_are_added_and_removed() {
+    let old = TestCa::new();
+    let new = TestCa::new();
+    let bundle = old.bundle();
+    let server = |store| server_config(store, &bundle, ClientAuth::Required, &[ALPN_H2]).unwrap();
+    let client = |store| {
+        client_config(
+            Some(store),
+            &bundle,
+            vec![sid("default", "httpbin")],
+            &[ALPN_H2],
+        )
+        .unwrap()
+    };
+    // Built before the new root is known.
+    let old_server = server(old.store("default", "httpbin"));
+    let new_client = client(new.store("default", "sleep"));
+    let (ce, se, _) = handshake(new_client.clone(), old_server.clone()).await;
+    assert!(
+        ce.is_some() || se.is_some(),
+        "a root not yet in the bundle was trusted"
+    );
+
+    // Step 1: both roots. The same configs now accept the new root, and the old still works.
+    let both = format!("{}{}", old.root_pem, new.root_pem);
+    assert!(bundle.replace_pem(&both).unwrap());
+    assert!(!bundle.replace_pem(&both).unwrap(), "same roots: no change");
+    assert_eq!(bundle.len(), 2);
+    let (ce, se, seen) = handshake(new_client.clone(), old_server.clone()).await;
+    assert_eq!((ce, se), (None, None));
+    assert_eq!(seen, Some(sid("default", "sleep")));
+    let new_server = server(new.store("default", "httpbin"));
+    let old_client = client(old.store("default", "sleep"));
+    let (ce, se, _) = handshake(old_client.clone(), new_server.clone()).await;
+    assert_eq!((ce, se), (None, None));
+
+    // Step 3: the old root is gone: its leaves are refused by server and client verifiers alike.
+    assert!(bundle.replace_pem(&new.root_pem).unwrap());
+    let (_, se, seen) = handshake(old_client, new_server.clone()).await;
+    assert!(se.is_some(), "server still trusts the removed root");
+    assert_eq!(seen, None);
+    let (ce, _, _) = handshake(new_client.clone(), old_server).await;
+    assert!(ce.is_some(), "client still trusts the removed root");
+    let (ce, se, _) = handshake(new_client, new_server).await;
+    assert_eq!((ce, se), (None, None));
+
+    // Garbage keeps the roots in force.
+    assert!(bundle.replace_pem("not a certificate").is_err());
+    assert_eq!(bundle.len(), 1);
 }
 
 #[test]
