@@ -24,6 +24,16 @@ fn ready_code(s: &Sidecar) -> String {
     out
 }
 
+/// Connections the sidecar's outbound listener is serving now.
+fn active_outbound(s: &Sidecar) -> f64 {
+    s.stats()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("weft_listener_connections_active{listener=\"outbound\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[test]
 fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     let mut m = Seed::explicit(&[]).unwrap();
@@ -54,7 +64,14 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
         "{}",
         String::from_utf8_lossy(&first[..n])
     );
-    std::thread::sleep(Duration::from_millis(700));
+    // Both connections are open at the sidecar (on a loaded machine the thread may take a while),
+    // and the slow request has had time to reach httpbin.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active_outbound(&m.sleep) < 2.0 {
+        assert!(Instant::now() < deadline, "the connections never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
 
     let pid = m.sleep.proc.pid().to_string();
     let term = Instant::now();
