@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// The private key of --root-cert's first certificate (PKCS#8 PEM).
     #[arg(long, requires = "root_cert")]
     pub root_key: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish after the listener stops
+    /// accepting (Istio's terminationDrainDuration); the CA then exits 0.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_duration: Duration,
 }
 
 /// `ca token` flags.
@@ -276,9 +280,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, trust_domain = %args.trust_domain, "CA serving");
-        crate::server::serve(listener, Arc::new(authority), shutdown_signal())
-            .await
-            .context("CA server failed")
+        crate::server::serve_draining(
+            listener,
+            Arc::new(authority),
+            shutdown_signal(),
+            args.drain_duration,
+        )
+        .await
+        .context("CA server failed")
     })
 }
 

@@ -100,6 +100,9 @@ pub enum StoreError {
     /// Objects asked for do not exist; nothing was changed.
     #[error("not found: {}", list(.0))]
     NotFound(Vec<ResourceKey>),
+    /// The caller cancelled the write before it committed; nothing was changed.
+    #[error("cancelled before anything was stored")]
+    Cancelled,
 }
 
 fn list(keys: &[ResourceKey]) -> String {
@@ -346,7 +349,7 @@ impl Store {
         &self,
         resources: Vec<Resource>,
     ) -> Result<Vec<(ResourceKey, Outcome)>, StoreError> {
-        self.write_apply(resources, true)
+        self.write_apply(resources, true, &|| false)
     }
 
     /// Computes what [`Store::apply`] would do (outcomes and errors) without storing anything.
@@ -354,7 +357,18 @@ impl Store {
         &self,
         resources: Vec<Resource>,
     ) -> Result<Vec<(ResourceKey, Outcome)>, StoreError> {
-        self.write_apply(resources, false)
+        self.write_apply(resources, false, &|| false)
+    }
+
+    /// [`Store::apply`], or [`Store::dry_run`] when `dry_run`, that checks `cancelled` before each
+    /// object and stops with [`StoreError::Cancelled`], storing nothing, once it returns true.
+    pub fn apply_unless(
+        &self,
+        resources: Vec<Resource>,
+        dry_run: bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<(ResourceKey, Outcome)>, StoreError> {
+        self.write_apply(resources, !dry_run, cancelled)
     }
 
     /// Deletes `keys` in one transaction; if any is missing, nothing is deleted and the error lists
@@ -402,6 +416,7 @@ impl Store {
         &self,
         resources: Vec<Resource>,
         commit: bool,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<(ResourceKey, Outcome)>, StoreError> {
         let _writer = self.lock();
         let txn = self.db.begin_write().map_err(db_err)?;
@@ -409,11 +424,16 @@ impl Store {
         let now = UNIX_EPOCH + Duration::from_secs(unix_seconds(SystemTime::now()));
         let mut outcomes = Vec::with_capacity(resources.len());
         let mut changes = BTreeMap::new();
+        let mut stopped = false;
         {
             let mut objects = txn.open_table(OBJECTS).map_err(db_err)?;
             let mut ips = txn.open_table(CLUSTER_IPS).map_err(db_err)?;
             let mut free_from = CLUSTER_IP_FIRST;
             for mut resource in resources {
+                if cancelled() {
+                    stopped = true;
+                    break;
+                }
                 let key = resource.key();
                 let id = object_key(&key);
                 let stored = objects
@@ -458,6 +478,10 @@ impl Store {
                 outcomes.push((key.clone(), outcome));
                 changes.insert(key, Some(Arc::new(object)));
             }
+        }
+        if stopped {
+            txn.abort().map_err(db_err)?;
+            return Err(StoreError::Cancelled);
         }
         if changes.is_empty() || !commit {
             txn.abort().map_err(db_err)?;
