@@ -184,6 +184,8 @@ pub struct ServeContext {
 /// Runs `pilot serve` until SIGTERM/SIGINT. Prints `listening on unix:<socket>` once the config API
 /// socket is bound.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    // Before anything is announced: a SIGTERM right after `listening on` must drain, not kill.
+    let signals = weft_ca::cli::shutdown_signal();
     let dir = &args.data_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -238,7 +240,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     let signal = context.shutdown.clone();
     tokio::spawn(async move {
-        weft_ca::cli::shutdown_signal().await;
+        signals.await;
         signal.cancel();
     });
     let discovery_task = if let (Some(listener), Some((_, opts)), Some(proxies)) =
