@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// The private key of --root-cert's first certificate (PKCS#8 PEM).
     #[arg(long, requires = "root_cert")]
     pub root_key: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish after the listener stops
+    /// accepting (Istio's terminationDrainDuration); the CA then exits 0.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_duration: Duration,
 }
 
 /// `ca token` flags.
@@ -268,6 +272,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -276,7 +281,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, trust_domain = %args.trust_domain, "CA serving");
-        crate::server::serve(listener, Arc::new(authority), shutdown_signal())
+        crate::server::serve_draining(listener, Arc::new(authority), shutdown, args.drain_duration)
             .await
             .context("CA server failed")
     })
@@ -306,21 +311,29 @@ pub fn report_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a signal that arrives between the `listening on` line and the first
+/// poll would otherwise kill the process with the default action instead of draining it. Call it
+/// inside the runtime, before announcing the listener.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
 /// Logs to stderr, filtered by RUST_LOG (default info); shared by the weft binaries.

@@ -24,7 +24,8 @@ pub const CA_SERVICE_ACCOUNT: &str = "weft-ca";
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Validity of the CA's serving certificate; re-issued at every start.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// How long open connections may finish their requests after shutdown begins.
+/// How long open connections may finish their requests after shutdown begins, unless
+/// `--drain-duration` says otherwise (Istio's terminationDrainDuration default).
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Metadata key of Istio's impersonation request.
 const IMPERSONATION_KEY: &str = "ImpersonatedIdentity";
@@ -152,13 +153,24 @@ pub fn serving_credentials(authority: &Authority) -> Result<Credentials, ServeEr
     Ok(Credentials::from_pem(&chain, &key.serialize_pem())?)
 }
 
-/// Serves the CA on `listener` over TLS until `shutdown` completes, then lets in-flight requests
-/// finish for at most [`DRAIN_GRACE`] (idle clients keep HTTP/2 connections open indefinitely, so a
-/// purely graceful stop could wait forever).
+/// [`serve_draining`] with the default drain of [`DRAIN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
     authority: Arc<Authority>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve_draining(listener, authority, shutdown, DRAIN_GRACE).await
+}
+
+/// Serves the CA on `listener` over TLS until `shutdown` completes, then drains: the listener stops
+/// accepting, open HTTP/2 connections get GOAWAY (tonic's graceful shutdown) so clients reconnect
+/// elsewhere, and in-flight requests get `drain` to finish. Idle clients keep HTTP/2 connections
+/// open indefinitely, so a purely graceful stop could wait forever: at the deadline the rest close.
+pub async fn serve_draining(
+    listener: TcpListener,
+    authority: Arc<Authority>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> Result<(), ServeError> {
     let creds = serving_credentials(&authority)?;
     let bundle = TrustBundle::from_pem(authority.root_pem())?;
@@ -183,7 +195,8 @@ pub async fn serve(
         () = shutdown => {}
     }
     let _ = stop_tx.send(());
-    match tokio::time::timeout(DRAIN_GRACE, server).await {
+    tracing::info!(?drain, "draining");
+    match tokio::time::timeout(drain, server).await {
         Ok(res) => res?,
         Err(_) => tracing::info!("drain grace elapsed; closing remaining connections"),
     }

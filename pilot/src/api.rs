@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use weft_pilot_config::{Kind, Resource, ResourceKey, Warning};
 use weft_proto::config as pb;
@@ -48,6 +49,10 @@ pub enum ApiError {
     /// The blocking store task did not complete.
     #[error("store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The call was abandoned before it stored anything: pilot is shutting down and the drain
+    /// deadline passed (a client that went away never sees this).
+    #[error("pilot is shutting down; nothing was stored, try again")]
+    Cancelled,
 }
 
 impl From<ApiError> for Status {
@@ -69,6 +74,9 @@ impl From<ApiError> for Status {
                 | StoreError::ClusterIpImmutable { .. }
                 | StoreError::ClusterIpsExhausted(_),
             ) => Status::invalid_argument(message),
+            ApiError::Cancelled | ApiError::Store(StoreError::Cancelled) => {
+                Status::unavailable(ApiError::Cancelled.to_string())
+            }
             ApiError::Store(
                 StoreError::Open { .. } | StoreError::Storage(_) | StoreError::Corrupt { .. },
             )
@@ -90,141 +98,96 @@ fn not_found_line(key: &ResourceKey) -> String {
 }
 
 /// The ConfigService implementation over a [`Store`].
+///
+/// Every call that parses, validates, analyzes or encodes objects runs on the blocking pool, so a
+/// large apply never holds an async worker (discovery keeps being served), and it checks a
+/// cancellation token between documents and objects: the token is cancelled when tonic drops the
+/// call (the client went away) or when `abort` is (pilot's drain deadline passed).
 #[derive(Debug, Clone)]
 pub struct ConfigApi {
     store: Arc<Store>,
     /// Connected sidecars; `None` when pilot runs without discovery.
     proxies: Option<Arc<crate::discovery::ProxyTable>>,
+    /// Cancelled when in-flight calls must stop (the drain deadline of a shutdown).
+    abort: CancellationToken,
 }
 
 impl ConfigApi {
-    /// A server for `store`, with message limits set for whole YAML files.
+    /// A server for `store`, with message limits set for whole YAML files. Calls still running when
+    /// `abort` is cancelled stop, storing nothing.
     pub fn server(
         store: Arc<Store>,
         proxies: Option<Arc<crate::discovery::ProxyTable>>,
+        abort: CancellationToken,
     ) -> ConfigServiceServer<ConfigApi> {
-        ConfigServiceServer::new(ConfigApi { store, proxies })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        ConfigServiceServer::new(ConfigApi {
+            store,
+            proxies,
+            abort,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Runs `work` on the blocking pool with a token that is cancelled if this future is dropped
+    /// before it completes (tonic drops a call whose client reset the stream or closed the
+    /// connection) or when `abort` is cancelled.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        work: impl FnOnce(&Store, &CancellationToken) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        let cancel = self.abort.child_token();
+        let on_drop = cancel.clone().drop_guard();
+        let token = cancel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = work(&store, &token);
+            if matches!(
+                result,
+                Err(ApiError::Cancelled | ApiError::Store(StoreError::Cancelled))
+            ) {
+                tracing::info!(call = what, "config call cancelled; nothing was stored");
+            }
+            result
+        })
+        .await;
+        let _ = on_drop.disarm();
+        result?
     }
 
     async fn apply(&self, request: pb::ApplyRequest) -> Result<pb::ApplyResponse, ApiError> {
-        let resources = parse_all(&request.documents, &request.default_namespace)?;
-        if resources.is_empty() {
-            return Err(ApiError::BadRequest("no objects passed to apply"));
-        }
-        let store = self.store.clone();
-        let input = resources.clone();
-        let outcomes = tokio::task::spawn_blocking(move || {
-            if request.dry_run {
-                store.dry_run(input)
-            } else {
-                store.apply(input)
-            }
+        self.blocking("apply", |store, cancel| {
+            apply_blocking(store, request, cancel)
         })
-        .await??;
-        // After a real apply the snapshot already holds the objects; after a dry run the overlay
-        // shows the analyzer the world as it would be.
-        let snapshot = self.store.snapshot();
-        let applied: BTreeSet<ResourceKey> = resources.iter().map(Resource::key).collect();
-        let warnings = weft_pilot_config::analyze(&overlay(&snapshot, resources))
-            .into_iter()
-            .filter(|w| applied.contains(&w.object))
-            .map(to_pb_warning)
-            .collect();
-        Ok(pb::ApplyResponse {
-            results: outcomes
-                .into_iter()
-                .map(|(key, outcome)| pb::ObjectOutcome {
-                    object: Some(to_pb_ref(&key)),
-                    outcome: to_pb_outcome(outcome).into(),
-                })
-                .collect(),
-            warnings,
-            revision: snapshot.revision(),
-        })
+        .await
     }
 
-    fn get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
-        let kind = parse_kind(&request.kind)?;
-        if request.all_namespaces && !request.name.is_empty() {
-            return Err(ApiError::BadRequest(
-                "a resource cannot be retrieved by name across all namespaces",
-            ));
-        }
-        let namespace = namespace_or_default(&request.namespace);
-        let snapshot = self.store.snapshot();
-        let objects = snapshot
-            .of_kind(kind)
-            .filter(|o| request.all_namespaces || o.resource.namespace() == namespace)
-            .filter(|o| request.name.is_empty() || o.resource.name() == request.name)
-            .map(|o| {
-                let key = o.resource.key();
-                let json =
-                    serde_json::to_string(&o.resource).map_err(|source| ApiError::Encode {
-                        key: key.clone(),
-                        source,
-                    })?;
-                Ok(pb::StoredObject {
-                    json,
-                    resource_version: o.resource_version,
-                    generation: o.generation,
-                    creation_timestamp: o
-                        .created
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                        .unwrap_or(0),
-                    object: Some(to_pb_ref(&key)),
-                })
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        if objects.is_empty() && !request.name.is_empty() {
-            return Err(StoreError::NotFound(vec![ResourceKey {
-                kind,
-                namespace: namespace.to_string(),
-                name: request.name,
-            }])
-            .into());
-        }
-        Ok(pb::GetResponse {
-            objects,
-            revision: snapshot.revision(),
-        })
+    async fn get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
+        self.blocking("get", |store, cancel| get_blocking(store, request, cancel))
+            .await
     }
 
     async fn delete(&self, request: pb::DeleteRequest) -> Result<pb::DeleteResponse, ApiError> {
-        let namespace = namespace_or_default(&request.default_namespace);
-        let mut keys = Vec::new();
-        for object in &request.objects {
-            keys.push(ResourceKey {
-                kind: parse_kind(&object.kind)?,
-                namespace: match object.namespace.as_str() {
-                    "" => namespace.to_string(),
-                    given => given.to_string(),
-                },
-                name: object.name.clone(),
-            });
-        }
-        let parsed = parse_all(&request.documents, namespace)?;
-        keys.extend(parsed.iter().map(Resource::key));
-        let store = self.store.clone();
-        let to_delete = keys.clone();
-        let revision = tokio::task::spawn_blocking(move || store.delete(&to_delete)).await??;
-        Ok(pb::DeleteResponse {
-            deleted: keys.iter().map(to_pb_ref).collect(),
-            revision,
+        self.blocking("delete", |store, cancel| {
+            delete_blocking(store, request, cancel)
         })
+        .await
     }
 
-    fn analyze(&self, request: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, ApiError> {
-        let extra = parse_all(&request.documents, &request.default_namespace)?;
-        let all = overlay(&self.store.snapshot(), extra);
-        Ok(pb::AnalyzeResponse {
-            warnings: weft_pilot_config::analyze(&all)
-                .into_iter()
-                .map(to_pb_warning)
-                .collect(),
+    async fn analyze(&self, request: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, ApiError> {
+        self.blocking("analyze", move |store, cancel| {
+            let extra = parse_all(&request.documents, &request.default_namespace, cancel)?;
+            let all = overlay(&store.snapshot(), extra);
+            check(cancel)?;
+            Ok(pb::AnalyzeResponse {
+                warnings: weft_pilot_config::analyze(&all)
+                    .into_iter()
+                    .map(to_pb_warning)
+                    .collect(),
+            })
         })
+        .await
     }
 }
 
@@ -243,7 +206,9 @@ impl ConfigService for ConfigApi {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        Ok(Response::new(ConfigApi::get(self, request.into_inner())?))
+        Ok(Response::new(
+            ConfigApi::get(self, request.into_inner()).await?,
+        ))
     }
 
     async fn delete(
@@ -259,10 +224,9 @@ impl ConfigService for ConfigApi {
         &self,
         request: Request<pb::AnalyzeRequest>,
     ) -> Result<Response<pb::AnalyzeResponse>, Status> {
-        Ok(Response::new(ConfigApi::analyze(
-            self,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(
+            ConfigApi::analyze(self, request.into_inner()).await?,
+        ))
     }
 
     async fn proxy_status(
@@ -297,13 +261,145 @@ impl ConfigService for ConfigApi {
     }
 }
 
+fn get_blocking(
+    store: &Store,
+    request: pb::GetRequest,
+    cancel: &CancellationToken,
+) -> Result<pb::GetResponse, ApiError> {
+    let kind = parse_kind(&request.kind)?;
+    if request.all_namespaces && !request.name.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a resource cannot be retrieved by name across all namespaces",
+        ));
+    }
+    let namespace = namespace_or_default(&request.namespace);
+    let snapshot = store.snapshot();
+    let objects = snapshot
+        .of_kind(kind)
+        .filter(|o| request.all_namespaces || o.resource.namespace() == namespace)
+        .filter(|o| request.name.is_empty() || o.resource.name() == request.name)
+        .map(|o| {
+            check(cancel)?;
+            let key = o.resource.key();
+            let json = serde_json::to_string(&o.resource).map_err(|source| ApiError::Encode {
+                key: key.clone(),
+                source,
+            })?;
+            Ok(pb::StoredObject {
+                json,
+                resource_version: o.resource_version,
+                generation: o.generation,
+                creation_timestamp: o
+                    .created
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                    .unwrap_or(0),
+                object: Some(to_pb_ref(&key)),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    if objects.is_empty() && !request.name.is_empty() {
+        return Err(StoreError::NotFound(vec![ResourceKey {
+            kind,
+            namespace: namespace.to_string(),
+            name: request.name,
+        }])
+        .into());
+    }
+    Ok(pb::GetResponse {
+        objects,
+        revision: snapshot.revision(),
+    })
+}
+
+fn delete_blocking(
+    store: &Store,
+    request: pb::DeleteRequest,
+    cancel: &CancellationToken,
+) -> Result<pb::DeleteResponse, ApiError> {
+    let namespace = namespace_or_default(&request.default_namespace);
+    let mut keys = Vec::new();
+    for object in &request.objects {
+        keys.push(ResourceKey {
+            kind: parse_kind(&object.kind)?,
+            namespace: match object.namespace.as_str() {
+                "" => namespace.to_string(),
+                given => given.to_string(),
+            },
+            name: object.name.clone(),
+        });
+    }
+    let parsed = parse_all(&request.documents, namespace, cancel)?;
+    keys.extend(parsed.iter().map(Resource::key));
+    check(cancel)?;
+    let revision = store.delete(&keys)?;
+    Ok(pb::DeleteResponse {
+        deleted: keys.iter().map(to_pb_ref).collect(),
+        revision,
+    })
+}
+
+/// The whole apply, on a blocking thread: parse and validate, store (or dry run), analyze.
+fn apply_blocking(
+    store: &Store,
+    request: pb::ApplyRequest,
+    cancel: &CancellationToken,
+) -> Result<pb::ApplyResponse, ApiError> {
+    let resources = parse_all(&request.documents, &request.default_namespace, cancel)?;
+    if resources.is_empty() {
+        return Err(ApiError::BadRequest("no objects passed to apply"));
+    }
+    let outcomes = store.apply_unless(resources.clone(), request.dry_run, &|| {
+        cancel.is_cancelled()
+    })?;
+    check(cancel)?;
+    // After a real apply the snapshot already holds the objects; after a dry run the overlay
+    // shows the analyzer the world as it would be.
+    let snapshot = store.snapshot();
+    let applied: BTreeSet<ResourceKey> = resources.iter().map(Resource::key).collect();
+    let warnings = weft_pilot_config::analyze(&overlay(&snapshot, resources))
+        .into_iter()
+        .filter(|w| applied.contains(&w.object))
+        .map(to_pb_warning)
+        .collect();
+    Ok(pb::ApplyResponse {
+        results: outcomes
+            .into_iter()
+            .map(|(key, outcome)| pb::ObjectOutcome {
+                object: Some(to_pb_ref(&key)),
+                outcome: to_pb_outcome(outcome).into(),
+            })
+            .collect(),
+        warnings,
+        revision: snapshot.revision(),
+    })
+}
+
+fn check(cancel: &CancellationToken) -> Result<(), ApiError> {
+    if cancel.is_cancelled() {
+        Err(ApiError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
 /// Parses every document; on any error, returns every error line of every document.
-fn parse_all(documents: &[pb::Document], namespace: &str) -> Result<Vec<Resource>, ApiError> {
+fn parse_all(
+    documents: &[pb::Document],
+    namespace: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<Resource>, ApiError> {
     let namespace = namespace_or_default(namespace);
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     for document in documents {
-        match weft_pilot_config::parse_documents(&document.file, &document.text, namespace) {
+        let parsed = weft_pilot_config::parse_documents_until(
+            &document.file,
+            &document.text,
+            namespace,
+            || check(cancel),
+        )?;
+        match parsed {
             Ok(parsed) => resources.extend(parsed),
             Err(e) => errors.extend(e.errors().iter().map(ToString::to_string)),
         }
@@ -373,6 +469,7 @@ mod tests {
             ConfigApi {
                 store,
                 proxies: None,
+                abort: CancellationToken::new(),
             },
         )
     }
@@ -411,7 +508,7 @@ mod tests {
             name: "missing".into(),
             ..Default::default()
         };
-        let status = Status::from(api.get(get).unwrap_err());
+        let status = Status::from(api.get(get).await.unwrap_err());
         assert_eq!(status.code(), tonic::Code::NotFound);
         assert_eq!(
             status.message(),
@@ -432,7 +529,102 @@ mod tests {
         // A later apply of something else does not repeat the stored VirtualService's warning.
         let response = api.apply(apply_request(SERVICE, false)).await.unwrap();
         assert!(response.warnings.is_empty(), "{:?}", response.warnings);
-        let all = api.analyze(pb::AnalyzeRequest::default()).unwrap();
+        let all = api.analyze(pb::AnalyzeRequest::default()).await.unwrap();
         assert!(all.warnings.iter().any(|w| w.code == "IST0101"));
+    }
+
+    /// Many Services, so the whole apply takes long enough to be cut in the middle.
+    fn many_services(n: usize) -> String {
+        (0..n)
+            .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec:\n  ports: [{{port: 80}}]\n"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_call_cancels_its_blocking_work() {
+        let (_dir, api) = api();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+        let call = tokio::spawn(async move {
+            api.blocking("test", move |_, cancel| {
+                let _ = started_tx.send(());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while !cancel.is_cancelled() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let _ = stopped_tx.send(cancel.is_cancelled());
+                check(cancel)
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        // What tonic does when the client resets the stream or closes the connection.
+        call.abort();
+        let saw_cancel = tokio::task::spawn_blocking(move || {
+            stopped_rx.recv_timeout(std::time::Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            saw_cancel,
+            Ok(true),
+            "the blocking work must see the cancellation"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abort_mid_apply_stores_nothing_and_answers_unavailable() {
+        let (_dir, api) = api();
+        let abort = api.abort.clone();
+        let text = many_services(3000);
+        let handle = {
+            let api = api.clone();
+            tokio::spawn(async move { api.apply(apply_request(&text, false)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let cut = std::time::Instant::now();
+        abort.cancel();
+        let result = handle.await.unwrap();
+        assert!(
+            cut.elapsed() < std::time::Duration::from_secs(2),
+            "stopped {:?} after the abort",
+            cut.elapsed()
+        );
+        let status = Status::from(result.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(api.store.snapshot().is_empty());
+        assert_eq!(api.store.snapshot().revision(), 0);
+    }
+
+    /// On a single-threaded runtime, work done inline by a call would stop every other task (the
+    /// discovery streams) until it ends; a ticker task shows how long the runtime was held.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_apply_leaves_the_runtime_free() {
+        let (_dir, api) = api();
+        let text = many_services(2000);
+        let stop = CancellationToken::new();
+        let ticker = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut longest = std::time::Duration::ZERO;
+                let mut last = std::time::Instant::now();
+                while !stop.is_cancelled() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    longest = longest.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                longest
+            }
+        });
+        let started = std::time::Instant::now();
+        api.apply(apply_request(&text, true)).await.unwrap();
+        let took = started.elapsed();
+        stop.cancel();
+        let longest = ticker.await.unwrap();
+        assert!(
+            longest < std::time::Duration::from_millis(300),
+            "the runtime was held for {longest:?} during an apply of {took:?}"
+        );
     }
 }

@@ -193,7 +193,11 @@ fn execute(cli: Cli) -> Result<()> {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?;
-        return Ok(runtime.block_on(crate::serve::run(args))?);
+        let result = runtime.block_on(crate::serve::run(args));
+        // Dropping the runtime would wait without bound for blocking work (a cancelled apply
+        // finishing its current document, a store commit); a commit is atomic either way.
+        runtime.shutdown_timeout(crate::serve::EXIT_AFTER_DRAIN);
+        return Ok(result?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -746,8 +746,6 @@ fn combine(outbound: u64, local: u64) -> u64 {
 pub const PILOT_NAMESPACE: &str = "weft-system";
 /// Service account of pilot's own identity.
 pub const PILOT_SERVICE_ACCOUNT: &str = "pilot";
-/// How long open streams get to end after shutdown begins.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// What discovery needs beyond the store.
 #[derive(Debug, Clone)]
@@ -766,6 +764,8 @@ pub struct DiscoveryOptions {
     pub workload_grace: Duration,
     /// Mesh-wide settings sent to every sidecar.
     pub mesh: MeshOptions,
+    /// How long in-flight calls get to finish after shutdown begins (`--drain-duration`).
+    pub drain: Duration,
 }
 
 /// Why discovery could not start.
@@ -792,6 +792,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
     use weft_ca::tls::{self, ClientAuth, CredentialStore};
+    let drain = opts.drain;
     let td = opts.mesh.trust_domain.clone();
     let identity = SpiffeId::new(&td, PILOT_NAMESPACE, PILOT_SERVICE_ACCOUNT)
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
@@ -848,7 +849,7 @@ pub async fn serve(
     let result = tokio::select! {
         r = &mut server => r.map_err(DiscoveryError::from),
         () = shutdown.cancelled() => {
-            match tokio::time::timeout(DRAIN_GRACE, server).await {
+            match tokio::time::timeout(drain, server).await {
                 Ok(r) => r.map_err(DiscoveryError::from),
                 Err(_) => Ok(()),
             }

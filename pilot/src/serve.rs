@@ -21,14 +21,16 @@ use weft_pilot_config::translate::MeshOptions;
 
 /// The config API socket's file name inside `--data-dir`.
 pub const SOCKET_FILE: &str = "pilot.sock";
-/// How long in-flight config calls may take to finish after shutdown starts.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long the process may take past the drain deadline: calls still running then stop between
+/// two documents or objects, and the runtime gives blocking work this long before it exits anyway.
+pub const EXIT_AFTER_DRAIN: Duration = Duration::from_secs(1);
 
 /// `pilot serve` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Directory holding the config store (pilot.redb) and the config API socket (pilot.sock).
-    /// Created with owner-only permissions if missing.
+    /// Created with owner-only permissions if missing; an existing one is set to 0700 and its files
+    /// to 0600 at start.
     #[arg(long, env = "WEFT_PILOT_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Discovery (mTLS gRPC to sidecars) listen address, e.g. 0.0.0.0:15012. The config API is never
@@ -67,6 +69,11 @@ pub struct ServeArgs {
     /// Percentage of new traces sampled by sidecars (Istio's default is 1; weft's demo wants all).
     #[arg(long, default_value_t = 100.0)]
     pub trace_sampling: f64,
+    /// On SIGTERM/SIGINT, how long in-flight calls (an apply, a discovery push) may take to finish
+    /// after listeners stop accepting (Istio's terminationDrainDuration). Work still running then
+    /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
+    #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration)]
+    pub drain_duration: Duration,
 }
 
 impl ServeArgs {
@@ -113,6 +120,7 @@ impl ServeArgs {
                 },
                 workload_grace: self.workload_grace,
                 mesh,
+                drain: self.drain_duration,
             },
         )))
     }
@@ -121,8 +129,8 @@ impl ServeArgs {
 /// Why `pilot serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The data directory could not be created.
-    #[error("cannot create the data directory {}: {source}", path.display())]
+    /// The data directory could not be created or restricted to its owner.
+    #[error("cannot create or secure the data directory {}: {source}", path.display())]
     DataDir {
         /// The directory.
         path: PathBuf,
@@ -170,8 +178,13 @@ pub enum ServeError {
 pub struct ServeContext {
     /// The config store; `store.subscribe()` gives every committed snapshot.
     pub store: Arc<Store>,
-    /// Cancelled when the daemon shuts down (SIGTERM/SIGINT or a fatal error).
+    /// Cancelled when the daemon shuts down (SIGTERM/SIGINT or a fatal error): listeners stop
+    /// accepting and the drain starts.
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain is over: work still running stops.
+    pub abort: CancellationToken,
+    /// How long the drain lasts.
+    pub drain: Duration,
     /// Sidecars connected to discovery (`None` without `--listen`).
     pub proxies: Option<Arc<ProxyTable>>,
 }
@@ -179,6 +192,8 @@ pub struct ServeContext {
 /// Runs `pilot serve` until SIGTERM/SIGINT. Prints `listening on unix:<socket>` once the config API
 /// socket is bound.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    // Before anything is announced: a SIGTERM right after `listening on` must drain, not kill.
+    let signals = weft_ca::cli::shutdown_signal();
     let dir = &args.data_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -188,10 +203,13 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             path: dir.clone(),
             source,
         })?;
+    restrict_mode(dir, 0o700)?;
     let discovery = args.discovery()?;
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
     let store = Arc::new(Store::open(dir)?);
+    // After the open, so a store file redb just created (with the umask's mode) is covered too.
+    restrict_files(dir)?;
     let discovery_listener = match &discovery {
         Some((addr, _)) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -222,20 +240,22 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let context = ServeContext {
         store,
         shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        drain: args.drain_duration,
         proxies: discovery_listener
             .is_some()
             .then(|| Arc::new(ProxyTable::default())),
     };
     let signal = context.shutdown.clone();
     tokio::spawn(async move {
-        weft_ca::cli::shutdown_signal().await;
+        signals.await;
         signal.cancel();
     });
-    if let (Some(listener), Some((_, opts)), Some(proxies)) =
+    let discovery_task = if let (Some(listener), Some((_, opts)), Some(proxies)) =
         (discovery_listener, discovery, context.proxies.clone())
     {
         let ctx = context.clone();
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             let result =
                 crate::discovery::serve(listener, opts, &ctx.store, proxies, ctx.shutdown.clone())
                     .await;
@@ -243,23 +263,36 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
                 tracing::error!(error = %e, "discovery failed; shutting down");
                 ctx.shutdown.cancel();
             }
-        });
-    }
+        }))
+    } else {
+        None
+    };
     let result = serve_config_api(listener, context.clone()).await;
     context.shutdown.cancel();
     let _ = std::fs::remove_file(&socket);
+    // Discovery drains for the same duration, from the same moment; it has its own deadline.
+    if let Some(task) = discovery_task {
+        let _ = tokio::time::timeout(context.drain + EXIT_AFTER_DRAIN, task).await;
+    }
+    context.abort.cancel();
+    tracing::info!("stopped");
     result
 }
 
-/// Serves the config API on `listener` until `context.shutdown`, then lets in-flight calls finish
-/// for at most [`DRAIN_GRACE`].
+/// Serves the config API on `listener` until `context.shutdown`, then drains: no new connections,
+/// HTTP/2 GOAWAY on open ones (tonic's graceful shutdown), and in-flight calls get
+/// `context.drain` to finish. Calls still running then are cancelled through `context.abort`.
 pub async fn serve_config_api(
     listener: UnixListener,
     context: ServeContext,
 ) -> Result<(), ServeError> {
     let shutdown = context.shutdown.clone();
     let server = tonic::transport::Server::builder()
-        .add_service(ConfigApi::server(context.store, context.proxies))
+        .add_service(ConfigApi::server(
+            context.store,
+            context.proxies,
+            context.abort.clone(),
+        ))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -269,13 +302,60 @@ pub async fn serve_config_api(
         result = &mut server => return Ok(result?),
         () = shutdown.cancelled() => {}
     }
-    match tokio::time::timeout(DRAIN_GRACE, server).await {
-        Ok(result) => Ok(result?),
+    tracing::info!(drain = ?context.drain, "draining the config API");
+    let result = match tokio::time::timeout(context.drain, &mut server).await {
+        Ok(result) => result,
         Err(_) => {
-            tracing::info!("drain grace elapsed; closing remaining config API connections");
-            Ok(())
+            tracing::info!("drain duration elapsed; cancelling config calls still running");
+            context.abort.cancel();
+            // Cancelled calls answer within one document; then the connections close.
+            match tokio::time::timeout(EXIT_AFTER_DRAIN, server).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    Ok(result?)
+}
+
+/// Sets `path`'s permission bits to `mode` if they differ, and says so: a data directory made by
+/// hand or by an older pilot (0755, files 0644) exposed the store to every local user.
+fn restrict_mode(path: &Path, mode: u32) -> Result<(), ServeError> {
+    let error = |source| ServeError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    let current = std::fs::symlink_metadata(path)
+        .map_err(error)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if current != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(error)?;
+        tracing::warn!(
+            path = %path.display(),
+            from = format_args!("{current:04o}"),
+            to = format_args!("{mode:04o}"),
+            "tightened the mode of pilot's data"
+        );
+    }
+    Ok(())
+}
+
+/// Makes every regular file directly in the data directory owner-only (0600). Symlinks and
+/// sockets are left alone: the socket is secured when bound, and a symlink's target is not ours.
+fn restrict_files(dir: &Path) -> Result<(), ServeError> {
+    let error = |source| ServeError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(error)? {
+        let entry = entry.map_err(error)?;
+        if entry.file_type().map_err(error)?.is_file() {
+            restrict_mode(&entry.path(), 0o600)?;
         }
     }
+    Ok(())
 }
 
 /// Removes a socket file no process answers on (left by a killed pilot); refuses if one answers.
@@ -309,4 +389,38 @@ fn bind_owner_only(path: &Path) -> Result<UnixListener, ServeError> {
     let listener = UnixListener::bind(path).map_err(socket_error)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn an_open_data_directory_and_its_files_become_owner_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = dir.join(crate::store::STORE_FILE);
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"x").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+
+        restrict_mode(&dir, 0o700).unwrap();
+        restrict_files(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(
+            mode(&outside),
+            0o644,
+            "a symlink's target is not pilot's to change"
+        );
+    }
 }

@@ -269,3 +269,58 @@ fn request_command_fetches_a_certificate_like_a_sidecar() {
         "{err}"
     );
 }
+
+/// An HTTP/2 client that completes TLS and the connection preface, then never reads or closes: it
+/// ignores the GOAWAY a draining server sends, as a stuck or slow peer would.
+fn stuck_h2_client(
+    addr: &str,
+    root_pem: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use std::io::Write;
+    let bundle = TrustBundle::from_pem(root_pem).unwrap();
+    let config = weft_ca::tls::client_config(
+        None,
+        &bundle,
+        vec![ca_identity("cluster.local").unwrap()],
+        &[weft_ca::tls::ALPN_H2],
+    )
+    .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("ca.invalid").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // The preface and an empty SETTINGS frame: from here the server holds an HTTP/2 connection.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    tls.flush().unwrap();
+    tls
+}
+
+#[tokio::test]
+async fn sigterm_drains_for_the_drain_duration_and_exits_0() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ca, addr) = serve(dir.path(), &["--drain-duration", "1s"]);
+    let root_pem = root(dir.path());
+    let t = token(dir.path(), "default", "sleep");
+    fetch(&addr, &root_pem, &t, "default", "sleep")
+        .await
+        .unwrap();
+    let _stuck = stuck_h2_client(&addr, &root_pem);
+    let start = std::time::Instant::now();
+    assert!(
+        ca.terminate(Duration::from_secs(10)).unwrap(),
+        "ca exited uncleanly on SIGTERM"
+    );
+    let took = start.elapsed();
+    eprintln!("ca stopped {took:?} after SIGTERM");
+    // The stuck connection holds the drain open until its deadline, no longer.
+    assert!(
+        took >= Duration::from_millis(900),
+        "ca stopped after {took:?}, before the drain ended"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "ca took {took:?} to stop"
+    );
+}

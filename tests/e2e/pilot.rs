@@ -479,3 +479,185 @@ fn kill_9_during_apply_leaves_the_old_or_the_new_state() {
     }
     assert!(kills >= 3, "only {kills} kills before the deadline");
 }
+
+/// Starts `pilot serve` on `dir` with extra flags.
+fn serve_with(dir: &Path, extra: &[&str]) -> (Proc, PathBuf) {
+    let mut cmd = Command::new(bin("pilot"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(extra);
+    Proc::spawn_listening_unix("pilot", cmd, dir).unwrap()
+}
+
+/// Writes `n` Services without cluster IPs to one file; returns its path.
+fn services_file(dir: &Path, n: usize) -> String {
+    let path = dir.join(format!("services-{n}.yaml"));
+    let docs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: s{i}\nspec:\n  selector: {{app: s{i}}}\n  ports:\n  - port: 80\n"
+            )
+        })
+        .collect();
+    std::fs::write(&path, docs.join("---\n")).unwrap();
+    path.display().to_string()
+}
+
+/// Starts `pilot apply` against the daemon of `dir` without waiting for it.
+fn spawn_apply(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(bin("pilot"))
+        .arg("apply")
+        .args(args)
+        .env("WEFT_PILOT_DATA_DIR", dir.join("data"))
+        .env_remove("PILOT_SERVER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A process's CPU time so far (user + system), from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; the fields after it start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line (12 and 13 after the name), in clock ticks.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let (_, hz, _) = run(Command::new("getconf").arg("CLK_TCK")).unwrap();
+    Duration::from_millis(ticks * 1000 / hz.trim().parse::<u64>().unwrap())
+}
+
+/// Waits until `pid` has used `busy` more CPU than `since` (it is working on a request).
+fn wait_busy(pid: u32, since: Duration, busy: Duration) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cpu_time(pid) < since + busy {
+        assert!(Instant::now() < deadline, "pilot never got busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_goes_away_stops_its_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (pilot_proc, _) = serve(d);
+    let pid = pilot_proc.pid();
+    // Tens of seconds of parsing in a debug build, seconds in a release one.
+    let big = services_file(d, 20_000);
+    let idle = cpu_time(pid);
+    let mut client = spawn_apply(d, &["--dry-run", "-f", &big]);
+    wait_busy(pid, idle, Duration::from_millis(300));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // The work stops before its next document; give the reset time to arrive.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let burnt = cpu_time(pid) - before;
+    assert!(
+        burnt < Duration::from_millis(250),
+        "pilot used {burnt:?} of CPU in the second after its client went away"
+    );
+    assert!(
+        pilot_proc
+            .stderr_tail()
+            .contains("config call cancelled; nothing was stored"),
+        "{}",
+        pilot_proc.stderr_tail()
+    );
+    // Nothing is left holding the store: the next apply goes through.
+    ok(d, &["apply", "-f", &services_file(d, 3)]);
+}
+
+/// Starts pilot with `flags`, an apply of `n` Services, and SIGTERM once pilot is busy with it;
+/// returns how long pilot took to exit (it must exit 0) and the client's output.
+fn sigterm_during_apply(d: &Path, flags: &[&str], n: usize) -> (Duration, std::process::Output) {
+    let (mut pilot_proc, _) = serve_with(d, flags);
+    let pid = pilot_proc.pid();
+    let file = services_file(d, n);
+    let idle = cpu_time(pid);
+    let client = spawn_apply(d, &["-f", &file]);
+    wait_busy(pid, idle, Duration::from_millis(100));
+    let start = Instant::now();
+    assert!(
+        pilot_proc.terminate(Duration::from_secs(10)).unwrap(),
+        "pilot exited uncleanly; stderr:\n{}",
+        pilot_proc.stderr_tail()
+    );
+    (start.elapsed(), client.wait_with_output().unwrap())
+}
+
+#[test]
+fn sigterm_during_a_huge_apply_stops_pilot_within_the_drain_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (took, out) = sigterm_during_apply(d, &["--drain-duration", "1s"], 20_000);
+    // The documented bound: the drain duration, then at most 1 s for cancelled work.
+    assert!(
+        took < Duration::from_millis(2500),
+        "pilot took {took:?} to stop"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the cut apply reported success");
+    assert!(err.contains("shutting down"), "{err}");
+    // Nothing of the cut apply was stored.
+    let (_again, _) = serve(d);
+    let (success, out, err) = pilot(d, &["get", "svc"]);
+    assert!(success, "{err}");
+    assert_eq!(
+        (out.as_str(), err.trim()),
+        ("", "No resources found in default namespace.")
+    );
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_apply_finish_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    const N: usize = 2000;
+    // A drain long enough for a loaded machine; pilot must not wait for its end.
+    let (took, out) = sigterm_during_apply(d, &["--drain-duration", "60s"], N);
+    assert!(
+        took < Duration::from_secs(30),
+        "pilot took {took:?} to stop: it waited for the drain deadline, not for the apply"
+    );
+    assert!(
+        out.status.success(),
+        "the in-flight apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_again, _) = serve(d);
+    let stored = get_json(d, &["svc"]);
+    assert_eq!(stored["items"].as_array().unwrap().len(), N);
+}
+
+#[test]
+fn an_existing_data_directory_is_made_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let store = data.join("pilot.redb");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let (mut first, _) = serve(d);
+    assert!(first.terminate(Duration::from_secs(10)).unwrap());
+    // As a hand-made directory or an older pilot left them.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let (second, _) = serve(d);
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&store), 0o600);
+    let log = second.stderr_tail();
+    for path in [&data, &store] {
+        assert!(
+            log.lines().any(
+                |l| l.contains("tightened the mode") && l.contains(&path.display().to_string())
+            ),
+            "no log line for {}:\n{log}",
+            path.display()
+        );
+    }
+    ok(d, &["get", "vs"]);
+}

@@ -21,6 +21,6 @@ pub mod virtual_service;
 
 pub use analyze::{Warning, analyze};
 pub use error::{ConfigError, ConfigErrors, FieldError, FieldPath, Position, Problem};
-pub use parse::parse_documents;
+pub use parse::{parse_documents, parse_documents_until};
 pub use resource::{Kind, ObjectMeta, Resource, ResourceKey};
 pub use validate::validate;

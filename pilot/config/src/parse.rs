@@ -5,6 +5,7 @@
 //! one pass, but serde buffers its content and the line/column of errors is lost (ecosystem P9).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 
 use serde::Deserialize;
@@ -26,10 +27,27 @@ pub fn parse_documents(
     text: &str,
     default_ns: &str,
 ) -> Result<Vec<Resource>, ConfigErrors> {
+    match parse_documents_until(file, text, default_ns, || Ok::<(), Infallible>(())) {
+        Ok(parsed) => parsed,
+        Err(never) => match never {},
+    }
+}
+
+/// [`parse_documents`] that calls `check` before each document and stops with its error, so a
+/// caller can abandon a large input (its client went away, the server is shutting down) after at
+/// most one more document instead of after all of them. The work per document does not depend on
+/// the number of documents: the cost is linear in the input.
+pub fn parse_documents_until<E>(
+    file: &str,
+    text: &str,
+    default_ns: &str,
+    mut check: impl FnMut() -> Result<(), E>,
+) -> Result<Result<Vec<Resource>, ConfigErrors>, E> {
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     let mut first_seen: HashMap<ResourceKey, usize> = HashMap::new();
     for (i, document) in split_documents(text).into_iter().enumerate() {
+        check()?;
         let context = DocumentContext {
             file,
             number: i + 1,
@@ -62,11 +80,11 @@ pub fn parse_documents(
             Err(mut document_errors) => errors.append(&mut document_errors),
         }
     }
-    if errors.is_empty() {
+    Ok(if errors.is_empty() {
         Ok(resources)
     } else {
         Err(ConfigErrors(errors))
-    }
+    })
 }
 
 /// Where a document sits in its file.
@@ -482,6 +500,27 @@ mod tests {
             summary,
             vec![(1, "---\na: 1\n"), (7, "---\nb: 2\n...\n"), (10, "c: 3\n")]
         );
+    }
+
+    #[test]
+    fn a_check_error_stops_before_the_next_document() {
+        let text: String = (0..5)
+            .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n---\n"))
+            .collect();
+        let mut checks = 0;
+        let stopped = parse_documents_until("f", &text, "default", || {
+            checks += 1;
+            if checks == 3 { Err("stop") } else { Ok(()) }
+        });
+        assert_eq!(stopped, Err("stop"));
+        assert_eq!(checks, 3, "two documents parsed, then stopped");
+        let mut checks = 0;
+        let all = parse_documents_until("f", &text, "default", || {
+            checks += 1;
+            Ok::<(), ()>(())
+        });
+        assert_eq!(all.map(|r| r.map(|v| v.len())), Ok(Ok(5)));
+        assert_eq!(checks, 5);
     }
 
     #[test]

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use weft_proto::discovery as pb;
 
-use crate::peer_authentication::{MtlsMode, PeerAuthenticationSpec, PeerMtls};
+use crate::peer_authentication::{MtlsMode, PeerMtls};
 
 use super::Workload;
-use super::catalog::{Catalog, labels_match};
+use super::catalog::Catalog;
 
 /// The node's inbound settings: its resolved mode and the per-port overrides.
 pub(super) fn build(catalog: &Catalog<'_>, node: &Workload) -> pb::Inbound {
@@ -45,26 +45,14 @@ struct Resolved {
 /// so it is left out of the map.
 fn resolve(catalog: &Catalog<'_>, workload: &Workload) -> Resolved {
     let root = catalog.mesh().root_namespace.as_str();
-    let policies = catalog.peer_authentications();
-    let first = |namespace: &str, with_selector: bool| {
-        policies.iter().find(|pa| {
-            pa.namespace == namespace
-                && match selector(pa.spec) {
-                    None => !with_selector,
-                    Some(labels) => with_selector && labels_match(labels, &workload.labels),
-                }
-        })
-    };
-    let mesh = first(root, false);
-    let namespace = if workload.namespace == root {
-        None
+    let mesh = catalog.namespace_policy(root);
+    let (namespace, selected) = if workload.namespace == root {
+        (None, None)
     } else {
-        first(&workload.namespace, false)
-    };
-    let selected = if workload.namespace == root {
-        None
-    } else {
-        first(&workload.namespace, true)
+        (
+            catalog.namespace_policy(&workload.namespace),
+            catalog.workload_policy(workload),
+        )
     };
 
     let mut mode = MtlsMode::Permissive;
@@ -83,14 +71,6 @@ fn resolve(catalog: &Catalog<'_>, workload: &Workload) -> Resolved {
         })
         .unwrap_or_default();
     Resolved { mode, ports }
-}
-
-/// The selector's labels, or `None` for a namespace/mesh-wide policy (no or empty selector).
-fn selector(spec: &PeerAuthenticationSpec) -> Option<&BTreeMap<String, String>> {
-    spec.selector
-        .as_ref()
-        .map(|s| &s.match_labels)
-        .filter(|labels| !labels.is_empty())
 }
 
 /// The mode a level sets, `None` for UNSET/absent (inherit).
