@@ -11,6 +11,10 @@
 //! (warm) and at the end (the goal is flat). The CA and pilot are new processes after each restart,
 //! so their figures are the latest generation's; the sidecars live through the whole run.
 //!
+//! Sidecars start with a token of `max(--token-ttl, 10s)` and the files then hold `--token-ttl`
+//! tokens. The CA tolerates 60 s of clock skew past a token's `exp` (`weft_ca::token::LEEWAY`), so a
+//! sidecar that kept its first token only starts failing renewals about 70 s in.
+//!
 //! Load is `hey` through sleep's sidecar (its outbound port as HTTP proxy), in back-to-back segments so
 //! failures can be placed in time. Sidecars run with access logs off and pilot with trace sampling 0:
 //! the harness keeps every stdout line in memory, which would grow with the run, not with the mesh.
@@ -135,6 +139,9 @@ spec:
         subset: v2
       weight: 50
 ";
+
+/// The shortest lifetime of the token a sidecar starts with.
+const FIRST_TOKEN_MIN: Duration = Duration::from_secs(10);
 
 /// Pilot's flags, at first start and at every restart.
 const PILOT_ARGS: [&str; 2] = ["--trace-sampling", "0"];
@@ -357,9 +364,13 @@ fn main() -> Result<()> {
         o.duration, o.rps, o.workers, o.token_ttl, o.cert_ttl, o.config_every, o.restart_every
     );
     let cert_ttl = format!("{}ms", o.cert_ttl.as_millis());
-    let mut seed = Seed::explicit_with(
+    // Sidecars start with a short token too (as with a projected token), but one that outlives a
+    // first certificate request on a loaded machine; every token after that lives --token-ttl.
+    let first_token_ttl = format!("{}s", o.token_ttl.max(FIRST_TOKEN_MIN).as_secs());
+    let mut seed = Seed::explicit_with_tokens(
         &PILOT_ARGS,
         &["--cert-ttl", &cert_ttl, "--access-log", "off"],
+        Some(&first_token_ttl),
     )?;
     let all_v1 = format!("{EXAMPLES}/all-v1.yaml");
     seed.apply(&all_v1)?;

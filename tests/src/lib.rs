@@ -243,6 +243,9 @@ pub struct ControlPlane {
     pub otlp: Option<String>,
     /// `grpc` (default) or `http/protobuf`.
     pub otlp_protocol: &'static str,
+    /// Lifetime of the tokens [`ControlPlane::token`] mints (`ca token --ttl`, e.g. `10s`); the CA's
+    /// default (24h) when `None`.
+    pub token_ttl: Option<String>,
 }
 
 impl ControlPlane {
@@ -268,7 +271,7 @@ impl ControlPlane {
             .arg(dir.join("ca"));
         let (ca, ca_addr) = Proc::spawn_listening("ca", cmd, dir)?;
         let root = dir.join("ca").join("root-cert.pem");
-        let token = token_file(dir, "weft-system", "pilot")?;
+        let token = token_file(dir, "weft-system", "pilot", None)?;
         let ca_addr = ca_addr.to_string();
         let mut cmd = command(bin("pilot"));
         cmd.args(["serve", "--listen", &listen, "--ca", &ca_addr])
@@ -292,12 +295,13 @@ impl ControlPlane {
             discovery_addr,
             otlp: None,
             otlp_protocol: "grpc",
+            token_ttl: None,
         })
     }
 
     /// Writes a bootstrap token for `ns`/`sa` to a file and returns its path.
     pub fn token(&self, ns: &str, sa: &str) -> Result<PathBuf> {
-        token_file(&self.dir, ns, sa)
+        token_file(&self.dir, ns, sa, self.token_ttl.as_deref())
     }
 
     /// `pilot apply -f PATH`; a failure carries pilot's output.
@@ -326,7 +330,7 @@ impl ControlPlane {
 }
 
 /// Mints a bootstrap token with the CA in `dir/ca` and writes it to `dir/<ns>.<sa>.token`.
-fn token_file(dir: &std::path::Path, ns: &str, sa: &str) -> Result<PathBuf> {
+fn token_file(dir: &std::path::Path, ns: &str, sa: &str, ttl: Option<&str>) -> Result<PathBuf> {
     let (ok, out, err) = run(Command::new(bin("ca"))
         .args([
             "token",
@@ -336,7 +340,8 @@ fn token_file(dir: &std::path::Path, ns: &str, sa: &str) -> Result<PathBuf> {
             sa,
             "--data-dir",
         ])
-        .arg(dir.join("ca")))?;
+        .arg(dir.join("ca"))
+        .args(ttl.map(|t| ["--ttl", t]).into_iter().flatten()))?;
     if !ok {
         bail!("ca token failed: {err}");
     }
