@@ -247,6 +247,10 @@ fn load(
         running.store(0, Ordering::Relaxed);
         let (statuses, errors) = parse_hey(&out);
         if statuses.is_empty() && errors.is_empty() {
+            // Interrupted before its first answer: nothing to count.
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             bail!("hey ({status}) printed no distribution:\n{out}");
         }
         segments.push(Segment {
