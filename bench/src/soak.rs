@@ -36,7 +36,7 @@ use anyhow::{Context, Result, bail};
 use weft_ca::cli::parse_duration;
 use weft_tests::Sidecar;
 use weft_tests::chaos::{self, Stop, TokenRefresher, Usage};
-use weft_tests::seed::{EXAMPLES, Seed, has_vs_route};
+use weft_tests::seed::{Seed, has_vs_route};
 
 /// The run's knobs.
 #[derive(Debug, Clone)]
@@ -358,148 +358,115 @@ fn schedule(o: &Opts) -> Vec<(Duration, Event)> {
     ev
 }
 
-fn main() -> Result<()> {
-    let o = parse_args()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    watch_signals(stop.clone());
-    println!(
-        "soak: {:?} at {} rps ({} workers), tokens {:?} rewritten every 1s, certificates {:?}, \
-         config every {:?}, CA and pilot restarts every {:?}",
-        o.duration, o.rps, o.workers, o.token_ttl, o.cert_ttl, o.config_every, o.restart_every
-    );
-    let cert_ttl = format!("{}ms", o.cert_ttl.as_millis());
-    // Sidecars start with a short token too (as with a projected token), but one that outlives a
-    // first certificate request on a loaded machine; every token after that lives --token-ttl.
-    let first_token_ttl = format!("{}s", o.token_ttl.max(FIRST_TOKEN_MIN).as_secs());
-    let mut seed = Seed::explicit_with_tokens(
-        &PILOT_ARGS,
-        &["--cert-ttl", &cert_ttl, "--access-log", "off"],
-        Some(&first_token_ttl),
-    )?;
-    let all_v1 = format!("{EXAMPLES}/all-v1.yaml");
-    seed.apply(&all_v1)?;
-    seed.wait_routes("all-v1 is in force", has_vs_route)?;
-    let tokens = TokenRefresher::start(
-        &seed.plane,
-        &[
-            ("default", "httpbin"),
-            ("default", "sleep"),
-            ("weft-system", "pilot"),
-        ],
-        o.token_ttl,
-        Duration::from_secs(1),
-    )?;
-    let sidecar_names = ["sidecar-v1", "sidecar-v2", "sidecar-sleep"];
-    let at_start = usages(&seed);
-    println!("mesh up in {}", seed.dir.path().display());
+/// The usage samples of one run: at the start, after the first config period (warm), at the end.
+type Usages = Vec<(&'static str, Result<Usage>)>;
 
-    let t0 = Instant::now();
-    let deadline = t0 + o.duration;
-    let running = Arc::new(AtomicU32::new(0));
-    let loader = {
-        let (outbound, o, stop, running) = (
-            seed.sleep.outbound.clone(),
-            o.clone(),
-            stop.clone(),
-            running.clone(),
-        );
-        std::thread::spawn(move || load(outbound, o, t0, deadline, stop, running))
+/// Flips the VirtualService: odd periods to the 50/50 split, even ones back to all-v1.
+fn change_config(seed: &Seed, k: u32) -> String {
+    let (name, res) = if k % 2 == 1 {
+        ("50/50 split", seed.apply_yaml("split.yaml", SPLIT))
+    } else {
+        ("all-v1", seed.apply("all-v1.yaml"))
     };
+    match res {
+        Ok(()) => format!("config -> {name}"),
+        Err(e) => format!("config -> {name} FAILED: {e:#}"),
+    }
+}
 
-    let mut warm = None;
-    let mut events: Vec<(f64, String)> = Vec::new();
-    let mut restarts_unclean = 0;
-    for (at, ev) in schedule(&o) {
-        while Instant::now() < t0 + at && !stop.load(Ordering::Relaxed) && !loader.is_finished() {
+/// Restarts the CA or pilot, the k-th time: odd times with SIGTERM, even ones with SIGKILL. Returns the
+/// log line and whether a SIGTERM had to be followed by SIGKILL.
+fn restart(seed: &mut Seed, ev: Event) -> Result<(String, bool)> {
+    let (Event::RestartCa(k) | Event::RestartPilot(k)) = ev else {
+        bail!("{ev:?} is not a restart");
+    };
+    let how = if k % 2 == 1 {
+        Stop::Term(Duration::from_secs(10))
+    } else {
+        Stop::Kill
+    };
+    let (who, r) = if matches!(ev, Event::RestartCa(_)) {
+        ("ca", chaos::restart_ca(&mut seed.plane, how, k))
+    } else {
+        (
+            "pilot",
+            chaos::restart_pilot(&mut seed.plane, &PILOT_ARGS, how, k),
+        )
+    };
+    let r = r.with_context(|| format!("{who} restart"))?;
+    let forced = if r.clean_exit {
+        ""
+    } else {
+        ", killed after the grace"
+    };
+    Ok((
+        format!(
+            "{who} restarted ({how}{forced}), back in {:.2}s",
+            r.downtime.as_secs_f64()
+        ),
+        !r.clean_exit,
+    ))
+}
+
+/// What the scheduled events did, for the report.
+#[derive(Default)]
+struct Timeline {
+    /// (seconds since the load began, what happened).
+    events: Vec<(f64, String)>,
+    warm: Option<Usages>,
+    restarts_forced: u32,
+}
+
+/// Fires the schedule's events at their times until the run ends (deadline, signal, or the load thread
+/// giving up). A CA or pilot that cannot come back stops the run: the rest would measure nothing.
+fn drive(
+    seed: &mut Seed,
+    o: &Opts,
+    t0: Instant,
+    stop: &AtomicBool,
+    load_done: impl Fn() -> bool,
+) -> Timeline {
+    let mut tl = Timeline::default();
+    for (at, ev) in schedule(o) {
+        while Instant::now() < t0 + at && !stop.load(Ordering::Relaxed) && !load_done() {
             std::thread::sleep(Duration::from_millis(100));
         }
-        if stop.load(Ordering::Relaxed) || loader.is_finished() {
+        if stop.load(Ordering::Relaxed) || load_done() {
             break;
         }
         let now = t0.elapsed().as_secs_f64();
         let what = match ev {
-            Event::Config(k) => {
-                let (name, res) = if k % 2 == 1 {
-                    ("50/50 split", seed.apply_yaml("split.yaml", SPLIT))
-                } else {
-                    ("all-v1", seed.apply(&all_v1))
-                };
-                match res {
-                    Ok(()) => format!("config -> {name}"),
-                    Err(e) => format!("config -> {name} FAILED: {e:#}"),
+            Event::Config(k) => change_config(seed, k),
+            Event::RestartCa(_) | Event::RestartPilot(_) => match restart(seed, ev) {
+                Ok((line, forced)) => {
+                    tl.restarts_forced += u32::from(forced);
+                    line
                 }
-            }
-            Event::RestartCa(k) | Event::RestartPilot(k) => {
-                let how = if k % 2 == 1 {
-                    Stop::Term(Duration::from_secs(10))
-                } else {
-                    Stop::Kill
-                };
-                let (who, res) = if matches!(ev, Event::RestartCa(_)) {
-                    ("ca", chaos::restart_ca(&mut seed.plane, how, k))
-                } else {
-                    (
-                        "pilot",
-                        chaos::restart_pilot(&mut seed.plane, &PILOT_ARGS, how, k),
-                    )
-                };
-                match res {
-                    Ok(r) => {
-                        if !r.clean_exit {
-                            restarts_unclean += 1;
-                        }
-                        format!(
-                            "{who} restarted ({how}{}), back in {:.2}s",
-                            if r.clean_exit {
-                                ""
-                            } else {
-                                ", killed after the grace"
-                            },
-                            r.downtime.as_secs_f64()
-                        )
-                    }
-                    // A plane that cannot come back ends the run: the rest would measure nothing.
-                    Err(e) => {
-                        println!("{now:7.1}s {who} restart FAILED: {e:#}");
-                        stop.store(true, Ordering::Relaxed);
-                        break;
-                    }
+                Err(e) => {
+                    println!("{now:7.1}s FAILED: {e:#}");
+                    stop.store(true, Ordering::Relaxed);
+                    break;
                 }
-            }
+            },
             Event::Sample => {
-                let u = usages(&seed);
+                let u = usages(seed);
                 let line: Vec<String> = u.iter().map(|(n, u)| format!("{n} {}", show(u))).collect();
-                if warm.is_none() {
-                    warm = Some(u);
-                }
+                tl.warm.get_or_insert(u);
                 format!("usage: {}", line.join(" | "))
             }
         };
         println!("{now:7.1}s {what}");
-        events.push((now, what));
+        tl.events.push((now, what));
     }
+    tl
+}
 
-    // The load thread ends at the deadline; on an early stop, interrupt the running hey.
-    if stop.load(Ordering::Relaxed) {
-        let pid = running.load(Ordering::Relaxed);
-        if pid != 0 {
-            let _ = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status();
-        }
-    }
-    let segments = match loader.join() {
-        Ok(r) => r?,
-        Err(_) => bail!("the load thread panicked"),
-    };
-    let at_end = usages(&seed);
-
+/// Prints each load segment with the events that happened in it, then the totals.
+fn report_load(segments: &[Segment], tl: &Timeline) {
     println!("\n== load segments (failures with the events in them)");
-    let (mut sent, mut failed) = (0u64, 0u64);
-    for s in &segments {
-        sent += s.sent();
-        failed += s.failed();
-        let in_it: Vec<&str> = events
+    for s in segments {
+        let in_it: Vec<&str> = tl
+            .events
             .iter()
             .filter(|(t, w)| *t >= s.start && *t < s.start + s.secs && !w.starts_with("usage"))
             .map(|(_, w)| w.as_str())
@@ -520,18 +487,25 @@ fn main() -> Result<()> {
             println!("            error x{n}: {e}");
         }
     }
-    let load_secs: f64 = segments.iter().map(|s| s.secs).sum();
+    let sent: u64 = segments.iter().map(Segment::sent).sum();
+    let failed: u64 = segments.iter().map(Segment::failed).sum();
+    let secs: f64 = segments.iter().map(|s| s.secs).sum();
     println!("\n== summary");
     println!(
-        "requests sent {sent}, failed {failed} ({:.4}%), {:.0} rps over {:.0}s",
+        "requests sent {sent}, failed {failed} ({:.4}%), {:.0} rps over {secs:.0}s",
         100.0 * failed as f64 / (sent.max(1)) as f64,
-        sent as f64 / load_secs.max(0.001),
-        load_secs
+        sent as f64 / secs.max(0.001),
     );
-    for (n, s) in sidecar_names
-        .iter()
-        .zip(seed.sidecars.iter().chain(std::iter::once(&seed.sleep)))
-    {
+}
+
+/// Prints renewals and readiness per sidecar, the token writer's count, and the usage table.
+fn report_mesh(seed: &Seed, tokens: &TokenRefresher, tl: &Timeline, start: &Usages, end: &Usages) {
+    let sidecars = [
+        ("sidecar-v1", &seed.sidecars[0]),
+        ("sidecar-v2", &seed.sidecars[1]),
+        ("sidecar-sleep", &seed.sleep),
+    ];
+    for (n, s) in sidecars {
         println!(
             "{n}: {} certificate renewals, {} renewal failures logged, ready: {}",
             s.log_count("certificate rotated"),
@@ -540,39 +514,111 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "token files written {}, token write errors {}; restarts that needed SIGKILL after SIGTERM: {restarts_unclean}",
+        "token files written {}, token write errors {}; restarts that needed SIGKILL after SIGTERM: {}",
         tokens.writes(),
-        tokens.errors().len()
+        tokens.errors().len(),
+        tl.restarts_forced
     );
     println!("\n== memory and descriptors (ca and pilot: the current generation)");
     println!(
         "{:<14} {:>22} {:>22} {:>22}",
         "process", "start", "warm", "end"
     );
-    for (i, (n, start)) in at_start.iter().enumerate() {
-        let w = warm
+    for (i, (n, first)) in start.iter().enumerate() {
+        let warm = tl
+            .warm
             .as_ref()
             .map(|w| show(&w[i].1))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{n:<14} {:>22} {:>22} {:>22}",
-            show(start),
-            w,
-            show(&at_end[i].1)
+            "{n:<14} {:>22} {warm:>22} {:>22}",
+            show(first),
+            show(&end[i].1)
         );
     }
-    if let Some(dir) = &o.log_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        for entry in std::fs::read_dir(seed.dir.path())?.flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") && !p.to_string_lossy().contains("access")
-            {
-                let _ = std::fs::copy(&p, dir.join(entry.file_name()));
-            }
+}
+
+/// Copies the processes' stderr logs (not the apps' access logs: large, and not about the mesh) out of
+/// the run's temporary directory.
+fn keep_logs(seed: &Seed, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for entry in std::fs::read_dir(seed.dir.path())?.flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "log") && !p.to_string_lossy().contains("access") {
+            std::fs::copy(&p, dir.join(entry.file_name()))
+                .with_context(|| format!("copy {}", p.display()))?;
         }
-        println!("logs copied to {}", dir.display());
     }
-    drop(tokens);
+    println!("logs copied to {}", dir.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let o = parse_args()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(stop.clone());
+    println!(
+        "soak: {:?} at {} rps ({} workers), tokens {:?} rewritten every 1s, certificates {:?}, \
+         config every {:?}, CA and pilot restarts every {:?}",
+        o.duration, o.rps, o.workers, o.token_ttl, o.cert_ttl, o.config_every, o.restart_every
+    );
+    let cert_ttl = format!("{}ms", o.cert_ttl.as_millis());
+    // Sidecars start with a short token too (as with a projected token), but one that outlives a
+    // first certificate request on a loaded machine; every token after that lives --token-ttl.
+    let first_token_ttl = format!("{}s", o.token_ttl.max(FIRST_TOKEN_MIN).as_secs());
+    let mut seed = Seed::explicit_with_tokens(
+        &PILOT_ARGS,
+        &["--cert-ttl", &cert_ttl, "--access-log", "off"],
+        Some(&first_token_ttl),
+    )?;
+    seed.apply("all-v1.yaml")?;
+    seed.wait_routes("all-v1 is in force", has_vs_route)?;
+    let tokens = TokenRefresher::start(
+        &seed.plane,
+        &[
+            ("default", "httpbin"),
+            ("default", "sleep"),
+            ("weft-system", "pilot"),
+        ],
+        o.token_ttl,
+        Duration::from_secs(1),
+    )?;
+    let at_start = usages(&seed);
+    println!("mesh up in {}", seed.dir.path().display());
+
+    let t0 = Instant::now();
+    let deadline = t0 + o.duration;
+    let running = Arc::new(AtomicU32::new(0));
+    let loader = {
+        let (outbound, o, stop, running) = (
+            seed.sleep.outbound.clone(),
+            o.clone(),
+            stop.clone(),
+            running.clone(),
+        );
+        std::thread::spawn(move || load(outbound, o, t0, deadline, stop, running))
+    };
+    let timeline = drive(&mut seed, &o, t0, &stop, || loader.is_finished());
+
+    // The load thread ends at the deadline; on an early stop, interrupt the running hey.
+    if stop.load(Ordering::Relaxed) {
+        let pid = running.load(Ordering::Relaxed);
+        if pid != 0 {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+        }
+    }
+    let segments = match loader.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the load thread panicked"),
+    };
+    let at_end = usages(&seed);
+    report_load(&segments, &timeline);
+    report_mesh(&seed, &tokens, &timeline, &at_start, &at_end);
+    if let Some(dir) = &o.log_dir {
+        keep_logs(&seed, dir)?;
+    }
     Ok(())
 }
 
