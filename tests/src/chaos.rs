@@ -153,6 +153,14 @@ impl TokenRefresher {
         ttl: Duration,
         period: Duration,
     ) -> Result<Self> {
+        // load_or_create would make a new root in an empty directory: only ever sign with the
+        // plane's own key.
+        if !plane.root.exists() {
+            bail!(
+                "{} is missing: is the plane's CA running?",
+                plane.root.display()
+            );
+        }
         let authority = weft_ca::authority::Authority::load_or_create(
             &plane.dir.join("ca"),
             weft_ca::authority::AuthorityOptions::default(),
