@@ -15,6 +15,8 @@
 //! tokens. The CA tolerates 60 s of clock skew past a token's `exp` (`weft_ca::token::LEEWAY`), so a
 //! sidecar that kept its first token only starts failing renewals about 70 s in.
 //!
+//! pilot's own certificate lives 24 h (a constant, no flag), so only its restarts read short tokens.
+//!
 //! Load is `hey` through sleep's sidecar (its outbound port as HTTP proxy), in back-to-back segments so
 //! failures can be placed in time. Sidecars run with access logs off and pilot with trace sampling 0:
 //! the harness keeps every stdout line in memory, which would grow with the run, not with the mesh.
