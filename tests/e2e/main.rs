@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ca;
+mod chaos;
 mod discovery;
 mod drain;
 mod fidelity;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+pub mod chaos;
 pub mod fake_pilot;
 pub mod netns;
 pub mod raw_http;

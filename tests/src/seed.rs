@@ -45,9 +45,20 @@ impl Seed {
     /// Like [`Seed::explicit`], with `sidecar_args` added to every `sidecar run` (e.g.
     /// `--cert-ttl 4s`).
     pub fn explicit_with(pilot_args: &[&str], sidecar_args: &[&str]) -> Result<Self> {
+        Self::explicit_with_tokens(pilot_args, sidecar_args, None)
+    }
+
+    /// Like [`Seed::explicit_with`], with the sidecars' bootstrap tokens valid for `token_ttl` (e.g.
+    /// `10s`; the CA's default when `None`), as short-lived projected tokens are.
+    pub fn explicit_with_tokens(
+        pilot_args: &[&str],
+        sidecar_args: &[&str],
+        token_ttl: Option<&str>,
+    ) -> Result<Self> {
         crate::init();
         let dir = tempfile::tempdir()?;
         let mut plane = ControlPlane::start(dir.path(), pilot_args)?;
+        plane.token_ttl = token_ttl.map(str::to_owned);
         let otlp = OtlpSink::start(dir.path(), None)?;
         plane.otlp = Some(otlp.grpc.clone());
         plane.apply(&format!("{EXAMPLES}/httpbin-service.yaml"))?;
