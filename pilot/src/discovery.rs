@@ -361,6 +361,8 @@ pub struct Discovery {
     proxies: Arc<ProxyTable>,
     pushes: PushSlots,
     shutdown: CancellationToken,
+    /// No first push before this (the registry refills as sidecars reconnect after a restart).
+    warm_until: tokio::time::Instant,
 }
 
 impl Discovery {
@@ -372,6 +374,7 @@ impl Discovery {
         translator: Translator,
         proxies: Arc<ProxyTable>,
         shutdown: CancellationToken,
+        warm_up: Duration,
     ) -> Self {
         Self {
             contexts,
@@ -380,6 +383,7 @@ impl Discovery {
             proxies,
             pushes: PushSlots::new(CONCURRENT_PUSHES, PUSH_ANSWER_TIMEOUT),
             shutdown,
+            warm_until: tokio::time::Instant::now() + warm_up,
         }
     }
 }
@@ -498,6 +502,7 @@ impl Discovery {
             last_fingerprint: None,
             nonce: 0,
             last_nonce: String::new(),
+            warm_until: self.warm_until,
         };
         tokio::spawn(session.run(inbound, self.shutdown.clone()));
         Ok(body)
@@ -564,6 +569,7 @@ struct Session {
     last_fingerprint: Option<u64>,
     nonce: u64,
     last_nonce: String,
+    warm_until: tokio::time::Instant,
 }
 
 impl Session {
@@ -572,6 +578,13 @@ impl Session {
         mut inbound: Streaming<pb::DiscoveryRequest>,
         shutdown: CancellationToken,
     ) {
+        // Just after a restart the registry holds only the sidecars that have reconnected so far:
+        // a sidecar keeps serving its last config until the others are back (a first push with
+        // their endpoints missing would fail requests; the soak showed 503s for ~200 ms).
+        tokio::select! {
+            () = shutdown.cancelled() => return self.end(),
+            () = tokio::time::sleep_until(self.warm_until) => {}
+        }
         // The context is dropped right after the push: a session that kept it (for as long as it
         // lives) would keep that push's objects and shared bytes alive too.
         let ctx = self.contexts.borrow_and_update().clone();
@@ -762,6 +775,8 @@ pub struct DiscoveryOptions {
     pub debounce: Debounce,
     /// How long a disconnected workload stays registered.
     pub workload_grace: Duration,
+    /// How long after start sidecars wait for their first push (see `pilot serve --warm-up`).
+    pub warm_up: Duration,
     /// Mesh-wide settings sent to every sidecar.
     pub mesh: MeshOptions,
     /// How long in-flight calls get to finish after shutdown begins (`--drain-duration`).
@@ -839,7 +854,14 @@ pub async fn serve(
         translator.clone(),
         shutdown.clone(),
     );
-    let service = Discovery::new(contexts, registry, translator, proxies, shutdown.clone());
+    let service = Discovery::new(
+        contexts,
+        registry,
+        translator,
+        proxies,
+        shutdown.clone(),
+        opts.warm_up,
+    );
     tracing::info!(%identity, "discovery serving");
     let incoming = weft_ca::grpc::tls_incoming(listener, Arc::new(config));
     let server = tonic::transport::Server::builder()

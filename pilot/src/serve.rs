@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// not flap endpoints; Istio's WorkloadEntry grace).
     #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration)]
     pub workload_grace: Duration,
+    /// After a (re)start, how long sidecars that connect wait for their first config, so that it
+    /// holds the workloads whose sidecars are reconnecting too (the registry of live workloads starts
+    /// empty; a config sent at once would have no endpoints). Capped by --workload-grace; 0 = none.
+    #[arg(long, default_value = "2s", value_parser = weft_ca::cli::parse_duration)]
+    pub warm_up: Duration,
     /// Mirrored requests get "-shadow" appended to their host (Istio <= 1.27, and the seed task).
     /// `--mirror-shadow-suffix false` sends them with the original host, as Istio 1.28+ does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -119,6 +124,7 @@ impl ServeArgs {
                     max: self.debounce_max,
                 },
                 workload_grace: self.workload_grace,
+                warm_up: self.warm_up.min(self.workload_grace),
                 mesh,
                 drain: self.drain_duration,
             },

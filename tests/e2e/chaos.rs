@@ -149,3 +149,61 @@ fn kill_9_of_a_server_side_sidecar_fails_requests_fast_then_traffic_recovers() {
         recovered
     );
 }
+
+/// pilot restarted (SIGTERM, then SIGKILL) under a client loop: no request fails. The restarted
+/// pilot's registry of live workloads starts empty; its first pushes wait for the sidecars to
+/// reconnect (`--warm-up`), instead of sending a config without endpoints (the soak's 503s).
+#[test]
+fn a_pilot_restart_under_load_fails_no_request() {
+    let mut m = Seed::explicit(&[]).unwrap();
+    m.apply("all-v1.yaml").unwrap();
+    m.wait_routes("the all-to-v1 route is in", weft_tests::seed::has_vs_route)
+        .unwrap();
+    for (generation, how) in [
+        (1, weft_tests::chaos::Stop::Term(Duration::from_secs(10))),
+        (2, weft_tests::chaos::Stop::Kill),
+    ] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let outbound = m.sleep.outbound.clone();
+        let looping = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut sent, mut failed) = (0, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let reply = weft_tests::raw_http::exchange_head(
+                        &outbound,
+                        b"GET http://httpbin:8000/get HTTP/1.1\r\nHost: httpbin:8000\r\nConnection: close\r\n\r\n",
+                        Duration::from_secs(10),
+                    )
+                    .unwrap();
+                    sent += 1;
+                    if reply.status() != Some(200) {
+                        failed.push(reply.text());
+                    }
+                }
+                (sent, failed)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        weft_tests::chaos::restart_pilot(&mut m.plane, &[], how, generation).unwrap();
+        // The sidecars reconnect and get their config again; traffic runs on through it.
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, failed) = looping.join().unwrap();
+        assert!(sent > 20, "only {sent} requests");
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
+    }
+    // The restarted pilot has every sidecar back.
+    let (ok, out, err) = m.plane.pilot_cmd(&["proxy-status"]).unwrap();
+    assert!(ok, "{err}");
+    for pod in ["httpbin-v1", "httpbin-v2", "sleep"] {
+        assert!(out.contains(pod), "{out}");
+    }
+}

@@ -344,6 +344,7 @@ async fn calls_without_a_client_certificate_or_to_other_methods_are_refused() {
         crate::discovery::Translator::new(MeshOptions::default(), 1).unwrap(),
         Arc::default(),
         tokio_util::sync::CancellationToken::new(),
+        std::time::Duration::ZERO,
     );
     let call = |path: &'static str| {
         let discovery = discovery.clone();
