@@ -9,6 +9,9 @@ pub mod authority;
 pub mod cli;
 pub mod client;
 pub mod csr;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod server;
 pub mod spiffe;

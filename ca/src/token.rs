@@ -262,6 +262,9 @@ fn decode_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use super::*;
