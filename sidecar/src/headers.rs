@@ -189,7 +189,8 @@ pub async fn peek_ambiguous_framing(tcp: &tokio::net::TcpStream) -> Option<&'sta
 
 /// The pure part of [`peek_ambiguous_framing`]: `Some(reason)` when a complete request head has both.
 pub fn ambiguous_framing(head: &[u8]) -> Option<&'static str> {
-    let mut headers = [httparse::EMPTY_HEADER; 96];
+    // As many as hyper takes: with fewer, a head padded past the limit got to hyper unchecked.
+    let mut headers = [httparse::EMPTY_HEADER; crate::h1::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {
@@ -236,6 +237,13 @@ mod tests {
         assert!(ambiguous_framing(te).is_none());
         let partial = b"POST /post HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Enc";
         assert!(ambiguous_framing(partial).is_none());
+        // Padded to hyper's 100 headers (found by the `framing` fuzz target's invariant: the peek
+        // took 96, so 97 to 100 reached hyper with both).
+        let pad: String = (0..96).map(|i| format!("x-pad-{i}: {i}\r\n")).collect();
+        let padded = format!(
+            "POST /post HTTP/1.1\r\nHost: h\r\n{pad}Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert!(ambiguous_framing(padded.as_bytes()).is_some());
         assert!(
             String::from_utf8(bad_request_bytes("x"))
                 .unwrap()
