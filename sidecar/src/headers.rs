@@ -73,10 +73,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(PROXY_CONNECTION);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    // Every value is checked: a second `te` line after `te: trailers` is forwarded too.
     if mask & (1 << te) != 0
         && headers
-            .get(header::TE)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            .get_all(header::TE)
+            .iter()
+            .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
@@ -237,7 +239,7 @@ mod tests {
         assert!(ambiguous_framing(te).is_none());
         let partial = b"POST /post HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Enc";
         assert!(ambiguous_framing(partial).is_none());
-        // Padded to hyper's 100 headers (found by the `framing` fuzz target's invariant: the peek
+        // Padded to hyper's 100 headers (caught by the `framing` fuzz target's invariant: the peek
         // took 96, so 97 to 100 reached hyper with both).
         let pad: String = (0..96).map(|i| format!("x-pad-{i}: {i}\r\n")).collect();
         let padded = format!(
@@ -268,6 +270,11 @@ mod tests {
         g.insert(header::TE, "trailers".parse().unwrap());
         strip_hop_by_hop(&mut g);
         assert_eq!(g[header::TE], "trailers", "gRPC's te: trailers passes");
+        // A second `te` line must not ride on the first one's pass (caught by the `framing` fuzz
+        // target: HTTP/2 refuses any `te` but `trailers`).
+        g.append(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut g);
+        assert!(!g.contains_key(header::TE), "{g:?}");
         // Each hop-by-hop name alone takes the slow path; a clean head is left as it was.
         for name in [
             "proxy-connection",
