@@ -294,7 +294,20 @@ pub fn framing(data: &[u8]) {
         expected,
         "check_framing"
     );
+    let listed: Vec<HeaderName> = raw
+        .values("connection")
+        .flat_map(headers::tokens)
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
     headers::strip_hop_by_hop(&mut map);
+    // A name the Connection header lists is hop-by-hop too (RFC 9110 §7.6.1), whatever else the
+    // value holds.
+    for name in listed {
+        assert!(
+            !map.contains_key(&name),
+            "{name}, listed in Connection, survived"
+        );
+    }
     for name in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,

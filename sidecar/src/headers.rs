@@ -49,9 +49,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            // As bytes: one non-ASCII token must not hide the names listed beside it.
+            .flat_map(|v| tokens(v.as_bytes()))
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             // Those handled below by the mask (`keep-alive` is the usual one) cost no lookup.
             .filter(|n| !HOP_BY_HOP.contains(n) && *n != KEEP_ALIVE && *n != PROXY_CONNECTION)
             .collect()
@@ -296,6 +296,17 @@ mod tests {
         listed.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut listed);
         assert_eq!(listed.len(), 1, "{listed:?}");
+        // A non-ASCII token beside the listed names (caught by the `framing` fuzz target's
+        // invariant: the whole value was skipped and `x-internal` forwarded).
+        let mut obs = HeaderMap::new();
+        obs.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_bytes(b"x-internal, caf\xe9").unwrap(),
+        );
+        obs.insert("x-internal", "secret".parse().unwrap());
+        obs.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut obs);
+        assert_eq!(obs.len(), 1, "{obs:?}");
         let mut clean = HeaderMap::new();
         clean.insert(header::HOST, "h".parse().unwrap());
         clean.append("x-multi", "1".parse().unwrap());
