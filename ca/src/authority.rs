@@ -676,5 +676,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Authority
     Ok(())
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,9 @@ pub mod cli;
 pub mod client;
 pub mod csr;
 pub mod files;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod server;
 pub mod spiffe;

@@ -49,9 +49,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            // As bytes: one non-ASCII token must not hide the names listed beside it.
+            .flat_map(|v| tokens(v.as_bytes()))
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             // Those handled below by the mask (`keep-alive` is the usual one) cost no lookup.
             .filter(|n| !HOP_BY_HOP.contains(n) && *n != KEEP_ALIVE && *n != PROXY_CONNECTION)
             .collect()
@@ -73,10 +73,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(PROXY_CONNECTION);
     }
     // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    // Every value is checked: a second `te` line after `te: trailers` is forwarded too.
     if mask & (1 << te) != 0
         && headers
-            .get(header::TE)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            .get_all(header::TE)
+            .iter()
+            .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
@@ -181,6 +183,11 @@ mod tests {
         g.insert(header::TE, "trailers".parse().unwrap());
         strip_hop_by_hop(&mut g);
         assert_eq!(g[header::TE], "trailers", "gRPC's te: trailers passes");
+        // A second `te` line must not ride on the first one's pass (caught by the `framing` fuzz
+        // target: HTTP/2 refuses any `te` but `trailers`).
+        g.append(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut g);
+        assert!(!g.contains_key(header::TE), "{g:?}");
         // Each hop-by-hop name alone takes the slow path; a clean head is left as it was.
         for name in [
             "proxy-connection",
@@ -202,6 +209,17 @@ mod tests {
         listed.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut listed);
         assert_eq!(listed.len(), 1, "{listed:?}");
+        // A non-ASCII token beside the listed names (caught by the `framing` fuzz target's
+        // invariant: the whole value was skipped and `x-internal` forwarded).
+        let mut obs = HeaderMap::new();
+        obs.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_bytes(b"x-internal, caf\xe9").unwrap(),
+        );
+        obs.insert("x-internal", "secret".parse().unwrap());
+        obs.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut obs);
+        assert_eq!(obs.len(), 1, "{obs:?}");
         let mut clean = HeaderMap::new();
         clean.insert(header::HOST, "h".parse().unwrap());
         clean.append("x-multi", "1".parse().unwrap());

@@ -10,6 +10,9 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod errors;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod h1;
 pub mod headers;
 pub mod inbound;

@@ -10,6 +10,9 @@ pub mod analyze;
 pub mod destination_rule;
 pub mod duration;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 mod parse;
 pub mod peer_authentication;

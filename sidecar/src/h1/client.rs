@@ -473,75 +473,17 @@ impl AppBody {
             return Poll::Ready(None);
         };
         loop {
-            let step: Result<Option<Chunk>, BodyError> = match at {
-                Chunk::Size => match httparse::parse_chunk_size(&conn.buf) {
-                    Ok(httparse::Status::Complete((used, 0))) => {
-                        let _ = conn.buf.split_to(used);
-                        Ok(Some(Chunk::Trailers))
-                    }
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        let _ = conn.buf.split_to(used);
-                        Ok(Some(Chunk::Data(size)))
-                    }
-                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_CHUNK_LINE => {
-                        Err(broken("chunk-size line too long"))
-                    }
-                    Ok(httparse::Status::Partial) => Ok(None),
-                    Err(_) => Err(broken("invalid chunk size")),
-                },
-                Chunk::Data(left) if !conn.buf.is_empty() => {
-                    let n = left.min(conn.buf.len() as u64);
-                    let data = conn.buf.split_to(n as usize).freeze();
-                    self.framing = Framing::Chunked(if n == left {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left - n)
-                    });
+            match decode_chunked(&mut conn.buf, at) {
+                Ok(Decoded::Data(data, next)) => {
+                    self.framing = Framing::Chunked(next);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Chunk::Data(_) => Ok(None),
-                Chunk::DataEnd if conn.buf.len() >= 2 => {
-                    if conn.buf.starts_with(b"\r\n") {
-                        let _ = conn.buf.split_to(2);
-                        Ok(Some(Chunk::Size))
-                    } else {
-                        Err(broken("chunk data longer than its size"))
-                    }
+                Ok(Decoded::End(trailers)) => {
+                    self.finish();
+                    return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
                 }
-                Chunk::DataEnd => Ok(None),
-                Chunk::Trailers => {
-                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(&conn.buf, &mut slots) {
-                        Ok(httparse::Status::Complete((used, fields))) => {
-                            let mut trailers = HeaderMap::new();
-                            for f in fields {
-                                match (
-                                    HeaderName::from_bytes(f.name.as_bytes()),
-                                    HeaderValue::from_bytes(f.value),
-                                ) {
-                                    (Ok(n), Ok(v)) => {
-                                        trailers.append(n, v);
-                                    }
-                                    _ => return Poll::Ready(Some(Err(broken("invalid trailer")))),
-                                }
-                            }
-                            let _ = conn.buf.split_to(used);
-                            self.finish();
-                            return Poll::Ready(
-                                (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers))),
-                            );
-                        }
-                        Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => {
-                            Err(broken("trailers over 64 KiB"))
-                        }
-                        Ok(httparse::Status::Partial) => Ok(None),
-                        Err(_) => Err(broken("invalid trailers")),
-                    }
-                }
-            };
-            match step {
-                Ok(Some(next)) => at = next,
-                Ok(None) => {
+                Ok(Decoded::More(next)) => {
+                    at = next;
                     self.framing = Framing::Chunked(at);
                     let want = match at {
                         Chunk::Data(left) => usize::try_from(left).unwrap_or(MAX_READ),
@@ -556,6 +498,86 @@ impl AppBody {
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
+    }
+}
+
+/// What the chunked decoder made of the bytes buffered so far.
+#[derive(Debug)]
+enum Decoded {
+    /// Data of the body; the decoder is then at this point.
+    Data(Bytes, Chunk),
+    /// The body ended, with these trailers (`None` when there were none).
+    End(Option<HeaderMap>),
+    /// More bytes are needed; the decoder is at this point (what it used is gone from the buffer).
+    More(Chunk),
+}
+
+/// Decodes chunked framing from the front of `buf`, starting `at`: pure, so that it can be fuzzed
+/// without a connection (`fuzzing`).
+fn decode_chunked(buf: &mut BytesMut, mut at: Chunk) -> Result<Decoded, BodyError> {
+    loop {
+        at = match at {
+            Chunk::Size => match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((used, 0))) => {
+                    let _ = buf.split_to(used);
+                    Chunk::Trailers
+                }
+                Ok(httparse::Status::Complete((used, size))) => {
+                    let _ = buf.split_to(used);
+                    Chunk::Data(size)
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => {
+                    return Err(broken("chunk-size line too long"));
+                }
+                Ok(httparse::Status::Partial) => return Ok(Decoded::More(at)),
+                Err(_) => return Err(broken("invalid chunk size")),
+            },
+            Chunk::Data(left) if !buf.is_empty() => {
+                let n = left.min(buf.len() as u64);
+                let data = buf.split_to(n as usize).freeze();
+                let next = if n == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n)
+                };
+                return Ok(Decoded::Data(data, next));
+            }
+            Chunk::Data(_) => return Ok(Decoded::More(at)),
+            Chunk::DataEnd if buf.len() >= 2 => {
+                if !buf.starts_with(b"\r\n") {
+                    return Err(broken("chunk data longer than its size"));
+                }
+                let _ = buf.split_to(2);
+                Chunk::Size
+            }
+            Chunk::DataEnd => return Ok(Decoded::More(at)),
+            Chunk::Trailers => {
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::parse_headers(buf, &mut slots) {
+                    Ok(httparse::Status::Complete((used, fields))) => {
+                        let mut trailers = HeaderMap::new();
+                        for f in fields {
+                            match (
+                                HeaderName::from_bytes(f.name.as_bytes()),
+                                HeaderValue::from_bytes(f.value),
+                            ) {
+                                (Ok(n), Ok(v)) => {
+                                    trailers.append(n, v);
+                                }
+                                _ => return Err(broken("invalid trailer")),
+                            }
+                        }
+                        let _ = buf.split_to(used);
+                        return Ok(Decoded::End((!trailers.is_empty()).then_some(trailers)));
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                        return Err(broken("trailers over 64 KiB"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::More(at)),
+                    Err(_) => return Err(broken("invalid trailers")),
+                }
+            }
+        };
     }
 }
 
@@ -629,6 +651,9 @@ impl HttpBody for AppBody {
         }
     }
 }
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 
 #[cfg(test)] // tests below may unwrap
 mod tests {

@@ -186,6 +186,13 @@ enum State {
     Refused,
 }
 
+/// Runs a fresh guard's rules over `stream` (the bytes a client sent on one connection): where the
+/// first refused byte is, why, and whether it is in a head. For the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn judge(stream: &[u8]) -> Result<(), (usize, &'static str, bool)> {
+    Guard::new((), Arc::new(Findings::default())).scan(stream)
+}
+
 /// Where a chunk-size line is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {

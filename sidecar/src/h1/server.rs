@@ -641,6 +641,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)] // tests below may unwrap
 mod tests {
     use std::time::Duration;
