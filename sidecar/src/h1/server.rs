@@ -27,7 +27,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as HttpBody, Frame};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::framing::{BodyFraming, HeadFacts};
 use super::{MAX_HEAD, MAX_HEADERS, header_map};
@@ -79,9 +79,12 @@ where
     F: Future<Output = Response<Body>>,
 {
     let mut buf = BytesMut::new();
+    // One drain watch and one timer for the connection's life, not one of each per request: a
+    // request costs a poll of each (see `Deadline`).
+    let mut drained = std::pin::pin!(bounds.closing.cancelled());
+    let mut deadline = Deadline::new();
     loop {
-        let idle_until = tokio::time::Instant::now() + bounds.idle_timeout;
-        let mut head_until = None;
+        deadline.idle(bounds.idle_timeout);
         let head = loop {
             if !buf.is_empty() {
                 match parse_request(&mut buf) {
@@ -94,35 +97,36 @@ where
                         return Ok(Outcome::Closed);
                     }
                 }
+                // Part of a head: from its first byte the head timeout runs.
+                deadline.head(bounds.head_timeout);
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(8 * 1024);
             }
-            let until = *head_until.get_or_insert_with(|| {
-                if buf.is_empty() {
-                    idle_until
-                } else {
-                    tokio::time::Instant::now() + bounds.head_timeout
+            let idle = buf.is_empty();
+            let read = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) =
+                    tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)
+                {
+                    return Poll::Ready(Waited::Read(r));
                 }
-            });
-            let read = tokio::select! {
                 // Between requests a draining sidecar closes the connection; a head already begun
                 // is still answered (with `Connection: close`).
-                () = bounds.closing.cancelled(), if buf.is_empty() => return Ok(Outcome::Closed),
-                r = tokio::time::timeout_at(until, io.read_buf(&mut buf)) => r,
-            };
+                if idle && drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Waited::Drained);
+                }
+                deadline.poll(cx).map(|()| Waited::TimedOut)
+            })
+            .await;
             match read {
-                Ok(n) => {
+                Waited::Read(n) => {
                     if n? == 0 {
                         return Ok(Outcome::Closed);
                     }
-                    if head_until == Some(idle_until) {
-                        // The first byte of a head: from now on the head timeout runs.
-                        head_until = None;
-                    }
                 }
-                Err(_) if buf.is_empty() => return Ok(Outcome::Closed),
-                Err(_) => {
+                Waited::Drained => return Ok(Outcome::Closed),
+                Waited::TimedOut if idle => return Ok(Outcome::Closed),
+                Waited::TimedOut => {
                     io.write_all(REQUEST_TIMEOUT).await?;
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -147,6 +151,77 @@ where
         if !kept {
             let _ = io.shutdown().await;
             return Ok(Outcome::Closed);
+        }
+    }
+}
+
+/// What a wait for more of a head ended with.
+enum Waited {
+    Read(io::Result<usize>),
+    Drained,
+    TimedOut,
+}
+
+/// The connection's one timer. Between requests it is armed lazily: `idle` only notes that a new
+/// wait began (no clock read, no timer reset per request), and when the timer fires after a
+/// request was served since it was armed, it re-arms for a full idle period instead of firing. A
+/// connection is so closed between one and two idle periods after its last request. A head that
+/// arrives in pieces gets an exact deadline from its first byte.
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// Requests began since the timer was armed (idle mode).
+    activity: bool,
+    /// The idle period, or `None` while a head's exact deadline is set.
+    idle: Option<std::time::Duration>,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            armed: false,
+            activity: false,
+            idle: None,
+        }
+    }
+
+    /// A new wait for a request begins.
+    fn idle(&mut self, period: std::time::Duration) {
+        if self.idle.is_none() {
+            // Coming from an exact head deadline: the idle period starts over.
+            self.armed = false;
+        }
+        self.idle = Some(period);
+        self.activity = true;
+    }
+
+    /// A head has begun: it must be whole within `timeout` from now.
+    fn head(&mut self, timeout: std::time::Duration) {
+        if self.idle.is_some() {
+            self.idle = None;
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + timeout);
+            self.armed = true;
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if !self.armed {
+                let period = self.idle.unwrap_or_default();
+                self.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + period);
+                self.armed = true;
+                self.activity = false;
+            }
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            match self.idle {
+                Some(_) if self.activity => self.armed = false,
+                _ => return Poll::Ready(()),
+            }
         }
     }
 }
@@ -650,6 +725,7 @@ mod tests {
 
     use http::HeaderValue;
     use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
