@@ -93,14 +93,14 @@ pub fn h1_request(data: &[u8]) {
             assert_eq!(left, data, "a head for hyper must reach it whole");
         }
         server::Decision::Refused(reason) => {
-            let raw = RawHead::parse(data).expect("only a complete head is refused");
+            let raw = RawHead::parse(data).expect("only a complete head is refused"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
             assert!(
                 refusable(data, &raw),
                 "refused ({reason}) what the framing rules take"
             );
         }
         server::Decision::Taken(head) => {
-            let raw = RawHead::parse(data).expect("only a complete head is taken");
+            let raw = RawHead::parse(data).expect("only a complete head is taken"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
             assert_eq!(&data[raw.len..], &left[..], "what follows the head stays");
             assert_eq!(head.method.as_str(), raw.method);
             assert_eq!(Some(&head.uri), raw.path.parse::<http::Uri>().ok().as_ref());
@@ -407,7 +407,7 @@ pub fn route_table(data: &[u8]) {
         for port in &service.ports {
             let (_, found) = table
                 .by_authority(&format!("{host}:{}", port.port), 80)
-                .expect("a listed host and port");
+                .expect("a listed host and port"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
             assert_eq!(found.port, port.port);
             if let Some(vip) = service.vip {
                 assert!(table.by_vip(SocketAddr::new(vip, port.port)).is_some());
@@ -513,7 +513,7 @@ pub fn h1_differential(data: &[u8]) {
         // a Transfer-Encoding not ending in chunked, and a bare LF (hyper accepts it) are refused
         // with 400. Any other refusal is a disagreement.
         server::Decision::Refused(reason) => {
-            let raw = RawHead::parse(data).expect("only a complete head is refused");
+            let raw = RawHead::parse(data).expect("only a complete head is refused"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
             assert!(
                 refusable(data, &raw),
                 "weft refused ({reason}) what its framing rules take"

@@ -250,7 +250,7 @@ where
     let app = TcpStream::connect(("127.0.0.1", app_port))
         .await
         .map_err(|e| format!("app 127.0.0.1:{app_port}: {e}"))?;
-    let (mut app_r, mut app_w) = app.into_split();
+    let (mut app_r, app_w) = app.into_split();
     let (mut peer_r, peer_w) = tokio::io::split(stream);
     // The app → peer direction runs in its own task from the start; it can be stopped and give its
     // halves back only between two whole writes, so nothing it read is lost.
@@ -262,12 +262,12 @@ where
         loop {
             tokio::select! {
                 biased;
-                Ok(()) = &mut stop_rx => return Ok((app_r, peer_w, sent, false)),
+                Ok(()) = &mut stop_rx => return Ok((app_r, peer_w, sent)),
                 r = app_r.read(&mut buf) => {
                     let n = r?;
                     if n == 0 {
                         let _ = peer_w.shutdown().await;
-                        return Ok((app_r, peer_w, sent, true));
+                        return Ok((app_r, peer_w, sent));
                     }
                     peer_w.write_all(buf.get(..n).unwrap_or_default()).await?;
                     sent += n as u64;
@@ -278,43 +278,25 @@ where
     let mut first = bytes::BytesMut::new();
     let verdict =
         crate::sniff::read_verdict(&mut peer_r, &mut first, edge.limits.head_timeout).await;
-    if verdict == Some(Verdict::Http) {
-        let _ = stop_tx.send(());
-        let (app_r, peer_w, sent, _) = to_peer
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e: std::io::Error| e.to_string())?;
-        if sent == 0 {
-            drop(app_r.reunite(app_w));
-            let stream = peer_r.unsplit(peer_w);
-            let io = crate::h1::server::Replay::new(stream, first.freeze());
-            return serve_http(io, inbound, app_port, conn, edge).await;
-        }
-        // The app spoke first: not an HTTP server; carry on as the opaque stream it is.
-        let (mut peer_r, mut peer_w, mut app_r) = (peer_r, peer_w, app_r);
-        let up = async {
-            app_w.write_all(&first).await?;
-            tokio::io::copy(&mut peer_r, &mut app_w).await?;
-            app_w.shutdown().await
-        };
-        let down = async {
-            tokio::io::copy(&mut app_r, &mut peer_w).await?;
-            peer_w.shutdown().await
-        };
-        let (up, down) = tokio::join!(up, down);
-        return up.and(down).map_err(|e| e.to_string());
+    // Decided: the app → peer task gives its halves back (between two whole writes).
+    let _ = stop_tx.send(());
+    let (app_r, peer_w, sent) = to_peer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e: std::io::Error| e.to_string())?;
+    let stream = peer_r.unsplit(peer_w);
+    let mut app = app_r.reunite(app_w).map_err(|e| e.to_string())?;
+    // An app that spoke first is no HTTP server: the stream stays opaque whatever the peer sent.
+    if verdict == Some(Verdict::Http) && sent == 0 {
+        drop(app);
+        let io = crate::h1::server::Replay::new(stream, first.freeze());
+        return serve_http(io, inbound, app_port, conn, edge).await;
     }
-    drop(stop_tx);
-    app_w.write_all(&first).await.map_err(|e| e.to_string())?;
-    if verdict.is_some() {
-        let _ = tokio::io::copy(&mut peer_r, &mut app_w).await;
-    }
-    let _ = app_w.shutdown().await;
-    // The task's own result: how the app → peer direction ended.
-    match to_peer.await {
-        Ok(Err(e)) => Err(e.to_string()),
-        _ => Ok(()),
-    }
+    app.write_all(&first).await.map_err(|e| e.to_string())?;
+    crate::listener::splice(stream, app, edge)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// What the requests of one connection share, worked out once.
