@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what weft's tests and demo need on a Debian machine, idempotently:
 #   apt:  iptables, iproute2, curl, socat (weft-local's relay to a Jaeger; and python3-venv if venvs
-#         cannot be made)
+#         cannot be made), umoci (deploy/image/build.sh builds the OCI image without a daemon),
+#         binutils (its strip)
 #   PyPI: httpbin + gunicorn (+ PyYAML, weft-local's manifest reader) in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
 #         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise), plus the
 #         test-only kubernetes-validate (requirements-test.txt, ~108 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
@@ -20,6 +21,8 @@ command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(ip
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v umoci >/dev/null 2>&1 || missing+=(umoci)
+command -v strip >/dev/null 2>&1 || missing+=(binutils)
 if [ ! -x "$venv/bin/python" ]; then # only needed to make the venv
   probe="$(mktemp -d)"
   python3 -m venv "$probe/v" >/dev/null 2>&1 || missing+=(python3-venv)

@@ -54,7 +54,7 @@ pub struct InjectArgs {
     /// The YAML file to inject, or `-` for stdin.
     #[arg(short = 'f', long = "filename")]
     pub file: String,
-    /// The sidecar image (runs `sidecar init` and `sidecar run`). Default: weft/sidecar:<version>.
+    /// The sidecar image (runs `sidecar init` and `sidecar run`). Default: weft/weft:<version> (deploy/image/).
     #[arg(long)]
     pub image: Option<String>,
     /// pilot's discovery address, host:port.

@@ -53,6 +53,9 @@ const SYSTEM_NAMESPACES: [&str; 4] = [
     "local-path-storage",
 ];
 
+/// weft's image (`deploy/image/`: ca, pilot and sidecar in one), tagged with the version.
+pub const IMAGE_REPOSITORY: &str = "weft/weft";
+
 /// What gets injected: image, addresses, ports, identity settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -83,7 +86,7 @@ impl Default for Options {
     fn default() -> Self {
         let version = env!("CARGO_PKG_VERSION").to_string();
         Self {
-            image: format!("weft/sidecar:{version}"),
+            image: format!("{IMAGE_REPOSITORY}:{version}"),
             pilot_address: "pilot.weft-system.svc:15012".to_string(),
             ca_address: "ca.weft-system.svc:15010".to_string(),
             proxy_uid: 1337,

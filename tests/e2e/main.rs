@@ -11,6 +11,7 @@ mod fidelity;
 mod grpc;
 mod h2reset;
 mod identity;
+mod image;
 mod inject;
 mod lifetime;
 mod mesh;
