@@ -290,6 +290,11 @@ impl Authority {
             .map_err(|_| TokenError::Subject(format!("{namespace}:{service_account}")))
     }
 
+    /// The verifier of the bootstrap tokens this CA issues (for `auth::weft`).
+    pub fn token_verifier(&self) -> &TokenVerifier {
+        &self.token_verifier
+    }
+
     /// Issues a bootstrap token for a namespace/service account.
     pub fn issue_token(
         &self,
@@ -680,4 +685,4 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Authority
 pub mod fuzzing;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

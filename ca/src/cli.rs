@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::auth::Authenticator;
+use crate::auth::jwks::{Expected, JwksAuthenticator, JwksFile};
+use crate::auth::token_review::TokenReviewer;
 use crate::authority::{Authority, AuthorityOptions, ImportOutcome};
 
 /// weft's certificate authority: issues SPIFFE workload certificates to token-authenticated callers.
@@ -61,6 +64,40 @@ pub struct ServeArgs {
     /// accepting (Istio's terminationDrainDuration); the CA then exits 0.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_duration: Duration,
+    /// How callers prove who they are: `weft` (tokens from `ca token`), `kubernetes` (projected
+    /// service-account tokens, checked with a TokenReview), `jwks` (the same tokens, checked offline
+    /// against --jwks).
+    #[arg(long, value_enum, default_value_t = AuthMode::Weft, env = "WEFT_CA_AUTH")]
+    pub auth: AuthMode,
+    /// The audience service-account tokens must carry (`kubernetes` and `jwks`; weft tokens are
+    /// always for istio-ca).
+    #[arg(long, default_value = crate::token::AUDIENCE, env = "WEFT_CA_TOKEN_AUDIENCE")]
+    pub token_audience: String,
+    /// `kubernetes`: how long a TokenReview may take before the caller is told to retry.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub token_review_timeout: Duration,
+    /// `jwks`: the service-account issuer's keys (what the API server serves at /openid/v1/jwks),
+    /// read again when the file changes.
+    #[arg(long, required_if_eq("auth", "jwks"), env = "WEFT_CA_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// `jwks`: the issuer tokens must name (the API server's --service-account-issuer, e.g.
+    /// https://kubernetes.default.svc.cluster.local).
+    #[arg(long, required_if_eq("auth", "jwks"), env = "WEFT_CA_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// `jwks`: how often the --jwks file is checked for changes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub jwks_poll_interval: Duration,
+}
+
+/// `ca serve --auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Tokens signed by the CA's own token key (`ca token`).
+    Weft,
+    /// Kubernetes service-account tokens, checked by the API server (TokenReview).
+    Kubernetes,
+    /// Kubernetes service-account tokens, checked offline against the issuer's JWKS.
+    Jwks,
 }
 
 /// `ca token` flags.
@@ -267,11 +304,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("cannot load the CA from {}", args.data_dir.display()))?;
+    if args.auth == AuthMode::Weft && args.token_audience != crate::token::AUDIENCE {
+        anyhow::bail!(
+            "--token-audience applies to --auth kubernetes and jwks; weft tokens are for {}",
+            crate::token::AUDIENCE
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let authenticator = Arc::new(authenticator(&args, &authority).await?);
         let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -280,10 +324,42 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The one line of stdout: scripts and tests read the bound address from it.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
-        tracing::info!(%addr, trust_domain = %args.trust_domain, "CA serving");
-        crate::server::serve_draining(listener, Arc::new(authority), shutdown, args.drain_duration)
-            .await
-            .context("CA server failed")
+        tracing::info!(%addr, trust_domain = %args.trust_domain, auth = authenticator.mode(), "CA serving");
+        crate::server::serve_with(
+            listener,
+            Arc::new(authority),
+            authenticator,
+            shutdown,
+            args.drain_duration,
+        )
+        .await
+        .context("CA server failed")
+    })
+}
+
+/// The `--auth` mode's authenticator; `jwks` also starts polling its file (inside the runtime).
+async fn authenticator(args: &ServeArgs, authority: &Authority) -> Result<Authenticator> {
+    Ok(match args.auth {
+        AuthMode::Weft => crate::server::weft_tokens(authority),
+        AuthMode::Kubernetes => Authenticator::Kubernetes(
+            TokenReviewer::from_environment(args.token_audience.clone(), args.token_review_timeout)
+                .await
+                .context("--auth kubernetes")?,
+        ),
+        AuthMode::Jwks => {
+            let (Some(path), Some(issuer)) = (&args.jwks, &args.token_issuer) else {
+                anyhow::bail!("--auth jwks needs --jwks and --token-issuer");
+            };
+            let file = JwksFile::load(path).context("--jwks")?;
+            tokio::spawn(file.clone().watch(args.jwks_poll_interval));
+            Authenticator::Jwks(JwksAuthenticator::new(
+                file,
+                Expected {
+                    issuer: issuer.clone(),
+                    audience: args.token_audience.clone(),
+                },
+            ))
+        }
     })
 }
 

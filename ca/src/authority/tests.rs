@@ -277,7 +277,13 @@ fn plugged_in_intermediate_yields_chains_to_the_operator_root() {
     assert_eq!(chain[2], root_pem);
 
     // rustls (webpki) accepts the leaf given only the operator's root and the intermediate.
-    let bundle = crate::tls::TrustBundle::from_pem(&root_pem).unwrap();
+    verify_leaf(&chain, &root_pem);
+}
+
+/// Verifies `chain` (leaf first, root last, as the CA returns it) with rustls (webpki) against
+/// `root_pem` alone, the intermediates taken from the chain; returns the leaf.
+pub(crate) fn verify_leaf(chain: &[String], root_pem: &str) -> CertificateDer<'static> {
+    let bundle = crate::tls::TrustBundle::from_pem(root_pem).unwrap();
     let ders: Vec<CertificateDer<'static>> = chain
         .iter()
         .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
@@ -286,11 +292,12 @@ fn plugged_in_intermediate_yields_chains_to_the_operator_root() {
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
         &bundle.roots(),
-        &ders[1..2],
+        &ders[1..ders.len() - 1],
         rustls_pki_types::UnixTime::now(),
         crate::tls::provider().signature_verification_algorithms.all,
     )
     .unwrap();
+    ders[0].clone()
 }
 
 #[test]
