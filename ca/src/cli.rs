@@ -39,8 +39,14 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Directory holding the CA key, certificate chain and token key (created on first start).
-    #[arg(long, env = "WEFT_CA_DATA_DIR")]
-    pub data_dir: PathBuf,
+    /// With --cacerts it holds only the weft token key (needed for --auth weft).
+    #[arg(long, env = "WEFT_CA_DATA_DIR", required_unless_present = "cacerts")]
+    pub data_dir: Option<PathBuf>,
+    /// Istio's plug-in CA layout, e.g. the `cacerts` Secret mounted as files: ca-cert.pem,
+    /// ca-key.pem, cert-chain.pem, root-cert.pem. Read at start, never written; replicas given the
+    /// same files share one root.
+    #[arg(long, env = "WEFT_CA_CACERTS", conflicts_with_all = ["root_cert", "root_key"])]
+    pub cacerts: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:15010 (port 0 picks a free port).
     #[arg(long, env = "WEFT_CA_LISTEN")]
     pub listen: String,
@@ -284,32 +290,18 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.max_cert_ttl
         );
     }
-    if let (Some(cert), Some(key)) = (&args.root_cert, &args.root_key) {
-        let outcome = Authority::import(&args.data_dir, cert, key)
-            .context("cannot plug in the operator's CA")?;
-        match outcome {
-            ImportOutcome::Installed => tracing::info!("installed the operator's CA"),
-            ImportOutcome::Replaced => tracing::warn!(
-                "replaced the CA in the data directory with the operator's; workloads need the new root"
-            ),
-            ImportOutcome::Unchanged => {}
-        }
+    if args.auth == AuthMode::Weft && args.cacerts.is_some() && args.data_dir.is_none() {
+        anyhow::bail!(
+            "--auth weft with --cacerts needs --data-dir: the weft token key is kept there so tokens outlive a restart"
+        );
     }
-    let authority = Authority::load_or_create(
-        &args.data_dir,
-        AuthorityOptions {
-            trust_domain: args.trust_domain.clone(),
-            default_ttl: args.workload_cert_ttl,
-            max_ttl: args.max_cert_ttl,
-        },
-    )
-    .with_context(|| format!("cannot load the CA from {}", args.data_dir.display()))?;
     if args.auth == AuthMode::Weft && args.token_audience != crate::token::AUDIENCE {
         anyhow::bail!(
             "--token-audience applies to --auth kubernetes and jwks; weft tokens are for {}",
             crate::token::AUDIENCE
         );
     }
+    let authority = load_for_serve(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -335,6 +327,36 @@ fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("CA server failed")
     })
+}
+
+/// The authority `ca serve` signs with: the operator's `--cacerts` as they are, else the data
+/// directory (after installing `--root-cert`/`--root-key` there, if given).
+fn load_for_serve(args: &ServeArgs) -> Result<Authority> {
+    let options = AuthorityOptions {
+        trust_domain: args.trust_domain.clone(),
+        default_ttl: args.workload_cert_ttl,
+        max_ttl: args.max_cert_ttl,
+    };
+    if let Some(cacerts) = &args.cacerts {
+        return Authority::load_cacerts(cacerts, args.data_dir.as_deref(), options)
+            .with_context(|| format!("cannot load the CA from --cacerts {}", cacerts.display()));
+    }
+    let Some(data_dir) = &args.data_dir else {
+        anyhow::bail!("--data-dir or --cacerts is needed");
+    };
+    if let (Some(cert), Some(key)) = (&args.root_cert, &args.root_key) {
+        let outcome =
+            Authority::import(data_dir, cert, key).context("cannot plug in the operator's CA")?;
+        match outcome {
+            ImportOutcome::Installed => tracing::info!("installed the operator's CA"),
+            ImportOutcome::Replaced => tracing::warn!(
+                "replaced the CA in the data directory with the operator's; workloads need the new root"
+            ),
+            ImportOutcome::Unchanged => {}
+        }
+    }
+    Authority::load_or_create(data_dir, options)
+        .with_context(|| format!("cannot load the CA from {}", data_dir.display()))
 }
 
 /// The `--auth` mode's authenticator; `jwks` also starts polling its file (inside the runtime).
@@ -436,6 +458,47 @@ mod tests {
             report(&err),
             "sidecar failed: cannot bind dns: Address already in use"
         );
+    }
+
+    #[test]
+    fn serve_flags_by_auth_mode() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["ca", "serve", "--listen", "127.0.0.1:0"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(args) => args,
+                _ => unreachable!(),
+            })
+        };
+        let weft = parse(&["--data-dir", "/d"]).unwrap();
+        assert_eq!(weft.auth, AuthMode::Weft);
+        assert_eq!(weft.token_audience, "istio-ca");
+        assert!(parse(&[]).is_err(), "no --data-dir and no --cacerts");
+
+        assert!(parse(&["--data-dir", "/d", "--auth", "jwks"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--auth", "jwks", "--jwks", "/k"]).is_err());
+        let jwks = parse(&[
+            "--cacerts",
+            "/c",
+            "--auth",
+            "jwks",
+            "--jwks",
+            "/k",
+            "--token-issuer",
+            "https://i",
+            "--token-audience",
+            "weft-ca",
+        ])
+        .unwrap();
+        assert_eq!(
+            (jwks.auth, jwks.data_dir, jwks.token_audience.as_str()),
+            (AuthMode::Jwks, None, "weft-ca")
+        );
+
+        let k8s = parse(&["--cacerts", "/c", "--auth", "kubernetes"]).unwrap();
+        assert_eq!(k8s.token_review_timeout, Duration::from_secs(5));
+        assert!(parse(&["--cacerts", "/c", "--root-cert", "/r", "--root-key", "/k"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--auth", "oidc"]).is_err());
     }
 
     #[test]
