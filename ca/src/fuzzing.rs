@@ -83,13 +83,7 @@ pub fn token(data: &[u8]) {
     let Ok(identity) = verified else {
         return;
     };
-    // Read the claims again, independently of the verifier's types.
-    let claims = text
-        .split('.')
-        .nth(1)
-        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
-        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
-        .expect("accepted claims are JSON"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
+    let claims = reread_claims(&text);
     assert_eq!(
         claims["sub"].as_str(),
         Some(
@@ -101,12 +95,7 @@ pub fn token(data: &[u8]) {
         )
     );
     assert!(!identity.namespace.is_empty() && !identity.service_account.is_empty());
-    let audiences: Vec<&str> = match &claims["aud"] {
-        serde_json::Value::String(a) => vec![a.as_str()],
-        serde_json::Value::Array(all) => all.iter().filter_map(|a| a.as_str()).collect(),
-        other => panic!("accepted aud {other}"),
-    };
-    assert!(audiences.contains(&token::AUDIENCE));
+    assert_for_the_ca(&claims["aud"]);
     let leeway = token::LEEWAY.as_secs();
     assert_eq!(claims["exp"].as_u64(), Some(identity.expires_at));
     assert!(
@@ -233,13 +222,7 @@ pub fn jwt(data: &[u8]) {
     let Ok(v) = verified else {
         return;
     };
-    // Read the claims again, independently of the verifier's types.
-    let claims = text
-        .split('.')
-        .nth(1)
-        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
-        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
-        .expect("accepted claims are JSON"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
+    let claims = reread_claims(&text);
     assert_eq!(claims["iss"].as_str(), Some(testkeys::ISSUER));
     assert_eq!(
         claims["sub"].as_str(),
@@ -259,18 +242,33 @@ pub fn jwt(data: &[u8]) {
         claims["kubernetes.io"]["serviceaccount"]["name"].as_str(),
         Some(v.service_account.as_str())
     );
-    let audiences: Vec<&str> = match &claims["aud"] {
-        serde_json::Value::String(a) => vec![a.as_str()],
-        serde_json::Value::Array(all) => all.iter().filter_map(|a| a.as_str()).collect(),
-        other => panic!("accepted aud {other}"),
-    };
-    assert!(audiences.contains(&token::AUDIENCE));
+    assert_for_the_ca(&claims["aud"]);
     assert_eq!(claims["exp"].as_u64(), Some(v.expires_at));
     assert!(
         NOW_SECS <= v.expires_at.saturating_add(token::LEEWAY.as_secs()),
         "expired"
     );
     let _ = SpiffeId::new("cluster.local", &v.namespace, &v.service_account);
+}
+
+/// The claims of an accepted compact JWS, read again independently of the verifiers' types.
+fn reread_claims(token: &str) -> serde_json::Value {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+        .expect("accepted claims are JSON") // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
+}
+
+/// An accepted token's `aud` (a string or an array) names the CA's audience.
+fn assert_for_the_ca(aud: &serde_json::Value) {
+    let audiences: Vec<&str> = match aud {
+        serde_json::Value::String(a) => vec![a.as_str()],
+        serde_json::Value::Array(all) => all.iter().filter_map(|a| a.as_str()).collect(),
+        other => panic!("accepted aud {other}"),
+    };
+    assert!(audiences.contains(&token::AUDIENCE));
 }
 
 /// The key ids of the fake issuer's keys in the [`jwt`] target's JWKS.

@@ -111,18 +111,7 @@ async fn serve_token_root_issue_and_restart_keep_the_same_root() {
 #[tokio::test]
 async fn plugged_in_operator_intermediate() {
     weft_tests::init();
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let root_key = KeyPair::generate().unwrap();
-    let mut rp = CertificateParams::default();
-    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let root_cert = rp.self_signed(&root_key).unwrap();
-    let root_issuer = Issuer::new(rp, root_key);
-    let int_key = KeyPair::generate().unwrap();
-    let mut ip = CertificateParams::default();
-    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let int_cert = ip.signed_by(&int_key, &root_issuer).unwrap();
+    let (root_cert, int_cert, int_key) = operator_ca();
 
     let src = tempfile::tempdir().unwrap();
     let chain = src.path().join("cert-chain.pem");
@@ -325,9 +314,8 @@ async fn sigterm_drains_for_the_drain_duration_and_exits_0() {
     );
 }
 
-/// An operator root and intermediate written in Istio's `cacerts` layout into `dir`; returns the
-/// root (PEM).
-fn write_cacerts(dir: &std::path::Path) -> String {
+/// An operator's root and an intermediate for weft (with its key), as an operator would bring them.
+fn operator_ca() -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let root_key = KeyPair::generate().unwrap();
     let mut rp = CertificateParams::default();
@@ -340,6 +328,13 @@ fn write_cacerts(dir: &std::path::Path) -> String {
     ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let int_cert = ip.signed_by(&int_key, &root_issuer).unwrap();
+    (root_cert, int_cert, int_key)
+}
+
+/// An operator root and intermediate written in Istio's `cacerts` layout into `dir`; returns the
+/// root (PEM).
+fn write_cacerts(dir: &std::path::Path) -> String {
+    let (root_cert, int_cert, int_key) = operator_ca();
     std::fs::write(dir.join("ca-cert.pem"), int_cert.pem()).unwrap();
     std::fs::write(dir.join("ca-key.pem"), int_key.serialize_pem()).unwrap();
     std::fs::write(
