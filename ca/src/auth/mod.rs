@@ -117,7 +117,46 @@ impl Authenticator {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::jwks::testkeys::{ISSUER, Signer, claims, issuer};
     use super::*;
+
+    #[tokio::test]
+    async fn a_valid_token_for_an_identity_the_ca_cannot_issue_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, issuer().jwks(&[(Signer::Ec, "k")])).unwrap();
+        let auth = Authenticator::Jwks(jwks::JwksAuthenticator::new(
+            jwks::JwksFile::load(&path).unwrap(),
+            jwks::Expected {
+                issuer: ISSUER.into(),
+                audience: "istio-ca".into(),
+            },
+        ));
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ok = issuer().token(
+            Signer::Ec,
+            "k",
+            &claims("default", "sleep", "istio-ca", 1_800_000_000, 1_800_000_600),
+        );
+        let id = auth.authenticate(&ok, "cluster.local", at).await.unwrap();
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/default/sa/sleep");
+        // Consistent claims, but a namespace with a slash would make another path in the URI.
+        let odd = issuer().token(
+            Signer::Ec,
+            "k",
+            &claims("a/b", "sleep", "istio-ca", 1_800_000_000, 1_800_000_600),
+        );
+        let err = auth
+            .authenticate(&odd, "cluster.local", at)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AuthError::Identity { .. }), "{err}");
+        assert!(!err.is_unavailable());
+    }
 
     #[test]
     fn service_account_usernames() {
