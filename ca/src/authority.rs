@@ -38,6 +38,8 @@ pub const KEY_FILE: &str = "ca-key.pem";
 pub const CHAIN_FILE: &str = "cert-chain.pem";
 /// Root certificate file name.
 pub const ROOT_FILE: &str = "root-cert.pem";
+/// The signing certificate alone, in Istio's plug-in layout (`cacerts`).
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
 /// Token signing key file name.
 pub const TOKEN_KEY_FILE: &str = "token-key.pem";
 
@@ -202,14 +204,8 @@ impl Authority {
                 });
             }
         }
-        let token_path = dir.join(TOKEN_KEY_FILE);
-        if !token_path.exists() {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            write_atomic(&token_path, key.serialize_pem().as_bytes(), 0o600)?;
-        }
         let key_pem = read(&key_path)?;
         let chain_text = read(&chain_path)?;
-        let token_pem = read(&token_path)?;
         let loaded = validate_ca(&chain_path, &chain_text, &key_path, &key_pem)?;
         let root_pem = loaded.chain_pem.last().cloned().unwrap_or_default();
         // root-cert.pem is derived: rewrite it if it is missing or stale.
@@ -217,14 +213,104 @@ impl Authority {
         if fs::read_to_string(&root_path).ok().as_deref() != Some(root_pem.as_str()) {
             write_atomic(&root_path, root_pem.as_bytes(), 0o644)?;
         }
-        let token_der = rustls_pki_types::PrivateKeyDer::from_pem_slice(token_pem.as_bytes())
-            .map_err(|e| AuthorityError::BadFile {
-                path: token_path.clone(),
-                reason: format!("not a PEM private key: {e}"),
-            })?;
-        let token_signer = TokenSigner::from_pkcs8(token_der.secret_der())?;
+        let token_signer = load_or_create_token_key(dir)?;
+        Ok(Self::assemble(loaded, options, token_signer))
+    }
+
+    /// Loads an operator's CA from Istio's plug-in layout (the `cacerts` Secret mounted as files),
+    /// so that several CA replicas share one root. Nothing is generated or written there:
+    /// - `ca-cert.pem`: the CA's signing certificate (the root itself, or an intermediate);
+    /// - `ca-key.pem`: its key;
+    /// - `cert-chain.pem`: `ca-cert.pem` followed by the intermediates up to the root (the root may
+    ///   be left out; it is then taken from `root-cert.pem`);
+    /// - `root-cert.pem`: the root, what workloads trust.
+    ///
+    /// A missing file, a key that does not match `ca-cert.pem`, or a chain that does not end at
+    /// `root-cert.pem` is an error. The weft token key (only used by `--auth weft`) is kept in
+    /// `token_dir` when given, else made for this process alone.
+    pub fn load_cacerts(
+        cacerts: &Path,
+        token_dir: Option<&Path>,
+        options: AuthorityOptions,
+    ) -> Result<Self, AuthorityError> {
+        crate::spiffe::SpiffeId::new(&options.trust_domain, "a", "b")
+            .map_err(|e| AuthorityError::TrustDomain(options.trust_domain.clone(), e))?;
+        let [ca_cert_path, key_path, chain_path, root_path] =
+            [CA_CERT_FILE, KEY_FILE, CHAIN_FILE, ROOT_FILE].map(|f| cacerts.join(f));
+        let ca_cert = read_certs(&ca_cert_path)?;
+        let root = read_certs(&root_path)?;
+        // Istio allows an empty cert-chain.pem when ca-cert.pem is the root itself.
+        let chain = match read_certs(&chain_path) {
+            Err(AuthorityError::BadFile { reason, .. }) if reason == NO_CERTIFICATE => {
+                ca_cert.clone()
+            }
+            other => other?,
+        };
+        let key_pem = read(&key_path)?;
+        let bad = |path: &Path, reason: &str| AuthorityError::BadFile {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if ca_cert.len() != 1 {
+            return Err(bad(&ca_cert_path, "must hold exactly one certificate"));
+        }
+        if root.len() != 1 {
+            return Err(bad(
+                &root_path,
+                "must hold exactly one certificate, the root",
+            ));
+        }
+        let self_signed = X509Certificate::from_der(&root[0])
+            .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok());
+        if !self_signed {
+            return Err(bad(&root_path, "is not a self-signed root certificate"));
+        }
+        if chain[0] != ca_cert[0] {
+            return Err(bad(
+                &chain_path,
+                "must start with the certificate of ca-cert.pem",
+            ));
+        }
+        let mut full = chain;
+        if full.last() != root.first() {
+            // Istio accepts a chain without the root; validate_ca then checks the last link.
+            full.extend(root.iter().cloned());
+        }
+        let full_text: String = full.iter().map(|d| to_pem(d)).collect();
+        let loaded = validate_ca(&chain_path, &full_text, &key_path, &key_pem).map_err(|e| {
+            match e {
+                // The links are checked over cert-chain.pem + root-cert.pem: say so.
+                AuthorityError::BadFile { reason, .. }
+                    if reason.contains("signed by certificate") =>
+                {
+                    bad(
+                        &chain_path,
+                        &format!("does not end at root-cert.pem ({reason}, the root counted last)"),
+                    )
+                }
+                other => other,
+            }
+        })?;
+        let token_signer = match token_dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).map_err(|source| AuthorityError::Io {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                load_or_create_token_key(dir)?
+            }
+            None => {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                TokenSigner::from_pkcs8(&key.serialize_der())?
+            }
+        };
+        Ok(Self::assemble(loaded, options, token_signer))
+    }
+
+    fn assemble(loaded: LoadedCa, options: AuthorityOptions, token_signer: TokenSigner) -> Self {
+        let root_pem = loaded.chain_pem.last().cloned().unwrap_or_default();
         let token_verifier = token_signer.verifier();
-        Ok(Self {
+        Self {
             issuer: loaded.issuer,
             issuer_not_after: loaded.not_after,
             chain_pem: loaded.chain_pem,
@@ -233,7 +319,7 @@ impl Authority {
             token_signer,
             token_verifier,
             rng: SystemRandom::new(),
-        })
+        }
     }
 
     /// Installs an operator's CA into `dir` (Istio's "plug in CA certificates"): `chain_pem` holds the
@@ -288,6 +374,11 @@ impl Authority {
         } = self.token_verifier.verify(token, now)?;
         SpiffeId::new(&self.options.trust_domain, &namespace, &service_account)
             .map_err(|_| TokenError::Subject(format!("{namespace}:{service_account}")))
+    }
+
+    /// The verifier of the bootstrap tokens this CA issues (for `auth::weft`).
+    pub fn token_verifier(&self) -> &TokenVerifier {
+        &self.token_verifier
     }
 
     /// Issues a bootstrap token for a namespace/service account.
@@ -642,6 +733,44 @@ fn to_pem(der: &CertificateDer<'_>) -> String {
     out
 }
 
+/// The token key in `dir`, created on first use.
+fn load_or_create_token_key(dir: &Path) -> Result<TokenSigner, AuthorityError> {
+    let token_path = dir.join(TOKEN_KEY_FILE);
+    if !token_path.exists() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        write_atomic(&token_path, key.serialize_pem().as_bytes(), 0o600)?;
+    }
+    let token_pem = read(&token_path)?;
+    let token_der =
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(token_pem.as_bytes()).map_err(|e| {
+            AuthorityError::BadFile {
+                path: token_path.clone(),
+                reason: format!("not a PEM private key: {e}"),
+            }
+        })?;
+    Ok(TokenSigner::from_pkcs8(token_der.secret_der())?)
+}
+
+const NO_CERTIFICATE: &str = "contains no certificate";
+
+/// The PEM certificates of `path`; none is an error.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
+    let text = read(path)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| AuthorityError::BadFile {
+            path: path.to_owned(),
+            reason: format!("not PEM certificates: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(AuthorityError::BadFile {
+            path: path.to_owned(),
+            reason: NO_CERTIFICATE.into(),
+        });
+    }
+    Ok(certs)
+}
+
 fn read(path: &Path) -> Result<String, AuthorityError> {
     fs::read_to_string(path).map_err(|source| AuthorityError::Io {
         path: path.to_owned(),
@@ -680,4 +809,4 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Authority
 pub mod fuzzing;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

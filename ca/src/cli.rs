@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::auth::Authenticator;
+use crate::auth::jwks::{Expected, JwksAuthenticator, JwksFile};
+use crate::auth::token_review::TokenReviewer;
 use crate::authority::{Authority, AuthorityOptions, ImportOutcome};
 
 /// weft's certificate authority: issues SPIFFE workload certificates to token-authenticated callers.
@@ -36,8 +39,14 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Directory holding the CA key, certificate chain and token key (created on first start).
-    #[arg(long, env = "WEFT_CA_DATA_DIR")]
-    pub data_dir: PathBuf,
+    /// With --cacerts it holds only the weft token key (needed for --auth weft).
+    #[arg(long, env = "WEFT_CA_DATA_DIR", required_unless_present = "cacerts")]
+    pub data_dir: Option<PathBuf>,
+    /// Istio's plug-in CA layout, e.g. the `cacerts` Secret mounted as files: ca-cert.pem,
+    /// ca-key.pem, cert-chain.pem, root-cert.pem. Read at start, never written; replicas given the
+    /// same files share one root.
+    #[arg(long, env = "WEFT_CA_CACERTS", conflicts_with_all = ["root_cert", "root_key"])]
+    pub cacerts: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:15010 (port 0 picks a free port).
     #[arg(long, env = "WEFT_CA_LISTEN")]
     pub listen: String,
@@ -61,6 +70,40 @@ pub struct ServeArgs {
     /// accepting (Istio's terminationDrainDuration); the CA then exits 0.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_duration: Duration,
+    /// How callers prove who they are: `weft` (tokens from `ca token`), `kubernetes` (projected
+    /// service-account tokens, checked with a TokenReview), `jwks` (the same tokens, checked offline
+    /// against --jwks).
+    #[arg(long, value_enum, default_value_t = AuthMode::Weft, env = "WEFT_CA_AUTH")]
+    pub auth: AuthMode,
+    /// The audience service-account tokens must carry (`kubernetes` and `jwks`; weft tokens are
+    /// always for istio-ca).
+    #[arg(long, default_value = crate::token::AUDIENCE, env = "WEFT_CA_TOKEN_AUDIENCE")]
+    pub token_audience: String,
+    /// `kubernetes`: how long a TokenReview may take before the caller is told to retry.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub token_review_timeout: Duration,
+    /// `jwks`: the service-account issuer's keys (what the API server serves at /openid/v1/jwks),
+    /// read again when the file changes.
+    #[arg(long, required_if_eq("auth", "jwks"), env = "WEFT_CA_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// `jwks`: the issuer tokens must name (the API server's --service-account-issuer, e.g.
+    /// https://kubernetes.default.svc.cluster.local).
+    #[arg(long, required_if_eq("auth", "jwks"), env = "WEFT_CA_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// `jwks`: how often the --jwks file is checked for changes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub jwks_poll_interval: Duration,
+}
+
+/// `ca serve --auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Tokens signed by the CA's own token key (`ca token`).
+    Weft,
+    /// Kubernetes service-account tokens, checked by the API server (TokenReview).
+    Kubernetes,
+    /// Kubernetes service-account tokens, checked offline against the issuer's JWKS.
+    Jwks,
 }
 
 /// `ca token` flags.
@@ -247,31 +290,24 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.max_cert_ttl
         );
     }
-    if let (Some(cert), Some(key)) = (&args.root_cert, &args.root_key) {
-        let outcome = Authority::import(&args.data_dir, cert, key)
-            .context("cannot plug in the operator's CA")?;
-        match outcome {
-            ImportOutcome::Installed => tracing::info!("installed the operator's CA"),
-            ImportOutcome::Replaced => tracing::warn!(
-                "replaced the CA in the data directory with the operator's; workloads need the new root"
-            ),
-            ImportOutcome::Unchanged => {}
-        }
+    if args.auth == AuthMode::Weft && args.cacerts.is_some() && args.data_dir.is_none() {
+        anyhow::bail!(
+            "--auth weft with --cacerts needs --data-dir: the weft token key is kept there so tokens outlive a restart"
+        );
     }
-    let authority = Authority::load_or_create(
-        &args.data_dir,
-        AuthorityOptions {
-            trust_domain: args.trust_domain.clone(),
-            default_ttl: args.workload_cert_ttl,
-            max_ttl: args.max_cert_ttl,
-        },
-    )
-    .with_context(|| format!("cannot load the CA from {}", args.data_dir.display()))?;
+    if args.auth == AuthMode::Weft && args.token_audience != crate::token::AUDIENCE {
+        anyhow::bail!(
+            "--token-audience applies to --auth kubernetes and jwks; weft tokens are for {}",
+            crate::token::AUDIENCE
+        );
+    }
+    let authority = load_for_serve(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let authenticator = Arc::new(authenticator(&args, &authority).await?);
         let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
@@ -280,10 +316,72 @@ fn serve(args: ServeArgs) -> Result<()> {
         // The one line of stdout: scripts and tests read the bound address from it.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
-        tracing::info!(%addr, trust_domain = %args.trust_domain, "CA serving");
-        crate::server::serve_draining(listener, Arc::new(authority), shutdown, args.drain_duration)
-            .await
-            .context("CA server failed")
+        tracing::info!(%addr, trust_domain = %args.trust_domain, auth = authenticator.mode(), "CA serving");
+        crate::server::serve_with(
+            listener,
+            Arc::new(authority),
+            authenticator,
+            shutdown,
+            args.drain_duration,
+        )
+        .await
+        .context("CA server failed")
+    })
+}
+
+/// The authority `ca serve` signs with: the operator's `--cacerts` as they are, else the data
+/// directory (after installing `--root-cert`/`--root-key` there, if given).
+fn load_for_serve(args: &ServeArgs) -> Result<Authority> {
+    let options = AuthorityOptions {
+        trust_domain: args.trust_domain.clone(),
+        default_ttl: args.workload_cert_ttl,
+        max_ttl: args.max_cert_ttl,
+    };
+    if let Some(cacerts) = &args.cacerts {
+        return Authority::load_cacerts(cacerts, args.data_dir.as_deref(), options)
+            .with_context(|| format!("cannot load the CA from --cacerts {}", cacerts.display()));
+    }
+    let Some(data_dir) = &args.data_dir else {
+        anyhow::bail!("--data-dir or --cacerts is needed");
+    };
+    if let (Some(cert), Some(key)) = (&args.root_cert, &args.root_key) {
+        let outcome =
+            Authority::import(data_dir, cert, key).context("cannot plug in the operator's CA")?;
+        match outcome {
+            ImportOutcome::Installed => tracing::info!("installed the operator's CA"),
+            ImportOutcome::Replaced => tracing::warn!(
+                "replaced the CA in the data directory with the operator's; workloads need the new root"
+            ),
+            ImportOutcome::Unchanged => {}
+        }
+    }
+    Authority::load_or_create(data_dir, options)
+        .with_context(|| format!("cannot load the CA from {}", data_dir.display()))
+}
+
+/// The `--auth` mode's authenticator; `jwks` also starts polling its file (inside the runtime).
+async fn authenticator(args: &ServeArgs, authority: &Authority) -> Result<Authenticator> {
+    Ok(match args.auth {
+        AuthMode::Weft => crate::server::weft_tokens(authority),
+        AuthMode::Kubernetes => Authenticator::Kubernetes(
+            TokenReviewer::from_environment(args.token_audience.clone(), args.token_review_timeout)
+                .await
+                .context("--auth kubernetes")?,
+        ),
+        AuthMode::Jwks => {
+            let (Some(path), Some(issuer)) = (&args.jwks, &args.token_issuer) else {
+                anyhow::bail!("--auth jwks needs --jwks and --token-issuer");
+            };
+            let file = JwksFile::load(path).context("--jwks")?;
+            tokio::spawn(file.clone().watch(args.jwks_poll_interval));
+            Authenticator::Jwks(JwksAuthenticator::new(
+                file,
+                Expected {
+                    issuer: issuer.clone(),
+                    audience: args.token_audience.clone(),
+                },
+            ))
+        }
     })
 }
 
@@ -360,6 +458,47 @@ mod tests {
             report(&err),
             "sidecar failed: cannot bind dns: Address already in use"
         );
+    }
+
+    #[test]
+    fn serve_flags_by_auth_mode() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["ca", "serve", "--listen", "127.0.0.1:0"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(args) => args,
+                _ => unreachable!(),
+            })
+        };
+        let weft = parse(&["--data-dir", "/d"]).unwrap();
+        assert_eq!(weft.auth, AuthMode::Weft);
+        assert_eq!(weft.token_audience, "istio-ca");
+        assert!(parse(&[]).is_err(), "no --data-dir and no --cacerts");
+
+        assert!(parse(&["--data-dir", "/d", "--auth", "jwks"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--auth", "jwks", "--jwks", "/k"]).is_err());
+        let jwks = parse(&[
+            "--cacerts",
+            "/c",
+            "--auth",
+            "jwks",
+            "--jwks",
+            "/k",
+            "--token-issuer",
+            "https://i",
+            "--token-audience",
+            "weft-ca",
+        ])
+        .unwrap();
+        assert_eq!(
+            (jwks.auth, jwks.data_dir, jwks.token_audience.as_str()),
+            (AuthMode::Jwks, None, "weft-ca")
+        );
+
+        let k8s = parse(&["--cacerts", "/c", "--auth", "kubernetes"]).unwrap();
+        assert_eq!(k8s.token_review_timeout, Duration::from_secs(5));
+        assert!(parse(&["--cacerts", "/c", "--root-cert", "/r", "--root-key", "/k"]).is_err());
+        assert!(parse(&["--data-dir", "/d", "--auth", "oidc"]).is_err());
     }
 
     #[test]

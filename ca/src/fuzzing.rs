@@ -1,5 +1,5 @@
-//! Thin wrappers over the CA's parsers of bytes from outside (CSRs and bootstrap tokens, both sent
-//! by workloads before they are trusted), for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`)
+//! Thin wrappers over the CA's parsers of bytes from outside (CSRs, bootstrap tokens and Kubernetes
+//! service-account tokens, all sent by workloads before they are trusted; the issuer's JWKS file), for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`)
 //! and for [`tests`], which replays the committed corpora through the same functions.
 
 // A broken invariant panics on purpose here: a panic is what libFuzzer reports.
@@ -83,13 +83,7 @@ pub fn token(data: &[u8]) {
     let Ok(identity) = verified else {
         return;
     };
-    // Read the claims again, independently of the verifier's types.
-    let claims = text
-        .split('.')
-        .nth(1)
-        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
-        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
-        .expect("accepted claims are JSON"); // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
+    let claims = reread_claims(&text);
     assert_eq!(
         claims["sub"].as_str(),
         Some(
@@ -101,12 +95,7 @@ pub fn token(data: &[u8]) {
         )
     );
     assert!(!identity.namespace.is_empty() && !identity.service_account.is_empty());
-    let audiences: Vec<&str> = match &claims["aud"] {
-        serde_json::Value::String(a) => vec![a.as_str()],
-        serde_json::Value::Array(all) => all.iter().filter_map(|a| a.as_str()).collect(),
-        other => panic!("accepted aud {other}"),
-    };
-    assert!(audiences.contains(&token::AUDIENCE));
+    assert_for_the_ca(&claims["aud"]);
     let leeway = token::LEEWAY.as_secs();
     assert_eq!(claims["exp"].as_u64(), Some(identity.expires_at));
     assert!(
@@ -172,6 +161,120 @@ pub fn csr(data: &[u8]) {
         }
     }
 }
+
+/// Service-account tokens and the JWKS (`--auth jwks`). The first byte picks the form, modulo 3:
+/// 0, the rest is a JWKS document; 1, the rest is a token as a workload sends it, checked against
+/// the fake issuer's keys (`auth::jwks::testkeys`); 2, the rest is header and claims (split at the
+/// first 0xff byte, else the claims under an ES256 header with the EC key's id), signed here with
+/// the fake issuer's P-256 key so that every check after the signature is reached. An accepted
+/// token must say what the verifier claims it said.
+pub fn jwt(data: &[u8]) {
+    use crate::auth::jwks::testkeys::{self, Signer};
+    use crate::auth::jwks::{self, Expected, Jwks};
+
+    static JWKS: OnceLock<Option<Jwks>> = OnceLock::new();
+    let Some((&form, rest)) = data.split_first() else {
+        return;
+    };
+    if form % 3 == 0 {
+        if let Ok(parsed) = Jwks::parse(rest) {
+            assert!(rest.len() <= jwks::MAX_JWKS_LEN);
+            assert!(!parsed.is_empty() && parsed.len() <= jwks::MAX_KEYS);
+        }
+        return;
+    }
+    let issuer = testkeys::issuer();
+    let Some(keys) = JWKS
+        .get_or_init(|| {
+            Jwks::parse(
+                issuer
+                    .jwks(&[(Signer::Rsa, JWT_RSA_KID), (Signer::Ec, JWT_EC_KID)])
+                    .as_bytes(),
+            )
+            .ok()
+        })
+        .as_ref()
+    else {
+        return;
+    };
+    let text = if form % 3 == 1 {
+        let Ok(text) = std::str::from_utf8(rest) else {
+            return;
+        };
+        text.to_owned()
+    } else {
+        let default_header = format!(r#"{{"alg":"ES256","kid":"{JWT_EC_KID}"}}"#);
+        let (header, claims) = match rest.iter().position(|&b| b == 0xff) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (default_header.as_bytes(), rest),
+        };
+        issuer.sign_raw(Signer::Ec, header, claims)
+    };
+    let expected = Expected {
+        issuer: testkeys::ISSUER.into(),
+        audience: token::AUDIENCE.into(),
+    };
+    let verified = jwks::verify(keys, &text, &expected, now());
+    assert_eq!(
+        matches!(verified, Err(jwks::JwtError::TooLarge(_))),
+        text.len() > MAX_TOKEN_LEN
+    );
+    let Ok(v) = verified else {
+        return;
+    };
+    let claims = reread_claims(&text);
+    assert_eq!(claims["iss"].as_str(), Some(testkeys::ISSUER));
+    assert_eq!(
+        claims["sub"].as_str(),
+        Some(
+            format!(
+                "system:serviceaccount:{}:{}",
+                v.namespace, v.service_account
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        claims["kubernetes.io"]["namespace"].as_str(),
+        Some(v.namespace.as_str())
+    );
+    assert_eq!(
+        claims["kubernetes.io"]["serviceaccount"]["name"].as_str(),
+        Some(v.service_account.as_str())
+    );
+    assert_for_the_ca(&claims["aud"]);
+    assert_eq!(claims["exp"].as_u64(), Some(v.expires_at));
+    assert!(
+        NOW_SECS <= v.expires_at.saturating_add(token::LEEWAY.as_secs()),
+        "expired"
+    );
+    let _ = SpiffeId::new("cluster.local", &v.namespace, &v.service_account);
+}
+
+/// The claims of an accepted compact JWS, read again independently of the verifiers' types.
+fn reread_claims(token: &str) -> serde_json::Value {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+        .expect("accepted claims are JSON") // ok: a fuzz oracle (only built for tests and `cargo fuzz`): a panic is the finding
+}
+
+/// An accepted token's `aud` (a string or an array) names the CA's audience.
+fn assert_for_the_ca(aud: &serde_json::Value) {
+    let audiences: Vec<&str> = match aud {
+        serde_json::Value::String(a) => vec![a.as_str()],
+        serde_json::Value::Array(all) => all.iter().filter_map(|a| a.as_str()).collect(),
+        other => panic!("accepted aud {other}"),
+    };
+    assert!(audiences.contains(&token::AUDIENCE));
+}
+
+/// The key ids of the fake issuer's keys in the [`jwt`] target's JWKS.
+pub const JWT_RSA_KID: &str = "rsa-fuzz";
+/// See [`JWT_RSA_KID`].
+pub const JWT_EC_KID: &str = "ec-fuzz";
 
 /// Runs `target` over every file of the repository's `fuzz/corpus/<name>/`, which must hold at
 /// least `min` files, and fails naming the first file it panics on. The crates' corpus tests use it

@@ -1,11 +1,12 @@
 //! weft's identity: SPIFFE IDs, the certificate authority, its client, and mesh mTLS configs.
 //!
 //! Everything that proves or checks who a workload is lives here, so pilot and the sidecar share one
-//! implementation: [`spiffe`] parses IDs, [`authority`] and [`server`] are the CA, [`token`] its
-//! bootstrap credentials, [`csr`] and [`client`] what a workload uses to get a certificate ([`files`]: its token and root
+//! implementation: [`spiffe`] parses IDs, [`authority`] and [`server`] are the CA, [`auth`] decides who
+//! a caller is (weft tokens, TokenReview, JWKS), [`token`] its bootstrap credentials, [`csr`] and [`client`] what a workload uses to get a certificate ([`files`]: its token and root
 //! files, read again as they rotate), [`tls`]
 //! the rustls configs and SPIFFE verifiers, [`grpc`] gRPC over those configs.
 
+pub mod auth;
 pub mod authority;
 pub mod cli;
 pub mod client;

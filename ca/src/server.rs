@@ -1,4 +1,5 @@
-//! The CA's gRPC service: `CreateCertificate`, authenticated by bootstrap token, over TLS.
+//! The CA's gRPC service: `CreateCertificate`, authenticated by bearer token (see [`crate::auth`]),
+//! over TLS.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,10 +12,10 @@ use weft_proto::ca::istio_certificate_service_server::{
 };
 use weft_proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 
+use crate::auth::{AuthError, Authenticator};
 use crate::authority::{Authority, SignError};
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, ClientAuth, CredentialStore, Credentials, SvidError, TrustBundle};
-use crate::token::TokenError;
 
 /// Namespace of the CA's own identity.
 pub const CA_NAMESPACE: &str = "weft-system";
@@ -41,9 +42,9 @@ pub enum CaError {
     /// No `authorization: Bearer` metadata.
     #[error("authentication failed: no bearer token in the authorization metadata")]
     MissingToken,
-    /// The token was refused.
+    /// The token was refused, or could not be checked.
     #[error("authentication failed: {0}")]
-    Token(#[from] TokenError),
+    Auth(#[from] AuthError),
     /// The caller asked to act as another identity.
     #[error("authentication failed: impersonation is not allowed (no trusted node authorizer)")]
     Impersonation,
@@ -56,7 +57,10 @@ impl From<CaError> for Status {
     fn from(e: CaError) -> Self {
         let msg = e.to_string();
         match e {
-            CaError::MissingToken | CaError::Token(_) | CaError::Impersonation => {
+            // The CA could not decide (API server down): the caller retries, as for any outage.
+            CaError::Auth(e) if e.is_unavailable() => Status::unavailable(msg),
+            CaError::Auth(e) if e.is_ca_misconfigured() => Status::internal(msg),
+            CaError::MissingToken | CaError::Auth(_) | CaError::Impersonation => {
                 Status::unauthenticated(msg)
             }
             CaError::Sign(SignError::IdentityMismatch { .. }) => Status::permission_denied(msg),
@@ -85,15 +89,29 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct CaService {
     authority: Arc<Authority>,
+    authenticator: Arc<Authenticator>,
 }
 
 impl CaService {
-    /// Serves certificates from `authority`.
+    /// Serves certificates from `authority` to callers with its own bootstrap tokens (`--auth weft`).
     pub fn new(authority: Arc<Authority>) -> Self {
-        Self { authority }
+        let authenticator = Arc::new(weft_tokens(&authority));
+        Self::with_authenticator(authority, authenticator)
     }
 
-    fn create(
+    /// Serves certificates from `authority` to callers `authenticator` accepts.
+    pub fn with_authenticator(
+        authority: Arc<Authority>,
+        authenticator: Arc<Authenticator>,
+    ) -> Self {
+        Self {
+            authority,
+            authenticator,
+        }
+    }
+
+    /// Authenticates the caller from `metadata` and signs its CSR: the whole `CreateCertificate`.
+    pub async fn create(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         req: &IstioCertificateRequest,
@@ -109,7 +127,10 @@ impl CaService {
             .filter(|t| !t.is_empty())
             .ok_or(CaError::MissingToken)?;
         let now = SystemTime::now();
-        let identity = self.authority.authenticate(token, now)?;
+        let identity = self
+            .authenticator
+            .authenticate(token, self.authority.trust_domain(), now)
+            .await?;
         if req
             .metadata
             .as_ref()
@@ -131,7 +152,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        match self.create(request.metadata(), request.get_ref()) {
+        match self.create(request.metadata(), request.get_ref()).await {
             Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
             Err(e) => {
                 tracing::info!(error = %e, "certificate request refused");
@@ -162,13 +183,32 @@ pub async fn serve(
     serve_draining(listener, authority, shutdown, DRAIN_GRACE).await
 }
 
+/// `--auth weft`: the authority's own bootstrap tokens.
+pub fn weft_tokens(authority: &Authority) -> Authenticator {
+    Authenticator::Weft(crate::auth::weft::WeftTokens::new(
+        authority.token_verifier().clone(),
+    ))
+}
+
+/// [`serve_with`] for callers with the authority's own bootstrap tokens (`--auth weft`).
+pub async fn serve_draining(
+    listener: TcpListener,
+    authority: Arc<Authority>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> Result<(), ServeError> {
+    let authenticator = Arc::new(weft_tokens(&authority));
+    serve_with(listener, authority, authenticator, shutdown, drain).await
+}
+
 /// Serves the CA on `listener` over TLS until `shutdown` completes, then drains: the listener stops
 /// accepting, open HTTP/2 connections get GOAWAY (tonic's graceful shutdown) so clients reconnect
 /// elsewhere, and in-flight requests get `drain` to finish. Idle clients keep HTTP/2 connections
 /// open indefinitely, so a purely graceful stop could wait forever: at the deadline the rest close.
-pub async fn serve_draining(
+pub async fn serve_with(
     listener: TcpListener,
     authority: Arc<Authority>,
+    authenticator: Arc<Authenticator>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), ServeError> {
@@ -181,8 +221,9 @@ pub async fn serve_draining(
         &[tls::ALPN_H2],
     )?;
     let incoming = crate::grpc::tls_incoming(listener, Arc::new(config));
-    let service = IstioCertificateServiceServer::new(CaService::new(authority))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service =
+        IstioCertificateServiceServer::new(CaService::with_authenticator(authority, authenticator))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(service)
@@ -202,3 +243,6 @@ pub async fn serve_draining(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

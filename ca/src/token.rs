@@ -22,7 +22,7 @@ pub const ISSUER: &str = "weft-ca";
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Clock skew tolerated on `nbf`/`iat`/`exp`.
 pub const LEEWAY: Duration = Duration::from_secs(60);
-const SA_PREFIX: &str = "system:serviceaccount:";
+use crate::auth::SERVICE_ACCOUNT_PREFIX as SA_PREFIX;
 
 /// Why a token was refused. Messages are for the CA's log; callers see an opaque Unauthenticated.
 #[derive(Debug, thiserror::Error)]
@@ -217,11 +217,7 @@ impl TokenVerifier {
         if claims.nbf > now.saturating_add(leeway) {
             return Err(TokenError::NotYetValid(claims.nbf - now));
         }
-        let (namespace, service_account) = claims
-            .sub
-            .strip_prefix(SA_PREFIX)
-            .and_then(|rest| rest.split_once(':'))
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
+        let (namespace, service_account) = crate::auth::parse_service_account(&claims.sub)
             .ok_or_else(|| TokenError::Subject(claims.sub.clone()))?;
         Ok(TokenIdentity {
             namespace: namespace.to_owned(),

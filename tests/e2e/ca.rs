@@ -111,18 +111,7 @@ async fn serve_token_root_issue_and_restart_keep_the_same_root() {
 #[tokio::test]
 async fn plugged_in_operator_intermediate() {
     weft_tests::init();
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let root_key = KeyPair::generate().unwrap();
-    let mut rp = CertificateParams::default();
-    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let root_cert = rp.self_signed(&root_key).unwrap();
-    let root_issuer = Issuer::new(rp, root_key);
-    let int_key = KeyPair::generate().unwrap();
-    let mut ip = CertificateParams::default();
-    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let int_cert = ip.signed_by(&int_key, &root_issuer).unwrap();
+    let (root_cert, int_cert, int_key) = operator_ca();
 
     let src = tempfile::tempdir().unwrap();
     let chain = src.path().join("cert-chain.pem");
@@ -323,4 +312,159 @@ async fn sigterm_drains_for_the_drain_duration_and_exits_0() {
         took < Duration::from_millis(2500),
         "ca took {took:?} to stop"
     );
+}
+
+/// An operator's root and an intermediate for weft (with its key), as an operator would bring them.
+fn operator_ca() -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let root_key = KeyPair::generate().unwrap();
+    let mut rp = CertificateParams::default();
+    rp.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    rp.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root_cert = rp.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(rp, root_key);
+    let int_key = KeyPair::generate().unwrap();
+    let mut ip = CertificateParams::default();
+    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let int_cert = ip.signed_by(&int_key, &root_issuer).unwrap();
+    (root_cert, int_cert, int_key)
+}
+
+/// An operator root and intermediate written in Istio's `cacerts` layout into `dir`; returns the
+/// root (PEM).
+fn write_cacerts(dir: &std::path::Path) -> String {
+    let (root_cert, int_cert, int_key) = operator_ca();
+    std::fs::write(dir.join("ca-cert.pem"), int_cert.pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), int_key.serialize_pem()).unwrap();
+    std::fs::write(
+        dir.join("cert-chain.pem"),
+        format!("{}{}", int_cert.pem(), root_cert.pem()),
+    )
+    .unwrap();
+    std::fs::write(dir.join("root-cert.pem"), root_cert.pem()).unwrap();
+    root_cert.pem()
+}
+
+#[tokio::test]
+async fn replicas_on_one_cacerts_secret_take_service_account_tokens_offline() {
+    use weft_ca::auth::jwks::testkeys::{ISSUER, Signer, claims, issuer};
+    weft_tests::init();
+    let cacerts = tempfile::tempdir().unwrap();
+    let root_pem = write_cacerts(cacerts.path());
+    let keys = tempfile::tempdir().unwrap();
+    let jwks = keys.path().join("jwks.json");
+    std::fs::write(&jwks, issuer().jwks(&[(Signer::Ec, "k1")])).unwrap();
+    let replica = |name: &str| {
+        let mut cmd = Command::new(bin("ca"));
+        cmd.arg("serve")
+            .arg("--cacerts")
+            .arg(cacerts.path())
+            .args(["--listen", "127.0.0.1:0", "--auth", "jwks", "--jwks"])
+            .arg(&jwks)
+            .args(["--token-issuer", ISSUER, "--jwks-poll-interval", "100ms"]);
+        let (p, addr) = Proc::spawn_listening(name, cmd, keys.path()).unwrap();
+        (p, addr.to_string())
+    };
+    let (_a, addr_a) = replica("ca-a");
+    let (_b, addr_b) = replica("ca-b");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sleep = issuer().token(
+        Signer::Ec,
+        "k1",
+        &claims("default", "sleep", "istio-ca", now, now + 600),
+    );
+    // Both replicas serve and issue under the operator's root (clients trust only it).
+    for addr in [&addr_a, &addr_b] {
+        let creds = fetch(addr, &root_pem, &sleep, "default", "sleep")
+            .await
+            .unwrap();
+        assert_eq!(creds.identity().service_account(), "sleep");
+        let err = fetch(addr, &root_pem, &sleep, "default", "httpbin")
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("sa/httpbin") && err.contains("sa/sleep"),
+            "{err}"
+        );
+    }
+    let expired = issuer().token(
+        Signer::Ec,
+        "k1",
+        &claims("default", "sleep", "istio-ca", now - 7200, now - 3600),
+    );
+    let err = fetch(&addr_a, &root_pem, &expired, "default", "sleep")
+        .await
+        .unwrap_err();
+    assert!(err.contains("expired"), "{err}");
+
+    // The issuer's keys rotate: the file is replaced (as the kubelet does) and read again.
+    let rotated = issuer().token(
+        Signer::RsaNext,
+        "k2",
+        &claims("default", "sleep", "istio-ca", now, now + 600),
+    );
+    let err = fetch(&addr_b, &root_pem, &rotated, "default", "sleep")
+        .await
+        .unwrap_err();
+    assert!(err.contains("key id \"k2\""), "{err}");
+    let tmp = keys.path().join("jwks.json.tmp");
+    std::fs::write(&tmp, issuer().jwks(&[(Signer::RsaNext, "k2")])).unwrap();
+    std::fs::rename(&tmp, &jwks).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match fetch(&addr_b, &root_pem, &rotated, "default", "sleep").await {
+            Ok(creds) => {
+                assert_eq!(creds.identity().service_account(), "sleep");
+                break;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "rotated key never accepted: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = fetch(&addr_b, &root_pem, &sleep, "default", "sleep")
+        .await
+        .unwrap_err();
+    assert!(err.contains("key id \"k1\""), "{err}");
+}
+
+#[test]
+fn kubernetes_modes_refuse_bad_start_up_material() {
+    let cacerts = tempfile::tempdir().unwrap();
+    write_cacerts(cacerts.path());
+    let c = cacerts.path().to_str().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--cacerts", c];
+        args.extend_from_slice(extra);
+        ca_cmd(&args)
+    };
+    let (ok, _, err) = serve(&["--auth", "jwks", "--token-issuer", "https://i"]);
+    assert!(!ok);
+    assert!(err.contains("--jwks"), "{err}");
+    let (ok, _, err) = serve(&[
+        "--auth",
+        "jwks",
+        "--token-issuer",
+        "https://i",
+        "--jwks",
+        "/nonexistent/jwks.json",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/jwks.json"), "{err}");
+    let (ok, _, err) = serve(&[]);
+    assert!(!ok);
+    assert!(err.contains("--data-dir"), "{err}");
+
+    // A key that is not ca-cert.pem's.
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(cacerts.path().join("ca-key.pem"), other.serialize_pem()).unwrap();
+    let (ok, _, err) = serve(&["--auth", "kubernetes"]);
+    assert!(!ok);
+    assert!(err.contains("key does not match"), "{err}");
 }

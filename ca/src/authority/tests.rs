@@ -277,7 +277,13 @@ fn plugged_in_intermediate_yields_chains_to_the_operator_root() {
     assert_eq!(chain[2], root_pem);
 
     // rustls (webpki) accepts the leaf given only the operator's root and the intermediate.
-    let bundle = crate::tls::TrustBundle::from_pem(&root_pem).unwrap();
+    verify_leaf(&chain, &root_pem);
+}
+
+/// Verifies `chain` (leaf first, root last, as the CA returns it) with rustls (webpki) against
+/// `root_pem` alone, the intermediates taken from the chain; returns the leaf.
+pub(crate) fn verify_leaf(chain: &[String], root_pem: &str) -> CertificateDer<'static> {
+    let bundle = crate::tls::TrustBundle::from_pem(root_pem).unwrap();
     let ders: Vec<CertificateDer<'static>> = chain
         .iter()
         .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
@@ -286,11 +292,12 @@ fn plugged_in_intermediate_yields_chains_to_the_operator_root() {
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
         &bundle.roots(),
-        &ders[1..2],
+        &ders[1..ders.len() - 1],
         rustls_pki_types::UnixTime::now(),
         crate::tls::provider().signature_verification_algorithms.all,
     )
     .unwrap();
+    ders[0].clone()
 }
 
 #[test]
@@ -338,4 +345,139 @@ fn tokens_are_only_issued_for_valid_identities() {
             .is_err()
     );
     assert!(a.issue_token("", "sa", Duration::from_secs(60)).is_err());
+}
+
+/// Writes `operator_ca()`'s material in Istio's plug-in layout (the `cacerts` Secret's keys).
+fn write_cacerts(dir: &Path, (chain_pem, key_pem, root_pem): &(String, String, String)) {
+    let ca_cert = chain_pem
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    fs::write(dir.join(CA_CERT_FILE), ca_cert).unwrap();
+    fs::write(dir.join(KEY_FILE), key_pem).unwrap();
+    fs::write(dir.join(CHAIN_FILE), chain_pem).unwrap();
+    fs::write(dir.join(ROOT_FILE), root_pem).unwrap();
+}
+
+fn files_in(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut all: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), fs::read(e.path()).unwrap())
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn replicas_loading_one_cacerts_secret_issue_leaves_under_one_root() {
+    let material = operator_ca();
+    let cacerts = tempfile::tempdir().unwrap();
+    write_cacerts(cacerts.path(), &material);
+    let before = files_in(cacerts.path());
+    let root_pem = &material.2;
+
+    let a = Authority::load_cacerts(cacerts.path(), None, opts()).unwrap();
+    let b = Authority::load_cacerts(cacerts.path(), None, opts()).unwrap();
+    assert_eq!(
+        files_in(cacerts.path()),
+        before,
+        "nothing written to the Secret"
+    );
+    let bundle = crate::tls::TrustBundle::from_pem(root_pem).unwrap();
+    let verifier = crate::tls::SpiffeClientVerifier::new(&bundle, "cluster.local", true);
+    for (replica, sa) in [(&a, "sleep"), (&b, "httpbin")] {
+        assert_eq!(replica.root_pem(), root_pem.as_str());
+        let me = id("default", sa);
+        let kc = crate::csr::generate(&me).unwrap();
+        let chain = replica
+            .sign_csr(&kc.csr_pem, &me, 0, SystemTime::now())
+            .unwrap();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+        let leaf = verify_leaf(&chain, root_pem);
+        // The mesh's own verifier (what a sidecar's server side uses) accepts it too.
+        let intermediate = CertificateDer::from_pem_slice(chain[1].as_bytes()).unwrap();
+        rustls::server::danger::ClientCertVerifier::verify_client_cert(
+            &verifier,
+            &leaf,
+            &[intermediate],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+    }
+
+    // Istio lets cert-chain.pem stop before the root: it is completed from root-cert.pem.
+    let ca_cert = fs::read_to_string(cacerts.path().join(CA_CERT_FILE)).unwrap();
+    fs::write(cacerts.path().join(CHAIN_FILE), &ca_cert).unwrap();
+    let c = Authority::load_cacerts(cacerts.path(), None, opts()).unwrap();
+    let me = id("default", "sleep");
+    let kc = crate::csr::generate(&me).unwrap();
+    let chain = c.sign_csr(&kc.csr_pem, &me, 0, SystemTime::now()).unwrap();
+    assert_eq!(chain.len(), 3);
+    verify_leaf(&chain, root_pem);
+
+    // The weft token key, when kept, lives in the data directory and survives restarts.
+    let data = tempfile::tempdir().unwrap();
+    let d1 = Authority::load_cacerts(cacerts.path(), Some(data.path()), opts()).unwrap();
+    let token = d1
+        .issue_token("default", "sleep", Duration::from_secs(60))
+        .unwrap();
+    let d2 = Authority::load_cacerts(cacerts.path(), Some(data.path()), opts()).unwrap();
+    assert!(d2.authenticate(&token, SystemTime::now()).is_ok());
+    assert!(a.authenticate(&token, SystemTime::now()).is_err());
+}
+
+#[test]
+fn inconsistent_cacerts_are_refused_at_start() {
+    let material = operator_ca();
+    let other = operator_ca();
+    let refuse = |edit: &dyn Fn(&Path), want: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write_cacerts(dir.path(), &material);
+        edit(dir.path());
+        let err = Authority::load_cacerts(dir.path(), None, opts()).unwrap_err();
+        assert!(err.to_string().contains(want), "{want}: {err}");
+    };
+    refuse(
+        &|d| fs::write(d.join(KEY_FILE), &other.1).unwrap(),
+        "key does not match",
+    );
+    refuse(
+        &|d| fs::write(d.join(ROOT_FILE), &other.2).unwrap(),
+        "does not end at root-cert.pem",
+    );
+    // cert-chain.pem without its root, and root-cert.pem from another CA.
+    refuse(
+        &|d| {
+            let ca_cert = fs::read_to_string(d.join(CA_CERT_FILE)).unwrap();
+            fs::write(d.join(CHAIN_FILE), ca_cert).unwrap();
+            fs::write(d.join(ROOT_FILE), &other.2).unwrap();
+        },
+        "does not end at root-cert.pem",
+    );
+    refuse(
+        &|d| fs::write(d.join(CA_CERT_FILE), &other.2).unwrap(),
+        "must start with the certificate of ca-cert.pem",
+    );
+    refuse(
+        &|d| fs::write(d.join(ROOT_FILE), &material.0).unwrap(),
+        "exactly one certificate",
+    );
+    // root-cert.pem is the intermediate: not self-signed.
+    refuse(
+        &|d| {
+            let ca_cert = fs::read_to_string(d.join(CA_CERT_FILE)).unwrap();
+            fs::write(d.join(ROOT_FILE), &ca_cert).unwrap();
+        },
+        "self-signed root",
+    );
+    for file in [CA_CERT_FILE, KEY_FILE, CHAIN_FILE, ROOT_FILE] {
+        refuse(&|d| fs::remove_file(d.join(file)).unwrap(), file);
+    }
+    refuse(
+        &|d| fs::write(d.join(ROOT_FILE), "not a certificate").unwrap(),
+        "contains no certificate",
+    );
 }

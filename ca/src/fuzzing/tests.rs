@@ -28,6 +28,31 @@ fn ca_token_corpus() {
 }
 
 #[test]
+fn ca_jwt_corpus() {
+    replay_corpus("ca_jwt", 6, jwt);
+}
+
+#[test]
+fn the_jwt_seeds_reach_past_the_signature_checks() {
+    use crate::auth::jwks::testkeys::{ISSUER, Signer, issuer};
+    let keys = crate::auth::jwks::Jwks::parse(
+        issuer()
+            .jwks(&[(Signer::Rsa, JWT_RSA_KID), (Signer::Ec, JWT_EC_KID)])
+            .as_bytes(),
+    )
+    .unwrap();
+    let expected = crate::auth::jwks::Expected {
+        issuer: ISSUER.into(),
+        audience: "istio-ca".into(),
+    };
+    for seed in ["rs256-valid", "es256-valid"] {
+        let data = std::fs::read_to_string(corpus("ca_jwt").join(seed)).unwrap();
+        let v = crate::auth::jwks::verify(&keys, &data[1..], &expected, now()).unwrap();
+        assert_eq!(v.service_account, "sleep", "{seed}");
+    }
+}
+
+#[test]
 fn the_seeds_reach_past_the_signature_checks() {
     // A seed that no longer verifies would leave the fuzzer outside the interesting checks.
     let (_, verifier) = keys().unwrap();
@@ -115,5 +140,67 @@ fn write_ca_seeds() {
         for (name, data) in seeds {
             std::fs::write(corpus(dir).join(name), data).unwrap();
         }
+    }
+}
+
+/// Writes `fuzz/corpus/ca_jwt/`. Run by hand: `cargo test -p weft-ca write_jwt_seeds -- --ignored`.
+#[test]
+#[ignore = "writes the corpus"]
+fn write_jwt_seeds() {
+    use crate::auth::jwks::testkeys::{Signer, claims, issuer};
+    let i = issuer();
+    let valid = claims(
+        "default",
+        "sleep",
+        "istio-ca",
+        NOW_SECS - 10,
+        NOW_SECS + 3600,
+    );
+    let expired = claims(
+        "default",
+        "sleep",
+        "istio-ca",
+        NOW_SECS - 7200,
+        NOW_SECS - 3600,
+    );
+    let mut seeds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "jwks-both",
+            with_form(0, i.jwks(&[(Signer::Rsa, JWT_RSA_KID), (Signer::Ec, JWT_EC_KID)]).as_bytes()),
+        ),
+        (
+            "jwks-mixed",
+            with_form(
+                0,
+                br#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AAAA"},{"kty":"EC","crv":"P-256","x":"","y":""},{"kty":"RSA","n":"AQAB","e":"AQAB","use":"enc"}]}"#,
+            ),
+        ),
+        (
+            "rs256-valid",
+            with_form(1, i.token(Signer::Rsa, JWT_RSA_KID, &valid).as_bytes()),
+        ),
+        (
+            "es256-valid",
+            with_form(1, i.token(Signer::Ec, JWT_EC_KID, &valid).as_bytes()),
+        ),
+        (
+            "es256-expired",
+            with_form(1, i.token(Signer::Ec, JWT_EC_KID, &expired).as_bytes()),
+        ),
+        ("claims-valid", with_form(2, valid.to_string().as_bytes())),
+    ];
+    let mut none = br#"{"alg":"none"}"#.to_vec();
+    none.push(0xff);
+    none.extend_from_slice(valid.to_string().as_bytes());
+    seeds.push(("header-alg-none", with_form(2, &none)));
+    let mut other_ns = valid.clone();
+    other_ns["kubernetes.io"]["namespace"] = serde_json::json!("kube-system");
+    seeds.push((
+        "claims-namespace-mismatch",
+        with_form(2, other_ns.to_string().as_bytes()),
+    ));
+    std::fs::create_dir_all(corpus("ca_jwt")).unwrap();
+    for (name, data) in seeds {
+        std::fs::write(corpus("ca_jwt").join(name), data).unwrap();
     }
 }
