@@ -79,6 +79,33 @@ pub struct ServeArgs {
     /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
     #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration)]
     pub drain_duration: Duration,
+
+    // --- Admission webhooks (issue 16, part "webhook"; pilot/src/webhook/, pilot/README.md) ---
+    /// Serve the admission webhooks (POST /inject, POST /validate; AdmissionReview v1) over TLS on
+    /// this address, e.g. 0.0.0.0:15017. Off by default. Needs --ca, --ca-root and --token-file:
+    /// the certificate comes from the CA with the webhook Service's DNS names.
+    #[arg(long)]
+    pub webhook_listen: Option<String>,
+    /// The webhook Service as NAME.NAMESPACE. The certificate names NAME, NAME.NAMESPACE,
+    /// NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local; NAMESPACE is pilot's own (the CA
+    /// gives DNS names only for Services of the caller's namespace).
+    #[arg(long, default_value = "weft-pilot.weft-system")]
+    pub webhook_service: String,
+    /// Keep caBundle of the MutatingWebhookConfiguration weft-sidecar-injector and the
+    /// ValidatingWebhookConfiguration weft-validator equal to --ca-root, through the Kubernetes API
+    /// (in-cluster config or KUBECONFIG). Explicit, never inferred: a kubeconfig on a laptop must
+    /// not make a local pilot patch a cluster.
+    #[arg(long, requires = "webhook_listen")]
+    pub webhook_patch_ca_bundle: bool,
+    /// Sidecar image /inject adds (as `pilot inject --image`). Default: weft/sidecar:<version>.
+    #[arg(long)]
+    pub inject_image: Option<String>,
+    /// pilot's discovery address injected sidecars use (as `pilot inject --pilot-address`).
+    #[arg(long, default_value = "pilot.weft-system.svc:15012")]
+    pub inject_pilot_address: String,
+    /// The CA's address injected sidecars use (as `pilot inject --ca-address`).
+    #[arg(long, default_value = "ca.weft-system.svc:15010")]
+    pub inject_ca_address: String,
 }
 
 impl ServeArgs {
@@ -132,6 +159,57 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// The webhook settings, if `--webhook-listen` asks for them (checked before anything binds).
+    /// The Kubernetes client is not built here: that happens at start, with the runtime.
+    fn webhook(&self) -> Result<Option<(String, crate::webhook::WebhookOptions)>, ServeError> {
+        let Some(listen) = &self.webhook_listen else {
+            return Ok(None);
+        };
+        let missing =
+            |flag: &'static str| ServeError::Flags(format!("--webhook-listen needs {flag}"));
+        let ca = self.ca.clone().ok_or_else(|| missing("--ca"))?;
+        let root_file = self.ca_root.clone().ok_or_else(|| missing("--ca-root"))?;
+        let token_file = self
+            .token_file
+            .clone()
+            .ok_or_else(|| missing("--token-file"))?;
+        let (service, namespace) = self
+            .webhook_service
+            .split_once('.')
+            .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
+            .ok_or_else(|| {
+                ServeError::Flags(format!(
+                    "--webhook-service {:?}: expected NAME.NAMESPACE",
+                    self.webhook_service
+                ))
+            })?;
+        let defaults = crate::inject::Options::default();
+        let inject = crate::inject::Options {
+            image: self.inject_image.clone().unwrap_or(defaults.image),
+            pilot_address: self.inject_pilot_address.clone(),
+            ca_address: self.inject_ca_address.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ..defaults
+        };
+        Ok(Some((
+            listen.clone(),
+            crate::webhook::WebhookOptions {
+                ca,
+                root_file,
+                token_file,
+                trust_domain: self.trust_domain.clone(),
+                cert_ttl: self.cert_ttl,
+                service: service.to_string(),
+                namespace: namespace.to_string(),
+                admission: crate::webhook::Admission::new(inject),
+                kube: None,
+                drain: self.drain_duration,
+            },
+        )))
+    }
+}
+
 /// Why `pilot serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -174,6 +252,11 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The Kubernetes client for --webhook-patch-ca-bundle could not be configured.
+    #[error(
+        "--webhook-patch-ca-bundle: no Kubernetes configuration (in-cluster or KUBECONFIG): {0}"
+    )]
+    Kube(String),
     /// The config API server failed.
     #[error("config API server failed: {0}")]
     Server(#[from] tonic::transport::Error),
@@ -211,6 +294,16 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         })?;
     restrict_mode(dir, 0o700)?;
     let discovery = args.discovery()?;
+    let mut webhook = args.webhook()?;
+    if args.webhook_patch_ca_bundle
+        && let Some((_, opts)) = &mut webhook
+    {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| ServeError::Kube(e.to_string()))?;
+        opts.kube =
+            Some(kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))?);
+    }
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
     let store = Arc::new(Store::open(dir)?);
@@ -227,6 +320,21 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             if let Ok(a) = l.local_addr() {
                 // Printed before the config API line, which scripts and tests wait for.
                 println!("discovery listening on {a}");
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let webhook_listener = match &webhook {
+        Some((addr, _)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            if let Ok(a) = l.local_addr() {
+                println!("webhook listening on {a}");
             }
             Some(l)
         }
@@ -273,13 +381,26 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     } else {
         None
     };
+    let webhook_task = webhook_listener.zip(webhook).map(|(listener, (_, opts))| {
+        let ctx = context.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::webhook::run(listener, opts, ctx.shutdown.clone()).await {
+                tracing::error!(error = %e, "webhooks failed; shutting down");
+                ctx.shutdown.cancel();
+            }
+        })
+    });
     let result = serve_config_api(listener, context.clone()).await;
     context.shutdown.cancel();
     let _ = std::fs::remove_file(&socket);
-    // Discovery drains for the same duration, from the same moment; it has its own deadline.
-    if let Some(task) = discovery_task {
-        let _ = tokio::time::timeout(context.drain + EXIT_AFTER_DRAIN, task).await;
-    }
+    // Discovery and the webhooks drain for the same duration, from the same moment, side by side;
+    // each has its own deadline.
+    let tasks = discovery_task.into_iter().chain(webhook_task);
+    let _ = tokio::time::timeout(
+        context.drain + EXIT_AFTER_DRAIN,
+        futures_util::future::join_all(tasks),
+    )
+    .await;
     context.abort.cancel();
     tracing::info!("stopped");
     result
