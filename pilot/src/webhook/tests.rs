@@ -373,3 +373,11 @@ fn bodies_that_are_not_admission_reviews_are_refused_with_a_reason() {
     );
     assert!(admission().validate(b"\xff\xfe").is_err());
 }
+
+#[test]
+fn the_ca_gives_dns_names_to_pilots_service_account() {
+    assert_eq!(
+        crate::discovery::PILOT_SERVICE_ACCOUNT,
+        weft_ca::dns::CONTROL_PLANE_SERVICE_ACCOUNT
+    );
+}
