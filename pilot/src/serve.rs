@@ -550,4 +550,87 @@ mod tests {
             "a symlink's target is not pilot's to change"
         );
     }
+
+    fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        let argv = ["pilot", "serve", "--data-dir", "/nonexistent"]
+            .iter()
+            .chain(extra);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Serve(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn webhook_flags_are_checked_before_anything_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let file = file.to_str().unwrap();
+        let identity = [
+            "--ca",
+            "127.0.0.1:1",
+            "--ca-root",
+            file,
+            "--token-file",
+            file,
+        ];
+
+        assert!(
+            serve_args(&[]).unwrap().webhook().unwrap().is_none(),
+            "off by default"
+        );
+        let err = serve_args(&["--webhook-listen", "127.0.0.1:0"])
+            .unwrap()
+            .webhook()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "--webhook-listen needs --ca");
+
+        let mut args = vec![
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "example.org",
+        ];
+        args.extend(identity);
+        let (listen, opts) = serve_args(&args).unwrap().webhook().unwrap().unwrap();
+        assert_eq!(listen, "127.0.0.1:0");
+        assert_eq!(
+            (opts.service.as_str(), opts.namespace.as_str()),
+            ("weft-pilot", "weft-system")
+        );
+        assert_eq!(opts.admission.inject.trust_domain, "example.org");
+        assert_eq!(
+            opts.admission.inject,
+            crate::inject::Options {
+                trust_domain: "example.org".into(),
+                ..crate::inject::Options::default()
+            },
+            "the same defaults as `pilot inject`"
+        );
+        assert!(opts.kube.is_none());
+
+        let base = args.clone();
+        args.extend([
+            "--webhook-service",
+            "istiod.mesh",
+            "--inject-image",
+            "reg/sidecar:1",
+        ]);
+        let (_, opts) = serve_args(&args).unwrap().webhook().unwrap().unwrap();
+        assert_eq!(
+            (opts.service.as_str(), opts.namespace.as_str()),
+            ("istiod", "mesh")
+        );
+        assert_eq!(opts.admission.inject.image, "reg/sidecar:1");
+        for bad in ["weft-pilot", "weft-pilot.", ".ns", "a.b.c"] {
+            let mut args = base.clone();
+            args.extend(["--webhook-service", bad]);
+            let err = serve_args(&args).unwrap().webhook().unwrap_err();
+            assert!(err.to_string().contains("NAME.NAMESPACE"), "{bad}: {err}");
+        }
+        // caBundle patching only with the webhooks.
+        assert!(serve_args(&["--webhook-patch-ca-bundle"]).is_err());
+    }
 }
