@@ -90,6 +90,16 @@ impl Admission {
         encode(validate::review(&request))
     }
 
+    /// The answer when a handler failed on `body` (a panic caught by the server): allowed, with a
+    /// warning, so that a bug never stops a pod or an object (see the module docs).
+    pub fn allowed_after_failure(&self, body: &[u8]) -> Result<Vec<u8>, BadReview> {
+        let request = parse_review(body)?;
+        encode(allowed_with_warning(
+            &request,
+            "weft: the webhook failed internally; allowed unchecked".into(),
+        ))
+    }
+
     fn labels_of(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
         self.namespace_labels.as_ref().and_then(|f| f(namespace))
     }

@@ -140,14 +140,21 @@ where
         Ok(body) => body,
         Err(response) => return response,
     };
-    let admission = admission.clone();
-    let answer = tokio::task::spawn_blocking(move || match route {
-        Route::Inject => admission.inject(&body),
-        Route::Validate => admission.validate(&body),
+    let (handler, kept) = (admission.clone(), body.clone());
+    let answer = match tokio::task::spawn_blocking(move || match route {
+        Route::Inject => handler.inject(&body),
+        Route::Validate => handler.validate(&body),
     })
-    .await;
+    .await
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, ?route, "webhook handler failed; answering allowed");
+            admission.allowed_after_failure(&kept)
+        }
+    };
     match answer {
-        Ok(Ok(json)) => {
+        Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -155,11 +162,7 @@ where
             );
             response
         }
-        Ok(Err(BadReview(reason))) => text(StatusCode::BAD_REQUEST, &reason),
-        Err(e) => {
-            tracing::error!(error = %e, "webhook handler failed");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "handler failed")
-        }
+        Err(BadReview(reason)) => text(StatusCode::BAD_REQUEST, &reason),
     }
 }
 

@@ -381,3 +381,20 @@ fn the_ca_gives_dns_names_to_pilots_service_account() {
         weft_ca::dns::CONTROL_PLANE_SERVICE_ACCOUNT
     );
 }
+
+#[test]
+fn after_a_handler_failure_the_review_is_allowed_with_a_warning() {
+    let response = response(
+        &admission()
+            .allowed_after_failure(&pod_review(&seed_pod("sleep")))
+            .unwrap(),
+    );
+    not_patched(&response);
+    assert!(
+        response["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("failed internally")
+    );
+    assert!(admission().allowed_after_failure(b"nonsense").is_err());
+}
