@@ -291,3 +291,66 @@ fn kubectl_apply_of_a_bad_virtual_service_is_refused_with_pilot_applys_message()
     );
     assert_eq!(response["allowed"], true, "{response}");
 }
+
+/// The leaf certificate the webhook serves (DER), verified for [`WEBHOOK_NAME`].
+fn webhook_leaf(addr: &str, root: &std::path::Path) -> Vec<u8> {
+    let tls = weft_tests::tls_connect(addr, root, WEBHOOK_NAME, &[b"http/1.1"]).unwrap();
+    tls.conn.peer_certificates().unwrap()[0].as_ref().to_vec()
+}
+
+#[test]
+fn the_webhook_certificate_is_renewed_with_its_names() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    // A 4 s certificate is renewed at about 2 s (discovery's too, from the same flag).
+    let plane = weft_tests::ControlPlane::start(
+        dir.path(),
+        &["--webhook-listen", "127.0.0.1:0", "--cert-ttl", "4s"],
+    )
+    .unwrap();
+    let addr = plane.pilot.announced("webhook").unwrap();
+    post(
+        &addr,
+        &plane.root,
+        "/inject",
+        &review("", "Pod", "default", &seed_pod("sleep")),
+    );
+    let first = webhook_leaf(&addr, &plane.root);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let renewed = loop {
+        // Every handshake verifies the names: a renewal without them would fail here.
+        let leaf = webhook_leaf(&addr, &plane.root);
+        if leaf != first {
+            break leaf;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhook certificate was never renewed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(&renewed).unwrap();
+    let validity = cert.validity();
+    let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
+    // notBefore is backdated 60 s for clock skew.
+    assert!((60..=70).contains(&lifetime), "lifetime {lifetime} s");
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "URI(spiffe://cluster.local/ns/weft-system/sa/pilot)",
+            "DNSName(weft-pilot)",
+            "DNSName(weft-pilot.weft-system)",
+            "DNSName(weft-pilot.weft-system.svc)",
+            "DNSName(weft-pilot.weft-system.svc.cluster.local)",
+        ]
+    );
+}
