@@ -54,6 +54,7 @@ pub fn review(
     let namespace = request
         .namespace
         .as_deref()
+        .filter(|n| !n.is_empty())
         .or_else(|| pod.pointer("/metadata/namespace").and_then(Value::as_str))
         .filter(|n| !n.is_empty())
         .unwrap_or("default")

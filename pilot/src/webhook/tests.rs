@@ -265,6 +265,12 @@ fn host_network_system_namespaces_other_kinds_and_updates_are_not_patched() {
     let mut system = seed_pod("sleep");
     system["metadata"]["namespace"] = json!("kube-system");
     not_patched(&inject(&admission(), &system));
+    // The review's namespace left empty: the pod's own is used.
+    not_patched(&response(
+        &admission()
+            .inject(&review_of("", "Pod", "CREATE", "", system.clone()))
+            .unwrap(),
+    ));
     let pod = seed_pod("sleep");
     not_patched(&response(
         &admission()
