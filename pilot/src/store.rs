@@ -208,6 +208,33 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of objects that do not come from a store (the Kubernetes registry's view of the
+    /// cluster, tests): `objects` at `revision`. A later object with the key of an earlier one
+    /// replaces it.
+    pub fn from_objects(revision: u64, objects: impl IntoIterator<Item = StoredObject>) -> Self {
+        Self {
+            revision,
+            objects: objects
+                .into_iter()
+                .map(|object| (object.resource.key(), Arc::new(object)))
+                .collect(),
+        }
+    }
+
+    /// [`Snapshot::from_objects`] for plain resources, each at `revision`, generation 1, created now.
+    pub fn from_resources(revision: u64, resources: Vec<Resource>) -> Self {
+        let created = SystemTime::now();
+        Self::from_objects(
+            revision,
+            resources.into_iter().map(|resource| StoredObject {
+                resource,
+                resource_version: revision,
+                generation: 1,
+                created,
+            }),
+        )
+    }
+
     /// The store revision this snapshot shows (0 for an empty, never-written store).
     pub fn revision(&self) -> u64 {
         self.revision
