@@ -354,3 +354,37 @@ fn the_webhook_certificate_is_renewed_with_its_names() {
         ]
     );
 }
+
+#[test]
+fn sigterm_with_the_webhooks_open_exits_0_within_the_drain() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = weft_tests::ControlPlane::start(
+        dir.path(),
+        &["--webhook-listen", "127.0.0.1:0", "--drain-duration", "1s"],
+    )
+    .unwrap();
+    let addr = plane.pilot.announced("webhook").unwrap();
+    post(
+        &addr,
+        &plane.root,
+        "/inject",
+        &review("", "Pod", "default", &seed_pod("sleep")),
+    );
+    // A client that keeps a connection open without a request: it must not hold up the exit.
+    let idle = weft_tests::tls_connect(&addr, &plane.root, WEBHOOK_NAME, &[b"http/1.1"]).unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        plane
+            .pilot
+            .terminate(std::time::Duration::from_secs(5))
+            .unwrap(),
+        "pilot exited with an error"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
