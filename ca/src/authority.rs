@@ -142,6 +142,9 @@ pub enum SignError {
         /// What the token proves.
         authenticated: String,
     },
+    /// The CSR asks for DNS names the caller may not have (see [`crate::dns`]).
+    #[error(transparent)]
+    DnsName(#[from] crate::dns::DnsSanError),
     /// The requested validity makes no sense.
     #[error("requested validity {0} s is invalid: {1}")]
     Validity(i64, &'static str),
@@ -411,7 +414,8 @@ impl Authority {
     ) -> Result<Vec<String>, SignError> {
         let ttl = self.validity(requested_secs)?;
         let key = parse_csr(csr_pem, identity)?;
-        self.issue(&key, identity, ttl, now)
+        crate::dns::check_dns_names(identity, &key.dns_names)?;
+        self.issue(&key, identity, &key.dns_names, ttl, now)
     }
 
     /// Issues a certificate for a key the caller already holds (the CA's own serving identity).
@@ -422,7 +426,7 @@ impl Authority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Vec<String>, SignError> {
-        self.issue(key, identity, ttl, now)
+        self.issue(key, identity, &[], ttl, now)
     }
 
     fn validity(&self, requested_secs: i64) -> Result<Duration, SignError> {
@@ -447,6 +451,7 @@ impl Authority {
         &self,
         key: &impl PublicKeyData,
         identity: &SpiffeId,
+        dns_names: &[String],
         ttl: Duration,
         now: SystemTime,
     ) -> Result<Vec<String>, SignError> {
@@ -456,9 +461,15 @@ impl Authority {
         // A leaf never outlives its issuer: verifiers would reject it at that point anyway.
         let not_after = (now + ttl).min(self.issuer_not_after);
         let mut params = CertificateParams::default();
-        // Empty subject, identity only in the (then critical) URI SAN, as Istio issues them.
+        // Empty subject, identity only in the (then critical) URI SAN, as Istio issues them; DNS
+        // SANs only as `crate::dns` allowed them (pilot's webhook Service names).
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -510,6 +521,8 @@ pub enum ImportOutcome {
 struct CsrKey {
     raw: Vec<u8>,
     alg: &'static SignatureAlgorithm,
+    /// The DNS SANs asked for, still to be checked against the caller ([`crate::dns`]).
+    dns_names: Vec<String>,
 }
 
 impl PublicKeyData for CsrKey {
@@ -526,7 +539,8 @@ const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 const OID_RSA: &str = "1.2.840.113549.1.1.1";
 
-/// Parses, verifies and vets a CSR; only its public key is used (the identity comes from the token).
+/// Parses, verifies and vets a CSR; only its public key and DNS names are used (the identity comes
+/// from the token; the DNS names are checked against it by the caller).
 fn parse_csr(csr_pem: &str, identity: &SpiffeId) -> Result<CsrKey, SignError> {
     if csr_pem.len() > MAX_CSR_LEN {
         return Err(SignError::CsrTooLarge(csr_pem.len()));
@@ -542,18 +556,22 @@ fn parse_csr(csr_pem: &str, identity: &SpiffeId) -> Result<CsrKey, SignError> {
     let alg = key_algorithm(spki)?;
     csr.verify_signature()
         .map_err(|_| SignError::CsrSignature)?;
+    let mut dns_names = Vec::new();
     if let Some(extensions) = csr.requested_extensions() {
         for ext in extensions {
             if let ParsedExtension::SubjectAlternativeName(san) = ext {
                 for name in &san.general_names {
-                    // Only URI SANs claim an identity; DNS/IP SANs are ignored (never copied).
-                    if let GeneralName::URI(uri) = name
-                        && *uri != identity.as_str()
-                    {
-                        return Err(SignError::IdentityMismatch {
-                            requested: (*uri).to_owned(),
-                            authenticated: identity.to_string(),
-                        });
+                    // URI SANs claim an identity; DNS SANs are returned for the DNS rule; other
+                    // SANs (IP, e-mail) are ignored (never copied).
+                    match name {
+                        GeneralName::URI(uri) if *uri != identity.as_str() => {
+                            return Err(SignError::IdentityMismatch {
+                                requested: (*uri).to_owned(),
+                                authenticated: identity.to_string(),
+                            });
+                        }
+                        GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+                        _ => {}
                     }
                 }
             }
@@ -562,6 +580,7 @@ fn parse_csr(csr_pem: &str, identity: &SpiffeId) -> Result<CsrKey, SignError> {
     Ok(CsrKey {
         raw: spki.subject_public_key.data.to_vec(),
         alg,
+        dns_names,
     })
 }
 

@@ -65,6 +65,8 @@ pub struct CaClient {
     inner: IstioCertificateServiceClient<Channel>,
     token: Arc<TokenSource>,
     roots: Option<RootFile>,
+    /// DNS SANs asked for with every certificate (pilot's webhook names); usually none.
+    dns_names: Arc<[String]>,
 }
 
 /// Where the bearer token comes from.
@@ -136,7 +138,17 @@ impl CaClient {
             inner: IstioCertificateServiceClient::new(channel),
             token: Arc::new(token),
             roots,
+            dns_names: Arc::from([]),
         })
+    }
+
+    /// This client asks for `names` as DNS SANs in every certificate it requests (renewals
+    /// included). The CA allows them only for the control plane's own Service names
+    /// ([`crate::dns`]).
+    #[must_use]
+    pub fn with_dns_names(mut self, names: Vec<String>) -> Self {
+        self.dns_names = Arc::from(names);
+        self
     }
 
     async fn authorization(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, ClientError> {
@@ -180,7 +192,7 @@ impl CaClient {
         if let Some(roots) = &self.roots {
             roots.reload().await;
         }
-        let kc = crate::csr::generate(identity)?;
+        let kc = crate::csr::generate_with_dns(identity, &self.dns_names)?;
         let chain = self.create_certificate(&kc.csr_pem, validity).await?;
         let creds = Credentials::from_pem(&chain, &kc.key_pem)?;
         if creds.identity() != identity {

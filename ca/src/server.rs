@@ -63,7 +63,9 @@ impl From<CaError> for Status {
             CaError::MissingToken | CaError::Auth(_) | CaError::Impersonation => {
                 Status::unauthenticated(msg)
             }
-            CaError::Sign(SignError::IdentityMismatch { .. }) => Status::permission_denied(msg),
+            CaError::Sign(SignError::IdentityMismatch { .. } | SignError::DnsName(_)) => {
+                Status::permission_denied(msg)
+            }
             CaError::Sign(SignError::CaExpired) => Status::failed_precondition(msg),
             CaError::Sign(SignError::Sign(_)) => Status::internal(msg),
             CaError::Sign(_) => Status::invalid_argument(msg),

@@ -29,6 +29,8 @@ pub struct Cli {
 }
 
 /// `pilot` subcommands.
+// Parsed once per process: the size of `serve`'s flags costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane: the config store and the config API on unix:<data-dir>/pilot.sock

@@ -8,3 +8,4 @@ pub mod inject;
 pub mod registry;
 pub mod serve;
 pub mod store;
+pub mod webhook;

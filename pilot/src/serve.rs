@@ -86,6 +86,33 @@ pub struct ServeArgs {
     /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
     #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration)]
     pub drain_duration: Duration,
+
+    // --- Admission webhooks (issue 16, part "webhook"; pilot/src/webhook/, pilot/README.md) ---
+    /// Serve the admission webhooks (POST /inject, POST /validate; AdmissionReview v1) over TLS on
+    /// this address, e.g. 0.0.0.0:15017. Off by default. Needs --ca, --ca-root and --token-file:
+    /// the certificate comes from the CA with the webhook Service's DNS names.
+    #[arg(long)]
+    pub webhook_listen: Option<String>,
+    /// The webhook Service as NAME.NAMESPACE. The certificate names NAME, NAME.NAMESPACE,
+    /// NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local; NAMESPACE is pilot's own (the CA
+    /// gives DNS names only for Services of the caller's namespace).
+    #[arg(long, default_value = "weft-pilot.weft-system")]
+    pub webhook_service: String,
+    /// Keep caBundle of the MutatingWebhookConfiguration weft-sidecar-injector and the
+    /// ValidatingWebhookConfiguration weft-validator equal to --ca-root, through the Kubernetes API
+    /// (in-cluster config or KUBECONFIG). Explicit, never inferred: a kubeconfig on a laptop must
+    /// not make a local pilot patch a cluster.
+    #[arg(long, requires = "webhook_listen")]
+    pub webhook_patch_ca_bundle: bool,
+    /// Sidecar image /inject adds (as `pilot inject --image`). Default: weft/sidecar:<version>.
+    #[arg(long)]
+    pub inject_image: Option<String>,
+    /// pilot's discovery address injected sidecars use (as `pilot inject --pilot-address`).
+    #[arg(long, default_value = "pilot.weft-system.svc:15012")]
+    pub inject_pilot_address: String,
+    /// The CA's address injected sidecars use (as `pilot inject --ca-address`).
+    #[arg(long, default_value = "ca.weft-system.svc:15010")]
+    pub inject_ca_address: String,
 }
 
 impl ServeArgs {
@@ -140,6 +167,57 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// The webhook settings, if `--webhook-listen` asks for them (checked before anything binds).
+    /// The Kubernetes client is not built here: that happens at start, with the runtime.
+    fn webhook(&self) -> Result<Option<(String, crate::webhook::WebhookOptions)>, ServeError> {
+        let Some(listen) = &self.webhook_listen else {
+            return Ok(None);
+        };
+        let missing =
+            |flag: &'static str| ServeError::Flags(format!("--webhook-listen needs {flag}"));
+        let ca = self.ca.clone().ok_or_else(|| missing("--ca"))?;
+        let root_file = self.ca_root.clone().ok_or_else(|| missing("--ca-root"))?;
+        let token_file = self
+            .token_file
+            .clone()
+            .ok_or_else(|| missing("--token-file"))?;
+        let (service, namespace) = self
+            .webhook_service
+            .split_once('.')
+            .filter(|(s, n)| !s.is_empty() && !n.is_empty() && !n.contains('.'))
+            .ok_or_else(|| {
+                ServeError::Flags(format!(
+                    "--webhook-service {:?}: expected NAME.NAMESPACE",
+                    self.webhook_service
+                ))
+            })?;
+        let defaults = crate::inject::Options::default();
+        let inject = crate::inject::Options {
+            image: self.inject_image.clone().unwrap_or(defaults.image),
+            pilot_address: self.inject_pilot_address.clone(),
+            ca_address: self.inject_ca_address.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ..defaults
+        };
+        Ok(Some((
+            listen.clone(),
+            crate::webhook::WebhookOptions {
+                ca,
+                root_file,
+                token_file,
+                trust_domain: self.trust_domain.clone(),
+                cert_ttl: self.cert_ttl,
+                service: service.to_string(),
+                namespace: namespace.to_string(),
+                admission: crate::webhook::Admission::new(inject),
+                kube: None,
+                drain: self.drain_duration,
+            },
+        )))
+    }
+}
+
 /// Why `pilot serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -182,6 +260,11 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The Kubernetes client for --webhook-patch-ca-bundle could not be configured.
+    #[error(
+        "--webhook-patch-ca-bundle: no Kubernetes configuration (in-cluster or KUBECONFIG): {0}"
+    )]
+    Kube(String),
     /// The config API server failed.
     #[error("config API server failed: {0}")]
     Server(#[from] tonic::transport::Error),
@@ -219,6 +302,16 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         })?;
     restrict_mode(dir, 0o700)?;
     let discovery = args.discovery()?;
+    let mut webhook = args.webhook()?;
+    if args.webhook_patch_ca_bundle
+        && let Some((_, opts)) = &mut webhook
+    {
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| ServeError::Kube(e.to_string()))?;
+        opts.kube =
+            Some(kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))?);
+    }
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
     let store = Arc::new(Store::open(dir)?);
@@ -235,6 +328,21 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             if let Ok(a) = l.local_addr() {
                 // Printed before the config API line, which scripts and tests wait for.
                 println!("discovery listening on {a}");
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let webhook_listener = match &webhook {
+        Some((addr, _)) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            if let Ok(a) = l.local_addr() {
+                println!("webhook listening on {a}");
             }
             Some(l)
         }
@@ -281,13 +389,26 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     } else {
         None
     };
+    let webhook_task = webhook_listener.zip(webhook).map(|(listener, (_, opts))| {
+        let ctx = context.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::webhook::run(listener, opts, ctx.shutdown.clone()).await {
+                tracing::error!(error = %e, "webhooks failed; shutting down");
+                ctx.shutdown.cancel();
+            }
+        })
+    });
     let result = serve_config_api(listener, context.clone()).await;
     context.shutdown.cancel();
     let _ = std::fs::remove_file(&socket);
-    // Discovery drains for the same duration, from the same moment; it has its own deadline.
-    if let Some(task) = discovery_task {
-        let _ = tokio::time::timeout(context.drain + EXIT_AFTER_DRAIN, task).await;
-    }
+    // Discovery and the webhooks drain for the same duration, from the same moment, side by side;
+    // each has its own deadline.
+    let tasks = discovery_task.into_iter().chain(webhook_task);
+    let _ = tokio::time::timeout(
+        context.drain + EXIT_AFTER_DRAIN,
+        futures_util::future::join_all(tasks),
+    )
+    .await;
     context.abort.cancel();
     tracing::info!("stopped");
     result
@@ -436,5 +557,88 @@ mod tests {
             0o644,
             "a symlink's target is not pilot's to change"
         );
+    }
+
+    fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        let argv = ["pilot", "serve", "--data-dir", "/nonexistent"]
+            .iter()
+            .chain(extra);
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Serve(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn webhook_flags_are_checked_before_anything_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let file = file.to_str().unwrap();
+        let identity = [
+            "--ca",
+            "127.0.0.1:1",
+            "--ca-root",
+            file,
+            "--token-file",
+            file,
+        ];
+
+        assert!(
+            serve_args(&[]).unwrap().webhook().unwrap().is_none(),
+            "off by default"
+        );
+        let err = serve_args(&["--webhook-listen", "127.0.0.1:0"])
+            .unwrap()
+            .webhook()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "--webhook-listen needs --ca");
+
+        let mut args = vec![
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "example.org",
+        ];
+        args.extend(identity);
+        let (listen, opts) = serve_args(&args).unwrap().webhook().unwrap().unwrap();
+        assert_eq!(listen, "127.0.0.1:0");
+        assert_eq!(
+            (opts.service.as_str(), opts.namespace.as_str()),
+            ("weft-pilot", "weft-system")
+        );
+        assert_eq!(opts.admission.inject.trust_domain, "example.org");
+        assert_eq!(
+            opts.admission.inject,
+            crate::inject::Options {
+                trust_domain: "example.org".into(),
+                ..crate::inject::Options::default()
+            },
+            "the same defaults as `pilot inject`"
+        );
+        assert!(opts.kube.is_none());
+
+        let base = args.clone();
+        args.extend([
+            "--webhook-service",
+            "istiod.mesh",
+            "--inject-image",
+            "reg/sidecar:1",
+        ]);
+        let (_, opts) = serve_args(&args).unwrap().webhook().unwrap().unwrap();
+        assert_eq!(
+            (opts.service.as_str(), opts.namespace.as_str()),
+            ("istiod", "mesh")
+        );
+        assert_eq!(opts.admission.inject.image, "reg/sidecar:1");
+        for bad in ["weft-pilot", "weft-pilot.", ".ns", "a.b.c"] {
+            let mut args = base.clone();
+            args.extend(["--webhook-service", bad]);
+            let err = serve_args(&args).unwrap().webhook().unwrap_err();
+            assert!(err.to_string().contains("NAME.NAMESPACE"), "{bad}: {err}");
+        }
+        // caBundle patching only with the webhooks.
+        assert!(serve_args(&["--webhook-patch-ca-bundle"]).is_err());
     }
 }

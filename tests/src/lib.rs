@@ -993,3 +993,88 @@ impl OtlpSink {
         }
     }
 }
+
+/// An HTTPS response read by [`https_post`].
+#[derive(Debug)]
+pub struct HttpsResponse {
+    /// Status code.
+    pub status: u16,
+    /// The body (Content-Length framed).
+    pub body: Vec<u8>,
+    /// The ALPN protocol the server chose, if any.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// A TLS connection to `addr` (handshake done), verifying the server's certificate against the
+/// roots in `root` for DNS name `server_name` (webpki through rustls; what the Kubernetes API server
+/// does with a webhook's caBundle), offering `alpn`.
+pub fn tls_connect(
+    addr: &str,
+    root: &std::path::Path,
+    server_name: &str,
+    alpn: &[&[u8]],
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(root)? {
+        roots.add(cert?)?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(weft_ca::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .with_context(|| format!("TLS handshake with {addr} as {server_name}"))?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// POSTs `body` to `path` over HTTP/1.1 on a [`tls_connect`] connection.
+pub fn https_post(
+    addr: &str,
+    root: &std::path::Path,
+    server_name: &str,
+    alpn: &[&[u8]],
+    path: &str,
+    body: &[u8],
+) -> Result<HttpsResponse> {
+    use std::io::{Read, Write};
+    let mut tls = tls_connect(addr, root, server_name, alpn)?;
+    let alpn = tls.conn.alpn_protocol().map(<[u8]>::to_vec);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {server_name}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes())?;
+    tls.write_all(body)?;
+    tls.flush()?;
+    let mut raw = Vec::new();
+    // The server closes after the response (connection: close); a missing close_notify is fine.
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e).context("read the response"),
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    Ok(HttpsResponse {
+        status,
+        body: raw[split + 4..].to_vec(),
+        alpn,
+    })
+}

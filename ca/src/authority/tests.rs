@@ -160,13 +160,63 @@ fn csr_without_sans_gets_the_token_identity() {
     let dir = tempfile::tempdir().unwrap();
     let a = Authority::load_or_create(dir.path(), opts()).unwrap();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::new(vec!["ignored.example".to_string()]).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     let me = id("default", "sleep");
     let chain = a.sign_csr(&csr, &me, 0, SystemTime::now()).unwrap();
     let creds = crate::tls::Credentials::from_pem(&chain, &key.serialize_pem()).unwrap();
-    assert_eq!(creds.identity(), &me, "DNS SAN in the CSR is not copied");
+    assert_eq!(creds.identity(), &me);
+}
+
+fn dns_sans(pem: &str) -> Vec<String> {
+    let (der,) = parse_leaf(pem);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn pilot_gets_its_webhook_service_names_and_nobody_else_gets_dns_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Authority::load_or_create(dir.path(), opts()).unwrap();
+    let names = crate::dns::service_names("weft-pilot", "weft-system");
+    let pilot = id("weft-system", "pilot");
+    let kc = crate::csr::generate_with_dns(&pilot, &names).unwrap();
+    let chain = a
+        .sign_csr(&kc.csr_pem, &pilot, 0, SystemTime::now())
+        .unwrap();
+    assert_eq!(dns_sans(&chain[0]), names);
+    let creds = crate::tls::Credentials::from_pem(&chain, &kc.key_pem).unwrap();
+    assert_eq!(
+        creds.identity(),
+        &pilot,
+        "the SPIFFE identity is still there"
+    );
+
+    // A workload asking for pilot's names; pilot asking for another namespace's or an outside name.
+    for (who, name) in [
+        (id("default", "sleep"), "weft-pilot.weft-system.svc"),
+        (id("default", "sleep"), "sleep.default.svc"),
+        (id("weft-system", "weft-ca"), "weft-pilot.weft-system.svc"),
+        (pilot.clone(), "kubernetes.default.svc"),
+        (pilot.clone(), "weft-pilot.weft-system.svc.example.com"),
+        (pilot.clone(), "example.com"),
+    ] {
+        let kc = crate::csr::generate_with_dns(&who, &[name.to_string()]).unwrap();
+        let err = a
+            .sign_csr(&kc.csr_pem, &who, 0, SystemTime::now())
+            .unwrap_err();
+        assert!(matches!(err, SignError::DnsName(_)), "{who} {name}: {err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
 }
 
 #[test]
