@@ -213,7 +213,7 @@ impl Default for Debounce {
 /// Builds push contexts from store and registry changes, debounced. Returns the receiver streams watch.
 fn spawn_debouncer(
     mut store: watch::Receiver<Arc<Snapshot>>,
-    registry: Arc<Registry>,
+    registry: Arc<dyn WorkloadSource>,
     debounce: Debounce,
     translator: Translator,
     shutdown: CancellationToken,
@@ -356,7 +356,9 @@ impl ProxyTable {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     contexts: watch::Receiver<Arc<PushContext>>,
-    registry: Arc<Registry>,
+    /// Where connecting sidecars register their workloads; `None` when the workloads come from
+    /// the platform (`--registry kubernetes`).
+    registry: Option<Arc<Registry>>,
     translator: Translator,
     proxies: Arc<ProxyTable>,
     pushes: PushSlots,
@@ -367,10 +369,10 @@ pub struct Discovery {
 
 impl Discovery {
     /// A discovery service pushing contexts from `contexts`, translating on `translator` (the
-    /// one the debouncer that builds the contexts uses).
+    /// one the debouncer that builds the contexts uses). Sidecars register in `registry`, if any.
     pub fn new(
         contexts: watch::Receiver<Arc<PushContext>>,
-        registry: Arc<Registry>,
+        registry: Option<Arc<Registry>>,
         translator: Translator,
         proxies: Arc<ProxyTable>,
         shutdown: CancellationToken,
@@ -486,7 +488,7 @@ impl Discovery {
                 last_push: SystemTime::now(),
             },
         );
-        let registration = self.registry.register(workload.clone());
+        let registration = self.registry.as_ref().map(|r| r.register(workload.clone()));
         tracing::info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %peer, "sidecar connected");
         let (outbox, body) = wire::outbox();
         let session = Session {
@@ -565,7 +567,7 @@ struct Session {
     /// The slot of the push awaiting its answer.
     in_flight: Option<InFlight>,
     outbox: wire::Outbox,
-    _registration: Registration,
+    _registration: Option<Registration>,
     last_fingerprint: Option<u64>,
     nonce: u64,
     last_nonce: String,
@@ -797,12 +799,36 @@ pub enum DiscoveryError {
     Threads(std::io::Error),
 }
 
+/// Where discovery's config objects and workloads come from.
+#[derive(Clone)]
+pub enum Source {
+    /// The local store's snapshots; workloads registered by their sidecars' streams.
+    Local(watch::Receiver<Arc<Snapshot>>),
+    /// A platform registry (`--registry kubernetes`): its snapshots and its workloads; sidecars
+    /// register nothing (several pilots then serve the same mesh with no shared local state).
+    Platform {
+        /// Config snapshots.
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        /// Live workloads.
+        workloads: Arc<dyn WorkloadSource>,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Local(_) => "Source::Local",
+            Source::Platform { .. } => "Source::Platform",
+        })
+    }
+}
+
 /// Serves discovery on `listener` until `shutdown`: gets pilot's certificate from the CA (waiting for
-/// the CA if needed), keeps it rotated, and streams each connected sidecar its view of `store`.
+/// the CA if needed), keeps it rotated, and streams each connected sidecar its view of `source`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     opts: DiscoveryOptions,
-    store: &crate::store::Store,
+    source: Source,
     proxies: Arc<ProxyTable>,
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
@@ -844,12 +870,21 @@ pub async fn serve(
     let root_watch = tokio::spawn(roots.watch(weft_ca::files::ROOT_POLL_INTERVAL));
     let config = tls::server_config(creds, &bundle, ClientAuth::Required, &[tls::ALPN_H2])
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
-    let registry = Registry::new(opts.workload_grace);
+    let (snapshots, registry, workloads): (_, _, Arc<dyn WorkloadSource>) = match source {
+        Source::Local(snapshots) => {
+            let registry = Registry::new(opts.workload_grace);
+            (snapshots, Some(registry.clone()), registry)
+        }
+        Source::Platform {
+            snapshots,
+            workloads,
+        } => (snapshots, None, workloads),
+    };
     let translator =
         Translator::new(opts.mesh, CONCURRENT_TRANSLATIONS).map_err(DiscoveryError::Threads)?;
     let contexts = spawn_debouncer(
-        store.subscribe(),
-        registry.clone(),
+        snapshots,
+        workloads,
         opts.debounce,
         translator.clone(),
         shutdown.clone(),

@@ -46,7 +46,7 @@ const CA_ROOT_DIR: &str = "/var/run/secrets/weft";
 /// The key of the root certificate in the ConfigMap.
 const CA_ROOT_KEY: &str = "root-cert.pem";
 /// Namespaces that are never injected (Istio's list).
-const SYSTEM_NAMESPACES: [&str; 4] = [
+pub const SYSTEM_NAMESPACES: [&str; 4] = [
     "kube-system",
     "kube-public",
     "kube-node-lease",

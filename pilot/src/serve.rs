@@ -1,8 +1,9 @@
 //! `pilot serve`: opens the store, serves the config API on the owner-only unix socket, and stops
 //! cleanly on SIGTERM/SIGINT.
 //!
-//! Discovery plugs in through [`ServeContext`]: it carries the store (and so its snapshots) and the
-//! shutdown token every long-running task watches.
+//! Discovery plugs in through [`ServeContext`]: it carries the config backend (the store, or the
+//! Kubernetes registry with `--registry kubernetes`; either gives snapshots) and the shutdown token
+//! every long-running task watches.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -14,8 +15,9 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ConfigApi;
+use crate::api::{Backend, ConfigApi};
 use crate::discovery::{Debounce, DiscoveryOptions, ProxyTable};
+use crate::kube::{KubeOptions, KubeRegistry};
 use crate::store::{Store, StoreError};
 use weft_pilot_config::translate::MeshOptions;
 
@@ -79,6 +81,26 @@ pub struct ServeArgs {
     /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
     #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration)]
     pub drain_duration: Duration,
+
+    // --- Kubernetes registry (issue 16, `pilot serve --registry kubernetes`) ---
+    /// Where config objects and workloads come from: `local` (the store, written by `pilot apply`,
+    /// and workloads registered by their sidecars) or `kubernetes` (the cluster's API server, from
+    /// the in-cluster service account or KUBECONFIG; apply/delete are then refused: use kubectl).
+    #[arg(long, value_enum, default_value_t = RegistryMode::Local, env = "WEFT_PILOT_REGISTRY")]
+    pub registry: RegistryMode,
+    /// Serve `/metrics` (Prometheus text) on this address, e.g. 0.0.0.0:15014 (istiod's
+    /// monitoring port). Off by default.
+    #[arg(long)]
+    pub monitoring_listen: Option<String>,
+}
+
+/// `--registry`: where config objects and workloads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistryMode {
+    /// The local store and self-registered sidecars.
+    Local,
+    /// The Kubernetes API server.
+    Kubernetes,
 }
 
 impl ServeArgs {
@@ -177,13 +199,16 @@ pub enum ServeError {
     /// The config API server failed.
     #[error("config API server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// No Kubernetes client could be made (`--registry kubernetes`).
+    #[error(transparent)]
+    Kube(#[from] crate::kube::client::ClientError),
 }
 
-/// What the daemon's services share: the store and the shutdown signal.
+/// What the daemon's services share: where the config comes from and the shutdown signal.
 #[derive(Debug, Clone)]
 pub struct ServeContext {
-    /// The config store; `store.subscribe()` gives every committed snapshot.
-    pub store: Arc<Store>,
+    /// The config store, or the Kubernetes registry.
+    pub backend: Backend,
     /// Cancelled when the daemon shuts down (SIGTERM/SIGINT or a fatal error): listeners stop
     /// accepting and the drain starts.
     pub shutdown: CancellationToken,
@@ -213,9 +238,37 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let discovery = args.discovery()?;
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
-    let store = Arc::new(Store::open(dir)?);
-    // After the open, so a store file redb just created (with the umask's mode) is covered too.
-    restrict_files(dir)?;
+    let shutdown = CancellationToken::new();
+    let backend = match args.registry {
+        RegistryMode::Local => {
+            let store = Arc::new(Store::open(dir)?);
+            // After the open, so a store file redb just created (with the umask's mode) is covered too.
+            restrict_files(dir)?;
+            Backend::Store(store)
+        }
+        RegistryMode::Kubernetes => {
+            let client = crate::kube::client::infer().await?;
+            if args.ca_root.is_none() {
+                tracing::warn!("no --ca-root: the istio-ca-root-cert ConfigMaps are not written");
+            }
+            let options = KubeOptions {
+                root_file: args.ca_root.clone(),
+                root_poll: None,
+            };
+            Backend::Cluster(KubeRegistry::start(client, options, &shutdown))
+        }
+    };
+    let monitoring = match &args.monitoring_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let discovery_listener = match &discovery {
         Some((addr, _)) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -238,14 +291,29 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let _ = std::io::stdout().flush();
     tracing::info!(
         socket = %socket.display(),
-        revision = store.snapshot().revision(),
-        objects = store.snapshot().len(),
+        registry = ?args.registry,
+        revision = backend.snapshot().revision(),
+        objects = backend.snapshot().len(),
         "config API serving"
     );
+    if let Some(listener) = monitoring {
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!(addr = %a, "monitoring serving /metrics");
+        }
+        let metrics = match &backend {
+            Backend::Cluster(cluster) => Some(cluster.metrics()),
+            Backend::Store(_) => None,
+        };
+        tokio::spawn(crate::monitoring::serve(
+            listener,
+            Arc::new(move || metrics.as_ref().map(|m| m.render()).unwrap_or_default()),
+            shutdown.clone(),
+        ));
+    }
 
     let context = ServeContext {
-        store,
-        shutdown: CancellationToken::new(),
+        backend,
+        shutdown,
         abort: CancellationToken::new(),
         drain: args.drain_duration,
         proxies: discovery_listener
@@ -262,8 +330,23 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     {
         let ctx = context.clone();
         Some(tokio::spawn(async move {
+            let source = match &ctx.backend {
+                Backend::Store(store) => crate::discovery::Source::Local(store.subscribe()),
+                Backend::Cluster(cluster) => {
+                    // Sidecars wait in the accept queue until every kind is listed, rather than
+                    // get a view of half the cluster.
+                    tokio::select! {
+                        () = ctx.shutdown.cancelled() => return,
+                        () = cluster.wait_synced() => {}
+                    }
+                    crate::discovery::Source::Platform {
+                        snapshots: cluster.subscribe(),
+                        workloads: Arc::new(cluster.clone()),
+                    }
+                }
+            };
             let result =
-                crate::discovery::serve(listener, opts, &ctx.store, proxies, ctx.shutdown.clone())
+                crate::discovery::serve(listener, opts, source, proxies, ctx.shutdown.clone())
                     .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "discovery failed; shutting down");
@@ -295,7 +378,7 @@ pub async fn serve_config_api(
     let shutdown = context.shutdown.clone();
     let server = tonic::transport::Server::builder()
         .add_service(ConfigApi::server(
-            context.store,
+            context.backend,
             context.proxies,
             context.abort.clone(),
         ))

@@ -260,6 +260,23 @@ impl Snapshot {
         self.iter().map(|object| object.resource.clone()).collect()
     }
 
+    /// A snapshot of `resources` (not from a store: the Kubernetes registry's), all at `revision`.
+    pub fn from_resources(revision: u64, resources: Vec<Resource>) -> Snapshot {
+        let objects = resources
+            .into_iter()
+            .map(|resource| {
+                let object = StoredObject {
+                    resource,
+                    resource_version: revision,
+                    generation: 1,
+                    created: UNIX_EPOCH,
+                };
+                (object.resource.key(), Arc::new(object))
+            })
+            .collect();
+        Snapshot { revision, objects }
+    }
+
     /// The next snapshot: this one with `changes` applied (`None` removes the object).
     fn with_changes(
         &self,

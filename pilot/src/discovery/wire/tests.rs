@@ -340,7 +340,9 @@ async fn calls_without_a_client_certificate_or_to_other_methods_are_refused() {
     let (_contexts_tx, contexts) = tokio::sync::watch::channel(ctx);
     let discovery = crate::discovery::Discovery::new(
         contexts,
-        crate::registry::Registry::new(std::time::Duration::from_secs(1)),
+        Some(crate::registry::Registry::new(
+            std::time::Duration::from_secs(1),
+        )),
         crate::discovery::Translator::new(MeshOptions::default(), 1).unwrap(),
         Arc::default(),
         tokio_util::sync::CancellationToken::new(),
