@@ -146,7 +146,12 @@ impl ServeArgs {
                     max: self.debounce_max,
                 },
                 workload_grace: self.workload_grace,
-                warm_up: self.warm_up.min(self.workload_grace),
+                // With --registry kubernetes the workloads are listed from the cluster before
+                // discovery accepts a sidecar: nothing to wait for.
+                warm_up: match self.registry {
+                    RegistryMode::Local => self.warm_up.min(self.workload_grace),
+                    RegistryMode::Kubernetes => Duration::ZERO,
+                },
                 mesh,
                 drain: self.drain_duration,
             },
@@ -259,14 +264,19 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         }
     };
     let monitoring = match &args.monitoring_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Listen {
                     addr: addr.clone(),
                     source,
-                })?,
-        ),
+                })?;
+            if let Ok(a) = l.local_addr() {
+                // Before the config API line, like discovery's.
+                println!("monitoring listening on {a}");
+            }
+            Some(l)
+        }
         None => None,
     };
     let discovery_listener = match &discovery {
@@ -297,9 +307,6 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         "config API serving"
     );
     if let Some(listener) = monitoring {
-        if let Ok(a) = listener.local_addr() {
-            tracing::info!(addr = %a, "monitoring serving /metrics");
-        }
         let metrics = match &backend {
             Backend::Cluster(cluster) => Some(cluster.metrics()),
             Backend::Store(_) => None,

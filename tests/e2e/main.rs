@@ -12,6 +12,7 @@ mod grpc;
 mod h2reset;
 mod identity;
 mod inject;
+mod kube;
 mod lifetime;
 mod mesh;
 mod mirror;

@@ -283,6 +283,25 @@ impl ControlPlane {
         pilot_args: &[&str],
         token_ttl: Option<&str>,
     ) -> Result<Self> {
+        Self::start_full(dir, host, pilot_args, token_ttl, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with environment variables for pilot (e.g. `KUBECONFIG`).
+    pub fn start_with_env(
+        dir: &std::path::Path,
+        pilot_args: &[&str],
+        pilot_env: &[(&str, &std::path::Path)],
+    ) -> Result<Self> {
+        Self::start_full(dir, None, pilot_args, None, pilot_env)
+    }
+
+    fn start_full(
+        dir: &std::path::Path,
+        host: Option<&netns::Host>,
+        pilot_args: &[&str],
+        token_ttl: Option<&str>,
+        pilot_env: &[(&str, &std::path::Path)],
+    ) -> Result<Self> {
         let listen = format!("{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
         let command = |program: PathBuf| match host {
             Some(h) => h.command(program),
@@ -304,7 +323,8 @@ impl ControlPlane {
             .arg(&root)
             .arg("--token-file")
             .arg(&token)
-            .args(pilot_args);
+            .args(pilot_args)
+            .envs(pilot_env.iter().copied());
         let (pilot, _socket) = Proc::spawn_listening_unix("pilot", cmd, dir)?;
         let discovery_addr = pilot
             .announced("discovery")
