@@ -206,6 +206,18 @@ impl FakeApiServer {
         self.lock().store(&collection_of::<K>(), value, false)
     }
 
+    /// Deletes an object without any watch event, as if the event was lost to compaction (use
+    /// with [`FakeApiServer::expire`]); returns whether it existed.
+    pub fn delete_silently(&self, collection: &str, namespace: &str, name: &str) -> bool {
+        let mut state = self.lock();
+        state.rv += 1;
+        state.collections.get_mut(collection).is_some_and(|c| {
+            c.objects
+                .remove(&(namespace.to_string(), name.to_string()))
+                .is_some()
+        })
+    }
+
     /// Deletes an object (DELETED); returns whether it existed.
     pub fn delete(&self, collection: &str, namespace: &str, name: &str) -> bool {
         let mut state = self.lock();

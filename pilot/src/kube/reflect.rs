@@ -250,6 +250,8 @@ pub(super) async fn watch_into<K>(
         match item {
             Ok(event) => {
                 metrics.event(kind, event_name(&event));
+                // Nothing reads them, and they are often most of an object's size.
+                let event = event.modify(|o| o.meta_mut().managed_fields = None);
                 writer.apply_watcher_event(&event);
                 match event {
                     watcher::Event::Init | watcher::Event::InitApply(_) => {}

@@ -243,13 +243,21 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
     // 410 Gone: a change whose event was compacted away shows up through the relist.
     let lists_before_expiry = service_lists(&fake);
     let restarts = metrics.events("Service", "restart");
-    fake.apply_silently(&service("silent", "10.96.0.11"));
-    fake.expire();
-    eventually("the relisted Service", || {
+    fake.apply(&service("doomed", "10.96.0.13"));
+    eventually("the Service to delete unseen", || {
         registry
             .snapshot()
-            .get(&key(Kind::Service, "silent"))
+            .get(&key(Kind::Service, "doomed"))
             .is_some()
+    })
+    .await;
+    fake.apply_silently(&service("silent", "10.96.0.11"));
+    assert!(fake.delete_silently(&collection_of::<KubeService>(), "default", "doomed"));
+    fake.expire();
+    eventually("the relisted Services", || {
+        let snapshot = registry.snapshot();
+        snapshot.get(&key(Kind::Service, "silent")).is_some()
+            && snapshot.get(&key(Kind::Service, "doomed")).is_none()
     })
     .await;
     let relists = service_lists(&fake);
