@@ -108,12 +108,51 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
         "the VirtualService's route: {dump}"
     );
 
+    // A change nothing reads (a pod annotation) is seen but pushes nothing.
+    let version = |dump: &str| -> String {
+        serde_json::from_str::<Value>(dump).unwrap()["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let pushed = version(&dump);
+    let monitoring = plane.pilot.announced("monitoring").unwrap();
+    let metrics = || {
+        let (ok, text, err) =
+            run(Command::new("curl").args(["-sf", &format!("http://{monitoring}/metrics")]))
+                .unwrap();
+        assert!(ok, "{err}");
+        text
+    };
+    let pod_applies = |text: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("weft_pilot_kube_watch_events_total{kind=\"Pod\",event=\"apply\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = pod_applies(&metrics());
+    let mut annotated = pod("httpbin-1", "httpbin", "httpbin", POD_IP);
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("unrelated".into(), "x".into());
+    fake.apply(&annotated);
+    eventually("pilot saw the pod change", || {
+        pod_applies(&metrics()) > before
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(version(&sidecar.config_dump().unwrap()), pushed);
+
     // The endpoint leaves when its slice says it is terminating; the change is pushed.
     fake.apply(&slice(false));
     eventually("the terminating endpoint gone from the sidecar", || {
         sidecar
             .config_dump()
-            .is_ok_and(|d| d.contains(VIP) && !d.contains(POD_IP))
+            .is_ok_and(|d| d.contains(VIP) && !d.contains(POD_IP) && version(&d) != pushed)
     });
 
     // Config comes from the cluster: apply is refused, get and analyze show what pilot serves
@@ -141,10 +180,7 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
     );
 
     // The metrics count the refused object and the watch events.
-    let monitoring = plane.pilot.announced("monitoring").unwrap();
-    let (ok, metrics, err) =
-        run(Command::new("curl").args(["-sf", &format!("http://{monitoring}/metrics")])).unwrap();
-    assert!(ok, "{err}");
+    let metrics = metrics();
     assert!(
         metrics.contains("weft_pilot_invalid_objects{kind=\"VirtualService\"} 1"),
         "{metrics}"

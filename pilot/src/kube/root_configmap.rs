@@ -88,9 +88,10 @@ pub(super) async fn run(
         }
     }
     let mut root = read_root(&root_file).await;
+    let mut written = Written::default();
     loop {
         if let Some(pem) = &root {
-            reconcile(&client, &namespaces, &configmaps, pem).await;
+            reconcile(&client, &namespaces, &configmaps, pem, &mut written).await;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -106,13 +107,24 @@ pub(super) async fn run(
     }
 }
 
+/// How long a write is trusted while the watch has not shown it yet: a change seen in between
+/// (another namespace's event) must not write the same ConfigMap again; a write the watch never
+/// shows (the ConfigMap deleted right after) is redone after this.
+const WRITE_SETTLE: Duration = Duration::from_secs(2);
+
+/// The namespaces written recently, with what and when.
+type Written = std::collections::BTreeMap<String, (String, tokio::time::Instant)>;
+
 /// Applies the ConfigMap where it is missing or differs.
 async fn reconcile(
     client: &Client,
     namespaces: &Store<Namespace>,
     configmaps: &Store<ConfigMap>,
     pem: &str,
+    written: &mut Written,
 ) {
+    let now = tokio::time::Instant::now();
+    written.retain(|_, (_, at)| now.duration_since(*at) < WRITE_SETTLE);
     for ns in namespaces.state() {
         let name = ns.name_any();
         let terminating = ns
@@ -131,6 +143,13 @@ async fn reconcile(
                 .is_some_and(|v| v == pem)
         });
         if up_to_date {
+            written.remove(&name);
+            continue;
+        }
+        if written
+            .get(&name)
+            .is_some_and(|(content, _)| content == pem)
+        {
             continue;
         }
         let api = Api::<ConfigMap>::namespaced(client.clone(), &name);
@@ -149,7 +168,10 @@ async fn reconcile(
             .patch(CONFIGMAP_NAME, &params, &Patch::Apply(&object))
             .await
         {
-            Ok(_) => tracing::info!(namespace = %name, "{CONFIGMAP_NAME} written"),
+            Ok(_) => {
+                tracing::info!(namespace = %name, "{CONFIGMAP_NAME} written");
+                written.insert(name, (pem.to_string(), now));
+            }
             // Retried at the next poll or change.
             Err(e) => {
                 tracing::warn!(namespace = %name, error = %e, "cannot write {CONFIGMAP_NAME}")

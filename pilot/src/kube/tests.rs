@@ -466,3 +466,51 @@ async fn the_root_configmap_is_written_to_every_namespace_and_kept_current() {
     assert_eq!(data("app").as_deref(), Some(second.as_str()));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn two_replicas_serve_the_same_objects_and_agree_on_the_configmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let root_file = dir.path().join("root.pem");
+    let pem = root_pem();
+    std::fs::write(&root_file, &pem).unwrap();
+    let fake = FakeApiServer::start().await.unwrap();
+    fake.apply(&namespace("default", json!({})));
+    fake.apply(&service("httpbin", "10.96.0.10"));
+    fake.apply_json(
+        VS_V1,
+        virtual_service("networking.istio.io/v1", "split", 30),
+    );
+    let options = KubeOptions {
+        root_file: Some(root_file),
+        root_poll: Some(Duration::from_millis(100)),
+    };
+    let (a, stop_a) = started(&fake, options.clone()).await;
+    let (b, stop_b) = started(&fake, options).await;
+    let objects = |r: &KubeRegistry| r.snapshot().resources();
+    assert_eq!(objects(&a), objects(&b));
+    assert_eq!(objects(&a).len(), 2);
+    eventually("the ConfigMap written", || {
+        fake.get(
+            "api/v1/configmaps",
+            "default",
+            root_configmap::CONFIGMAP_NAME,
+        )
+        .and_then(|cm| cm.pointer("/data/root-cert.pem").cloned())
+        .is_some_and(|v| v == pem.as_str())
+    })
+    .await;
+    // Both replicas see the ConfigMap up to date and leave it alone (no write loop between them).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = fake
+        .requests("PATCH /api/v1/namespaces/default/configmaps")
+        .len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fake.requests("PATCH /api/v1/namespaces/default/configmaps")
+            .len(),
+        writes
+    );
+    assert!(writes <= 2, "{writes} writes");
+    stop_a.cancel();
+    stop_b.cancel();
+}
