@@ -194,6 +194,23 @@ fn initial_config(services: usize) -> String {
     yaml
 }
 
+/// The Pods of the `streams` simulated sidecars (pilot admits a stream only as a registered Pod).
+fn pods_config(streams: usize) -> String {
+    (0..streams)
+        .map(|i| {
+            let n = node(i);
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            weft_tests::pod_yaml(
+                &n.namespace,
+                &n.name,
+                &n.service_account,
+                &labels.join(","),
+                &n.ip,
+            ) + "---\n"
+        })
+        .collect()
+}
+
 /// The VirtualService for Service 0 in round `round`: a weighted split whose route name carries the
 /// round, so a stream can tell which change a push reflects.
 fn virtual_service(round: u32) -> String {
@@ -599,6 +616,7 @@ async fn run(args: Args) -> Result<()> {
     eprintln!("applying {} Services ...", args.services);
     let t = Instant::now();
     apply(&plane, dir, "services.yaml", &initial_config(args.services))?;
+    apply(&plane, dir, "pods.yaml", &pods_config(args.streams))?;
     eprintln!("  applied in {:.1} s", t.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tls = client_configs(&plane).await?;

@@ -312,7 +312,7 @@ impl ConfigService for ConfigApi {
                 identity: p.identity,
                 version_sent: p.version_sent,
                 version_acked: p.version_acked,
-                error: p.nack.unwrap_or_default(),
+                error: p.refused.or(p.nack).unwrap_or_default(),
                 last_push: p
                     .last_push
                     .duration_since(std::time::UNIX_EPOCH)

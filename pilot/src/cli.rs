@@ -613,6 +613,7 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
         Kind::DestinationRule => vec!["HOST"],
         Kind::PeerAuthentication => vec!["MODE"],
         Kind::Service => vec!["TYPE", "CLUSTER-IP", "PORT(S)"],
+        Kind::Pod => vec!["IP", "NODE", "SERVICE-ACCOUNT"],
     });
     header.push("AGE");
     if all_namespaces {
@@ -658,6 +659,23 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
                 });
                 row.push(text("/spec/clusterIP"));
                 row.push(ports(&value));
+            }
+            Kind::Pod => {
+                let or_none = |s: String| {
+                    if s.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        s
+                    }
+                };
+                row.push(or_none(text("/status/podIP")));
+                row.push(or_none(text("/spec/nodeName")));
+                let sa = text("/spec/serviceAccountName");
+                row.push(if sa.is_empty() {
+                    "default".to_string()
+                } else {
+                    sa
+                });
             }
         }
         let created =

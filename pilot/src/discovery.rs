@@ -1,8 +1,9 @@
 //! Discovery: one mTLS gRPC stream per sidecar, carrying that sidecar's compiled view of the mesh.
 //!
 //! Flow (Istio's xDS, simplified to one state-of-the-world resource): the sidecar's first request names
-//! its node; pilot checks the node against the identity in the client certificate, registers the
-//! workload, and sends the full view. Store and registry changes are debounced (quiet period, capped
+//! its node (its pod); pilot admits it only as the platform's Pod of that name whose service account
+//! the client certificate proves ([`crate::registry::admit`]; refusals show in `proxy-status`),
+//! registers the workload, and sends the full view. Store and registry changes are debounced (quiet period, capped
 //! wait) into a new [`PushContext`]; every stream then recomputes its view and pushes only if the view
 //! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
 //! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
@@ -50,6 +51,7 @@ use weft_pilot_config::translate::{
 };
 use weft_proto::discovery as pb;
 
+use crate::registry::admit::{self, Refusal};
 use crate::registry::{Registration, Registry, WorkloadSource};
 use crate::store::Snapshot;
 
@@ -236,7 +238,7 @@ fn spawn_debouncer(
                 epoch,
                 snapshot.revision(),
                 objects,
-                registry.workloads(),
+                registry.workloads(snapshot),
             ));
             ctx.start_translations(&translator);
             ctx
@@ -301,6 +303,8 @@ pub struct ProxyStatus {
     pub version_acked: String,
     /// Error of the last NACK, if the last response was NACKed.
     pub nack: Option<String>,
+    /// Why its stream was refused (the registry rule), for a sidecar that is not connected.
+    pub refused: Option<String>,
     /// When the last push was sent.
     pub last_push: SystemTime,
 }
@@ -308,7 +312,9 @@ pub struct ProxyStatus {
 impl ProxyStatus {
     /// SYNCED (acked what was sent), NACKED (rejected it), or STALE (no answer yet).
     pub fn state(&self) -> &'static str {
-        if self.nack.is_some() {
+        if self.refused.is_some() {
+            "REFUSED"
+        } else if self.nack.is_some() {
             "NACKED"
         } else if self.version_acked == self.version_sent {
             "SYNCED"
@@ -318,14 +324,55 @@ impl ProxyStatus {
     }
 }
 
-/// The connected sidecars, by stream.
+/// The connected sidecars, by stream, and the last refusal of each pod whose sidecar was refused
+/// (until it is admitted, at most [`MAX_REFUSALS`] of them, for [`REFUSAL_MEMORY`]).
 #[derive(Debug, Default)]
 pub struct ProxyTable {
     entries: Mutex<BTreeMap<u64, ProxyStatus>>,
     next: Mutex<u64>,
+    refusals: Mutex<BTreeMap<(String, String), (ProxyStatus, std::time::Instant)>>,
 }
 
+/// How many refused pods `proxy-status` remembers (a flood of refused streams must not grow pilot).
+const MAX_REFUSALS: usize = 1024;
+/// How long a refusal is shown after the last attempt (a refused sidecar retries within seconds).
+const REFUSAL_MEMORY: Duration = Duration::from_secs(600);
+
 impl ProxyTable {
+    fn refusals(
+        &self,
+    ) -> MutexGuard<'_, BTreeMap<(String, String), (ProxyStatus, std::time::Instant)>> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that the stream of `node` (with certificate `peer`) was refused.
+    fn refused(&self, node: &pb::Node, peer: &SpiffeId, refusal: &Refusal) {
+        let now = std::time::Instant::now();
+        let mut refusals = self.refusals();
+        refusals.retain(|_, (_, at)| now.duration_since(*at) < REFUSAL_MEMORY);
+        let key = (node.namespace.clone(), node.name.clone());
+        if refusals.len() >= MAX_REFUSALS && !refusals.contains_key(&key) {
+            return;
+        }
+        let status = ProxyStatus {
+            name: node.name.clone(),
+            namespace: node.namespace.clone(),
+            identity: peer.to_string(),
+            version_sent: String::new(),
+            version_acked: String::new(),
+            nack: None,
+            refused: Some(refusal.reason.clone()),
+            last_push: SystemTime::now(),
+        };
+        refusals.insert(key, (status, now));
+    }
+
+    /// Forgets the refusal of a pod whose sidecar is now admitted.
+    fn admitted(&self, workload: &Workload) {
+        self.refusals()
+            .remove(&(workload.namespace.clone(), workload.name.clone()));
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -342,9 +389,16 @@ impl ProxyTable {
         }
     }
 
-    /// The connected sidecars, sorted by namespace and name.
+    /// The connected sidecars and the recently refused ones, sorted by namespace and name.
     pub fn list(&self) -> Vec<ProxyStatus> {
         let mut all: Vec<ProxyStatus> = self.lock().values().cloned().collect();
+        let now = std::time::Instant::now();
+        all.extend(
+            self.refusals()
+                .values()
+                .filter(|(_, at)| now.duration_since(*at) < REFUSAL_MEMORY)
+                .map(|(status, _)| status.clone()),
+        );
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
     }
@@ -356,9 +410,13 @@ impl ProxyTable {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     contexts: watch::Receiver<Arc<PushContext>>,
-    /// Where connecting sidecars register their workloads; `None` when the workloads come from
+    /// Where admitted sidecars register their workloads; `None` when the workloads come from
     /// the platform (`--registry kubernetes`).
     registry: Option<Arc<Registry>>,
+    /// The platform's Pods (and the config objects): what a sidecar's node is checked against.
+    pods: watch::Receiver<Arc<Snapshot>>,
+    /// `--trust-workload-claims`.
+    trust_claims: bool,
     translator: Translator,
     proxies: Arc<ProxyTable>,
     pushes: PushSlots,
@@ -369,10 +427,14 @@ pub struct Discovery {
 
 impl Discovery {
     /// A discovery service pushing contexts from `contexts`, translating on `translator` (the
-    /// one the debouncer that builds the contexts uses). Sidecars register in `registry`, if any.
+    /// one the debouncer that builds the contexts uses). Admitted sidecars register in
+    /// `registry`, if any.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         contexts: watch::Receiver<Arc<PushContext>>,
         registry: Option<Arc<Registry>>,
+        pods: watch::Receiver<Arc<Snapshot>>,
+        trust_claims: bool,
         translator: Translator,
         proxies: Arc<ProxyTable>,
         shutdown: CancellationToken,
@@ -381,6 +443,8 @@ impl Discovery {
         Self {
             contexts,
             registry,
+            pods,
+            trust_claims,
             translator,
             proxies,
             pushes: PushSlots::new(CONCURRENT_PUSHES, PUSH_ANSWER_TIMEOUT),
@@ -474,7 +538,18 @@ impl Discovery {
         let node = first
             .node
             .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
-        let workload = node_to_workload(&node, &peer)?;
+        let admitted = {
+            let pods = self.pods.borrow();
+            admit::admit(&node, &peer, &pods, self.trust_claims)
+        };
+        let workload = match admitted {
+            Ok(workload) => workload,
+            Err(refusal) => {
+                tracing::warn!(pod = %format!("{}/{}", node.namespace, node.name), identity = %peer, reason = %refusal, "sidecar refused");
+                self.proxies.refused(&node, &peer, &refusal);
+                return Err(refusal.into());
+            }
+        };
         let id = self.proxies.next_id();
         self.proxies.lock().insert(
             id,
@@ -485,9 +560,11 @@ impl Discovery {
                 version_sent: String::new(),
                 version_acked: String::new(),
                 nack: None,
+                refused: None,
                 last_push: SystemTime::now(),
             },
         );
+        self.proxies.admitted(&workload);
         let registration = self.registry.as_ref().map(|r| r.register(workload.clone()));
         tracing::info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %peer, "sidecar connected");
         let (outbox, body) = wire::outbox();
@@ -526,35 +603,6 @@ impl<D: Decoder> Decoder for SmallBuffer<D> {
         // The yield threshold only concerns encoding, which this decoder never does.
         BufferSettings::new(REQUEST_BUFFER_BYTES, REQUEST_BUFFER_BYTES)
     }
-}
-
-/// Validates the node the sidecar claims against the identity its certificate proves.
-fn node_to_workload(node: &pb::Node, peer: &SpiffeId) -> Result<Workload, Status> {
-    if node.namespace != peer.namespace() || node.service_account != peer.service_account() {
-        return Err(Status::permission_denied(format!(
-            "client certificate is {peer}, but the node claims namespace {:?} and service account {:?}",
-            node.namespace, node.service_account
-        )));
-    }
-    if node.name.is_empty() {
-        return Err(Status::invalid_argument(
-            "node.name (the pod name) is empty",
-        ));
-    }
-    if node.ip.parse::<std::net::IpAddr>().is_err() {
-        return Err(Status::invalid_argument(format!(
-            "node.ip {:?} is not an IP address",
-            node.ip
-        )));
-    }
-    let inbound_port = u16::try_from(node.inbound_port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| Status::invalid_argument("node.inbound_port must be 1..65535"))?;
-    Ok(Workload {
-        inbound_port: u32::from(inbound_port),
-        ..Workload::from(node)
-    })
 }
 
 struct Session {
@@ -781,6 +829,8 @@ pub struct DiscoveryOptions {
     pub warm_up: Duration,
     /// Mesh-wide settings sent to every sidecar.
     pub mesh: MeshOptions,
+    /// `--trust-workload-claims` (insecure): admit what sidecars say about their pods.
+    pub trust_workload_claims: bool,
     /// How long in-flight calls get to finish after shutdown begins (`--drain-duration`).
     pub drain: Duration,
 }
@@ -870,9 +920,15 @@ pub async fn serve(
     let root_watch = tokio::spawn(roots.watch(weft_ca::files::ROOT_POLL_INTERVAL));
     let config = tls::server_config(creds, &bundle, ClientAuth::Required, &[tls::ALPN_H2])
         .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
+    if opts.trust_workload_claims {
+        tracing::warn!(
+            "--trust-workload-claims: sidecars are admitted with the labels and address they \
+             declare; any workload can claim another's labels and receive its traffic (insecure)"
+        );
+    }
     let (snapshots, registry, workloads): (_, _, Arc<dyn WorkloadSource>) = match source {
         Source::Local(snapshots) => {
-            let registry = Registry::new(opts.workload_grace);
+            let registry = Registry::new(opts.workload_grace, opts.trust_workload_claims);
             (snapshots, Some(registry.clone()), registry)
         }
         Source::Platform {
@@ -883,7 +939,7 @@ pub async fn serve(
     let translator =
         Translator::new(opts.mesh, CONCURRENT_TRANSLATIONS).map_err(DiscoveryError::Threads)?;
     let contexts = spawn_debouncer(
-        snapshots,
+        snapshots.clone(),
         workloads,
         opts.debounce,
         translator.clone(),
@@ -892,6 +948,8 @@ pub async fn serve(
     let service = Discovery::new(
         contexts,
         registry,
+        snapshots,
+        opts.trust_workload_claims,
         translator,
         proxies,
         shutdown.clone(),

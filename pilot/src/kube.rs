@@ -139,7 +139,9 @@ impl KubeRegistry {
 }
 
 impl WorkloadSource for KubeRegistry {
-    fn workloads(&self) -> Arc<Vec<Workload>> {
+    /// The workloads of the last Pods and EndpointSlices seen (published with the snapshots'
+    /// Pods from the same stores, so `_pods` is not needed to resolve them).
+    fn workloads(&self, _pods: &Snapshot) -> Arc<Vec<Workload>> {
         self.published.workloads.borrow().clone()
     }
 

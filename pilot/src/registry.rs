@@ -1,9 +1,13 @@
-//! The registry of live workloads: each sidecar registers its pod through its discovery stream (like
-//! Istio's WorkloadEntry auto-registration) and is removed when the stream ends, after a grace period so
-//! that a reconnect does not make its endpoints flap.
+//! The registry of live workloads without Kubernetes: a sidecar's discovery stream, once admitted
+//! ([`admit`]: the pod it names exists on the platform and its certificate is the pod's service
+//! account), makes that pod an endpoint, with the Pod's labels and address; it stops being one
+//! when the stream ends, after a grace period so that a reconnect does not make its endpoints flap,
+//! or as soon as the Pod is deleted.
 //!
-//! Kept behind [`WorkloadSource`] so a Kubernetes-backed registry (pods and endpoints from the API server)
-//! can replace it later without touching discovery.
+//! Kept behind [`WorkloadSource`] so the Kubernetes registry (pods and endpoints from the API
+//! server) replaces it without touching discovery.
+
+pub mod admit;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,10 +16,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use weft_pilot_config::translate::Workload;
 
+use crate::store::Snapshot;
+
 /// Where discovery gets the set of live workloads from.
 pub trait WorkloadSource: Send + Sync + 'static {
-    /// The current workloads, sorted by namespace and name.
-    fn workloads(&self) -> Arc<Vec<Workload>>;
+    /// The current workloads, sorted by namespace and name, given the platform's objects `pods`
+    /// (the snapshot the push is built from).
+    fn workloads(&self, pods: &Snapshot) -> Arc<Vec<Workload>>;
     /// Changes whenever the set of workloads changes (the value is a generation counter).
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
@@ -26,6 +33,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     changes: watch::Sender<u64>,
     grace: Duration,
+    /// `--trust-workload-claims`: registrations are taken as the sidecars declared them.
+    trust_claims: bool,
 }
 
 #[derive(Debug, Default)]
@@ -36,9 +45,11 @@ struct Inner {
     generation: u64,
     /// The workloads as of the last [`WorkloadSource::workloads`] call...
     published: Arc<Vec<Workload>>,
-    /// ...unless a change came since: then the list is rebuilt on the next call, so that a burst
-    /// of registrations (many sidecars connecting) costs one rebuild per push rather than one each.
+    /// ...unless a change came since, or the call is for another snapshot than `published_for`:
+    /// then the list is rebuilt on the next call, so that a burst of registrations (many sidecars
+    /// connecting) costs one rebuild per push rather than one each.
     stale: bool,
+    published_for: u64,
 }
 
 #[derive(Debug)]
@@ -57,13 +68,15 @@ pub struct Registration {
 }
 
 impl Registry {
-    /// An empty registry that keeps disconnected workloads for `grace`.
-    pub fn new(grace: Duration) -> Arc<Self> {
+    /// An empty registry that keeps disconnected workloads for `grace`; `trust_claims` publishes
+    /// registrations as declared instead of resolving them against their Pods.
+    pub fn new(grace: Duration, trust_claims: bool) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             changes,
             grace,
+            trust_claims,
         })
     }
 
@@ -142,11 +155,21 @@ impl Registry {
 }
 
 impl WorkloadSource for Registry {
-    fn workloads(&self) -> Arc<Vec<Workload>> {
+    fn workloads(&self, pods: &Snapshot) -> Arc<Vec<Workload>> {
         let mut inner = self.lock();
-        if inner.stale {
-            inner.published =
-                Arc::new(inner.entries.values().map(|e| e.workload.clone()).collect());
+        if inner.stale || inner.published_for != pods.revision() {
+            let entries = inner.entries.values().map(|e| &e.workload);
+            let list = if self.trust_claims {
+                entries.cloned().collect()
+            } else {
+                entries
+                    .filter_map(|w| {
+                        admit::resolve(w, admit::find_pod(pods, &w.namespace, &w.name)?)
+                    })
+                    .collect()
+            };
+            inner.published = Arc::new(list);
+            inner.published_for = pods.revision();
             inner.stale = false;
         }
         inner.published.clone()
@@ -183,15 +206,16 @@ mod tests {
             ports: vec![80],
             inbound_port: 15006,
             captured: true,
+            no_sidecar: false,
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn workloads_leave_after_the_grace_period_unless_they_reconnect() {
-        let r = Registry::new(Duration::from_secs(10));
+        let r = Registry::new(Duration::from_secs(10), true);
         let mut changes = r.subscribe();
         let reg = r.register(wl("v1", "v1"));
-        assert_eq!(r.workloads().len(), 1);
+        assert_eq!(r.workloads(&Snapshot::default()).len(), 1);
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
 
@@ -200,7 +224,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let again = r.register(wl("v1", "v1"));
         tokio::time::sleep(Duration::from_secs(20)).await;
-        assert_eq!(r.workloads().len(), 1);
+        assert_eq!(r.workloads(&Snapshot::default()).len(), 1);
         assert!(
             !changes.has_changed().unwrap(),
             "identical re-registration is not a change"
@@ -209,21 +233,50 @@ mod tests {
         // Gone for good: removed once the grace period has passed, not before.
         drop(again);
         tokio::time::sleep(Duration::from_secs(9)).await;
-        assert_eq!(r.workloads().len(), 1);
+        assert_eq!(r.workloads(&Snapshot::default()).len(), 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(r.workloads().len(), 0);
+        assert_eq!(r.workloads(&Snapshot::default()).len(), 0);
         assert!(changes.has_changed().unwrap());
     }
 
     #[tokio::test(start_paused = true)]
+    async fn without_trusted_claims_workloads_are_their_pods() {
+        use weft_pilot_config::Resource;
+        use weft_pilot_config::pod::Pod;
+        let r = Registry::new(Duration::from_secs(10), false);
+        let pod = |version: &str, ip: &str| {
+            let mut w = wl("p", version);
+            w.service_account = "httpbin".into();
+            Resource::Pod(Pod::new(
+                "default",
+                "p",
+                "httpbin",
+                w.labels,
+                Some(ip.to_string()),
+            ))
+        };
+        let _reg = r.register(wl("p", "v1"));
+        // No pod: not an endpoint.
+        assert!(r.workloads(&Snapshot::default()).is_empty());
+        // The pod's labels and address, not the registration's.
+        let s1 = Snapshot::from_resources(1, vec![pod("v2", "10.0.0.9")]);
+        let list = r.workloads(&s1);
+        assert_eq!(list[0].labels["version"], "v2");
+        assert_eq!(list[0].ip, "10.0.0.9");
+        // The pod deleted (a later revision without it): gone at once, no grace.
+        let s2 = Snapshot::from_resources(2, vec![]);
+        assert!(r.workloads(&s2).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_changed_pod_replaces_the_old_registration() {
-        let r = Registry::new(Duration::from_secs(10));
+        let r = Registry::new(Duration::from_secs(10), true);
         let old = r.register(wl("p", "v1"));
         let _new = r.register(wl("p", "v2"));
-        assert_eq!(r.workloads()[0].labels["version"], "v2");
+        assert_eq!(r.workloads(&Snapshot::default())[0].labels["version"], "v2");
         // The old stream ending must not remove the new registration.
         drop(old);
         tokio::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(r.workloads().len(), 1);
+        assert_eq!(r.workloads(&Snapshot::default()).len(), 1);
     }
 }

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     /// Percentage of new traces sampled by sidecars (Istio's default is 1; weft's demo wants all).
     #[arg(long, default_value_t = 100.0)]
     pub trace_sampling: f64,
+    /// INSECURE, for setups without a platform (explicit mode on a laptop): admit a sidecar as
+    /// the pod it names with the labels and address it declares, checking only that its namespace
+    /// and service account are its certificate's. By default a sidecar is admitted only as a Pod
+    /// the platform registered (the API server's, or one `pilot apply`'d by the local runtime), with
+    /// that Pod's labels and address, and refused otherwise (shown in `pilot proxy-status`).
+    #[arg(long)]
+    pub trust_workload_claims: bool,
     /// On SIGTERM/SIGINT, how long in-flight calls (an apply, a discovery push) may take to finish
     /// after listeners stop accepting (Istio's terminationDrainDuration). Work still running then
     /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
@@ -153,6 +160,7 @@ impl ServeArgs {
                     RegistryMode::Kubernetes => Duration::ZERO,
                 },
                 mesh,
+                trust_workload_claims: self.trust_workload_claims,
                 drain: self.drain_duration,
             },
         )))

@@ -208,6 +208,33 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of objects that do not come from a store (the Kubernetes registry's view of the
+    /// cluster, tests): `objects` at `revision`. A later object with the key of an earlier one
+    /// replaces it.
+    pub fn from_objects(revision: u64, objects: impl IntoIterator<Item = StoredObject>) -> Self {
+        Self {
+            revision,
+            objects: objects
+                .into_iter()
+                .map(|object| (object.resource.key(), Arc::new(object)))
+                .collect(),
+        }
+    }
+
+    /// [`Snapshot::from_objects`] for plain resources, each at `revision`, generation 1, created now.
+    pub fn from_resources(revision: u64, resources: Vec<Resource>) -> Self {
+        let created = SystemTime::now();
+        Self::from_objects(
+            revision,
+            resources.into_iter().map(|resource| StoredObject {
+                resource,
+                resource_version: revision,
+                generation: 1,
+                created,
+            }),
+        )
+    }
+
     /// The store revision this snapshot shows (0 for an empty, never-written store).
     pub fn revision(&self) -> u64 {
         self.revision
@@ -258,23 +285,6 @@ impl Snapshot {
     /// Every object as a plain resource (e.g. for the analyzer).
     pub fn resources(&self) -> Vec<Resource> {
         self.iter().map(|object| object.resource.clone()).collect()
-    }
-
-    /// A snapshot of `resources` (not from a store: the Kubernetes registry's), all at `revision`.
-    pub fn from_resources(revision: u64, resources: Vec<Resource>) -> Snapshot {
-        let objects = resources
-            .into_iter()
-            .map(|resource| {
-                let object = StoredObject {
-                    resource,
-                    resource_version: revision,
-                    generation: 1,
-                    created: UNIX_EPOCH,
-                };
-                (object.resource.key(), Arc::new(object))
-            })
-            .collect();
-        Snapshot { revision, objects }
     }
 
     /// The next snapshot: this one with `changes` applied (`None` removes the object).

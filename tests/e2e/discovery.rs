@@ -39,6 +39,34 @@ fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node {
     }
 }
 
+/// Registers the Pod `node` names, with the labels and IP it claims (the platform's part).
+fn register(plane: &ControlPlane, node: &pb::Node) {
+    let labels: Vec<String> = node
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    plane
+        .register_pod(
+            &node.name,
+            &node.service_account,
+            &labels.join(","),
+            &node.ip,
+        )
+        .unwrap();
+}
+
+/// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`, after
+/// registering its pod.
+async fn open_registered(
+    plane: &ControlPlane,
+    cert_sa: &str,
+    node: pb::Node,
+) -> Result<Session, tonic::Status> {
+    register(plane, &node);
+    open(plane, cert_sa, node).await
+}
+
 /// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`.
 async fn open(
     plane: &ControlPlane,
@@ -186,7 +214,7 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
     apply(&plane, "all-v1.yaml");
 
     // First snapshot: the seed's all-to-v1 route, and no endpoints yet.
-    let mut sleep = open(
+    let mut sleep = open_registered(
         &plane,
         "sleep",
         node("sleep-1", "sleep", &[("app", "sleep")], "10.1.0.1"),
@@ -232,7 +260,7 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
     );
 
     // A workload registers through its own stream and becomes an endpoint of the right subsets.
-    let v1 = open(
+    let v1 = open_registered(
         &plane,
         "httpbin",
         node(
@@ -288,10 +316,137 @@ async fn refuses_a_node_that_claims_another_identity() {
         "{}",
         status.message()
     );
-    // And nothing registered.
+    // Nothing registered: proxy-status shows the refusal, and why.
     let (ok, out, _) = plane.pilot_cmd(&["proxy-status"]).unwrap();
     assert!(ok);
-    assert!(!out.contains("evil"), "{out}");
+    let line = out.lines().find(|l| l.contains("evil")).unwrap_or_default();
+    assert!(
+        line.contains("REFUSED (client certificate is spiffe://cluster.local/ns/default/sa/sleep"),
+        "{out}"
+    );
+}
+
+/// The registry rule (issue 16): a sidecar is the platform's Pod it names, or nothing. The issue's
+/// case first: a sidecar of service account `sleep` claiming `app=echo` used to become an endpoint
+/// of the echo Service.
+#[tokio::test]
+async fn a_sidecar_claiming_another_pod_labels_or_service_account_is_refused() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start(dir.path(), &[]).unwrap();
+    plane
+        .apply_yaml(
+            "echo.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\nspec:\n  selector:\n    \
+             app: echo\n  ports:\n  - name: http\n    port: 80\n",
+        )
+        .unwrap();
+    plane
+        .register_pod("echo-1", "echo", "app=echo", "10.1.0.7")
+        .unwrap();
+    plane
+        .register_pod("sleep-1", "sleep", "app=sleep", "10.1.0.9")
+        .unwrap();
+
+    let cases = [
+        // Its own pod, another pod's labels.
+        (
+            "sleep",
+            node("sleep-1", "sleep", &[("app", "echo")], "10.1.0.9"),
+            "the sidecar claims label app=echo, but pod default/sleep-1 has app=sleep",
+        ),
+        // Another pod, with that pod's claims: the certificate is not the pod's service account.
+        (
+            "sleep",
+            node("echo-1", "sleep", &[("app", "echo")], "10.1.0.7"),
+            "pod default/echo-1 runs as service account \"echo\"",
+        ),
+        // Its own pod at another address.
+        (
+            "sleep",
+            node("sleep-1", "sleep", &[], "10.1.0.7"),
+            "the sidecar claims IP \"10.1.0.7\", but pod default/sleep-1 has 10.1.0.9",
+        ),
+        // A pod nobody registered.
+        (
+            "sleep",
+            node("sleep-2", "sleep", &[("app", "sleep")], "10.1.0.9"),
+            "no pod default/sleep-2 is registered",
+        ),
+    ];
+    for (cert_sa, claimed, want) in cases {
+        let name = claimed.name.clone();
+        let Err(status) = open(&plane, cert_sa, claimed).await else {
+            panic!("pilot admitted {name}, expected: {want}");
+        };
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains(want), "{}", status.message());
+        let out = proxy_status_until(&plane, |o| o.contains(want)).await;
+        let line = out.lines().find(|l| l.contains(want)).unwrap_or_default();
+        assert!(line.contains("REFUSED"), "{out}");
+    }
+
+    // The echo Service still has no endpoint: a stream of its own pod shows the Service without
+    // the refused claimants (its pod is not connected), then with it once it is.
+    let mut echo = open(
+        &plane,
+        "echo",
+        node("echo-1", "echo", &[("app", "echo")], "10.1.0.7"),
+    )
+    .await
+    .unwrap();
+    let echo_cluster = "outbound|80||echo.default.svc.cluster.local";
+    let with_echo = echo
+        .next_until(|r| {
+            r.config.as_ref().is_some_and(|c| {
+                c.clusters
+                    .iter()
+                    .any(|c| c.name == echo_cluster && !c.endpoints.is_empty())
+            })
+        })
+        .await;
+    let eps = &cluster(&with_echo, echo_cluster).endpoints;
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(eps[0].address, "10.1.0.7");
+    assert_eq!(eps[0].identity, "spiffe://cluster.local/ns/default/sa/echo");
+    // Admitted: its refusal (none here) is gone and it is SYNCED once it ACKs.
+    echo.ack(&with_echo).await;
+    proxy_status_until(&plane, |o| {
+        o.lines()
+            .any(|l| l.starts_with("echo-1") && l.contains("SYNCED"))
+    })
+    .await;
+}
+
+/// The same with the real sidecar binary: claiming labels its pod does not have, it never gets a
+/// config (never ready) and `proxy-status` says why; with the insecure opt-in it is admitted.
+#[tokio::test]
+async fn a_real_sidecar_claiming_labels_is_refused_unless_claims_are_trusted() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::start(dir.path(), &[]).unwrap();
+    plane
+        .register_pod("sleep-1", "sleep", "app=sleep", "127.0.0.1")
+        .unwrap();
+    let mut sidecar =
+        weft_tests::Sidecar::spawn_unregistered(&plane, "sleep-1", "sleep", "app=echo").unwrap();
+    let out = proxy_status_until(&plane, |o| o.contains("REFUSED")).await;
+    assert!(
+        out.contains("the sidecar claims label app=echo, but pod default/sleep-1 has app=sleep"),
+        "{out}"
+    );
+    assert_ne!(
+        sidecar.ready_status().unwrap(),
+        200,
+        "a refused sidecar is not ready"
+    );
+    sidecar.proc.kill().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let trusting = ControlPlane::start(dir.path(), &["--trust-workload-claims"]).unwrap();
+    let sidecar =
+        weft_tests::Sidecar::spawn_unregistered(&trusting, "sleep-1", "sleep", "app=echo").unwrap();
+    sidecar.wait_ready().unwrap();
 }
 
 #[tokio::test]

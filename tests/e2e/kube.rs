@@ -97,7 +97,9 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
         &[("KUBECONFIG", &kubeconfig)],
     )
     .unwrap();
-    let sidecar = Sidecar::explicit(&plane, "sleep-1", "sleep", "app=sleep", None, &[]).unwrap();
+    // Admitted as the cluster's Pod sleep-1 (no Pod is registered through pilot's API).
+    let sidecar =
+        Sidecar::explicit_of_platform_pod(&plane, "sleep-1", "sleep", "app=sleep").unwrap();
 
     // The cluster's Service (its cluster IP), endpoint and VirtualService reach the sidecar.
     let dump = sidecar.config_dump().unwrap();
@@ -189,6 +191,26 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
         metrics
             .contains("weft_pilot_kube_watch_events_total{kind=\"EndpointSlice\",event=\"apply\"}"),
         "{metrics}"
+    );
+
+    // A sidecar claiming a pod the cluster does not have, or labels its Pod does not have, is
+    // refused, and proxy-status says why.
+    let _ghost = Sidecar::spawn_unregistered(&plane, "ghost-1", "sleep", "app=sleep").unwrap();
+    let _liar = Sidecar::spawn_unregistered(&plane, "sleep-1", "sleep", "app=httpbin").unwrap();
+    let mut status = String::new();
+    eventually("both refused in proxy-status", || {
+        status = plane.pilot_cmd(&["proxy-status"]).unwrap().1;
+        status
+            .lines()
+            .any(|l| l.contains("ghost-1") && l.contains("REFUSED"))
+            && status.contains("app=httpbin")
+    });
+    assert!(
+        status
+            .lines()
+            .filter(|l| l.contains("sleep-1"))
+            .any(|l| l.contains("SYNCED")),
+        "the admitted sidecar stays: {status}"
     );
 
     // The root certificate is in the namespace, as the CA's root file has it.

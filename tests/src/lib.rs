@@ -378,6 +378,16 @@ impl ControlPlane {
         self.apply(&path.to_string_lossy())
     }
 
+    /// Registers pod `default/name` (service account `sa`, labels `k=v,...`, address `ip`) with
+    /// pilot, as the local runtime does before it starts a pod (the kubelet's part): pilot admits a
+    /// sidecar only as a Pod the platform registered.
+    pub fn register_pod(&self, name: &str, sa: &str, labels: &str, ip: &str) -> Result<()> {
+        self.apply_yaml(
+            &format!("pod-{name}.yaml"),
+            &pod_yaml("default", name, sa, labels, ip),
+        )
+    }
+
     /// Runs a `pilot` CLI command against this pilot; returns (success, stdout, stderr).
     pub fn pilot_cmd(&self, args: &[&str]) -> Result<(bool, String, String)> {
         run(Command::new(bin("pilot"))
@@ -385,6 +395,25 @@ impl ControlPlane {
             .env("WEFT_PILOT_DATA_DIR", self.dir.join("pilot"))
             .env_remove("PILOT_SERVER"))
     }
+}
+
+/// The Pod record of pod `namespace/name` (see [`ControlPlane::register_pod`]); `labels` is
+/// `k=v,...`.
+pub fn pod_yaml(namespace: &str, name: &str, sa: &str, labels: &str, ip: &str) -> String {
+    let labels: String = labels
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| format!("    {k}: {v:?}\n"))
+        .collect();
+    let labels = if labels.is_empty() {
+        "  labels: {}\n".to_string()
+    } else {
+        format!("  labels:\n{labels}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{labels}\
+         spec:\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n"
+    )
 }
 
 /// Mints a bootstrap token (valid for `ttl`, or the CA's default) with the CA in `dir/ca` and
@@ -602,32 +631,33 @@ impl Sidecar {
         app_port: Option<u16>,
         extra: &[&str],
     ) -> Result<Self> {
-        let token = plane.token("default", sa)?;
-        let mut cmd = Command::new(bin("sidecar"));
-        run_flags(
-            &mut cmd,
-            plane,
-            "explicit",
-            pilot,
-            (&plane.root, &token),
-            (sa, name, labels),
-            "127.0.0.1",
-        );
-        cmd.args(["--bind", "127.0.0.1"])
-            .args([
-                "--outbound-port",
-                "0",
-                "--inbound-port",
-                "0",
-                "--admin-port",
-                "0",
-            ])
-            .args(["--dns-port", "0", "--status-port", "0"])
-            .args(extra);
-        if let Some(p) = app_port {
-            cmd.args(["--app-port", &p.to_string()]);
-        }
+        plane.register_pod(name, sa, labels, "127.0.0.1")?;
+        let cmd = explicit_command(plane, pilot, (name, sa, labels), app_port, extra)?;
         Self::spawn(name, cmd, plane, None)
+    }
+
+    /// Like [`Sidecar::explicit`] for a pod the platform already has (with `--registry
+    /// kubernetes`, a Pod of the API server), so nothing is registered with pilot.
+    pub fn explicit_of_platform_pod(
+        plane: &ControlPlane,
+        name: &str,
+        sa: &str,
+        labels: &str,
+    ) -> Result<Self> {
+        let cmd = explicit_command(plane, &plane.discovery_addr, (name, sa, labels), None, &[])?;
+        Self::spawn(name, cmd, plane, None)
+    }
+
+    /// Starts an explicit-mode sidecar claiming pod `default/name` with `labels`, without
+    /// registering the pod and without waiting for it to be ready (tests of the registry rule).
+    pub fn spawn_unregistered(
+        plane: &ControlPlane,
+        name: &str,
+        sa: &str,
+        labels: &str,
+    ) -> Result<Self> {
+        let cmd = explicit_command(plane, &plane.discovery_addr, (name, sa, labels), None, &[])?;
+        Self::start(name, cmd, None, plane)
     }
 
     /// Starts a transparent sidecar in pod `host`: `sidecar init` as root (iptables in the pod's
@@ -659,6 +689,7 @@ impl Sidecar {
         }
         let root = topo.share(&plane.root, 0o644)?;
         let token = topo.share(&plane.token("default", sa)?, 0o644)?;
+        plane.register_pod(name, sa, labels, &host.ip)?;
         let (ok, out, err) = run(host.command(&sidecar_bin).arg("init"))?;
         if !ok {
             bail!("sidecar init in {}: {out}{err}", host.ns);
@@ -684,16 +715,26 @@ impl Sidecar {
         plane: &ControlPlane,
         host: Option<netns::Host>,
     ) -> Result<Self> {
+        let sidecar = Self::start(name, cmd, host, plane)?;
+        sidecar.wait_ready()?;
+        Ok(sidecar)
+    }
+
+    /// Starts the process and waits until it listens.
+    fn start(
+        name: &str,
+        cmd: Command,
+        host: Option<netns::Host>,
+        plane: &ControlPlane,
+    ) -> Result<Self> {
         let (proc, admin) = Proc::spawn_listening(name, cmd, &plane.dir)?;
-        let sidecar = Sidecar {
+        Ok(Sidecar {
             outbound: proc.announced("outbound").context("no outbound address")?,
             inbound: proc.announced("inbound").context("no inbound address")?,
             admin: admin.to_string(),
             proc,
             host,
-        };
-        sidecar.wait_ready()?;
-        Ok(sidecar)
+        })
     }
 
     /// curl, run where the admin port is reachable.
@@ -848,6 +889,43 @@ const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "
 
 /// The `sidecar run` flags every test sidecar has: mode, pilot, CA, (root, token) files, (service
 /// account, pod name, labels) and pod IP; logs at info and spans to the plane's sink.
+/// The command line of an explicit-mode sidecar on 127.0.0.1 for pod (name, service account,
+/// labels), taking its config from `pilot`.
+fn explicit_command(
+    plane: &ControlPlane,
+    pilot: &str,
+    (name, sa, labels): (&str, &str, &str),
+    app_port: Option<u16>,
+    extra: &[&str],
+) -> Result<Command> {
+    let token = plane.token("default", sa)?;
+    let mut cmd = Command::new(bin("sidecar"));
+    run_flags(
+        &mut cmd,
+        plane,
+        "explicit",
+        pilot,
+        (&plane.root, &token),
+        (sa, name, labels),
+        "127.0.0.1",
+    );
+    cmd.args(["--bind", "127.0.0.1"])
+        .args([
+            "--outbound-port",
+            "0",
+            "--inbound-port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .args(["--dns-port", "0", "--status-port", "0"])
+        .args(extra);
+    if let Some(p) = app_port {
+        cmd.args(["--app-port", &p.to_string()]);
+    }
+    Ok(cmd)
+}
+
 fn run_flags(
     cmd: &mut Command,
     plane: &ControlPlane,

@@ -48,7 +48,7 @@ pub fn analyze(resources: &[Resource]) -> Vec<Warning> {
                     warnings.insert(warning(resource, &message));
                 }
             }
-            Resource::PeerAuthentication(_) | Resource::Service(_) => {}
+            Resource::PeerAuthentication(_) | Resource::Service(_) | Resource::Pod(_) => {}
         }
     }
     warnings.into_iter().collect()

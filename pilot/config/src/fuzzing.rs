@@ -26,6 +26,7 @@ pub fn workloads() -> Vec<Workload> {
         ports: vec![80],
         inbound_port: 15006,
         captured: true,
+        no_sidecar: false,
     };
     vec![
         pod("sleep-0", &[("app", "sleep")], "10.233.0.9"),

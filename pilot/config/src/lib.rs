@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod host;
 mod parse;
 pub mod peer_authentication;
+pub mod pod;
 pub mod resource;
 pub mod service;
 pub mod translate;

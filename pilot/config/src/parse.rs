@@ -189,6 +189,7 @@ fn parse_document(
         Kind::DestinationRule => typed(text).map(Resource::DestinationRule),
         Kind::PeerAuthentication => typed(text).map(Resource::PeerAuthentication),
         Kind::Service => typed(text).map(Resource::Service),
+        Kind::Pod => typed(text).map(Resource::Pod),
     };
     let mut resource = match parsed {
         Ok(resource) => resource,

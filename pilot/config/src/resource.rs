@@ -8,13 +8,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::destination_rule::DestinationRule;
 use crate::peer_authentication::PeerAuthentication;
+use crate::pod::Pod;
 use crate::service::Service;
 use crate::virtual_service::VirtualService;
 
 /// Human-readable list of what weft accepts, used in "unsupported kind" errors.
 pub(crate) const SUPPORTED_KINDS: &str = "VirtualService and DestinationRule \
 (networking.istio.io/v1alpha3, v1beta1, v1), PeerAuthentication (security.istio.io/v1beta1, v1), \
-Service (v1)";
+Service and Pod (v1)";
 
 const NETWORKING_VERSIONS: &[&str] = &[
     "networking.istio.io/v1alpha3",
@@ -50,15 +51,18 @@ pub enum Kind {
     PeerAuthentication,
     /// Kubernetes core `v1` Service.
     Service,
+    /// Kubernetes core `v1` Pod: the platform's record of a workload (see [`crate::pod`]).
+    Pod,
 }
 
 impl Kind {
     /// Every kind, in a stable order.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::PeerAuthentication,
         Kind::Service,
+        Kind::Pod,
     ];
 
     /// Resolves a kubectl-style name: singular, plural, short name or kind, case-insensitive,
@@ -74,6 +78,7 @@ impl Kind {
             "destinationrule" | "destinationrules" | "dr" => Kind::DestinationRule,
             "peerauthentication" | "peerauthentications" | "pa" => Kind::PeerAuthentication,
             "service" | "services" | "svc" => Kind::Service,
+            "pod" | "pods" | "po" => Kind::Pod,
             _ => return None,
         };
         match group {
@@ -90,6 +95,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::Service => "Service",
+            Kind::Pod => "Pod",
         }
     }
 
@@ -98,7 +104,7 @@ impl Kind {
         match self {
             Kind::VirtualService | Kind::DestinationRule => "networking.istio.io",
             Kind::PeerAuthentication => "security.istio.io",
-            Kind::Service => "",
+            Kind::Service | Kind::Pod => "",
         }
     }
 
@@ -116,7 +122,7 @@ impl Kind {
         match self {
             Kind::VirtualService | Kind::DestinationRule => NETWORKING_VERSIONS,
             Kind::PeerAuthentication => SECURITY_VERSIONS,
-            Kind::Service => CORE_VERSIONS,
+            Kind::Service | Kind::Pod => CORE_VERSIONS,
         }
     }
 
@@ -245,6 +251,8 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     /// A Kubernetes Service.
     Service(Service),
+    /// A Kubernetes Pod (the platform's record of a workload).
+    Pod(Pod),
 }
 
 impl Resource {
@@ -255,6 +263,7 @@ impl Resource {
             Resource::DestinationRule(_) => Kind::DestinationRule,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::Service(_) => Kind::Service,
+            Resource::Pod(_) => Kind::Pod,
         }
     }
 
@@ -265,6 +274,7 @@ impl Resource {
             Resource::DestinationRule(o) => &o.metadata,
             Resource::PeerAuthentication(o) => &o.metadata,
             Resource::Service(o) => &o.metadata,
+            Resource::Pod(o) => &o.metadata,
         }
     }
 
@@ -275,6 +285,7 @@ impl Resource {
             Resource::DestinationRule(o) => &mut o.metadata,
             Resource::PeerAuthentication(o) => &mut o.metadata,
             Resource::Service(o) => &mut o.metadata,
+            Resource::Pod(o) => &mut o.metadata,
         }
     }
 
@@ -285,6 +296,7 @@ impl Resource {
             Resource::DestinationRule(o) => &o.api_version,
             Resource::PeerAuthentication(o) => &o.api_version,
             Resource::Service(o) => &o.api_version,
+            Resource::Pod(o) => &o.api_version,
         }
     }
 
@@ -339,6 +351,7 @@ impl<'de> Deserialize<'de> for Resource {
                 serde_json::from_value(value).map(Resource::PeerAuthentication)
             }
             Kind::Service => serde_json::from_value(value).map(Resource::Service),
+            Kind::Pod => serde_json::from_value(value).map(Resource::Pod),
         };
         resource.map_err(D::Error::custom)
     }

@@ -56,6 +56,9 @@ pub struct Workload {
     pub inbound_port: u32,
     /// True when iptables captures the pod's traffic, so peers dial the application port.
     pub captured: bool,
+    /// True for a pod without a sidecar (known from the Kubernetes registry only): an endpoint
+    /// reached in plaintext on its application port, with no identity to verify.
+    pub no_sidecar: bool,
 }
 
 impl Workload {
@@ -88,6 +91,7 @@ impl From<&pb::Node> for Workload {
             ports: node.ports.clone(),
             inbound_port: node.inbound_port,
             captured: node.captured,
+            no_sidecar: false,
         }
     }
 }

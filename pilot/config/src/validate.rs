@@ -19,6 +19,7 @@ pub fn validate(resource: &Resource) -> Vec<FieldError> {
         Resource::DestinationRule(o) => o.spec.validate(&mut report, &spec),
         Resource::PeerAuthentication(o) => o.spec.validate(&mut report, &spec),
         Resource::Service(o) => o.spec.validate(&mut report, &spec),
+        Resource::Pod(o) => o.validate(&mut report),
     }
     report.errors
 }
@@ -148,7 +149,7 @@ impl Report {
         }
     }
 
-    fn dns1123_subdomain(&mut self, path: &FieldPath, value: &str) {
+    pub(crate) fn dns1123_subdomain(&mut self, path: &FieldPath, value: &str) {
         let ok = value.len() <= 253 && value.split('.').all(|label| dns1123_label(label).is_ok());
         if !ok {
             self.invalid(

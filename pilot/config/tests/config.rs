@@ -312,7 +312,7 @@ fn bad_inputs_report_exact_messages() {
             "unknown kind",
             "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n".to_string(),
             vec![
-                "vs.yaml:2:1: document 1: kind: unsupported kind \"Deployment\" (apiVersion \"apps/v1\"); weft supports VirtualService and DestinationRule (networking.istio.io/v1alpha3, v1beta1, v1), PeerAuthentication (security.istio.io/v1beta1, v1), Service (v1)",
+                "vs.yaml:2:1: document 1: kind: unsupported kind \"Deployment\" (apiVersion \"apps/v1\"); weft supports VirtualService and DestinationRule (networking.istio.io/v1alpha3, v1beta1, v1), PeerAuthentication (security.istio.io/v1beta1, v1), Service and Pod (v1)",
             ],
         ),
         (

@@ -94,6 +94,7 @@ fn load(dir: &Path) -> Case {
             ports: w.ports,
             inbound_port: w.inbound_port,
             captured: w.captured,
+            no_sidecar: false,
         })
         .collect();
     let node = workloads

@@ -194,7 +194,7 @@ pub fn pod_workload(pod: &Pod) -> Option<Workload> {
     }
     let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
     let spec = pod.spec.as_ref()?;
-    let _sidecar = injected(pod);
+    let sidecar = injected(pod);
     let mut ports: Vec<u32> = spec
         .containers
         .iter()
@@ -220,8 +220,59 @@ pub fn pod_workload(pod: &Pod) -> Option<Workload> {
         // A pod without a sidecar is dialled on its application port; so is an injected one,
         // whose inbound traffic iptables captures.
         captured: true,
-        // MERGE(main): sidecar: _sidecar,
+        no_sidecar: !sidecar,
     })
+}
+
+/// The Pod record discovery admits sidecars against (`weft_pilot_config::pod::Pod`): name,
+/// namespace, labels, service account, node, the application containers' TCP ports (the proxy's
+/// own are not the application's), phase and IP. Annotations are left out, so a change nothing
+/// reads publishes nothing.
+pub fn pod_record(pod: &Pod) -> Result<Resource, Problems> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut record = weft_pilot_config::pod::Pod::new(
+        namespace,
+        name,
+        spec.and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default"),
+        pod.metadata.labels.clone().unwrap_or_default(),
+        status
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty()),
+    );
+    record.spec.node_name = spec.and_then(|s| s.node_name.clone());
+    record.status.phase = status.and_then(|s| s.phase.clone());
+    record.spec.containers = spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| c.name != PROXY_CONTAINER && c.name != ISTIO_PROXY_CONTAINER)
+        .map(|c| weft_pilot_config::pod::Container {
+            name: Some(c.name.clone()),
+            ports: c
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+                .map(|p| weft_pilot_config::pod::ContainerPort {
+                    container_port: i64::from(p.container_port),
+                    name: p.name.clone(),
+                    protocol: None,
+                })
+                .collect(),
+        })
+        .collect();
+    let resource = Resource::Pod(record);
+    let problems = weft_pilot_config::validate(&resource);
+    if problems.is_empty() {
+        Ok(resource)
+    } else {
+        Err(problems.iter().map(ToString::to_string).collect())
+    }
 }
 
 /// The endpoints the EndpointSlices list as ready and not terminating: (namespace, pod name) from
@@ -399,6 +450,7 @@ mod tests {
         let plain = pod(json!({}), app.clone(), running.clone());
         assert!(!injected(&plain));
         let w = pod_workload(&plain).unwrap();
+        assert!(w.no_sidecar, "a plaintext endpoint");
         assert_eq!(
             (w.service_account.as_str(), w.ports.as_slice()),
             ("default", &[8080][..])

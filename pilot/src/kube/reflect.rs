@@ -317,6 +317,8 @@ struct Builder {
     istio: BTreeMap<ResourceKey, Converted>,
     /// Services already reported as skipped or invalid, at this resourceVersion.
     services_reported: BTreeMap<(String, String), String>,
+    /// Pods already reported as invalid, at this resourceVersion.
+    pods_reported: BTreeMap<(String, String), String>,
     revision: u64,
     last: Option<BTreeMap<ResourceKey, Resource>>,
     last_workloads: Option<Arc<Vec<Workload>>>,
@@ -355,6 +357,7 @@ impl Builder {
         let mut resources: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
         let mut invalid = Vec::new();
         self.services(stores, &mut resources, &mut invalid);
+        self.pods(stores, &mut resources, &mut invalid);
         self.istio_objects(stores, &mut resources, &mut invalid);
 
         let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -409,25 +412,47 @@ impl Builder {
                         self.services_reported.insert(id, version);
                     }
                 }
-                ServiceOutcome::Invalid(problems) => {
-                    if first_time {
-                        tracing::warn!(service = %format!("{}/{}", id.0, id.1), resource_version = %version, problems = %problems.join("; "), "Service refused");
-                        self.services_reported.insert(id.clone(), version.clone());
-                    }
-                    invalid.push(InvalidObject {
-                        key: ResourceKey {
-                            kind: Kind::Service,
-                            namespace: id.0,
-                            name: id.1,
-                        },
-                        resource_version: version,
-                        problems,
-                        previous_in_force: false,
-                    });
-                }
+                ServiceOutcome::Invalid(problems) => refuse(
+                    &mut self.services_reported,
+                    invalid,
+                    Kind::Service,
+                    id,
+                    version,
+                    problems,
+                ),
             }
         }
         self.services_reported.retain(|id, _| seen.contains(id));
+    }
+
+    /// The Pods, as the records sidecars are admitted against (`kind: Pod`).
+    fn pods(
+        &mut self,
+        stores: &Stores,
+        resources: &mut BTreeMap<ResourceKey, Resource>,
+        invalid: &mut Vec<InvalidObject>,
+    ) {
+        let mut seen = BTreeSet::new();
+        for pod in stores.pods.state() {
+            let id = (pod.namespace().unwrap_or_default(), pod.name_any());
+            let version = pod.resource_version().unwrap_or_default();
+            seen.insert(id.clone());
+            match convert::pod_record(&pod) {
+                Ok(resource) => {
+                    resources.insert(resource.key(), resource);
+                    self.pods_reported.remove(&id);
+                }
+                Err(problems) => refuse(
+                    &mut self.pods_reported,
+                    invalid,
+                    Kind::Pod,
+                    id,
+                    version,
+                    problems,
+                ),
+            }
+        }
+        self.pods_reported.retain(|id, _| seen.contains(id));
     }
 
     fn istio_objects(
@@ -490,4 +515,30 @@ impl Builder {
         }
         self.istio.retain(|key, _| present.contains(key));
     }
+}
+
+/// Lists a Service or Pod of the cluster weft refuses (no earlier version is kept for these: they
+/// are the platform's record, not config), logging it once per resourceVersion.
+fn refuse(
+    reported: &mut BTreeMap<(String, String), String>,
+    invalid: &mut Vec<InvalidObject>,
+    kind: Kind,
+    id: (String, String),
+    version: String,
+    problems: Vec<String>,
+) {
+    if reported.get(&id) != Some(&version) {
+        tracing::warn!(object = %format!("{kind} {}/{}", id.0, id.1), resource_version = %version, problems = %problems.join("; "), "object of the cluster refused");
+        reported.insert(id.clone(), version.clone());
+    }
+    invalid.push(InvalidObject {
+        key: ResourceKey {
+            kind,
+            namespace: id.0,
+            name: id.1,
+        },
+        resource_version: version,
+        problems,
+        previous_in_force: false,
+    });
 }

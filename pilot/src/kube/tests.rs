@@ -176,7 +176,7 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
         other => panic!("{other:?}"),
     }
     assert_eq!(vs_weight(&snapshot, "split"), Some(90));
-    let workloads = WorkloadSource::workloads(&registry);
+    let workloads = WorkloadSource::workloads(&registry, &registry.snapshot());
     assert_eq!(workloads.len(), 1);
     let w = &workloads[0];
     assert_eq!(
@@ -190,6 +190,17 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
         "the proxy's own ports are not the application's"
     );
     assert_eq!(w.inbound_port, 15006);
+    assert!(!w.no_sidecar, "injected");
+    // The Pod record sidecars are admitted against, without the proxy's ports.
+    match &snapshot.get(&key(Kind::Pod, "httpbin-1")).unwrap().resource {
+        Resource::Pod(p) => {
+            assert_eq!(p.service_account(), "httpbin");
+            assert_eq!(p.ip(), Some("10.1.0.5".parse().unwrap()));
+            assert_eq!(p.ports(), vec![80]);
+            assert_eq!(p.spec.node_name.as_deref(), Some("node-b"));
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         registry.namespace_labels("default").unwrap()["istio-injection"],
         "enabled"
@@ -295,7 +306,7 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
         true
     )])));
     eventually("the terminating endpoint gone", || {
-        WorkloadSource::workloads(&registry).is_empty()
+        WorkloadSource::workloads(&registry, &registry.snapshot()).is_empty()
     })
     .await;
     fake.apply(&slice(json!([endpoint(
@@ -305,7 +316,7 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
         false
     )])));
     eventually("the endpoint back", || {
-        WorkloadSource::workloads(&registry).len() == 1
+        WorkloadSource::workloads(&registry, &registry.snapshot()).len() == 1
     })
     .await;
     shutdown.cancel();

@@ -150,6 +150,8 @@ impl<'a> Catalog<'a> {
                     spec: &pa.spec,
                     hosts: Vec::new(),
                 }),
+                // Pods reach translation as workloads (discovery resolves them), not as objects.
+                Resource::Pod(_) => {}
             }
         }
         services.sort_by(|a, b| a.fqdn.cmp(&b.fqdn));

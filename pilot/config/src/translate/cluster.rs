@@ -127,12 +127,18 @@ fn endpoints(
             // Auto mTLS (§2.2, and Istio's endpoint builder `mtlsChecker`): an endpoint whose own
             // PeerAuthentication DISABLEs mTLS on that port is sent plaintext, which the model
             // expresses as "no identity" (what it says for an endpoint without a sidecar).
+            // A pod without a sidecar is plaintext under auto mTLS too (an explicit ISTIO_MUTUAL
+            // to it fails the handshake, as with Istio).
             let plaintext = tls_mode == pb::TlsMode::Auto
-                && inbound::peer_mode(catalog, w, target) == MtlsMode::Disable;
+                && (w.no_sidecar || inbound::peer_mode(catalog, w, target) == MtlsMode::Disable);
             pb::Endpoint {
                 address: w.ip.clone(),
                 port: target,
-                dial_port: if w.captured { target } else { w.inbound_port },
+                dial_port: if w.captured || w.no_sidecar {
+                    target
+                } else {
+                    w.inbound_port
+                },
                 identity: if plaintext {
                     String::new()
                 } else {

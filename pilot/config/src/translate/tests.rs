@@ -28,6 +28,7 @@ fn workload(namespace: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> W
         ports: vec![],
         inbound_port: 15006,
         captured: true,
+        no_sidecar: false,
     }
 }
 
@@ -868,5 +869,49 @@ fn rule_and_policy_lookups_grow_with_the_services_not_their_square() {
     assert!(
         large <= 5 * small,
         "50 Services: {small} candidates examined, 200 Services: {large}"
+    );
+}
+
+#[test]
+fn a_pod_without_a_sidecar_is_a_plaintext_endpoint_on_its_app_port_under_auto_mtls_only() {
+    let mut plain = httpbin("v1", "10.0.0.11");
+    plain.no_sidecar = true;
+    plain.captured = false;
+    let endpoint = |yaml: &str| {
+        let config = translate(
+            &parse(yaml),
+            std::slice::from_ref(&plain),
+            &sleep(),
+            &MeshOptions::default(),
+        );
+        config
+            .clusters
+            .iter()
+            .find(|c| c.name == "outbound|8000||httpbin.default.svc.cluster.local")
+            .and_then(|c| c.endpoints.first().cloned())
+            .unwrap()
+    };
+    let auto = endpoint(HTTPBIN_SERVICE);
+    assert_eq!(auto.identity, "", "no sidecar: plaintext, no identity");
+    assert_eq!(
+        (auto.port, auto.dial_port),
+        (80, 80),
+        "its app port, not 15006"
+    );
+    // An explicit ISTIO_MUTUAL is honoured: the handshake to a pod without a sidecar fails, as
+    // with Istio.
+    let mutual = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin}}
+spec:
+  host: httpbin
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+"
+    );
+    assert_eq!(
+        endpoint(&mutual).identity,
+        "spiffe://cluster.local/ns/default/sa/httpbin-v1"
     );
 }

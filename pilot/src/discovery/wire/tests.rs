@@ -83,6 +83,7 @@ fn load(dir: &Path) -> Case {
                 .and_then(Value::as_u64)
                 .map_or(15006, |p| p as u32),
             captured: w.get("captured").and_then(Value::as_bool).unwrap_or(true),
+            no_sidecar: false,
         })
         .collect();
     let node_name = file["node"].as_str().unwrap();
@@ -199,6 +200,7 @@ spec:
         ip: "10.0.0.1".into(),
         inbound_port: 15006,
         captured: true,
+        no_sidecar: false,
         ..Workload::default()
     };
     let workloads = vec![node.clone()];
@@ -338,11 +340,15 @@ async fn calls_without_a_client_certificate_or_to_other_methods_are_refused() {
         Arc::new(Vec::new()),
     ));
     let (_contexts_tx, contexts) = tokio::sync::watch::channel(ctx);
+    let (_pods_tx, pods) = tokio::sync::watch::channel(Arc::default());
     let discovery = crate::discovery::Discovery::new(
         contexts,
         Some(crate::registry::Registry::new(
             std::time::Duration::from_secs(1),
+            false,
         )),
+        pods,
+        false,
         crate::discovery::Translator::new(MeshOptions::default(), 1).unwrap(),
         Arc::default(),
         tokio_util::sync::CancellationToken::new(),
