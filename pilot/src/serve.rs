@@ -93,6 +93,8 @@ pub struct ServeArgs {
     /// Where config objects and workloads come from: `local` (the store, written by `pilot apply`,
     /// and workloads registered by their sidecars) or `kubernetes` (the cluster's API server, from
     /// the in-cluster service account or KUBECONFIG; apply/delete are then refused: use kubectl).
+    /// With `kubernetes`, the `--ca-root` file is also written into every namespace as ConfigMap
+    /// istio-ca-root-cert.
     #[arg(long, value_enum, default_value_t = RegistryMode::Local, env = "WEFT_PILOT_REGISTRY")]
     pub registry: RegistryMode,
     /// Serve `/metrics` (Prometheus text) on this address, e.g. 0.0.0.0:15014 (istiod's

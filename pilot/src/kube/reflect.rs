@@ -88,8 +88,8 @@ impl Pending {
     }
 }
 
-/// Starts every watcher and the builder. `extra` are woken on namespace changes (the ConfigMap
-/// writer). Tasks end on `shutdown`.
+/// Starts every watcher and the builder. `namespace_changed` is woken on namespace changes (for
+/// the ConfigMap writer). Tasks end on `shutdown`.
 pub(super) fn start(
     client: &Client,
     published: Arc<Published>,

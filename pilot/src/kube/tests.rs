@@ -206,6 +206,16 @@ async fn the_registry_follows_the_cluster_through_changes_bookmarks_relists_and_
         "enabled"
     );
     assert!(registry.namespace_labels("nope").is_none());
+    fake.apply(&namespace(
+        "default",
+        json!({"istio-injection": "disabled"}),
+    ));
+    eventually("the namespace's new label", || {
+        registry
+            .namespace_labels("default")
+            .is_some_and(|l| l["istio-injection"] == "disabled")
+    })
+    .await;
 
     // Modified.
     let mut snapshots = registry.subscribe();
