@@ -315,10 +315,10 @@ struct Converted {
 #[derive(Debug, Default)]
 struct Builder {
     istio: BTreeMap<ResourceKey, Converted>,
-    /// Services already reported as skipped or invalid, at this resourceVersion.
-    services_reported: BTreeMap<(String, String), String>,
-    /// Pods already reported as invalid, at this resourceVersion.
-    pods_reported: BTreeMap<(String, String), String>,
+    /// Services' conversions.
+    services: Conversions<ServiceOutcome>,
+    /// Pods' records.
+    pods: Conversions<Result<Resource, convert::Problems>>,
     revision: u64,
     last: Option<BTreeMap<ResourceKey, Resource>>,
     last_workloads: Option<Arc<Vec<Workload>>>,
@@ -337,7 +337,22 @@ async fn run_builder(
         r = pending.wait_for(|n| *n == 0) => if r.is_err() { return },
     }
     let mut builder = Builder::default();
-    builder.build(&stores, &published);
+    // A build parses every object new since the last one (all of them the first time): on the
+    // blocking pool, so the async workers keep serving discovery meanwhile.
+    let build = |mut builder: Builder| {
+        let (stores, published) = (stores.clone(), published.clone());
+        tokio::task::spawn_blocking(move || {
+            builder.build(&stores, &published);
+            builder
+        })
+    };
+    builder = match build(builder).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "Kubernetes registry build failed");
+            return;
+        }
+    };
     published.synced.send_replace(true);
     tracing::info!(
         objects = published.snapshots.borrow().len(),
@@ -347,8 +362,15 @@ async fn run_builder(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = changed.notified() => builder.build(&stores, &published),
+            () = changed.notified() => {}
         }
+        builder = match build(builder).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Kubernetes registry build failed");
+                return;
+            }
+        };
     }
 }
 
@@ -389,70 +411,62 @@ impl Builder {
         }
     }
 
+    /// The Services, each converted once per resourceVersion.
     fn services(
         &mut self,
         stores: &Stores,
         resources: &mut BTreeMap<ResourceKey, Resource>,
         invalid: &mut Vec<InvalidObject>,
     ) {
-        let mut seen = BTreeSet::new();
-        for svc in stores.services.state() {
-            let id = (svc.namespace().unwrap_or_default(), svc.name_any());
-            let version = svc.resource_version().unwrap_or_default();
-            let first_time = self.services_reported.get(&id) != Some(&version);
-            seen.insert(id.clone());
-            match convert::service(&svc) {
-                ServiceOutcome::Served(resource) => {
-                    resources.insert(resource.key(), resource);
-                    self.services_reported.remove(&id);
-                }
+        let services = stores.services.state();
+        let outcomes = convert_cached(&mut self.services, &services, |svc, id| {
+            let outcome = convert::service(svc);
+            match &outcome {
                 ServiceOutcome::Skipped(why) => {
-                    if first_time {
-                        tracing::debug!(service = %format!("{}/{}", id.0, id.1), reason = %why, "Service not in the mesh registry");
-                        self.services_reported.insert(id, version);
-                    }
+                    tracing::debug!(service = %format!("{}/{}", id.0, id.1), reason = %why, "Service not in the mesh registry")
                 }
-                ServiceOutcome::Invalid(problems) => refuse(
-                    &mut self.services_reported,
-                    invalid,
-                    Kind::Service,
-                    id,
-                    version,
-                    problems,
-                ),
+                ServiceOutcome::Invalid(problems) => report(Kind::Service, id, problems),
+                ServiceOutcome::Served(_) => {}
+            }
+            outcome
+        });
+        for (id, version, outcome) in outcomes {
+            match outcome {
+                ServiceOutcome::Served(resource) => {
+                    resources.insert(resource.key(), resource.clone());
+                }
+                ServiceOutcome::Skipped(_) => {}
+                ServiceOutcome::Invalid(problems) => {
+                    invalid.push(refused(Kind::Service, id, version, problems))
+                }
             }
         }
-        self.services_reported.retain(|id, _| seen.contains(id));
     }
 
-    /// The Pods, as the records sidecars are admitted against (`kind: Pod`).
+    /// The Pods, as the records sidecars are admitted against (`kind: Pod`), each converted once
+    /// per resourceVersion.
     fn pods(
         &mut self,
         stores: &Stores,
         resources: &mut BTreeMap<ResourceKey, Resource>,
         invalid: &mut Vec<InvalidObject>,
     ) {
-        let mut seen = BTreeSet::new();
-        for pod in stores.pods.state() {
-            let id = (pod.namespace().unwrap_or_default(), pod.name_any());
-            let version = pod.resource_version().unwrap_or_default();
-            seen.insert(id.clone());
-            match convert::pod_record(&pod) {
+        let pods = stores.pods.state();
+        let outcomes = convert_cached(&mut self.pods, &pods, |pod, id| {
+            let record = convert::pod_record(pod);
+            if let Err(problems) = &record {
+                report(Kind::Pod, id, problems);
+            }
+            record
+        });
+        for (id, version, record) in outcomes {
+            match record {
                 Ok(resource) => {
-                    resources.insert(resource.key(), resource);
-                    self.pods_reported.remove(&id);
+                    resources.insert(resource.key(), resource.clone());
                 }
-                Err(problems) => refuse(
-                    &mut self.pods_reported,
-                    invalid,
-                    Kind::Pod,
-                    id,
-                    version,
-                    problems,
-                ),
+                Err(problems) => invalid.push(refused(Kind::Pod, id, version, problems)),
             }
         }
-        self.pods_reported.retain(|id, _| seen.contains(id));
     }
 
     fn istio_objects(
@@ -517,28 +531,68 @@ impl Builder {
     }
 }
 
-/// Lists a Service or Pod of the cluster weft refuses (no earlier version is kept for these: they
-/// are the platform's record, not config), logging it once per resourceVersion.
-fn refuse(
-    reported: &mut BTreeMap<(String, String), String>,
-    invalid: &mut Vec<InvalidObject>,
-    kind: Kind,
-    id: (String, String),
+/// Conversions by namespace and name.
+type Conversions<T> = BTreeMap<(String, String), Cached<T>>;
+
+/// One object's conversion, kept until its resourceVersion changes.
+#[derive(Debug)]
+struct Cached<T> {
     version: String,
-    problems: Vec<String>,
-) {
-    if reported.get(&id) != Some(&version) {
-        tracing::warn!(object = %format!("{kind} {}/{}", id.0, id.1), resource_version = %version, problems = %problems.join("; "), "object of the cluster refused");
-        reported.insert(id.clone(), version.clone());
+    value: T,
+}
+
+/// Converts each of `objects` (namespace and name, resourceVersion) with `convert`, which runs
+/// only for an object not seen at that version before (so its log lines come once per version);
+/// forgets the objects gone. Returns every object's conversion.
+fn convert_cached<'a, K, T>(
+    cache: &'a mut Conversions<T>,
+    objects: &[Arc<K>],
+    mut convert: impl FnMut(&K, &(String, String)) -> T,
+) -> Vec<((String, String), String, &'a T)>
+where
+    K: ::kube::Resource,
+{
+    let mut seen = BTreeSet::new();
+    for object in objects {
+        let id = (object.namespace().unwrap_or_default(), object.name_any());
+        let version = object.resource_version().unwrap_or_default();
+        let fresh = cache
+            .get(&id)
+            .is_some_and(|c| c.version == version && !version.is_empty());
+        if !fresh {
+            let value = convert(object, &id);
+            cache.insert(id.clone(), Cached { version, value });
+        }
+        seen.insert(id);
     }
-    invalid.push(InvalidObject {
+    cache.retain(|id, _| seen.contains(id));
+    cache
+        .iter()
+        .map(|(id, c)| (id.clone(), c.version.clone(), &c.value))
+        .collect()
+}
+
+/// Logs a Service or Pod of the cluster weft refuses (called once per resourceVersion).
+fn report(kind: Kind, id: &(String, String), problems: &[String]) {
+    tracing::warn!(object = %format!("{kind} {}/{}", id.0, id.1), problems = %problems.join("; "), "object of the cluster refused");
+}
+
+/// A Service or Pod refused (no earlier version is kept for these: they are the platform's
+/// record, not config).
+fn refused(
+    kind: Kind,
+    (namespace, name): (String, String),
+    resource_version: String,
+    problems: &[String],
+) -> InvalidObject {
+    InvalidObject {
         key: ResourceKey {
             kind,
-            namespace: id.0,
-            name: id.1,
+            namespace,
+            name,
         },
-        resource_version: version,
-        problems,
+        resource_version,
+        problems: problems.to_vec(),
         previous_in_force: false,
-    });
+    }
 }
