@@ -63,3 +63,45 @@ fn respond(path: &str, render: &Render) -> http::Response<Full<Bytes>> {
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn metrics_are_rendered_per_scrape_and_other_paths_are_not_found() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = scrapes.clone();
+        let render: Render = Arc::new(move || {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            format!("weft_test_scrapes {n}\n")
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, render, shutdown.clone()));
+        let first = get(addr, "/metrics").await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(first.contains("text/plain; version=0.0.4"), "{first}");
+        assert!(first.ends_with("weft_test_scrapes 1\n"), "{first}");
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .ends_with("weft_test_scrapes 2\n")
+        );
+        assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
+        shutdown.cancel();
+    }
+}
