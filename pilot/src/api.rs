@@ -53,6 +53,12 @@ pub enum ApiError {
     /// deadline passed (a client that went away never sees this).
     #[error("pilot is shutting down; nothing was stored, try again")]
     Cancelled,
+    /// An apply or delete while the config comes from the cluster.
+    #[error(
+        "pilot serves the config of the Kubernetes cluster (--registry kubernetes): change it with \
+         kubectl apply/delete; pilot get, analyze and proxy-status show what pilot serves"
+    )]
+    ReadOnly,
 }
 
 impl From<ApiError> for Status {
@@ -74,6 +80,7 @@ impl From<ApiError> for Status {
                 | StoreError::ClusterIpImmutable { .. }
                 | StoreError::ClusterIpsExhausted(_),
             ) => Status::invalid_argument(message),
+            ApiError::ReadOnly => Status::failed_precondition(message),
             ApiError::Cancelled | ApiError::Store(StoreError::Cancelled) => {
                 Status::unavailable(ApiError::Cancelled.to_string())
             }
@@ -97,7 +104,64 @@ fn not_found_line(key: &ResourceKey) -> String {
     format!("{resource} {:?} not found", key.name)
 }
 
-/// The ConfigService implementation over a [`Store`].
+/// Where the config API reads objects from, and writes them to.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The local store: apply and delete write to it.
+    Store(Arc<Store>),
+    /// The Kubernetes cluster (`--registry kubernetes`): read-only here; get shows the objects
+    /// pilot serves, analyze also lists the objects it refuses.
+    Cluster(crate::kube::KubeRegistry),
+}
+
+impl Backend {
+    /// The objects served now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self {
+            Backend::Store(store) => store.snapshot(),
+            Backend::Cluster(cluster) => cluster.snapshot(),
+        }
+    }
+
+    fn store(&self) -> Result<&Store, ApiError> {
+        match self {
+            Backend::Store(store) => Ok(store),
+            Backend::Cluster(_) => Err(ApiError::ReadOnly),
+        }
+    }
+
+    /// Objects of the cluster refused as invalid, as analyzer findings (Istio's IST0106,
+    /// SchemaValidationError).
+    fn refused(&self) -> Vec<Warning> {
+        let Backend::Cluster(cluster) = self else {
+            return Vec::new();
+        };
+        cluster
+            .invalid()
+            .iter()
+            .map(|object| Warning {
+                code: SCHEMA_VALIDATION_ERROR,
+                object: object.key.clone(),
+                message: format!(
+                    "{} (resourceVersion {}) is invalid and not served{}: {}",
+                    object.key,
+                    object.resource_version,
+                    if object.previous_in_force {
+                        "; its last valid version stays in force"
+                    } else {
+                        ""
+                    },
+                    object.problems.join("; ")
+                ),
+            })
+            .collect()
+    }
+}
+
+/// Istio's analyzer code for an object that fails schema validation.
+pub const SCHEMA_VALIDATION_ERROR: &str = "IST0106";
+
+/// The ConfigService implementation over a [`Backend`].
 ///
 /// Every call that parses, validates, analyzes or encodes objects runs on the blocking pool, so a
 /// large apply never holds an async worker (discovery keeps being served), and it checks a
@@ -105,7 +169,7 @@ fn not_found_line(key: &ResourceKey) -> String {
 /// call (the client went away) or when `abort` is (pilot's drain deadline passed).
 #[derive(Debug, Clone)]
 pub struct ConfigApi {
-    store: Arc<Store>,
+    backend: Backend,
     /// Connected sidecars; `None` when pilot runs without discovery.
     proxies: Option<Arc<crate::discovery::ProxyTable>>,
     /// Cancelled when in-flight calls must stop (the drain deadline of a shutdown).
@@ -113,15 +177,15 @@ pub struct ConfigApi {
 }
 
 impl ConfigApi {
-    /// A server for `store`, with message limits set for whole YAML files. Calls still running when
+    /// A server for `backend`, with message limits set for whole YAML files. Calls still running when
     /// `abort` is cancelled stop, storing nothing.
     pub fn server(
-        store: Arc<Store>,
+        backend: Backend,
         proxies: Option<Arc<crate::discovery::ProxyTable>>,
         abort: CancellationToken,
     ) -> ConfigServiceServer<ConfigApi> {
         ConfigServiceServer::new(ConfigApi {
-            store,
+            backend,
             proxies,
             abort,
         })
@@ -135,14 +199,14 @@ impl ConfigApi {
     async fn blocking<T: Send + 'static>(
         &self,
         what: &'static str,
-        work: impl FnOnce(&Store, &CancellationToken) -> Result<T, ApiError> + Send + 'static,
+        work: impl FnOnce(&Backend, &CancellationToken) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let store = self.store.clone();
+        let backend = self.backend.clone();
         let cancel = self.abort.child_token();
         let on_drop = cancel.clone().drop_guard();
         let token = cancel.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let result = work(&store, &token);
+            let result = work(&backend, &token);
             if matches!(
                 result,
                 Err(ApiError::Cancelled | ApiError::Store(StoreError::Cancelled))
@@ -157,34 +221,36 @@ impl ConfigApi {
     }
 
     async fn apply(&self, request: pb::ApplyRequest) -> Result<pb::ApplyResponse, ApiError> {
-        self.blocking("apply", |store, cancel| {
-            apply_blocking(store, request, cancel)
+        self.blocking("apply", |backend, cancel| {
+            apply_blocking(backend.store()?, request, cancel)
         })
         .await
     }
 
     async fn get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
-        self.blocking("get", |store, cancel| get_blocking(store, request, cancel))
-            .await
+        self.blocking("get", |backend, cancel| {
+            get_blocking(&backend.snapshot(), request, cancel)
+        })
+        .await
     }
 
     async fn delete(&self, request: pb::DeleteRequest) -> Result<pb::DeleteResponse, ApiError> {
-        self.blocking("delete", |store, cancel| {
-            delete_blocking(store, request, cancel)
+        self.blocking("delete", |backend, cancel| {
+            delete_blocking(backend.store()?, request, cancel)
         })
         .await
     }
 
     async fn analyze(&self, request: pb::AnalyzeRequest) -> Result<pb::AnalyzeResponse, ApiError> {
-        self.blocking("analyze", move |store, cancel| {
+        self.blocking("analyze", move |backend, cancel| {
             let extra = parse_all(&request.documents, &request.default_namespace, cancel)?;
-            let all = overlay(&store.snapshot(), extra);
+            let all = overlay(&backend.snapshot(), extra);
             check(cancel)?;
+            let mut warnings = backend.refused();
+            warnings.extend(weft_pilot_config::analyze(&all));
+            warnings.sort();
             Ok(pb::AnalyzeResponse {
-                warnings: weft_pilot_config::analyze(&all)
-                    .into_iter()
-                    .map(to_pb_warning)
-                    .collect(),
+                warnings: warnings.into_iter().map(to_pb_warning).collect(),
             })
         })
         .await
@@ -262,7 +328,7 @@ impl ConfigService for ConfigApi {
 }
 
 fn get_blocking(
-    store: &Store,
+    snapshot: &Snapshot,
     request: pb::GetRequest,
     cancel: &CancellationToken,
 ) -> Result<pb::GetResponse, ApiError> {
@@ -273,7 +339,6 @@ fn get_blocking(
         ));
     }
     let namespace = namespace_or_default(&request.namespace);
-    let snapshot = store.snapshot();
     let objects = snapshot
         .of_kind(kind)
         .filter(|o| request.all_namespaces || o.resource.namespace() == namespace)
@@ -467,7 +532,7 @@ mod tests {
         (
             dir,
             ConfigApi {
-                store,
+                backend: Backend::Store(store),
                 proxies: None,
                 abort: CancellationToken::new(),
             },
@@ -522,7 +587,7 @@ mod tests {
         let response = api.apply(apply_request(VS_TO_SUBSET, true)).await.unwrap();
         assert_eq!(response.results[0].outcome(), pb::Outcome::Created);
         assert!(response.warnings.iter().any(|w| w.code == "IST0101"));
-        assert!(api.store.snapshot().is_empty());
+        assert!(api.backend.snapshot().is_empty());
 
         let response = api.apply(apply_request(VS_TO_SUBSET, false)).await.unwrap();
         assert_eq!(response.revision, 1);
@@ -593,8 +658,8 @@ mod tests {
         );
         let status = Status::from(result.unwrap_err());
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert!(api.store.snapshot().is_empty());
-        assert_eq!(api.store.snapshot().revision(), 0);
+        assert!(api.backend.snapshot().is_empty());
+        assert_eq!(api.backend.snapshot().revision(), 0);
     }
 
     /// On a single-threaded runtime, work done inline by a call would stop every other task (the
@@ -626,5 +691,88 @@ mod tests {
             longest < std::time::Duration::from_millis(300),
             "the runtime was held for {longest:?} during an apply of {took:?}"
         );
+    }
+
+    /// With `--registry kubernetes` the config comes from the cluster: writes are refused with a
+    /// pointer to kubectl, get shows what is served, analyze also lists the refused objects.
+    #[tokio::test]
+    async fn cluster_mode_refuses_writes_and_analyze_lists_refused_objects() {
+        use serde_json::json;
+        let fake = weft_tests::kube_fake::FakeApiServer::start().await.unwrap();
+        let vs = |name: &str, weight: i64| {
+            json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}, "weight": weight}]}]},
+            })
+        };
+        let vss = "apis/networking.istio.io/v1/virtualservices";
+        fake.apply_json(vss, vs("good", 100));
+        fake.apply_json(vss, vs("bad", -1));
+        let client =
+            ::kube::Client::try_from(::kube::Config::new(fake.url().parse().unwrap())).unwrap();
+        let shutdown = CancellationToken::new();
+        let cluster = crate::kube::KubeRegistry::start(
+            client,
+            crate::kube::KubeOptions::default(),
+            &shutdown,
+        );
+        cluster.wait_synced().await;
+        let api = ConfigApi {
+            backend: Backend::Cluster(cluster),
+            proxies: None,
+            abort: CancellationToken::new(),
+        };
+
+        let status = Status::from(api.apply(apply_request(SERVICE, false)).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().contains("kubectl apply"),
+            "{}",
+            status.message()
+        );
+        let delete = pb::DeleteRequest {
+            objects: vec![pb::ObjectRef {
+                kind: "vs".into(),
+                namespace: "default".into(),
+                name: "good".into(),
+            }],
+            ..Default::default()
+        };
+        let status = Status::from(api.delete(delete).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+        let got = api
+            .get(pb::GetRequest {
+                kind: "vs".into(),
+                all_namespaces: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let names: Vec<_> = got
+            .objects
+            .iter()
+            .map(|o| o.object.as_ref().unwrap().name.clone())
+            .collect();
+        assert_eq!(names, ["good"]);
+
+        let analyzed = api
+            .analyze(pb::AnalyzeRequest::default())
+            .await
+            .unwrap()
+            .warnings;
+        let refused: Vec<_> = analyzed
+            .iter()
+            .filter(|w| w.code == SCHEMA_VALIDATION_ERROR)
+            .collect();
+        assert_eq!(refused.len(), 1, "{analyzed:?}");
+        assert_eq!(refused[0].object.as_ref().unwrap().name, "bad");
+        assert!(
+            refused[0].message.contains("spec.http[0].route[0].weight:"),
+            "{}",
+            refused[0].message
+        );
+        shutdown.cancel();
     }
 }

@@ -60,10 +60,10 @@ pub struct InjectArgs {
     #[arg(long)]
     pub image: Option<String>,
     /// pilot's discovery address, host:port.
-    #[arg(long, default_value = "pilot.weft-system.svc:15012")]
+    #[arg(long, default_value = "weft-pilot.weft-system.svc:15012")]
     pub pilot_address: String,
     /// The CA's address, host:port.
-    #[arg(long, default_value = "ca.weft-system.svc:15010")]
+    #[arg(long, default_value = "weft-ca.weft-system.svc:15010")]
     pub ca_address: String,
     /// uid and gid the proxy runs as; its own traffic is never captured.
     #[arg(long, default_value_t = 1337)]

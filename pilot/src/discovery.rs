@@ -215,7 +215,7 @@ impl Default for Debounce {
 /// Builds push contexts from store and registry changes, debounced. Returns the receiver streams watch.
 fn spawn_debouncer(
     mut store: watch::Receiver<Arc<Snapshot>>,
-    registry: Arc<Registry>,
+    registry: Arc<dyn WorkloadSource>,
     debounce: Debounce,
     translator: Translator,
     shutdown: CancellationToken,
@@ -410,7 +410,9 @@ impl ProxyTable {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     contexts: watch::Receiver<Arc<PushContext>>,
-    registry: Arc<Registry>,
+    /// Where admitted sidecars register their workloads; `None` when the workloads come from
+    /// the platform (`--registry kubernetes`).
+    registry: Option<Arc<Registry>>,
     /// The platform's Pods (and the config objects): what a sidecar's node is checked against.
     pods: watch::Receiver<Arc<Snapshot>>,
     /// `--trust-workload-claims`.
@@ -425,11 +427,12 @@ pub struct Discovery {
 
 impl Discovery {
     /// A discovery service pushing contexts from `contexts`, translating on `translator` (the
-    /// one the debouncer that builds the contexts uses).
+    /// one the debouncer that builds the contexts uses). Admitted sidecars register in
+    /// `registry`, if any.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         contexts: watch::Receiver<Arc<PushContext>>,
-        registry: Arc<Registry>,
+        registry: Option<Arc<Registry>>,
         pods: watch::Receiver<Arc<Snapshot>>,
         trust_claims: bool,
         translator: Translator,
@@ -562,7 +565,7 @@ impl Discovery {
             },
         );
         self.proxies.admitted(&workload);
-        let registration = self.registry.register(workload.clone());
+        let registration = self.registry.as_ref().map(|r| r.register(workload.clone()));
         tracing::info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %peer, "sidecar connected");
         let (outbox, body) = wire::outbox();
         let session = Session {
@@ -612,7 +615,7 @@ struct Session {
     /// The slot of the push awaiting its answer.
     in_flight: Option<InFlight>,
     outbox: wire::Outbox,
-    _registration: Registration,
+    _registration: Option<Registration>,
     last_fingerprint: Option<u64>,
     nonce: u64,
     last_nonce: String,
@@ -846,12 +849,36 @@ pub enum DiscoveryError {
     Threads(std::io::Error),
 }
 
+/// Where discovery's config objects and workloads come from.
+#[derive(Clone)]
+pub enum Source {
+    /// The local store's snapshots; workloads registered by their sidecars' streams.
+    Local(watch::Receiver<Arc<Snapshot>>),
+    /// A platform registry (`--registry kubernetes`): its snapshots and its workloads; sidecars
+    /// register nothing (several pilots then serve the same mesh with no shared local state).
+    Platform {
+        /// Config snapshots.
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        /// Live workloads.
+        workloads: Arc<dyn WorkloadSource>,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Local(_) => "Source::Local",
+            Source::Platform { .. } => "Source::Platform",
+        })
+    }
+}
+
 /// Serves discovery on `listener` until `shutdown`: gets pilot's certificate from the CA (waiting for
-/// the CA if needed), keeps it rotated, and streams each connected sidecar its view of `store`.
+/// the CA if needed), keeps it rotated, and streams each connected sidecar its view of `source`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     opts: DiscoveryOptions,
-    store: &crate::store::Store,
+    source: Source,
     proxies: Arc<ProxyTable>,
     shutdown: CancellationToken,
 ) -> Result<(), DiscoveryError> {
@@ -899,12 +926,21 @@ pub async fn serve(
              declare; any workload can claim another's labels and receive its traffic (insecure)"
         );
     }
-    let registry = Registry::new(opts.workload_grace, opts.trust_workload_claims);
+    let (snapshots, registry, workloads): (_, _, Arc<dyn WorkloadSource>) = match source {
+        Source::Local(snapshots) => {
+            let registry = Registry::new(opts.workload_grace, opts.trust_workload_claims);
+            (snapshots, Some(registry.clone()), registry)
+        }
+        Source::Platform {
+            snapshots,
+            workloads,
+        } => (snapshots, None, workloads),
+    };
     let translator =
         Translator::new(opts.mesh, CONCURRENT_TRANSLATIONS).map_err(DiscoveryError::Threads)?;
     let contexts = spawn_debouncer(
-        store.subscribe(),
-        registry.clone(),
+        snapshots.clone(),
+        workloads,
         opts.debounce,
         translator.clone(),
         shutdown.clone(),
@@ -912,7 +948,7 @@ pub async fn serve(
     let service = Discovery::new(
         contexts,
         registry,
-        store.subscribe(),
+        snapshots,
         opts.trust_workload_claims,
         translator,
         proxies,

@@ -87,8 +87,8 @@ impl Default for Options {
         let version = env!("CARGO_PKG_VERSION").to_string();
         Self {
             image: format!("{IMAGE_REPOSITORY}:{version}"),
-            pilot_address: "pilot.weft-system.svc:15012".to_string(),
-            ca_address: "ca.weft-system.svc:15010".to_string(),
+            pilot_address: "weft-pilot.weft-system.svc:15012".to_string(),
+            ca_address: "weft-ca.weft-system.svc:15010".to_string(),
             proxy_uid: 1337,
             outbound_port: 15001,
             inbound_port: 15006,

@@ -5,6 +5,8 @@ pub mod api;
 pub mod cli;
 pub mod discovery;
 pub mod inject;
+pub mod kube;
+pub mod monitoring;
 pub mod registry;
 pub mod serve;
 pub mod store;

@@ -1,8 +1,9 @@
 //! `pilot serve`: opens the store, serves the config API on the owner-only unix socket, and stops
 //! cleanly on SIGTERM/SIGINT.
 //!
-//! Discovery plugs in through [`ServeContext`]: it carries the store (and so its snapshots) and the
-//! shutdown token every long-running task watches.
+//! Discovery plugs in through [`ServeContext`]: it carries the config backend (the store, or the
+//! Kubernetes registry with `--registry kubernetes`; either gives snapshots) and the shutdown token
+//! every long-running task watches.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -14,8 +15,9 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ConfigApi;
+use crate::api::{Backend, ConfigApi};
 use crate::discovery::{Debounce, DiscoveryOptions, ProxyTable};
+use crate::kube::{KubeOptions, KubeRegistry};
 use crate::store::{Store, StoreError};
 use weft_pilot_config::translate::MeshOptions;
 
@@ -104,15 +106,37 @@ pub struct ServeArgs {
     /// not make a local pilot patch a cluster.
     #[arg(long, requires = "webhook_listen")]
     pub webhook_patch_ca_bundle: bool,
-    /// Sidecar image /inject adds (as `pilot inject --image`). Default: weft/sidecar:<version>.
+    /// Sidecar image /inject adds (as `pilot inject --image`). Default: weft/weft:<version>.
     #[arg(long)]
     pub inject_image: Option<String>,
     /// pilot's discovery address injected sidecars use (as `pilot inject --pilot-address`).
-    #[arg(long, default_value = "pilot.weft-system.svc:15012")]
+    #[arg(long, default_value = "weft-pilot.weft-system.svc:15012")]
     pub inject_pilot_address: String,
     /// The CA's address injected sidecars use (as `pilot inject --ca-address`).
-    #[arg(long, default_value = "ca.weft-system.svc:15010")]
+    #[arg(long, default_value = "weft-ca.weft-system.svc:15010")]
     pub inject_ca_address: String,
+
+    // --- Kubernetes registry (issue 16, `pilot serve --registry kubernetes`) ---
+    /// Where config objects and workloads come from: `local` (the store, written by `pilot apply`,
+    /// and workloads registered by their sidecars) or `kubernetes` (the cluster's API server, from
+    /// the in-cluster service account or KUBECONFIG; apply/delete are then refused: use kubectl).
+    /// With `kubernetes`, the `--ca-root` file is also written into every namespace as ConfigMap
+    /// istio-ca-root-cert.
+    #[arg(long, value_enum, default_value_t = RegistryMode::Local, env = "WEFT_PILOT_REGISTRY")]
+    pub registry: RegistryMode,
+    /// Serve `/metrics` (Prometheus text) on this address, e.g. 0.0.0.0:15014 (istiod's
+    /// monitoring port). Off by default.
+    #[arg(long)]
+    pub monitoring_listen: Option<String>,
+}
+
+/// `--registry`: where config objects and workloads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistryMode {
+    /// The local store and self-registered sidecars.
+    Local,
+    /// The Kubernetes API server.
+    Kubernetes,
 }
 
 impl ServeArgs {
@@ -158,7 +182,12 @@ impl ServeArgs {
                     max: self.debounce_max,
                 },
                 workload_grace: self.workload_grace,
-                warm_up: self.warm_up.min(self.workload_grace),
+                // With --registry kubernetes the workloads are listed from the cluster before
+                // discovery accepts a sidecar: nothing to wait for.
+                warm_up: match self.registry {
+                    RegistryMode::Local => self.warm_up.min(self.workload_grace),
+                    RegistryMode::Kubernetes => Duration::ZERO,
+                },
                 mesh,
                 trust_workload_claims: self.trust_workload_claims,
                 drain: self.drain_duration,
@@ -260,21 +289,19 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The Kubernetes client for --webhook-patch-ca-bundle could not be configured.
-    #[error(
-        "--webhook-patch-ca-bundle: no Kubernetes configuration (in-cluster or KUBECONFIG): {0}"
-    )]
-    Kube(String),
     /// The config API server failed.
     #[error("config API server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// No Kubernetes client could be made (`--registry kubernetes`, `--webhook-patch-ca-bundle`).
+    #[error(transparent)]
+    Kube(#[from] crate::kube::client::ClientError),
 }
 
-/// What the daemon's services share: the store and the shutdown signal.
+/// What the daemon's services share: where the config comes from and the shutdown signal.
 #[derive(Debug, Clone)]
 pub struct ServeContext {
-    /// The config store; `store.subscribe()` gives every committed snapshot.
-    pub store: Arc<Store>,
+    /// The config store, or the Kubernetes registry.
+    pub backend: Backend,
     /// Cancelled when the daemon shuts down (SIGTERM/SIGINT or a fatal error): listeners stop
     /// accepting and the drain starts.
     pub shutdown: CancellationToken,
@@ -306,62 +333,67 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     if args.webhook_patch_ca_bundle
         && let Some((_, opts)) = &mut webhook
     {
-        let config = kube::Config::infer()
-            .await
-            .map_err(|e| ServeError::Kube(e.to_string()))?;
-        opts.kube =
-            Some(kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))?);
+        opts.kube = Some(crate::kube::client::infer().await?);
     }
     let socket = dir.join(SOCKET_FILE);
     clear_stale_socket(&socket)?;
-    let store = Arc::new(Store::open(dir)?);
-    // After the open, so a store file redb just created (with the umask's mode) is covered too.
-    restrict_files(dir)?;
-    let discovery_listener = match &discovery {
-        Some((addr, _)) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            if let Ok(a) = l.local_addr() {
-                // Printed before the config API line, which scripts and tests wait for.
-                println!("discovery listening on {a}");
-            }
-            Some(l)
+    let shutdown = CancellationToken::new();
+    let backend = match args.registry {
+        RegistryMode::Local => {
+            let store = Arc::new(Store::open(dir)?);
+            // After the open, so a store file redb just created (with the umask's mode) is covered too.
+            restrict_files(dir)?;
+            Backend::Store(store)
         }
-        None => None,
-    };
-    let webhook_listener = match &webhook {
-        Some((addr, _)) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            if let Ok(a) = l.local_addr() {
-                println!("webhook listening on {a}");
+        RegistryMode::Kubernetes => {
+            let client = crate::kube::client::infer().await?;
+            if args.ca_root.is_none() {
+                tracing::warn!("no --ca-root: the istio-ca-root-cert ConfigMaps are not written");
             }
-            Some(l)
+            let options = KubeOptions {
+                root_file: args.ca_root.clone(),
+                root_poll: None,
+            };
+            Backend::Cluster(KubeRegistry::start(client, options, &shutdown))
         }
-        None => None,
     };
+    // With the cluster's namespaces at hand, /inject applies the istio-injection label itself too
+    // (the webhook configuration's namespaceSelector already filters in a cluster).
+    if let (Backend::Cluster(registry), Some((_, opts))) = (&backend, &mut webhook) {
+        let registry = registry.clone();
+        opts.admission.namespace_labels =
+            Some(Arc::new(move |ns: &str| registry.namespace_labels(ns)));
+    }
+    let monitoring = bind_tcp(args.monitoring_listen.as_deref(), "monitoring").await?;
+    let discovery_listener =
+        bind_tcp(discovery.as_ref().map(|(a, _)| a.as_str()), "discovery").await?;
+    let webhook_listener = bind_tcp(webhook.as_ref().map(|(a, _)| a.as_str()), "webhook").await?;
     let listener = bind_owner_only(&socket)?;
     // The one line of stdout: scripts and tests read the socket path from it.
     println!("listening on unix:{}", socket.display());
     let _ = std::io::stdout().flush();
     tracing::info!(
         socket = %socket.display(),
-        revision = store.snapshot().revision(),
-        objects = store.snapshot().len(),
+        registry = ?args.registry,
+        revision = backend.snapshot().revision(),
+        objects = backend.snapshot().len(),
         "config API serving"
     );
+    if let Some(listener) = monitoring {
+        let metrics = match &backend {
+            Backend::Cluster(cluster) => Some(cluster.metrics()),
+            Backend::Store(_) => None,
+        };
+        tokio::spawn(crate::monitoring::serve(
+            listener,
+            Arc::new(move || metrics.as_ref().map(|m| m.render()).unwrap_or_default()),
+            shutdown.clone(),
+        ));
+    }
 
     let context = ServeContext {
-        store,
-        shutdown: CancellationToken::new(),
+        backend,
+        shutdown,
         abort: CancellationToken::new(),
         drain: args.drain_duration,
         proxies: discovery_listener
@@ -378,8 +410,23 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     {
         let ctx = context.clone();
         Some(tokio::spawn(async move {
+            let source = match &ctx.backend {
+                Backend::Store(store) => crate::discovery::Source::Local(store.subscribe()),
+                Backend::Cluster(cluster) => {
+                    // Sidecars wait in the accept queue until every kind is listed, rather than
+                    // get a view of half the cluster.
+                    tokio::select! {
+                        () = ctx.shutdown.cancelled() => return,
+                        () = cluster.wait_synced() => {}
+                    }
+                    crate::discovery::Source::Platform {
+                        snapshots: cluster.subscribe(),
+                        workloads: Arc::new(cluster.clone()),
+                    }
+                }
+            };
             let result =
-                crate::discovery::serve(listener, opts, &ctx.store, proxies, ctx.shutdown.clone())
+                crate::discovery::serve(listener, opts, source, proxies, ctx.shutdown.clone())
                     .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "discovery failed; shutting down");
@@ -424,7 +471,7 @@ pub async fn serve_config_api(
     let shutdown = context.shutdown.clone();
     let server = tonic::transport::Server::builder()
         .add_service(ConfigApi::server(
-            context.store,
+            context.backend,
             context.proxies,
             context.abort.clone(),
         ))
@@ -451,6 +498,27 @@ pub async fn serve_config_api(
         }
     };
     Ok(result?)
+}
+
+/// Binds `addr` (when given) and prints `<what> listening on ADDR`, before the config API's line,
+/// which scripts and tests wait for.
+async fn bind_tcp(
+    addr: Option<&str>,
+    what: &str,
+) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    if let Ok(a) = l.local_addr() {
+        println!("{what} listening on {a}");
+    }
+    Ok(Some(l))
 }
 
 /// Sets `path`'s permission bits to `mode` if they differ, and says so: a data directory made by

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod chaos;
 pub mod fake_pilot;
+pub mod kube_fake;
 pub mod netns;
 pub mod raw_http;
 pub mod seed;
@@ -282,6 +283,25 @@ impl ControlPlane {
         pilot_args: &[&str],
         token_ttl: Option<&str>,
     ) -> Result<Self> {
+        Self::start_full(dir, host, pilot_args, token_ttl, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with environment variables for pilot (e.g. `KUBECONFIG`).
+    pub fn start_with_env(
+        dir: &std::path::Path,
+        pilot_args: &[&str],
+        pilot_env: &[(&str, &std::path::Path)],
+    ) -> Result<Self> {
+        Self::start_full(dir, None, pilot_args, None, pilot_env)
+    }
+
+    fn start_full(
+        dir: &std::path::Path,
+        host: Option<&netns::Host>,
+        pilot_args: &[&str],
+        token_ttl: Option<&str>,
+        pilot_env: &[(&str, &std::path::Path)],
+    ) -> Result<Self> {
         let listen = format!("{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
         let command = |program: PathBuf| match host {
             Some(h) => h.command(program),
@@ -303,7 +323,8 @@ impl ControlPlane {
             .arg(&root)
             .arg("--token-file")
             .arg(&token)
-            .args(pilot_args);
+            .args(pilot_args)
+            .envs(pilot_env.iter().copied());
         let (pilot, _socket) = Proc::spawn_listening_unix("pilot", cmd, dir)?;
         let discovery_addr = pilot
             .announced("discovery")
@@ -612,6 +633,18 @@ impl Sidecar {
     ) -> Result<Self> {
         plane.register_pod(name, sa, labels, "127.0.0.1")?;
         let cmd = explicit_command(plane, pilot, (name, sa, labels), app_port, extra)?;
+        Self::spawn(name, cmd, plane, None)
+    }
+
+    /// Like [`Sidecar::explicit`] for a pod the platform already has (with `--registry
+    /// kubernetes`, a Pod of the API server), so nothing is registered with pilot.
+    pub fn explicit_of_platform_pod(
+        plane: &ControlPlane,
+        name: &str,
+        sa: &str,
+        labels: &str,
+    ) -> Result<Self> {
+        let cmd = explicit_command(plane, &plane.discovery_addr, (name, sa, labels), None, &[])?;
         Self::spawn(name, cmd, plane, None)
     }
 

@@ -105,7 +105,7 @@ fn injects_a_deployment() {
     );
     assert_eq!(
         env(&proxy, "WEFT_PILOT").as_deref(),
-        Some("pilot.weft-system.svc:15012")
+        Some("weft-pilot.weft-system.svc:15012")
     );
     assert_eq!(
         proxy.at(&["securityContext", "runAsUser"]),

@@ -343,7 +343,10 @@ async fn calls_without_a_client_certificate_or_to_other_methods_are_refused() {
     let (_pods_tx, pods) = tokio::sync::watch::channel(Arc::default());
     let discovery = crate::discovery::Discovery::new(
         contexts,
-        crate::registry::Registry::new(std::time::Duration::from_secs(1), false),
+        Some(crate::registry::Registry::new(
+            std::time::Duration::from_secs(1),
+            false,
+        )),
         pods,
         false,
         crate::discovery::Translator::new(MeshOptions::default(), 1).unwrap(),
