@@ -15,6 +15,7 @@ mod inject;
 mod lifetime;
 mod mesh;
 mod mirror;
+mod multinode;
 mod pilot;
 mod resilience;
 mod runtime;
