@@ -4,22 +4,22 @@
 //! ICMP) and restored. Needs root; without it each test prints why it skips.
 //!
 //! What a lost node does to requests, as measured here (debug build, 2 shared cores; the test prints
-//! its own figures with `-- --nocapture`):
-//! - for the first ~17 s (the peer hop's HTTP/2 keepalive: a PING every 10 s, 10 s to answer) the
-//!   client sidecar keeps its connection to v1's sidecar and requests on it get no answer at all:
-//!   each one hangs until the client gives up (curl -m 5 ends with no status; 3 requests in a row).
-//!   Nothing bounds them by default (no route timeout, as in Istio). This is a product gap, reported
-//!   to the lead; the test asserts that it ends within the keepalive's bound, not that it is absent.
-//! - once the keepalive has closed that connection, a request in flight fails (502 after 1.3 s), and
-//!   new connections to v1 hang until the 10 s connect timeout (502 UF; Envoy would answer 503 UF);
-//!   after that, requests fail at once (502 UF in ~1 ms). First fast failure: 28.5 s after the cut
-//!   (asserted: under 45 s, then 5 fast failures in a row).
-//! - pilot keeps v1 as an endpoint for as long as the node is cut: its discovery server has no
-//!   keepalive, so v1's stream never ends on pilot's side and `--workload-grace` never starts (the
-//!   ignored test below asserts the wanted behaviour; pilot logs the disconnect only on restore).
-//! - on restore, the first request succeeds 0.5 s after the link is up.
+//! its figures with `-- --nocapture`). Requests do not fail fast: each one waits on a timer.
+//! - A request sent right after the cut rides the client sidecar's HTTP/2 connection to v1's sidecar,
+//!   which only the peer hop's keepalive can end (a PING every 10 s, 10 s to answer): 502 after
+//!   16.5 s (up to 20 s). Nothing else bounds it (no route timeout by default, as in Istio).
+//! - Every later request opens a new connection to v1 and waits out the 10 s connect timeout: 502 UF
+//!   after 10.0 s (Envoy would answer 503 UF). Only requests within 500 ms of a failed connect fail at
+//!   once (the sidecar's FAILURE_HOLD); one request a second waits 10 s every time (measured by hand
+//!   over 50 s), so `curl -m 5` sees a hang. This is the product gap reported to the lead.
+//! - The cause of the second point: pilot keeps v1 as an endpoint for as long as the node is cut. Its
+//!   discovery server has no keepalive, so v1's stream never ends on pilot's side and
+//!   `--workload-grace` never starts; pilot logs the disconnect only on restore. The ignored test
+//!   below asserts the wanted behaviour (v1 dropped after the grace, then 503 at once).
+//! - On restore, the next request succeeds (34 ms after the link is up).
 //!
-//! The test takes ~36 s (walkthrough ~5 s, the cut ~30 s).
+//! The test asserts the bounds the timers give (first failure answered within 35 s, the next within
+//! 15 s), never that requests are slow. It takes ~39 s (walkthrough ~5 s, the cut ~30 s).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -320,41 +320,25 @@ fn seed_on_three_nodes_survives_a_lost_node() {
         "a connect to {v1_ip} was answered"
     );
 
-    // Requests fail, and fast once the peer hop's keepalive has given up on v1 (module docs).
+    // Requests fail, answered with an error within what the sidecar's timers allow (module docs):
+    // the first rides the connection to v1 that only the peer hop's keepalive can end, the next a
+    // new connect (1 s later, past the sidecar's 500 ms memory of a failed connect). Only upper
+    // bounds: the wanted fast failure (503 once pilot drops v1) is the ignored test's.
     let mut log = Vec::new();
-    let mut fast_in_a_row = 0;
-    let mut first_fast = None;
-    for _ in 0..40 {
+    for (max_secs, bound) in [(40, 35.0), (20, 15.0)] {
         let at = cut.elapsed();
-        let (code, body, secs) = local.curl("sleep", URL, 5).unwrap();
-        log.push(format!("{:>5.1}s: {code} in {secs:.3}s", at.as_secs_f64()));
+        let (code, body, secs) = local.curl("sleep", URL, max_secs).unwrap();
+        log.push(format!(
+            "{:>5.1}s after the cut: {code} in {secs:.3}s",
+            at.as_secs_f64()
+        ));
+        println!("{}", log.last().unwrap());
         assert!(
-            code == 0 || code == 502 || code == 503,
-            "v1's node is cut, yet: {code} {body}\n{log:#?}"
+            (code == 502 || code == 503) && secs < bound,
+            "v1's node is cut: wanted a 502/503 within {bound} s, got {code} {body}\n{log:#?}"
         );
-        if code != 0 && secs < 1.0 {
-            first_fast.get_or_insert(at);
-            fast_in_a_row += 1;
-            if fast_in_a_row == 5 {
-                break;
-            }
-        } else {
-            fast_in_a_row = 0;
-        }
-        if cut.elapsed() > Duration::from_secs(60) {
-            break;
-        }
+        std::thread::sleep(Duration::from_secs(1));
     }
-    println!(
-        "after the cut (time since cut: status in curl's time):\n{}",
-        log.join("\n")
-    );
-    let first_fast = first_fast.unwrap_or_else(|| panic!("no request failed fast:\n{log:#?}"));
-    assert_eq!(fast_in_a_row, 5, "failures did not stay fast:\n{log:#?}");
-    assert!(
-        first_fast < Duration::from_secs(45),
-        "first fast failure {first_fast:?} after the cut (keepalive 20 s + connect timeout 10 s):\n{log:#?}"
-    );
 
     // Restored: traffic returns.
     local.wl(&["node", "restore", "node-2"]).unwrap();
@@ -380,12 +364,13 @@ fn seed_on_three_nodes_survives_a_lost_node() {
     let left = local.leftovers().unwrap();
     assert!(left.is_empty(), "down left {left:#?}");
     println!(
-        "walkthrough {walkthrough:?}; first fast failure {first_fast:?} after the cut; traffic back {back:?} after the restore; total {:?}",
+        "walkthrough {walkthrough:?}; cut: {log:?}; traffic back {back:?} after the restore; total {:?}",
         started.elapsed()
     );
 }
 
-/// The wanted behaviour: pilot drops a lost node's endpoints after its grace period, and
+/// The wanted behaviour: pilot drops a lost node's endpoints after its grace period (so the
+/// Service keeps answering from the other pods, and a route to the lost pod alone fails at once), and
 /// adds them back when the node returns. Ignored: pilot's discovery server sets no HTTP/2 (or TCP)
 /// keepalive, so the stream of a sidecar on a cut node never ends on pilot's side and the grace
 /// never starts (measured: v1 stays an endpoint as long as the cut lasts; pilot sees the
@@ -421,6 +406,18 @@ fn pilot_drops_a_lost_nodes_endpoints_after_its_grace() {
     for _ in 0..5 {
         let (code, body, _) = local.curl("sleep", URL, 5).unwrap();
         assert_eq!(code, 200, "{body}");
+    }
+    // And a route to v1 alone fails fast, every time (503, no endpoint), not after a connect timeout.
+    local
+        .wl(&["apply", "-f", &format!("{EXAMPLES}/all-v1.yaml")])
+        .unwrap();
+    wait_config(&local, "the VirtualService routes", |d| {
+        has_vs_route(&routes(d, HOST))
+    });
+    for _ in 0..3 {
+        let (code, body, secs) = local.curl("sleep", URL, 5).unwrap();
+        assert!(code == 503 && secs < 1.0, "{code} in {secs} s: {body}");
+        std::thread::sleep(Duration::from_secs(1));
     }
     local.wl(&["node", "restore", "node-2"]).unwrap();
     wait_config(&local, "v1 is back", |d| endpoints(d, DEFAULT_CLUSTER) == 2);
