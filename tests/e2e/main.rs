@@ -17,6 +17,7 @@ mod kube;
 mod lifetime;
 mod mesh;
 mod mirror;
+mod multinode;
 mod pilot;
 mod resilience;
 mod runtime;

@@ -4,115 +4,12 @@
 //! namespace prefix, so they run in parallel with each other and with the other namespace tests. Needs
 //! root; without it each test prints why it skips.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use weft_tests::{bin, netns, run, seed::EXAMPLES, venv};
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/local")
-        .join(name)
-}
-
-/// A weft-local instance: a state directory (not created yet: weft-local makes it world-traversable
-/// for the uid-1337 sidecars) and a namespace prefix of its own. Dropping it runs `down`.
-struct Local {
-    dir: PathBuf,
-    prefix: String,
-}
-
-impl Local {
-    fn new() -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        Local {
-            dir: std::env::temp_dir().join(format!("weft-rt-{pid}-{n}")),
-            prefix: format!("wr{}x{n}", pid % 100_000),
-        }
-    }
-
-    /// `cmd` with this instance's environment.
-    fn env(&self, cmd: &mut Command) {
-        let bins = bin("ca").parent().unwrap().to_owned();
-        cmd.env("WEFT_LOCAL_DIR", &self.dir)
-            .env("WEFT_LOCAL_PREFIX", &self.prefix)
-            .env("WEFT_BIN_DIR", bins)
-            .env("WEFT_VENV", venv())
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
-    }
-
-    /// `weft-local ARGS`; returns stdout, failing with its output otherwise.
-    fn wl(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new(script("weft-local"));
-        cmd.args(args);
-        self.env(&mut cmd);
-        let (ok, out, err) = run(&mut cmd).unwrap();
-        assert!(ok, "weft-local {args:?} failed:\n{out}\n{err}");
-        out
-    }
-
-    /// A file of the pod `pod`'s state.
-    fn pod_file(&self, pod: &str, file: &str) -> String {
-        std::fs::read_to_string(self.dir.join("pods").join(pod).join(file))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    /// What this instance left behind: namespaces, /etc/netns entries, processes started for it
-    /// (weft-local marks each with WEFT_LOCAL_DIR in its environment), the state directory.
-    fn leftovers(&self) -> Vec<String> {
-        let mut left = Vec::new();
-        let ns = format!("{}-", self.prefix);
-        let (_, list, _) = run(Command::new("ip").args(["netns", "list"])).unwrap();
-        left.extend(
-            list.lines()
-                .filter(|l| l.starts_with(&ns))
-                .map(|l| format!("namespace {l}")),
-        );
-        for e in std::fs::read_dir("/etc/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with(&ns) {
-                left.push(format!("{}", e.path().display()));
-            }
-        }
-        let marker = format!("WEFT_LOCAL_DIR={}", self.dir.display());
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(environ) = std::fs::read(e.path().join("environ")) else {
-                continue;
-            };
-            if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
-                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                left.push(format!(
-                    "process {}: {}",
-                    e.file_name().to_string_lossy(),
-                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
-                ));
-            }
-        }
-        if self.dir.exists() {
-            left.push(format!("{}", self.dir.display()));
-        }
-        left
-    }
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        let mut cmd = Command::new(script("weft-local"));
-        cmd.arg("down");
-        self.env(&mut cmd);
-        let _ = run(&mut cmd);
-    }
-}
+use weft_tests::local::{Local, script};
+use weft_tests::{netns, run, seed::EXAMPLES, venv};
 
 /// The demo script, the README's first command, exits 0 and shows every observable of the seed, and
 /// leaves nothing behind.
@@ -191,7 +88,7 @@ fn demo_runs_end_to_end_and_leaves_nothing() {
     assert!(out.contains("SYNCED"), "{shown}");
     assert!(out.contains("demo finished"), "{shown}");
 
-    let left = local.leftovers();
+    let left = local.leftovers().unwrap();
     assert!(left.is_empty(), "the demo left {left:#?}");
 }
 
@@ -217,18 +114,16 @@ fn inject_and_runtime_agree() {
     }
     let local = Local::new();
     let work = tempfile::tempdir().unwrap();
-    local.wl(&["up"]);
-    local.wl(&["apply", "-f", &format!("{EXAMPLES}/httpbin-service.yaml")]);
+    local.up(&[]).unwrap();
+    local
+        .wl(&["apply", "-f", &format!("{EXAMPLES}/httpbin-service.yaml")])
+        .unwrap();
     let mut injected = Vec::new();
     for app in ["httpbin-v1", "sleep"] {
-        let (ok, out, err) = run(Command::new(bin("pilot"))
-            .args(["inject", "-f"])
-            .arg(format!("{EXAMPLES}/{app}.yaml")))
-        .unwrap();
-        assert!(ok, "inject {app}: {err}");
-        let path = work.path().join(format!("{app}.injected.yaml"));
-        std::fs::write(&path, out).unwrap();
-        let started = local.wl(&["run-manifest", &path.to_string_lossy()]);
+        let path = Local::inject(app, work.path()).unwrap();
+        let started = local
+            .wl(&["run-manifest", &path.to_string_lossy()])
+            .unwrap();
         assert!(started.contains(&format!("pod {app} running")), "{started}");
         injected.push(path);
     }
@@ -255,7 +150,7 @@ fn inject_and_runtime_agree() {
         let identity = format!("spiffe://cluster.local/ns/default/sa/{sa}");
 
         // pilot knows the pod by the manifest's name and service account.
-        let status = local.wl(&["pilot", "proxy-status"]);
+        let status = local.wl(&["pilot", "proxy-status"]).unwrap();
         assert!(
             status.lines().any(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
@@ -268,19 +163,9 @@ fn inject_and_runtime_agree() {
             "{name} as {identity} not in:\n{status}"
         );
         // The sidecar holds that identity and got the manifest's labels.
-        let dump: serde_json::Value = serde_json::from_str(&local.wl(&[
-            "exec",
-            &name,
-            "--",
-            "curl",
-            "-sf",
-            "-m",
-            "5",
-            "http://127.0.0.1:15000/config_dump",
-        ]))
-        .unwrap();
+        let dump: serde_json::Value = local.config_dump(&name).unwrap();
         assert_eq!(dump["identity"], identity.as_str());
-        let proxy_pid = local.pod_file(&name, "proxy.pid");
+        let proxy_pid = local.pod_file(&name, "proxy.pid").unwrap();
         let environ = std::fs::read(format!("/proc/{proxy_pid}/environ")).unwrap();
         let env: Vec<String> = environ
             .split(|b| *b == 0)
@@ -297,7 +182,7 @@ fn inject_and_runtime_agree() {
         assert!(env.contains(&format!("POD_NAME={name}")), "{env:?}");
         assert!(env.contains(&format!("SERVICE_ACCOUNT={sa}")), "{env:?}");
         // The app runs the manifest's command (gunicorn from the venv; /bin/sleep as is).
-        let app_pid = local.pod_file(&name, "app.pid");
+        let app_pid = local.pod_file(&name, "app.pid").unwrap();
         let cmdline = std::fs::read(format!("/proc/{app_pid}/cmdline")).unwrap();
         let mut argv: Vec<String> = cmdline
             .split(|b| *b == 0)
@@ -316,21 +201,13 @@ fn inject_and_runtime_agree() {
     }
 
     // The labels work in the mesh: the DestinationRule's subset v1 selects the pod by them.
-    local.wl(&["apply", "-f", &format!("{EXAMPLES}/all-v1.yaml")]);
+    local
+        .wl(&["apply", "-f", &format!("{EXAMPLES}/all-v1.yaml")])
+        .unwrap();
     let v1_cluster = "outbound|8000|v1|httpbin.default.svc.cluster.local";
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let dump: serde_json::Value = serde_json::from_str(&local.wl(&[
-            "exec",
-            "sleep",
-            "--",
-            "curl",
-            "-sf",
-            "-m",
-            "5",
-            "http://127.0.0.1:15000/config_dump",
-        ]))
-        .unwrap();
+        let dump: serde_json::Value = local.config_dump("sleep").unwrap();
         let eps: Vec<String> = dump["clusters"]
             .as_array()
             .into_iter()
@@ -346,28 +223,30 @@ fn inject_and_runtime_agree() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // And the app answers through the mesh, sleep's identity proven by mTLS.
-    let out = local.wl(&[
-        "exec",
-        "sleep",
-        "--",
-        "curl",
-        "-s",
-        "-m",
-        "20",
-        "-w",
-        "\n%{http_code}",
-        "http://httpbin:8000/headers",
-    ]);
+    let out = local
+        .wl(&[
+            "exec",
+            "sleep",
+            "--",
+            "curl",
+            "-s",
+            "-m",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "http://httpbin:8000/headers",
+        ])
+        .unwrap();
     let (body, code) = out.trim().rsplit_once('\n').unwrap();
     assert_eq!(code, "200", "{out}");
     assert!(
         body.contains("URI=spiffe://cluster.local/ns/default/sa/default"),
         "{body}"
     );
-    let log = local.wl(&["logs", "httpbin-v1"]);
+    let log = local.wl(&["logs", "httpbin-v1"]).unwrap();
     assert!(log.contains("\"GET /headers HTTP/1.1\" 200"), "{log}");
 
-    local.wl(&["down"]);
-    let left = local.leftovers();
+    local.wl(&["down"]).unwrap();
+    let left = local.leftovers().unwrap();
     assert!(left.is_empty(), "down left {left:#?}");
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 pub mod chaos;
 pub mod fake_pilot;
 pub mod kube_fake;
+pub mod local;
 pub mod netns;
 pub mod raw_http;
 pub mod seed;
