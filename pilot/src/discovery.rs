@@ -833,6 +833,8 @@ pub struct DiscoveryOptions {
     pub trust_workload_claims: bool,
     /// How long in-flight calls get to finish after shutdown begins (`--drain-duration`).
     pub drain: Duration,
+    /// HTTP/2 keepalive of the discovery server's connections and of the channel to the CA.
+    pub keepalive: weft_ca::grpc::Keepalive,
 }
 
 /// Why discovery could not start.
@@ -897,7 +899,7 @@ pub async fn serve(
         &roots,
         ca_id,
         &opts.token_file,
-        &weft_ca::grpc::Keepalive::default(),
+        &opts.keepalive,
     )
     .map_err(|e| DiscoveryError::Identity(e.to_string()))?;
     let Some(creds) = weft_ca::client::fetch_with_retry(
@@ -957,7 +959,11 @@ pub async fn serve(
     );
     tracing::info!(%identity, "discovery serving");
     let incoming = weft_ca::grpc::tls_incoming(listener, Arc::new(config));
+    // Without server-side PINGs a sidecar on a lost node (no FIN) kept its stream, and so its
+    // endpoints, for as long as the partition lasted: the grace period never started.
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.keepalive.interval))
+        .http2_keepalive_timeout(Some(opts.keepalive.timeout))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);

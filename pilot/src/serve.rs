@@ -88,6 +88,15 @@ pub struct ServeArgs {
     /// is cancelled (an apply stores nothing) and pilot exits 0 within 1 s more.
     #[arg(long, default_value = "5s", value_parser = weft_ca::cli::parse_duration)]
     pub drain_duration: Duration,
+    /// HTTP/2 PING interval on every discovery connection (and pilot's channel to the CA). A
+    /// sidecar that vanished without a FIN (a lost node, a partition) is dropped when a PING goes
+    /// unanswered for --keepalive-timeout, so its stream ends and --workload-grace starts (Istio's
+    /// xDS keepalive: 30 s and 10 s).
+    #[arg(long, default_value = "30s", value_parser = weft_ca::cli::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive PING may go unanswered.
+    #[arg(long, default_value = "10s", value_parser = weft_ca::cli::parse_duration)]
+    pub keepalive_timeout: Duration,
 
     // --- Admission webhooks (issue 16, part "webhook"; pilot/src/webhook/, pilot/README.md) ---
     /// Serve the admission webhooks (POST /inject, POST /validate; AdmissionReview v1) over TLS on
@@ -191,6 +200,10 @@ impl ServeArgs {
                 mesh,
                 trust_workload_claims: self.trust_workload_claims,
                 drain: self.drain_duration,
+                keepalive: weft_ca::grpc::Keepalive {
+                    interval: self.keepalive_interval,
+                    timeout: self.keepalive_timeout,
+                },
             },
         )))
     }
