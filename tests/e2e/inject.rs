@@ -298,16 +298,12 @@ fn webhook_leaf(addr: &str, root: &std::path::Path) -> Vec<u8> {
     tls.conn.peer_certificates().unwrap()[0].as_ref().to_vec()
 }
 
-#[test]
-fn the_webhook_certificate_is_renewed_with_its_names() {
-    weft_tests::init();
-    let dir = tempfile::tempdir().unwrap();
-    // A 4 s certificate is renewed at about 2 s (discovery's too, from the same flag).
-    let plane = weft_tests::ControlPlane::start(
-        dir.path(),
-        &["--webhook-listen", "127.0.0.1:0", "--cert-ttl", "4s"],
-    )
-    .unwrap();
+/// A control plane whose pilot serves the webhooks (with `extra` flags), and their address, after
+/// one `/inject` answered.
+fn webhook_plane(dir: &std::path::Path, extra: &[&str]) -> (weft_tests::ControlPlane, String) {
+    let mut args = vec!["--webhook-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let plane = weft_tests::ControlPlane::start(dir, &args).unwrap();
     let addr = plane.pilot.announced("webhook").unwrap();
     post(
         &addr,
@@ -315,6 +311,15 @@ fn the_webhook_certificate_is_renewed_with_its_names() {
         "/inject",
         &review("", "Pod", "default", &seed_pod("sleep")),
     );
+    (plane, addr)
+}
+
+#[test]
+fn the_webhook_certificate_is_renewed_with_its_names() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    // A 4 s certificate is renewed at about 2 s (discovery's too, from the same flag).
+    let (plane, addr) = webhook_plane(dir.path(), &["--cert-ttl", "4s"]);
     let first = webhook_leaf(&addr, &plane.root);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let renewed = loop {
@@ -359,18 +364,7 @@ fn the_webhook_certificate_is_renewed_with_its_names() {
 fn sigterm_with_the_webhooks_open_exits_0_within_the_drain() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let mut plane = weft_tests::ControlPlane::start(
-        dir.path(),
-        &["--webhook-listen", "127.0.0.1:0", "--drain-duration", "1s"],
-    )
-    .unwrap();
-    let addr = plane.pilot.announced("webhook").unwrap();
-    post(
-        &addr,
-        &plane.root,
-        "/inject",
-        &review("", "Pod", "default", &seed_pod("sleep")),
-    );
+    let (mut plane, addr) = webhook_plane(dir.path(), &["--drain-duration", "1s"]);
     // A client that keeps a connection open without a request: it must not hold up the exit.
     let idle = weft_tests::tls_connect(&addr, &plane.root, WEBHOOK_NAME, &[b"http/1.1"]).unwrap();
     let started = std::time::Instant::now();
