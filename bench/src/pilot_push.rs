@@ -17,7 +17,7 @@
 //! Usage (the bench starts the binaries next to its own executable, so build them first):
 //! ```sh
 //! cargo build --release --bins
-//! cargo run --release -p weft-bench --bin pilot-push [-- --streams 1000 --services 1000 --rounds 3]
+//! cargo run --release -p weft-bench --bin pilot-push [-- --streams 1000 --services 1000 --rounds 3 --pods true|false]
 //! ```
 
 use std::fmt::Write as _;
@@ -54,6 +54,8 @@ const QUIET: Duration = Duration::from_secs(2);
 const CONNECT_CONCURRENCY: usize = 32;
 /// Connection attempts per stream (500 ms × attempt backoff between them).
 const CONNECT_ATTEMPTS: u64 = 20;
+/// Pods registered per `pilot apply`.
+const POD_BATCH: usize = 50;
 /// pilot's debounce quiet period (its default), part of every measured latency.
 const DEBOUNCE: &str = "100 ms";
 
@@ -62,6 +64,10 @@ struct Args {
     streams: usize,
     services: usize,
     rounds: u32,
+    /// `--pods false`: no Pod records; pilot runs with `--trust-workload-claims` and admits the
+    /// streams as they declare themselves (how pilot worked before Pod records, issue 16), to
+    /// compare code with code on the same objects.
+    pods: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -69,6 +75,7 @@ fn parse_args() -> Result<Args> {
         streams: 1000,
         services: 1000,
         rounds: 3,
+        pods: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -77,8 +84,9 @@ fn parse_args() -> Result<Args> {
             "--streams" => args.streams = value.parse().context("--streams")?,
             "--services" => args.services = value.parse().context("--services")?,
             "--rounds" => args.rounds = value.parse().context("--rounds")?,
+            "--pods" => args.pods = value.parse().context("--pods true|false")?,
             _ => bail!(
-                "unknown argument {flag}; usage: pilot-push [--streams N] [--services N] [--rounds N]"
+                "unknown argument {flag}; usage: pilot-push [--streams N] [--services N] [--rounds N] [--pods true|false]"
             ),
         }
     }
@@ -194,21 +202,20 @@ fn initial_config(services: usize) -> String {
     yaml
 }
 
-/// The Pods of the `streams` simulated sidecars (pilot admits a stream only as a registered Pod).
-fn pods_config(streams: usize) -> String {
-    (0..streams)
-        .map(|i| {
-            let n = node(i);
-            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            weft_tests::pod_yaml(
-                &n.namespace,
-                &n.name,
-                &n.service_account,
-                &labels.join(","),
-                &n.ip,
-            ) + "---\n"
-        })
-        .collect()
+/// The Pods of the simulated sidecars `pods` (pilot admits a stream only as a registered Pod).
+fn pods_config(pods: std::ops::Range<usize>) -> String {
+    pods.map(|i| {
+        let n = node(i);
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        weft_tests::pod_yaml(
+            &n.namespace,
+            &n.name,
+            &n.service_account,
+            &labels.join(","),
+            &n.ip,
+        ) + "---\n"
+    })
+    .collect()
 }
 
 /// The VirtualService for Service 0 in round `round`: a weighted split whose route name carries the
@@ -609,14 +616,31 @@ fn met(ok: bool) -> &'static str {
 async fn run(args: Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let plane = ControlPlane::start(dir, &[])?;
+    let pilot_args: &[&str] = if args.pods {
+        &[]
+    } else {
+        &["--trust-workload-claims"]
+    };
+    let plane = ControlPlane::start(dir, pilot_args)?;
     let pid = plane.pilot.pid();
     let (rss_start, _) = memory(pid)?;
 
     eprintln!("applying {} Services ...", args.services);
     let t = Instant::now();
     apply(&plane, dir, "services.yaml", &initial_config(args.services))?;
-    apply(&plane, dir, "pods.yaml", &pods_config(args.streams))?;
+    if args.pods {
+        // In batches, as pods start (weft-local registers each pod as it starts it): one apply of
+        // every Pod at once would measure the allocator's memory of that one large parse.
+        for (batch, first) in (0..args.streams).step_by(POD_BATCH).enumerate() {
+            let last = (first + POD_BATCH).min(args.streams);
+            apply(
+                &plane,
+                dir,
+                &format!("pods-{batch}.yaml"),
+                &pods_config(first..last),
+            )?;
+        }
+    }
     eprintln!("  applied in {:.1} s", t.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tls = client_configs(&plane).await?;

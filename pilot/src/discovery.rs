@@ -229,7 +229,15 @@ fn spawn_debouncer(
             let objects = match &last {
                 Some((revision, objects)) if *revision == snapshot.revision() => objects.clone(),
                 _ => {
-                    let objects = Arc::new(Objects::new(snapshot.resources()));
+                    // Pods reach translation as workloads (the registry resolves them), so the
+                    // translation input leaves them out: one copy fewer of every Pod per revision.
+                    let objects = Arc::new(Objects::new(
+                        snapshot
+                            .iter()
+                            .filter(|o| o.resource.kind() != weft_pilot_config::Kind::Pod)
+                            .map(|o| o.resource.clone())
+                            .collect(),
+                    ));
                     last = Some((snapshot.revision(), objects.clone()));
                     objects
                 }
