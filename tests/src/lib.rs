@@ -919,7 +919,14 @@ fn explicit_command(
             "--admin-port",
             "0",
         ])
-        .args(["--dns-port", "0", "--status-port", "0"])
+        .args([
+            "--dns-port",
+            "0",
+            "--status-port",
+            "0",
+            "--prometheus-port",
+            "0",
+        ])
         .args(extra);
     if let Some(p) = app_port {
         cmd.args(["--app-port", &p.to_string()]);
