@@ -2,7 +2,8 @@
 # Installs what weft's tests and demo need on a Debian machine, idempotently:
 #   apt:  iptables, iproute2, curl, socat (weft-local's relay to a Jaeger; and python3-venv if venvs
 #         cannot be made), umoci (deploy/image/build.sh builds the OCI image without a daemon),
-#         binutils (its strip)
+#         binutils (its strip), prometheus (test-only: its prometheus and promtool binaries check the
+#         add-ons' scrape config and dashboard queries; run directly, never as the systemd service)
 #   PyPI: httpbin + gunicorn (+ PyYAML, weft-local's manifest reader) in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
 #         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise), plus the
 #         test-only kubernetes-validate (requirements-test.txt, ~108 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
@@ -23,6 +24,7 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v umoci >/dev/null 2>&1 || missing+=(umoci)
 command -v strip >/dev/null 2>&1 || missing+=(binutils)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ! -x "$venv/bin/python" ]; then # only needed to make the venv
   probe="$(mktemp -d)"
   python3 -m venv "$probe/v" >/dev/null 2>&1 || missing+=(python3-venv)

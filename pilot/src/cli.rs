@@ -80,6 +80,10 @@ pub struct InjectArgs {
     /// The proxy's status port: readiness probe GET /healthz/ready; excluded from capture.
     #[arg(long, default_value_t = 15021)]
     pub status_port: u16,
+    /// The proxy's Prometheus port (merged /stats/prometheus; the pod's prometheus.io/*
+    /// annotations point at it); excluded from capture.
+    #[arg(long, default_value_t = 15020)]
+    pub prometheus_port: u16,
     /// The mesh trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -246,6 +250,7 @@ fn inject(args: InjectArgs) -> Result<()> {
         inbound_port: args.inbound_port,
         admin_port: args.admin_port,
         status_port: args.status_port,
+        prometheus_port: args.prometheus_port,
         trust_domain: args.trust_domain,
         version: defaults.version,
     };

@@ -76,6 +76,9 @@ pub struct Options {
     /// Status listener serving `/healthz/ready` on the pod IP, for the kubelet's readiness probe;
     /// never captured.
     pub status_port: u16,
+    /// Prometheus' scrape port on the pod IP (Istio's 15020: the sidecar's metrics merged with the
+    /// app's); the pod's `prometheus.io/*` annotations point here; never captured.
+    pub prometheus_port: u16,
     /// The mesh trust domain.
     pub trust_domain: String,
     /// Version recorded in the status annotation.
@@ -94,6 +97,7 @@ impl Default for Options {
             inbound_port: 15006,
             admin_port: 15000,
             status_port: 15021,
+            prometheus_port: 15020,
             trust_domain: "cluster.local".to_string(),
             version,
         }
@@ -383,6 +387,7 @@ type PodError = (String, String);
 /// Adds the sidecar to a pod (template): `metadata` and `spec`. Replaces a previous injection.
 fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), PodError> {
     let wrong = |field: &str, problem: String| (field.to_string(), problem);
+    let previous_app = previous_app_metrics(pod);
     let metadata = pod
         .map_entry("metadata", Some(0))
         .ok_or_else(|| wrong("metadata", "is not a mapping".into()))?;
@@ -393,6 +398,8 @@ fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), Po
         .and_then(Yaml::as_str)
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
+
+    let app_metrics = app_prometheus_annotations(metadata, previous_app, options);
 
     // Labels first: the proxy's POD_LABELS is built from the final set.
     let labels = metadata
@@ -481,7 +488,11 @@ fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), Po
     let app_container = item_name(&containers[0]);
 
     init_containers.push(init_container(options));
-    containers.push(proxy_container(options, &pod_labels));
+    containers.push(proxy_container(
+        options,
+        &pod_labels,
+        app_metrics.as_deref(),
+    ));
     volumes.extend(pod_volumes());
     spec.insert_before("initContainers", Yaml::Seq(init_containers), "containers");
     spec.insert("containers", Yaml::Seq(containers));
@@ -510,7 +521,82 @@ fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), Po
         }
     }
     annotations.insert(STATUS_ANNOTATION, status.into());
+    if app_metrics.is_some() || !scrape_disabled(annotations) {
+        // Istio's metrics merging: Prometheus scrapes the sidecar, which adds the app's metrics.
+        annotations.insert("prometheus.io/scrape", "true".into());
+        annotations.insert(
+            "prometheus.io/port",
+            options.prometheus_port.to_string().into(),
+        );
+        annotations.insert("prometheus.io/path", PROMETHEUS_PATH.into());
+    }
     Ok(())
+}
+
+/// The path of the merged metrics on the Prometheus port (Istio's).
+const PROMETHEUS_PATH: &str = "/stats/prometheus";
+/// The proxy's env holding the app's original `prometheus.io/*` annotations (Istio:
+/// `ISTIO_PROMETHEUS_ANNOTATIONS`).
+const APP_PROMETHEUS_ENV: &str = "WEFT_APP_PROMETHEUS_ANNOTATIONS";
+const PROMETHEUS_KEYS: [&str; 3] = ["scrape", "port", "path"];
+
+/// `prometheus.io/scrape: "false"`: the owner does not want the pod scraped; left as written.
+fn scrape_disabled(annotations: &Map) -> bool {
+    annotations
+        .get("prometheus.io/scrape")
+        .and_then(Yaml::scalar_text)
+        .is_some_and(|v| v == "false")
+}
+
+/// What a previous injection kept of the app's annotations (its proxy's env), so that injecting
+/// again, when the annotations already point at the sidecar, does not lose them.
+fn previous_app_metrics(pod: &Map) -> Option<String> {
+    let Some(Yaml::Seq(containers)) = pod.at(&["spec", "containers"]) else {
+        return None;
+    };
+    let proxy = containers
+        .iter()
+        .find(|c| item_name(c) == PROXY_CONTAINER)?;
+    let Some(Yaml::Seq(env)) = proxy.at(&["env"]) else {
+        return None;
+    };
+    env.iter()
+        .find(|e| e.at(&["name"]).and_then(Yaml::as_str) == Some(APP_PROMETHEUS_ENV))?
+        .at(&["value"])
+        .and_then(Yaml::as_str)
+        .map(str::to_owned)
+}
+
+/// The JSON of the app's own `prometheus.io/*` annotations for the proxy's env, if the pod had
+/// any (and has not opted out of scraping).
+fn app_prometheus_annotations(
+    metadata: &Map,
+    previous: Option<String>,
+    options: &Options,
+) -> Option<String> {
+    let annotations = metadata.get("annotations").and_then(Yaml::as_map)?;
+    if scrape_disabled(annotations) {
+        return None;
+    }
+    let value = |k: &str| {
+        annotations
+            .get(&format!("prometheus.io/{k}"))
+            .and_then(Yaml::scalar_text)
+    };
+    if value("port") == Some(options.prometheus_port.to_string())
+        && value("path").as_deref() == Some(PROMETHEUS_PATH)
+    {
+        // Already ours: a previous injection moved the app's into the env.
+        return previous;
+    }
+    let original: std::collections::BTreeMap<&str, String> = PROMETHEUS_KEYS
+        .iter()
+        .filter_map(|k| Some((*k, value(k)?)))
+        .collect();
+    if original.is_empty() {
+        return None;
+    }
+    serde_json::to_string(&original).ok()
 }
 
 /// The list at `key` (empty if missing or null), or an error if it is something else.
@@ -543,7 +629,7 @@ fn init_container(o: &Options) -> Yaml {
             "--proxy-uid", o.proxy_uid.to_string(),
             "--outbound-port", o.outbound_port.to_string(),
             "--inbound-port", o.inbound_port.to_string(),
-            "--exclude-inbound-ports", o.status_port.to_string(),
+            "--exclude-inbound-ports", format!("{},{}", o.prometheus_port, o.status_port),
         ],
         "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}},
         "securityContext": {
@@ -560,7 +646,7 @@ fn init_container(o: &Options) -> Yaml {
     .into()
 }
 
-fn proxy_container(o: &Options, pod_labels: &str) -> Yaml {
+fn proxy_container(o: &Options, pod_labels: &str, app_metrics: Option<&str>) -> Yaml {
     let field = |path: &str| json!({"fieldRef": {"apiVersion": "v1", "fieldPath": path}});
     let probe = |period: u32, failures: u32| {
         json!({
@@ -570,6 +656,20 @@ fn proxy_container(o: &Options, pod_labels: &str) -> Yaml {
             "failureThreshold": failures,
         })
     };
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": field("metadata.name")}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")}),
+        json!({"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")}),
+        json!({"name": "INSTANCE_IP", "valueFrom": field("status.podIP")}),
+        json!({"name": "POD_LABELS", "value": pod_labels}),
+        json!({"name": "WEFT_PILOT", "value": o.pilot_address}),
+        json!({"name": "WEFT_CA_ADDR", "value": o.ca_address}),
+        json!({"name": "WEFT_CA_ROOT", "value": format!("{CA_ROOT_DIR}/{CA_ROOT_KEY}")}),
+        json!({"name": "WEFT_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")}),
+    ];
+    if let Some(app) = app_metrics {
+        env.push(json!({"name": APP_PROMETHEUS_ENV, "value": app}));
+    }
     json!({
         "name": PROXY_CONTAINER,
         "image": o.image,
@@ -580,19 +680,15 @@ fn proxy_container(o: &Options, pod_labels: &str) -> Yaml {
             "--outbound-port", o.outbound_port.to_string(),
             "--inbound-port", o.inbound_port.to_string(),
             "--admin-port", o.admin_port.to_string(),
+            "--status-port", o.status_port.to_string(),
+            "--prometheus-port", o.prometheus_port.to_string(),
             "--trust-domain", o.trust_domain,
         ],
-        "env": [
-            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
-            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
-            {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
-            {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
-            {"name": "POD_LABELS", "value": pod_labels},
-            {"name": "WEFT_PILOT", "value": o.pilot_address},
-            {"name": "WEFT_CA_ADDR", "value": o.ca_address},
-            {"name": "WEFT_CA_ROOT", "value": format!("{CA_ROOT_DIR}/{CA_ROOT_KEY}")},
-            {"name": "WEFT_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")},
+        "ports": [
+            // Istio's name for it; Prometheus finds it through the pod's annotations.
+            {"containerPort": o.prometheus_port, "name": "http-envoy-prom", "protocol": "TCP"},
         ],
+        "env": env,
         "readinessProbe": probe(15, 4),
         "startupProbe": probe(1, 600),
         "resources": {"requests": {"cpu": "10m", "memory": "40Mi"}},

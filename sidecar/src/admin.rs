@@ -1,4 +1,6 @@
-//! The admin listener (loopback only): `/ready`, `/config_dump`, `/stats/prometheus`.
+//! The admin listener (loopback only): `/ready`, `/config_dump`, `/stats/prometheus`; the status
+//! listener (kubelet, `/healthz/ready`); and the Prometheus listener (Istio's 15020: the sidecar's
+//! metrics merged with the app's, see [`crate::appmetrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,6 +40,19 @@ pub struct Admin {
     pub drain: crate::listener::Drain,
     /// The listeners' counters.
     pub listeners: Arc<crate::listener::Stats>,
+    /// The app's metrics to merge on the Prometheus port, when its annotations named them.
+    pub app_metrics: Option<crate::appmetrics::AppMetrics>,
+}
+
+/// Which listener a request came in on: each serves its own set of endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Loopback admin (15000): everything but the merged metrics.
+    Admin,
+    /// The kubelet's readiness port (15021): `/healthz/ready` only.
+    Status,
+    /// Prometheus' scrape port (15020): merged `/stats/prometheus`, and `/healthz/ready`.
+    Prometheus,
 }
 
 impl Admin {
@@ -217,44 +232,56 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Serves the admin endpoints until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let mut backoff = crate::listener::Backoff::default();
-    loop {
-        let (tcp, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            c = crate::listener::accept(&listener, "admin", &mut backoff) => c,
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = admin.handle(&req);
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+impl Admin {
+    async fn respond(&self, port: Port, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        match port {
+            Port::Admin => self.handle(&req),
+            _ if path == "/healthz/ready" => self.handle(&req),
+            Port::Prometheus if path == "/stats/prometheus" => {
+                let mut out = self.stats();
+                if let Some(app) = &self.app_metrics {
+                    app.append_to(&mut out).await;
+                }
+                let mut resp = text(StatusCode::OK, out);
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                resp
+            }
+            Port::Prometheus => text(
+                StatusCode::NOT_FOUND,
+                "endpoints: /stats/prometheus /healthz/ready\n".into(),
+            ),
+            Port::Status => text(StatusCode::NOT_FOUND, "only /healthz/ready here\n".into()),
+        }
     }
 }
 
-/// Serves only `/healthz/ready` on the kubelet-facing status port (the admin port is loopback-only).
-pub async fn serve_status(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+/// Serves `port`'s endpoints on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    port: Port,
+    shutdown: CancellationToken,
+) {
+    let name = match port {
+        Port::Admin => "admin",
+        Port::Status => "status",
+        Port::Prometheus => "prometheus",
+    };
     let mut backoff = crate::listener::Backoff::default();
     loop {
         let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
-            c = crate::listener::accept(&listener, "status", &mut backoff) => c,
+            c = crate::listener::accept(&listener, name, &mut backoff) => c,
         };
         let admin = admin.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = if req.uri().path() == "/healthz/ready" {
-                    admin.handle(&req)
-                } else {
-                    text(StatusCode::NOT_FOUND, "only /healthz/ready here\n".into())
-                };
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.respond(port, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)

@@ -117,6 +117,15 @@ pub struct RunArgs {
     /// Kubelet readiness port serving /healthz/ready on --bind (Istio's 15021); 0 turns it off.
     #[arg(long, default_value_t = 15021, env = "WEFT_STATUS_PORT")]
     pub status_port: u16,
+    /// Prometheus scrape port on --bind (Istio's 15020): `/stats/prometheus` with the sidecar's
+    /// metrics merged with the app's; 0 turns it off.
+    #[arg(long, default_value_t = 15020, env = "WEFT_PROMETHEUS_PORT")]
+    pub prometheus_port: u16,
+    /// The app's original `prometheus.io/*` annotations as JSON (`{"scrape":"true","port":"8080",
+    /// "path":"/metrics"}`, keys without the prefix; `pilot inject` sets it): the app's metrics on
+    /// 127.0.0.1 are merged into the Prometheus port's.
+    #[arg(long, env = "WEFT_APP_PROMETHEUS_ANNOTATIONS")]
+    pub app_prometheus_annotations: Option<String>,
     /// Requested certificate lifetime (rotated at about half of it).
     #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
     pub cert_ttl: Duration,
@@ -242,6 +251,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 dns_port: args.dns_port,
                 mirror_max_body: args.mirror_max_body,
                 status_port: args.status_port,
+                prometheus_port: args.prometheus_port,
+                app_metrics: crate::appmetrics::parse_annotations(
+                    args.app_prometheus_annotations.as_deref().unwrap_or(""),
+                )
+                .context("--app-prometheus-annotations (WEFT_APP_PROMETHEUS_ANNOTATIONS)")?,
                 access_log: match args.access_log {
                     AccessLogArg::Text => crate::telemetry::AccessLog::Text,
                     AccessLogArg::Json => crate::telemetry::AccessLog::Json,

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod appmetrics;
 pub mod balance;
 pub mod capture;
 pub mod cli;

@@ -22,7 +22,7 @@ use weft_ca::files::RootFile;
 use weft_ca::tls::{self, ClientAuth, CredentialStore};
 use weft_proto::discovery as pb;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Port};
 use crate::config::RouteTable;
 use crate::control::{ControlConfig, ControlStats};
 use crate::inbound::{AppTarget, Inbound};
@@ -79,6 +79,10 @@ pub struct RunConfig {
     pub access_log: crate::telemetry::AccessLog,
     /// Kubelet-facing readiness port (`/healthz/ready` on `bind`), like Istio's 15021; 0 = off.
     pub status_port: u16,
+    /// Prometheus' scrape port (merged `/stats/prometheus` on `bind`), like Istio's 15020; 0 = off.
+    pub prometheus_port: u16,
+    /// The app's metrics to merge there (from its original `prometheus.io/*` annotations).
+    pub app_metrics: Option<crate::appmetrics::AppTarget>,
     /// Requested certificate lifetime.
     pub cert_ttl: Duration,
     /// How long a drain may take before the process exits anyway.
@@ -177,6 +181,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         None
     } else {
         Some(bind("status", cfg.bind, cfg.status_port).await?)
+    };
+    let prometheus_l = if cfg.prometheus_port == 0 {
+        None
+    } else {
+        Some(bind("prometheus", cfg.bind, cfg.prometheus_port).await?)
     };
     // Loopback only: iptables REDIRECTs the pod's DNS to 127.0.0.1, and a wildcard-bound UDP socket
     // would answer from the pod IP, which conntrack cannot map back (the resolver drops the reply).
@@ -298,6 +307,10 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         mirror: mirrors.stats.clone(),
         trace: tracer.stats.clone(),
         metrics: metrics.clone(),
+        app_metrics: cfg
+            .app_metrics
+            .clone()
+            .map(crate::appmetrics::AppMetrics::new),
     });
 
     let node = pb::Node {
@@ -344,7 +357,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             edge("outbound"),
         )),
         tokio::spawn(crate::inbound::serve(inbound_l, inbound, edge("inbound"))),
-        tokio::spawn(crate::admin::serve(admin_l, admin.clone(), stopped.clone())),
+        tokio::spawn(crate::admin::serve(
+            admin_l,
+            admin.clone(),
+            Port::Admin,
+            stopped.clone(),
+        )),
         tokio::spawn(crate::dns::serve(
             dns_udp,
             dns_tcp,
@@ -353,12 +371,16 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             stopped.clone(),
         )),
     ];
-    if let Some(l) = status_l {
-        tasks.push(tokio::spawn(crate::admin::serve_status(
-            l,
-            admin,
-            stopped.clone(),
-        )));
+    let prometheus_addr = prometheus_l.as_ref().and_then(|l| l.local_addr().ok());
+    for (l, port) in [(status_l, Port::Status), (prometheus_l, Port::Prometheus)] {
+        if let Some(l) = l {
+            tasks.push(tokio::spawn(crate::admin::serve(
+                l,
+                admin.clone(),
+                port,
+                stopped.clone(),
+            )));
+        }
     }
     {
         use std::io::Write;
@@ -367,6 +389,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             ("outbound", out_addr),
             ("inbound", in_addr),
             ("dns", Some(dns_addr)),
+            ("prometheus", prometheus_addr),
         ] {
             if let Some(a) = l {
                 println!("{what} listening on {a}");

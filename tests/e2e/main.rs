@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod addons;
 mod ca;
 mod chaos;
 mod discovery;

@@ -14,7 +14,7 @@ fn the_seed_walkthrough_in_captured_pods() {
     if !netns::available("the_seed_walkthrough_in_captured_pods") {
         return;
     }
-    let p = Seed::transparent(&[]).unwrap();
+    let mut p = Seed::transparent(&[]).unwrap();
     let sleep_ns = p.sleep.host.clone().unwrap();
 
     // The pod resolves the Service name through the sidecar's DNS proxy.
@@ -59,6 +59,24 @@ fn the_seed_walkthrough_in_captured_pods() {
     assert!(
         last.starts_with("127.0.0.1 ") && last.contains("\"GET /headers HTTP/1.1\" 200"),
         "{last}"
+    );
+
+    // Prometheus, in a pod of its own without a sidecar, scrapes v1's merged metrics on the pod
+    // IP's port 15020: `sidecar init` leaves the port uncaptured, so the sidecar itself answers.
+    let scraper = p.topo.as_mut().unwrap().host("prometheus").unwrap();
+    let v1_ip = p.sidecars[0].host.as_ref().unwrap().ip.clone();
+    let (ok, metrics, err) = run(scraper.command("curl").args([
+        "-sf",
+        "-m",
+        "10",
+        &format!("http://{v1_ip}:15020/stats/prometheus"),
+    ]))
+    .unwrap();
+    assert!(ok, "scraping {v1_ip}:15020: {err}");
+    assert!(
+        metrics.contains("istio_requests_total{reporter=\"destination\",")
+            && metrics.contains("destination_workload=\"httpbin-v1\""),
+        "{metrics}"
     );
 
     // Cleanup (the seed's kubectl delete) restores default balancing.

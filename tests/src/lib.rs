@@ -921,6 +921,10 @@ fn explicit_command(
         ])
         .args(["--dns-port", "0", "--status-port", "0"])
         .args(extra);
+    // Off unless the test asks for it (a fixed port would collide between sidecars on one host).
+    if !extra.contains(&"--prometheus-port") {
+        cmd.args(["--prometheus-port", "0"]);
+    }
     if let Some(p) = app_port {
         cmd.args(["--app-port", &p.to_string()]);
     }

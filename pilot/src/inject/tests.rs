@@ -187,6 +187,7 @@ fn options_reach_the_containers() {
         inbound_port: 16006,
         admin_port: 16000,
         status_port: 16021,
+        prometheus_port: 16020,
         trust_domain: "example.org".into(),
         version: "9".into(),
     };
@@ -208,7 +209,7 @@ fn options_reach_the_containers() {
     };
     let proxy_args = args(&proxy).join(" ");
     assert!(
-        proxy_args.contains("--outbound-port 16001 --inbound-port 16006 --admin-port 16000 --trust-domain example.org"),
+        proxy_args.contains("--outbound-port 16001 --inbound-port 16006 --admin-port 16000 --status-port 16021 --prometheus-port 16020 --trust-domain example.org"),
         "{proxy_args}"
     );
     let Some(Yaml::Seq(inits)) = doc.at(&["spec", "template", "spec", "initContainers"]) else {
@@ -216,7 +217,23 @@ fn options_reach_the_containers() {
     };
     assert_eq!(
         args(&inits[0]).join(" "),
-        "--proxy-uid 2000 --outbound-port 16001 --inbound-port 16006 --exclude-inbound-ports 16021"
+        "--proxy-uid 2000 --outbound-port 16001 --inbound-port 16006 --exclude-inbound-ports 16020,16021"
+    );
+    assert_eq!(
+        doc.at(&[
+            "spec",
+            "template",
+            "metadata",
+            "annotations",
+            "prometheus.io/port"
+        ]),
+        Some(&"16020".into())
+    );
+    assert_eq!(
+        proxy.at(&["ports"]),
+        Some(&Yaml::from(serde_json::json!([
+            {"containerPort": 16020, "name": "http-envoy-prom", "protocol": "TCP"}
+        ])))
     );
     assert_eq!(
         inits[0].at(&["image"]),
@@ -379,4 +396,75 @@ fn malformed_input_names_the_document_and_the_problem() {
         ),
         "document 2 (CronJob \"c\"): spec.jobTemplate.spec.template: is a number, expected a mapping"
     );
+}
+
+const SCRAPED: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app, namespace: default}
+spec:
+  selector: {matchLabels: {app: app}}
+  template:
+    metadata:
+      labels: {app: app}
+      annotations:
+        prometheus.io/scrape: \"true\"
+        prometheus.io/port: \"8080\"
+        prometheus.io/path: /metrics
+    spec:
+      containers: [{name: app, image: app}]
+";
+
+/// The template's annotation `key`, as text.
+fn annotation(doc: &Yaml, key: &str) -> Option<String> {
+    doc.at(&["spec", "template", "metadata", "annotations", key])
+        .and_then(Yaml::scalar_text)
+}
+
+#[test]
+fn prometheus_annotations_move_to_the_proxy_the_istio_way() {
+    const APP_ENV: &str = "WEFT_APP_PROMETHEUS_ANNOTATIONS";
+    let template = ["spec", "template"];
+    let doc = parse(&run(SCRAPED).yaml);
+    assert_eq!(
+        annotation(&doc, "prometheus.io/scrape").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        annotation(&doc, "prometheus.io/port").as_deref(),
+        Some("15020")
+    );
+    assert_eq!(
+        annotation(&doc, "prometheus.io/path").as_deref(),
+        Some("/stats/prometheus")
+    );
+    let kept = env(&proxy(&doc, &template), APP_ENV).expect("app annotations kept");
+    let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(
+        kept,
+        serde_json::json!({"scrape": "true", "port": "8080", "path": "/metrics"})
+    );
+
+    // Injecting the injected output again keeps the app's, not the sidecar's, annotations.
+    let twice = parse(&run(&run(SCRAPED).yaml).yaml);
+    assert_eq!(twice, doc);
+
+    // A pod without annotations is scraped through the sidecar alone.
+    let plain = parse(&run(DEPLOYMENT).yaml);
+    assert_eq!(env(&proxy(&plain, &template), APP_ENV), None);
+    assert_eq!(
+        annotation(&plain, "prometheus.io/port").as_deref(),
+        Some("15020")
+    );
+
+    // `scrape: "false"` is the owner's choice: left as written, nothing merged.
+    let off = SCRAPED.replace(
+        "prometheus.io/scrape: \"true\"",
+        "prometheus.io/scrape: \"false\"",
+    );
+    let off = parse(&run(&off).yaml);
+    assert_eq!(
+        annotation(&off, "prometheus.io/port").as_deref(),
+        Some("8080")
+    );
+    assert_eq!(env(&proxy(&off, &template), APP_ENV), None);
 }
