@@ -5,7 +5,7 @@
 //! and `List`s of them, any apiVersion) get, in their pod template:
 //! - init container `weft-init` (`sidecar init`: the iptables capture; NET_ADMIN + NET_RAW only);
 //! - container `weft-proxy` (`sidecar run --mode transparent` as the proxy uid), with the pod's
-//!   identity from the downward API, the CA root from the ConfigMap `weft-ca-root-cert`, and a
+//!   identity from the downward API, the CA root from the ConfigMap `istio-ca-root-cert`, and a
 //!   projected service-account token with audience `istio-ca`;
 //! - their volumes, the labels `security.istio.io/tlsMode` and `service.istio.io/canonical-*`, and
 //!   the annotation `sidecar.weft.dev/status` listing what was injected (so that injecting again
@@ -33,8 +33,12 @@ pub const INIT_CONTAINER: &str = "weft-init";
 pub const PROXY_CONTAINER: &str = "weft-proxy";
 /// Volume with the projected service-account token (`istio-token` in Istio).
 pub const TOKEN_VOLUME: &str = "weft-token";
-/// Volume (and ConfigMap) with the mesh root certificate (`istio-ca-root-cert` in Istio).
+/// Volume with the mesh root certificate.
 pub const CA_ROOT_VOLUME: &str = "weft-ca-root-cert";
+/// The ConfigMap that volume mounts: Istio's name, which `pilot serve --registry kubernetes`
+/// writes into every namespace (a name of weft's own would leave injected pods waiting for a
+/// ConfigMap nothing creates).
+pub const CA_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// Audience of the projected token: what the CA checks (Istio's CA audience).
 pub const TOKEN_AUDIENCE: &str = "istio-ca";
 /// Lifetime asked for the projected token; the kubelet refreshes it at 80%.
@@ -80,6 +84,9 @@ pub struct Options {
     pub trust_domain: String,
     /// Version recorded in the status annotation.
     pub version: String,
+    /// Where the proxy sends spans (OTLP/gRPC, `OTEL_EXPORTER_OTLP_ENDPOINT`); none: no export.
+    /// The webhook takes it from the mesh settings (`pilot serve --mesh-config`, `otlpEndpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -96,6 +103,7 @@ impl Default for Options {
             status_port: 15021,
             trust_domain: "cluster.local".to_string(),
             version,
+            otlp_endpoint: None,
         }
     }
 }
@@ -570,6 +578,21 @@ fn proxy_container(o: &Options, pod_labels: &str) -> Yaml {
             "failureThreshold": failures,
         })
     };
+    let mut env = json!([
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+        {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
+        {"name": "POD_LABELS", "value": pod_labels},
+        {"name": "WEFT_PILOT", "value": o.pilot_address},
+        {"name": "WEFT_CA_ADDR", "value": o.ca_address},
+        {"name": "WEFT_CA_ROOT", "value": format!("{CA_ROOT_DIR}/{CA_ROOT_KEY}")},
+        {"name": "WEFT_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")},
+    ]);
+    if let (Some(endpoint), Some(list)) = (&o.otlp_endpoint, env.as_array_mut()) {
+        list.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}));
+        list.push(json!({"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "grpc"}));
+    }
     json!({
         "name": PROXY_CONTAINER,
         "image": o.image,
@@ -582,17 +605,7 @@ fn proxy_container(o: &Options, pod_labels: &str) -> Yaml {
             "--admin-port", o.admin_port.to_string(),
             "--trust-domain", o.trust_domain,
         ],
-        "env": [
-            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
-            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
-            {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
-            {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
-            {"name": "POD_LABELS", "value": pod_labels},
-            {"name": "WEFT_PILOT", "value": o.pilot_address},
-            {"name": "WEFT_CA_ADDR", "value": o.ca_address},
-            {"name": "WEFT_CA_ROOT", "value": format!("{CA_ROOT_DIR}/{CA_ROOT_KEY}")},
-            {"name": "WEFT_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")},
-        ],
+        "env": env,
         "readinessProbe": probe(15, 4),
         "startupProbe": probe(1, 600),
         "resources": {"requests": {"cpu": "10m", "memory": "40Mi"}},
@@ -624,7 +637,7 @@ fn pod_volumes() -> Vec<Yaml> {
             }}]},
         })
         .into(),
-        json!({"name": CA_ROOT_VOLUME, "configMap": {"name": CA_ROOT_VOLUME}}).into(),
+        json!({"name": CA_ROOT_VOLUME, "configMap": {"name": CA_ROOT_CONFIGMAP}}).into(),
     ]
 }
 
