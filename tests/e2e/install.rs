@@ -210,3 +210,53 @@ fn crd_schemas_refuse_a_wrong_type_an_unknown_field_and_an_unserved_version() {
         );
     }
 }
+
+/// The README's root: `deploy/k8s/make-cacerts.sh` writes Istio's `cacerts` layout, which a real
+/// `ca serve --cacerts` (the CA Deployment's command, with weft tokens instead of TokenReviews)
+/// loads and signs from: the workload certificate verifies against root-cert.pem (openssl).
+#[test]
+fn make_cacerts_makes_a_root_ca_serve_signs_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let script = Path::new(K8S).join("make-cacerts.sh");
+    let (ok, _, err) = run(Command::new(&script).arg(&certs)).unwrap();
+    assert!(ok, "{err}");
+    let mut serve = Command::new(bin("ca"));
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--cacerts"])
+        .arg(&certs)
+        .arg("--data-dir")
+        .arg(dir.path().join("ca"));
+    let (_ca, addr) = weft_tests::Proc::spawn_listening("ca", serve, dir.path()).unwrap();
+    let token = weft_tests::token_file(dir.path(), "default", "sleep", None).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let (ok, _, err) = run(Command::new(bin("ca"))
+        .args(["request", "--ca", &addr.to_string(), "--ca-root"])
+        .arg(certs.join("root-cert.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .args([
+            "--namespace",
+            "default",
+            "--service-account",
+            "sleep",
+            "--cert-out",
+        ])
+        .arg(&cert)
+        .arg("--key-out")
+        .arg(dir.path().join("key.pem")))
+    .unwrap();
+    assert!(ok, "ca request: {err}");
+    let (ok, out, err) = run(Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(certs.join("root-cert.pem"))
+        .arg(&cert))
+    .unwrap();
+    assert!(ok, "openssl verify: {out}{err}");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(certs.join("ca-key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o077, 0, "ca-key.pem is readable by others");
+}
