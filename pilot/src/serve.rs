@@ -768,4 +768,65 @@ mod tests {
         // caBundle patching only with the webhooks.
         assert!(serve_args(&["--webhook-patch-ca-bundle"]).is_err());
     }
+
+    #[test]
+    fn mesh_config_sets_the_mesh_and_conflicts_with_its_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &file,
+            "trustDomain: example.org\ntraceSampling: 1\nmirrorShadowSuffix: false\n\
+             otlpEndpoint: http://jaeger:4317\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let args = serve_args(&["--mesh-config", path])
+            .unwrap()
+            .with_mesh_config()
+            .unwrap();
+        assert_eq!(args.trust_domain, "example.org");
+        assert!((args.trace_sampling - 1.0).abs() < f64::EPSILON);
+        assert!(!args.mirror_shadow_suffix);
+        assert_eq!(args.otlp_endpoint.as_deref(), Some("http://jaeger:4317"));
+        // What /inject gives sidecars follows the file.
+        let webhook = serve_args(&[
+            "--mesh-config",
+            path,
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--ca",
+            "ca:1",
+            "--ca-root",
+            "/r",
+            "--token-file",
+            "/t",
+        ])
+        .unwrap()
+        .with_mesh_config()
+        .unwrap()
+        .webhook()
+        .unwrap()
+        .unwrap()
+        .1;
+        assert_eq!(webhook.trust_domain, "example.org");
+        // Without the file, the flags' defaults.
+        let plain = serve_args(&[]).unwrap().with_mesh_config().unwrap();
+        assert!((plain.trace_sampling - 100.0).abs() < f64::EPSILON);
+        assert_eq!(plain.otlp_endpoint, None);
+        for flag in [
+            ["--trace-sampling", "5"],
+            ["--mirror-shadow-suffix", "true"],
+            ["--trust-domain", "x.org"],
+        ] {
+            let mut argv = vec!["--mesh-config", path];
+            argv.extend(flag);
+            assert!(serve_args(&argv).is_err(), "{flag:?} with --mesh-config");
+        }
+        std::fs::write(&file, "traceSampling: 200\n").unwrap();
+        let error = serve_args(&["--mesh-config", path])
+            .unwrap()
+            .with_mesh_config()
+            .unwrap_err();
+        assert!(error.to_string().contains("0..100"), "{error}");
+    }
 }
