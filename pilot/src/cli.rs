@@ -48,6 +48,30 @@ pub enum Command {
     ProxyStatus(ServerArgs),
     /// Add the sidecar to workloads in YAML (offline, like `istioctl kube-inject`); writes to stdout.
     Inject(InjectArgs),
+    /// Print every manifest a cluster needs (like `istioctl manifest generate`), for
+    /// `pilot install | kubectl apply -f -`. Needs the Secret <namespace>/cacerts first.
+    Install(InstallArgs),
+}
+
+/// `pilot install` flags; defaults are [`crate::install::Options::default`] (deploy/k8s/weft.yaml).
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The control plane's namespace (only weft-system for now: the control plane's identities name it).
+    #[arg(long, default_value = crate::install::NAMESPACE)]
+    pub namespace: String,
+    /// The image holding ca, pilot and sidecar. Default: weft/weft:<version> (deploy/image/).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Replicas of pilot and of the CA.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: i32,
+    /// The mesh trust domain (the CA's, and pilot's through ConfigMap weft-mesh).
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Leave out the CRDs (VirtualService, DestinationRule, PeerAuthentication): for a cluster
+    /// where Istio's are installed, which must not be replaced.
+    #[arg(long)]
+    pub skip_crds: bool,
 }
 
 /// `pilot inject` flags; defaults are [`crate::inject::Options::default`].
@@ -193,6 +217,9 @@ fn execute(cli: Cli) -> Result<()> {
     if let Command::Inject(args) = cli.command {
         return inject(args);
     }
+    if let Command::Install(args) = cli.command {
+        return install(args);
+    }
     if let Command::Serve(args) = cli.command {
         weft_ca::cli::init_logging();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -211,7 +238,7 @@ fn execute(cli: Cli) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) | Command::Inject(_) => Ok(()),
+            Command::Serve(_) | Command::Inject(_) | Command::Install(_) => Ok(()),
             Command::Apply(args) => apply(args).await,
             Command::Get(args) => get(args).await,
             Command::Delete(args) => delete(args).await,
@@ -253,6 +280,7 @@ fn inject(args: InjectArgs) -> Result<()> {
         prometheus_port: args.prometheus_port,
         trust_domain: args.trust_domain,
         version: defaults.version,
+        otlp_endpoint: defaults.otlp_endpoint,
     };
     let (name, text) = if args.file == "-" {
         let mut text = String::new();
@@ -272,6 +300,24 @@ fn inject(args: InjectArgs) -> Result<()> {
     std::io::stdout()
         .lock()
         .write_all(injected.yaml.as_bytes())
+        .context("cannot write standard output")?;
+    Ok(())
+}
+
+/// `pilot install`: the manifests on stdout.
+fn install(args: InstallArgs) -> Result<()> {
+    let defaults = crate::install::Options::default();
+    let options = crate::install::Options {
+        namespace: args.namespace,
+        image: args.image.unwrap_or(defaults.image),
+        replicas: args.replicas,
+        trust_domain: args.trust_domain,
+        skip_crds: args.skip_crds,
+    };
+    let text = crate::install::render(&options)?;
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
         .context("cannot write standard output")?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! and `List`s of them, any apiVersion) get, in their pod template:
 //! - init container `weft-init` (`sidecar init`: the iptables capture; NET_ADMIN + NET_RAW only);
 //! - container `weft-proxy` (`sidecar run --mode transparent` as the proxy uid), with the pod's
-//!   identity from the downward API, the CA root from the ConfigMap `weft-ca-root-cert`, and a
+//!   identity from the downward API, the CA root from the ConfigMap `istio-ca-root-cert`, and a
 //!   projected service-account token with audience `istio-ca`;
 //! - their volumes, the labels `security.istio.io/tlsMode` and `service.istio.io/canonical-*`, and
 //!   the annotation `sidecar.weft.dev/status` listing what was injected (so that injecting again
@@ -33,8 +33,12 @@ pub const INIT_CONTAINER: &str = "weft-init";
 pub const PROXY_CONTAINER: &str = "weft-proxy";
 /// Volume with the projected service-account token (`istio-token` in Istio).
 pub const TOKEN_VOLUME: &str = "weft-token";
-/// Volume (and ConfigMap) with the mesh root certificate (`istio-ca-root-cert` in Istio).
+/// Volume with the mesh root certificate.
 pub const CA_ROOT_VOLUME: &str = "weft-ca-root-cert";
+/// The ConfigMap that volume mounts: Istio's name, which `pilot serve --registry kubernetes`
+/// writes into every namespace (a name of weft's own would leave injected pods waiting for a
+/// ConfigMap nothing creates).
+pub const CA_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// Audience of the projected token: what the CA checks (Istio's CA audience).
 pub const TOKEN_AUDIENCE: &str = "istio-ca";
 /// Lifetime asked for the projected token; the kubelet refreshes it at 80%.
@@ -83,6 +87,9 @@ pub struct Options {
     pub trust_domain: String,
     /// Version recorded in the status annotation.
     pub version: String,
+    /// Where the proxy sends spans (OTLP/gRPC, `OTEL_EXPORTER_OTLP_ENDPOINT`); none: no export.
+    /// The webhook takes it from the mesh settings (`pilot serve --mesh-config`, `otlpEndpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Options {
@@ -100,6 +107,7 @@ impl Default for Options {
             prometheus_port: 15020,
             trust_domain: "cluster.local".to_string(),
             version,
+            otlp_endpoint: None,
         }
     }
 }
@@ -670,6 +678,10 @@ fn proxy_container(o: &Options, pod_labels: &str, app_metrics: Option<&str>) -> 
     if let Some(app) = app_metrics {
         env.push(json!({"name": APP_PROMETHEUS_ENV, "value": app}));
     }
+    if let Some(endpoint) = &o.otlp_endpoint {
+        env.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}));
+        env.push(json!({"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "grpc"}));
+    }
     json!({
         "name": PROXY_CONTAINER,
         "image": o.image,
@@ -720,7 +732,7 @@ fn pod_volumes() -> Vec<Yaml> {
             }}]},
         })
         .into(),
-        json!({"name": CA_ROOT_VOLUME, "configMap": {"name": CA_ROOT_VOLUME}}).into(),
+        json!({"name": CA_ROOT_VOLUME, "configMap": {"name": CA_ROOT_CONFIGMAP}}).into(),
     ]
 }
 

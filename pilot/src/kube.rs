@@ -117,6 +117,11 @@ impl KubeRegistry {
         all
     }
 
+    /// Whether every watcher has listed once (what `/ready` answers).
+    pub fn is_synced(&self) -> bool {
+        *self.published.synced.borrow()
+    }
+
     /// Waits until every watcher has listed once and the first snapshot is out.
     pub async fn wait_synced(&self) {
         let mut synced = self.published.synced.subscribe();

@@ -49,7 +49,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Trust domain of SPIFFE identities.
-    #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
+    #[arg(
+        long,
+        default_value = "cluster.local",
+        env = "WEFT_TRUST_DOMAIN",
+        conflicts_with = "mesh_config"
+    )]
     pub trust_domain: String,
     /// Lifetime pilot asks for its own certificate (renewed at about half of it).
     #[arg(long, default_value = "24h", value_parser = weft_ca::cli::parse_duration, env = "WEFT_CERT_TTL")]
@@ -71,10 +76,10 @@ pub struct ServeArgs {
     pub warm_up: Duration,
     /// Mirrored requests get "-shadow" appended to their host (Istio <= 1.27, and the seed task).
     /// `--mirror-shadow-suffix false` sends them with the original host, as Istio 1.28+ does.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, conflicts_with = "mesh_config")]
     pub mirror_shadow_suffix: bool,
     /// Percentage of new traces sampled by sidecars (Istio's default is 1; weft's demo wants all).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, conflicts_with = "mesh_config")]
     pub trace_sampling: f64,
     /// INSECURE, for setups without a platform (explicit mode on a laptop): admit a sidecar as
     /// the pod it names with the labels and address it declares, checking only that its namespace
@@ -137,6 +142,14 @@ pub struct ServeArgs {
     /// monitoring port). Off by default.
     #[arg(long)]
     pub monitoring_listen: Option<String>,
+    /// Mesh settings file (YAML: trustDomain, traceSampling, mirrorShadowSuffix, otlpEndpoint;
+    /// `pilot install` mounts ConfigMap weft-mesh). Each key replaces its flag's default; giving
+    /// the flag too is an error. Read at start.
+    #[arg(long, env = "WEFT_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
+    /// From --mesh-config's `otlpEndpoint`: the OTLP endpoint /inject gives sidecars.
+    #[arg(skip)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `--registry`: where config objects and workloads come from.
@@ -149,6 +162,27 @@ pub enum RegistryMode {
 }
 
 impl ServeArgs {
+    /// Applies `--mesh-config` (its keys replace the defaults of their flags, which clap refuses
+    /// alongside it).
+    pub fn with_mesh_config(mut self) -> Result<Self, ServeError> {
+        let Some(path) = &self.mesh_config else {
+            return Ok(self);
+        };
+        let config = crate::mesh_config::MeshConfig::load(path)
+            .map_err(|e| ServeError::Flags(e.to_string()))?;
+        if let Some(trust_domain) = config.trust_domain {
+            self.trust_domain = trust_domain;
+        }
+        if let Some(sampling) = config.trace_sampling {
+            self.trace_sampling = sampling;
+        }
+        if let Some(suffix) = config.mirror_shadow_suffix {
+            self.mirror_shadow_suffix = suffix;
+        }
+        self.otlp_endpoint = config.otlp_endpoint;
+        Ok(self)
+    }
+
     /// The discovery settings, if `--listen` asks for discovery; all three identity flags must then be
     /// given (checked before anything binds).
     fn discovery(&self) -> Result<Option<(String, DiscoveryOptions)>, ServeError> {
@@ -240,6 +274,7 @@ impl ServeArgs {
             pilot_address: self.inject_pilot_address.clone(),
             ca_address: self.inject_ca_address.clone(),
             trust_domain: self.trust_domain.clone(),
+            otlp_endpoint: self.otlp_endpoint.clone(),
             ..defaults
         };
         Ok(Some((
@@ -331,6 +366,7 @@ pub struct ServeContext {
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     // Before anything is announced: a SIGTERM right after `listening on` must drain, not kill.
     let signals = weft_ca::cli::shutdown_signal();
+    let args = args.with_mesh_config()?;
     let dir = &args.data_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -397,9 +433,19 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             Backend::Cluster(cluster) => Some(cluster.metrics()),
             Backend::Store(_) => None,
         };
+        // Ready when discovery can serve: at once with the local store (everything is bound
+        // by now), once every watch has listed with the cluster's.
+        let ready: crate::monitoring::Ready = match &backend {
+            Backend::Cluster(cluster) => {
+                let cluster = cluster.clone();
+                Arc::new(move || cluster.is_synced())
+            }
+            Backend::Store(_) => Arc::new(|| true),
+        };
         tokio::spawn(crate::monitoring::serve(
             listener,
             Arc::new(move || metrics.as_ref().map(|m| m.render()).unwrap_or_default()),
+            ready,
             shutdown.clone(),
         ));
     }
@@ -721,5 +767,66 @@ mod tests {
         }
         // caBundle patching only with the webhooks.
         assert!(serve_args(&["--webhook-patch-ca-bundle"]).is_err());
+    }
+
+    #[test]
+    fn mesh_config_sets_the_mesh_and_conflicts_with_its_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &file,
+            "trustDomain: example.org\ntraceSampling: 1\nmirrorShadowSuffix: false\n\
+             otlpEndpoint: http://jaeger:4317\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let args = serve_args(&["--mesh-config", path])
+            .unwrap()
+            .with_mesh_config()
+            .unwrap();
+        assert_eq!(args.trust_domain, "example.org");
+        assert!((args.trace_sampling - 1.0).abs() < f64::EPSILON);
+        assert!(!args.mirror_shadow_suffix);
+        assert_eq!(args.otlp_endpoint.as_deref(), Some("http://jaeger:4317"));
+        // What /inject gives sidecars follows the file.
+        let webhook = serve_args(&[
+            "--mesh-config",
+            path,
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--ca",
+            "ca:1",
+            "--ca-root",
+            "/r",
+            "--token-file",
+            "/t",
+        ])
+        .unwrap()
+        .with_mesh_config()
+        .unwrap()
+        .webhook()
+        .unwrap()
+        .unwrap()
+        .1;
+        assert_eq!(webhook.trust_domain, "example.org");
+        // Without the file, the flags' defaults.
+        let plain = serve_args(&[]).unwrap().with_mesh_config().unwrap();
+        assert!((plain.trace_sampling - 100.0).abs() < f64::EPSILON);
+        assert_eq!(plain.otlp_endpoint, None);
+        for flag in [
+            ["--trace-sampling", "5"],
+            ["--mirror-shadow-suffix", "true"],
+            ["--trust-domain", "x.org"],
+        ] {
+            let mut argv = vec!["--mesh-config", path];
+            argv.extend(flag);
+            assert!(serve_args(&argv).is_err(), "{flag:?} with --mesh-config");
+        }
+        std::fs::write(&file, "traceSampling: 200\n").unwrap();
+        let error = serve_args(&["--mesh-config", path])
+            .unwrap()
+            .with_mesh_config()
+            .unwrap_err();
+        assert!(error.to_string().contains("0..100"), "{error}");
     }
 }

@@ -119,6 +119,13 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
     };
     let pushed = version(&dump);
     let monitoring = plane.pilot.announced("monitoring").unwrap();
+    // Synced (the sidecar got the cluster's config): the readiness probe of the install manifests
+    // passes, and the liveness one.
+    for path in ["/ready", "/healthz"] {
+        let (ok, body, err) =
+            run(Command::new("curl").args(["-sf", &format!("http://{monitoring}{path}")])).unwrap();
+        assert!(ok, "{path}: {body}{err}");
+    }
     let metrics = || {
         let (ok, text, err) =
             run(Command::new("curl").args(["-sf", &format!("http://{monitoring}/metrics")]))
@@ -222,4 +229,56 @@ fn pilot_serves_the_cluster_to_a_sidecar_and_follows_it() {
     });
     drop(sidecar);
     drop(plane);
+}
+
+/// Before every watch has listed (here: an API server that is not there), `/ready` answers 503, so
+/// a pod of the install manifests gets no traffic; `/healthz` answers 200, so it is not restarted.
+#[test]
+fn pilot_is_not_ready_until_the_cluster_is_listed() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on (bound, then closed).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster: {{server: \"http://{closed}\"}}\n\
+             users:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: c\n  context: {{cluster: gone, user: u}}\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(weft_tests::bin("pilot"));
+    cmd.args([
+        "serve",
+        "--registry",
+        "kubernetes",
+        "--monitoring-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("pilot"))
+    .env("KUBECONFIG", &kubeconfig);
+    let (pilot, _) = weft_tests::Proc::spawn_listening_unix("pilot", cmd, dir.path()).unwrap();
+    let monitoring = pilot.announced("monitoring").unwrap();
+    let code = |path: &str| {
+        let (_, out, _) = run(Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{monitoring}{path}"),
+        ]))
+        .unwrap();
+        out
+    };
+    // Still not ready after a few watch retries.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(code("/ready"), "503");
+    assert_eq!(code("/healthz"), "200");
 }

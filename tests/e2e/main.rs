@@ -14,6 +14,7 @@ mod h2reset;
 mod identity;
 mod image;
 mod inject;
+mod install;
 mod kube;
 mod lifetime;
 mod mesh;

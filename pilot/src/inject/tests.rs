@@ -190,10 +190,22 @@ fn options_reach_the_containers() {
         prometheus_port: 16020,
         trust_domain: "example.org".into(),
         version: "9".into(),
+        otlp_endpoint: Some("http://jaeger:4317".into()),
     };
     let doc = parse(&inject(DEPLOYMENT, &options).unwrap().yaml);
     let proxy = proxy(&doc, &["spec", "template"]);
     assert_eq!(env(&proxy, "WEFT_CA_ADDR").as_deref(), Some("ca:2"));
+    assert_eq!(
+        env(&proxy, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+        Some("http://jaeger:4317")
+    );
+    assert_eq!(
+        env(&proxy, "OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(),
+        Some("grpc")
+    );
+    let default = parse(&inject(DEPLOYMENT, &Options::default()).unwrap().yaml);
+    let default_proxy = super::tests::proxy(&default, &["spec", "template"]);
+    assert_eq!(env(&default_proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"), None);
     assert_eq!(env(&proxy, "WEFT_PILOT").as_deref(), Some("pilot:1"));
     assert_eq!(
         proxy.at(&["securityContext", "runAsGroup"]),
