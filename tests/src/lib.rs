@@ -868,15 +868,9 @@ pub fn served_certificate(
         &[weft_ca::tls::ALPN_H2],
     )?;
     let name = rustls::pki_types::ServerName::try_from("inbound.weft")?.to_owned();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
-    let mut tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut tcp)
-            .with_context(|| format!("TLS handshake with {addr}"))?;
-    }
-    let leaf = conn
+    let stream = tls_handshake(cfg, name, addr)?;
+    let leaf = stream
+        .conn
         .peer_certificates()
         .and_then(|c| c.first())
         .context("no peer certificate")?;
@@ -888,8 +882,6 @@ pub fn served_certificate(
 /// last, the Host appended (what the seed's tcpdump shows of a mirrored request).
 const ACCESS_LOG_FORMAT: &str = r#"%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" rid=%({x-request-id}i)s internal=%({x-envoy-internal}i)s xff="%({x-forwarded-for}i)s" xfcc="%({x-forwarded-client-cert}i)s" host=%({host}i)s"#;
 
-/// The `sidecar run` flags every test sidecar has: mode, pilot, CA, (root, token) files, (service
-/// account, pod name, labels) and pod IP; logs at info and spans to the plane's sink.
 /// The command line of an explicit-mode sidecar on 127.0.0.1 for pod (name, service account,
 /// labels), taking its config from `pilot`.
 fn explicit_command(
@@ -931,6 +923,8 @@ fn explicit_command(
     Ok(cmd)
 }
 
+/// The `sidecar run` flags every test sidecar has: mode, pilot, CA, (root, token) files, (service
+/// account, pod name, labels) and pod IP; logs at info and spans to the plane's sink.
 fn run_flags(
     cmd: &mut Command,
     plane: &ControlPlane,
@@ -1063,13 +1057,23 @@ pub fn tls_connect(
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+    tls_handshake(cfg, name, addr).with_context(|| format!("as {server_name}"))
+}
+
+/// Connects to `addr` and completes the TLS handshake with `cfg` for `name` (reads and writes
+/// bounded by 10 s).
+fn tls_handshake(
+    cfg: rustls::ClientConfig,
+    name: rustls::pki_types::ServerName<'static>,
+    addr: &str,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
     let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
     let mut tcp = std::net::TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp)
-            .with_context(|| format!("TLS handshake with {addr} as {server_name}"))?;
+            .with_context(|| format!("TLS handshake with {addr}"))?;
     }
     Ok(rustls::StreamOwned::new(conn, tcp))
 }

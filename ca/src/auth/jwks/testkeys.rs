@@ -39,6 +39,7 @@ pub struct TestIssuer {
 
 fn pkcs8(pem: &str) -> Vec<u8> {
     match PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("test key PEM") {
+        // ok: fixed test keys checked in (built for tests and fuzzing only)
         PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
         _ => panic!("test key is not PKCS#8"),
     }
@@ -51,15 +52,15 @@ pub fn issuer() -> &'static TestIssuer {
         let rng = SystemRandom::new();
         TestIssuer {
             rsa: RsaKeyPair::from_pkcs8(&pkcs8(include_str!("../testdata/rsa-2048.pem")))
-                .expect("RSA test key"),
+                .expect("RSA test key"), // ok: fixed test keys checked in (built for tests and fuzzing only)
             rsa_next: RsaKeyPair::from_pkcs8(&pkcs8(include_str!("../testdata/rsa-2048-b.pem")))
-                .expect("second RSA test key"),
+                .expect("second RSA test key"), // ok: fixed test keys checked in (built for tests and fuzzing only)
             ec: EcdsaKeyPair::from_pkcs8(
                 &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
                 &pkcs8(include_str!("../testdata/p256.pem")),
                 &rng,
             )
-            .expect("P-256 test key"),
+            .expect("P-256 test key"), // ok: fixed test keys checked in (built for tests and fuzzing only)
             rng,
         }
     })
@@ -130,13 +131,13 @@ impl TestIssuer {
                     token.as_bytes(),
                     &mut sig,
                 )
-                .expect("RSA signing");
+                .expect("RSA signing"); // ok: fixed test keys checked in (built for tests and fuzzing only)
                 sig
             }
             Signer::Ec => self
                 .ec
                 .sign(&self.rng, token.as_bytes())
-                .expect("ECDSA signing")
+                .expect("ECDSA signing") // ok: a fixed test key signs (built for tests and fuzzing only)
                 .as_ref()
                 .to_vec(),
         };
