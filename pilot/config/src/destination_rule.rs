@@ -464,7 +464,6 @@ impl ConnectionPoolSettings {
             }
             report.duration(&at.field("idleTimeout"), &http.idle_timeout);
             for (field, set) in [
-                ("maxRetries", http.max_retries.is_some()),
                 (
                     "maxConcurrentStreams",
                     http.max_concurrent_streams.is_some(),
@@ -512,27 +511,6 @@ impl OutlierDetection {
                 "consecutiveLocalOriginFailures is only valid when splitExternalLocalOriginErrors is true",
             );
         }
-        // 0 and false are Istio's defaults (off) and what weft does; other values are refused.
-        report.not_implemented_if(
-            &path.field("consecutiveGatewayErrors"),
-            self.consecutive_gateway_errors.is_some_and(|n| n != 0),
-            "only consecutive5xxErrors ejects endpoints",
-        );
-        report.not_implemented_if(
-            &path.field("minHealthPercent"),
-            self.min_health_percent.is_some_and(|n| n != 0),
-            "ejection never stops for a pool's health; only 0 is implemented",
-        );
-        report.not_implemented_if(
-            &path.field("splitExternalLocalOriginErrors"),
-            self.split_external_local_origin_errors == Some(true),
-            "only false is implemented",
-        );
-        report.not_implemented_if(
-            &path.field("consecutiveLocalOriginFailures"),
-            self.consecutive_local_origin_failures.is_some(),
-            "",
-        );
         report.duration(&path.field("interval"), &self.interval);
         report.duration(&path.field("baseEjectionTime"), &self.base_ejection_time);
         for (field, value) in [

@@ -843,13 +843,8 @@ impl HttpRetry {
         }
         report.duration(&path.field("perTryTimeout"), &self.per_try_timeout);
         report.duration(&path.field("backoff"), &self.backoff);
-        // What weft's sidecar does is Istio's default for the last two (no localities; a retry goes
+        // What weft's sidecar does is Istio's default for these two (no localities; a retry goes
         // to another endpoint when there is one), so only other values are refused.
-        report.not_implemented_if(
-            &path.field("backoff"),
-            self.backoff.is_some(),
-            "retries are not spaced by a backoff",
-        );
         report.not_implemented_if(
             &path.field("retryRemoteLocalities"),
             self.retry_remote_localities == Some(true),

@@ -294,12 +294,14 @@ fn connection_pool(pool: &ConnectionPoolSettings) -> pb::ConnectionPool {
             http.and_then(|h| h.idle_timeout.as_ref())
                 .or_else(|| tcp.and_then(|t| t.idle_timeout.as_ref())),
         ),
+        max_retries: count(http.and_then(|h| h.max_retries)),
     }
 }
 
 /// `outlierDetection` (§2.5): present means on, with Envoy's defaults filled in for what is left out
-/// (5 consecutive 5xx, 10s interval, 30s base ejection, 10% max ejected). An explicit
-/// `consecutive5xxErrors: 0` turns 5xx ejection off.
+/// (5 consecutive 5xx, 10s interval, 30s base ejection, 10% max ejected; gateway errors off; 5
+/// consecutive local-origin failures when they are split). An explicit `consecutive5xxErrors: 0`
+/// turns 5xx ejection off. `minHealthPercent` absent is 0, as Istio sets it (panic mode off).
 fn outlier_detection(outlier: &OutlierDetection) -> pb::OutlierDetection {
     pb::OutlierDetection {
         consecutive_5xx: outlier.consecutive_5xx_errors.map_or(5, |n| count(Some(n))),
@@ -312,6 +314,19 @@ fn outlier_detection(outlier: &OutlierDetection) -> pb::OutlierDetection {
             .as_ref()
             .map_or(30_000, |d| millis(Some(d))),
         max_ejection_percent: outlier.max_ejection_percent.map_or(10, |n| count(Some(n))),
+        consecutive_gateway_errors: count(outlier.consecutive_gateway_errors),
+        split_external_local_origin_errors: outlier.split_external_local_origin_errors
+            == Some(true),
+        consecutive_local_origin_failures: if outlier.split_external_local_origin_errors
+            == Some(true)
+        {
+            outlier
+                .consecutive_local_origin_failures
+                .map_or(5, |n| count(Some(n)))
+        } else {
+            0
+        },
+        min_health_percent: count(outlier.min_health_percent),
     }
 }
 

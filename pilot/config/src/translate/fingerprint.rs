@@ -328,10 +328,12 @@ impl Feed for pb::RetryPolicy {
             attempts,
             per_try_timeout_ms,
             retry_on,
+            backoff_base_ms,
         } = self;
         h.u32(*attempts);
         h.u64(*per_try_timeout_ms);
         h.strs(retry_on);
+        h.u64(*backoff_base_ms);
     }
 }
 
@@ -437,6 +439,7 @@ impl Feed for pb::ConnectionPool {
             max_requests,
             max_requests_per_connection,
             idle_timeout_ms,
+            max_retries,
         } = self;
         h.u32(*max_connections);
         h.u64(*connect_timeout_ms);
@@ -444,6 +447,7 @@ impl Feed for pb::ConnectionPool {
         h.u32(*max_requests);
         h.u32(*max_requests_per_connection);
         h.u64(*idle_timeout_ms);
+        h.u32(*max_retries);
     }
 }
 
@@ -454,11 +458,19 @@ impl Feed for pb::OutlierDetection {
             interval_ms,
             base_ejection_time_ms,
             max_ejection_percent,
+            consecutive_gateway_errors,
+            split_external_local_origin_errors,
+            consecutive_local_origin_failures,
+            min_health_percent,
         } = self;
         h.u32(*consecutive_5xx);
         h.u64(*interval_ms);
         h.u64(*base_ejection_time_ms);
         h.u32(*max_ejection_percent);
+        h.u32(*consecutive_gateway_errors);
+        h.bool(*split_external_local_origin_errors);
+        h.u32(*consecutive_local_origin_failures);
+        h.u32(*min_health_percent);
     }
 }
 

@@ -186,11 +186,13 @@ fn retry_policy(r: &pb::RetryPolicy) -> Value {
         attempts,
         per_try_timeout_ms,
         retry_on,
+        backoff_base_ms,
     } = r;
     Obj::default()
         .num("attempts", u64::from(*attempts))
         .num("per_try_timeout_ms", *per_try_timeout_ms)
         .list("retry_on", retry_on.iter().map(|s| Value::from(s.as_str())))
+        .num("backoff_base_ms", *backoff_base_ms)
         .into()
 }
 
@@ -311,6 +313,7 @@ fn pool_json(p: &pb::ConnectionPool) -> Value {
         max_requests,
         max_requests_per_connection,
         idle_timeout_ms,
+        max_retries,
     } = p;
     Obj::default()
         .num("max_connections", u64::from(*max_connections))
@@ -322,6 +325,7 @@ fn pool_json(p: &pb::ConnectionPool) -> Value {
             u64::from(*max_requests_per_connection),
         )
         .num("idle_timeout_ms", *idle_timeout_ms)
+        .num("max_retries", u64::from(*max_retries))
         .into()
 }
 
@@ -331,12 +335,29 @@ fn outlier_json(o: &pb::OutlierDetection) -> Value {
         interval_ms,
         base_ejection_time_ms,
         max_ejection_percent,
+        consecutive_gateway_errors,
+        split_external_local_origin_errors,
+        consecutive_local_origin_failures,
+        min_health_percent,
     } = o;
     Obj::default()
         .num("consecutive_5xx", u64::from(*consecutive_5xx))
         .num("interval_ms", *interval_ms)
         .num("base_ejection_time_ms", *base_ejection_time_ms)
         .num("max_ejection_percent", u64::from(*max_ejection_percent))
+        .num(
+            "consecutive_gateway_errors",
+            u64::from(*consecutive_gateway_errors),
+        )
+        .bool(
+            "split_external_local_origin_errors",
+            *split_external_local_origin_errors,
+        )
+        .num(
+            "consecutive_local_origin_failures",
+            u64::from(*consecutive_local_origin_failures),
+        )
+        .num("min_health_percent", u64::from(*min_health_percent))
         .into()
 }
 

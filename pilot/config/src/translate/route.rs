@@ -345,14 +345,15 @@ fn destination_cluster(
 /// `retries` (§1.5, `retry.ConvertPolicy`): absent = Istio's default policy; `attempts` absent or 0
 /// = no retries; otherwise the default policy with the given attempts, per-try timeout and
 /// `retryOn` (status codes in it are retriable codes, and `retriable-status-codes` is added when
-/// there are any, as Istio does). `backoff`, `retryRemoteLocalities: true` and
-/// `retryIgnorePreviousHosts: false` are not in the model; validation refuses them.
+/// there are any, as Istio does). `retryRemoteLocalities: true` and `retryIgnorePreviousHosts: false`
+/// are not in the model; validation refuses them.
 fn retries(retry: Option<&HttpRetry>) -> Option<pb::RetryPolicy> {
     let Some(retry) = retry else {
         return Some(pb::RetryPolicy {
             attempts: DEFAULT_RETRY_ATTEMPTS,
             per_try_timeout_ms: 0,
             retry_on: DEFAULT_RETRY_ON.iter().map(|s| (*s).to_string()).collect(),
+            backoff_base_ms: 0,
         });
     };
     let attempts = u32::try_from(retry.attempts.unwrap_or(0)).unwrap_or(0);
@@ -367,6 +368,7 @@ fn retries(retry: Option<&HttpRetry>) -> Option<pb::RetryPolicy> {
         attempts,
         per_try_timeout_ms: millis(retry.per_try_timeout.as_ref()),
         retry_on,
+        backoff_base_ms: millis(retry.backoff.as_ref()),
     })
 }
 
