@@ -436,11 +436,10 @@ fn bad_inputs_report_exact_messages() {
             ],
         ),
         (
-            "retry backoff, remote localities, previous hosts",
+            "retry remote localities, previous hosts",
             vs(&format!("{route_v1}    retries:\n      attempts: 2\n      backoff: 50ms\n      retryRemoteLocalities: true\n      retryIgnorePreviousHosts: false\n")),
             vec![
-                "vs.yaml:14:7: document 1 (VirtualService default/httpbin): spec.http[0].retries.backoff: known Istio field not implemented by weft yet (retries are not spaced by a backoff)",
-                "spec.http[0].retries.retryRemoteLocalities: known Istio field not implemented by weft yet (weft has no localities; only false is implemented)",
+                "vs.yaml:15:7: document 1 (VirtualService default/httpbin): spec.http[0].retries.retryRemoteLocalities: known Istio field not implemented by weft yet (weft has no localities; only false is implemented)",
                 "spec.http[0].retries.retryIgnorePreviousHosts: known Istio field not implemented by weft yet (a retry always prefers another endpoint; only true is implemented)",
             ],
         ),
@@ -487,20 +486,17 @@ fn bad_inputs_report_exact_messages() {
             format!("{DR_HEAD}  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnectionDuration: 1h}}\n      http: {{maxRetries: 3, maxConcurrentStreams: 10, useClientProtocol: true, h2UpgradePolicy: UPGRADE}}\n"),
             vec![
                 "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: known Istio field not implemented by weft yet",
-                "spec.trafficPolicy.connectionPool.http.maxRetries: known Istio field not implemented by weft yet",
                 "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: known Istio field not implemented by weft yet",
                 "spec.trafficPolicy.connectionPool.http.useClientProtocol: known Istio field not implemented by weft yet",
                 "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: known Istio field not implemented by weft yet",
             ],
         ),
         (
-            "outlier detection knobs",
-            format!("{DR_HEAD}  trafficPolicy:\n    portLevelSettings:\n    - port: {{number: 80}}\n      outlierDetection: {{consecutiveGatewayErrors: 5, minHealthPercent: 50, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3}}\n"),
+            "outlier detection: local-origin failures without the split",
+            format!("{DR_HEAD}  trafficPolicy:\n    portLevelSettings:\n    - port: {{number: 80}}\n      outlierDetection: {{consecutiveGatewayErrors: 5, minHealthPercent: 50, consecutiveLocalOriginFailures: 3, consecutiveErrors: 2}}\n"),
             vec![
-                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.consecutiveGatewayErrors: known Istio field not implemented by weft yet (only consecutive5xxErrors ejects endpoints)",
-                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.minHealthPercent: known Istio field not implemented by weft yet (ejection never stops for a pool's health; only 0 is implemented)",
-                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.splitExternalLocalOriginErrors: known Istio field not implemented by weft yet (only false is implemented)",
-                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.consecutiveLocalOriginFailures: known Istio field not implemented by weft yet",
+                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.consecutiveErrors: known Istio field not implemented by weft yet (deprecated in Istio; use consecutive5xxErrors)",
+                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.consecutiveLocalOriginFailures: consecutiveLocalOriginFailures is only valid when splitExternalLocalOriginErrors is true",
             ],
         ),
         (

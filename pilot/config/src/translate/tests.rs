@@ -915,3 +915,70 @@ spec:
         "spiffe://cluster.local/ns/default/sa/httpbin-v1"
     );
 }
+
+#[test]
+fn outlier_pool_and_backoff_fields_reach_the_model() {
+    let yaml = format!(
+        "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: httpbin}}
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool: {{http: {{maxRetries: 4, http1MaxPendingRequests: 2}}}}
+    outlierDetection: {{consecutiveGatewayErrors: 3, minHealthPercent: 40, splitExternalLocalOriginErrors: true}}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      outlierDetection: {{consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 7}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: httpbin}}
+spec:
+  hosts: [httpbin]
+  http:
+  - route: [{{destination: {{host: httpbin}}}}]
+    retries: {{attempts: 1, backoff: 40ms}}
+"
+    );
+    let config = view(&yaml, &sleep());
+    let cluster = |subset: &str| {
+        config
+            .clusters
+            .iter()
+            .find(|c| c.subset == subset)
+            .unwrap_or_else(|| panic!("cluster for subset {subset:?}"))
+    };
+    let whole = cluster("").outlier_detection.clone().unwrap_or_default();
+    // Left out: Envoy's defaults; split on: 5 local-origin failures.
+    assert_eq!(
+        (
+            whole.consecutive_5xx,
+            whole.consecutive_gateway_errors,
+            whole.split_external_local_origin_errors,
+            whole.consecutive_local_origin_failures,
+            whole.min_health_percent,
+            whole.max_ejection_percent
+        ),
+        (5, 3, true, 5, 40, 10)
+    );
+    let pool = cluster("").connection_pool.clone().unwrap_or_default();
+    assert_eq!((pool.max_retries, pool.max_pending_requests), (4, 2));
+    let v1 = cluster("v1").outlier_detection.clone().unwrap_or_default();
+    assert_eq!(
+        (
+            v1.consecutive_5xx,
+            v1.consecutive_gateway_errors,
+            v1.consecutive_local_origin_failures
+        ),
+        (0, 2, 7)
+    );
+    let retries = routes(&config)
+        .first()
+        .and_then(|r| r.retries.clone())
+        .unwrap_or_default();
+    assert_eq!((retries.attempts, retries.backoff_base_ms), (1, 40));
+}
