@@ -1,6 +1,6 @@
 //! The admin listener (loopback only): `/ready`, `/config_dump`, `/stats/prometheus`; the status
 //! listener (kubelet, `/healthz/ready`); and the Prometheus listener (Istio's 15020: the sidecar's
-//! metrics merged with the app's, see [`crate::appmetrics`]).
+//! metrics merged with the app's, see [`crate::telemetry::appmetrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use weft_ca::tls::{CredentialStore, TrustBundle};
 
-use crate::config::{MtlsMode, RouteTable};
 use crate::control::ControlStats;
+use crate::route::{MtlsMode, RouteTable};
 
 /// What the admin endpoints read.
 #[derive(Debug)]
@@ -31,9 +31,9 @@ pub struct Admin {
     /// Discovery counters.
     pub control: Arc<ControlStats>,
     /// Mirroring counters.
-    pub mirror: Arc<crate::mirror::MirrorStats>,
+    pub mirror: Arc<crate::outbound::mirror::MirrorStats>,
     /// Span export counters.
-    pub trace: Arc<crate::trace::TraceStats>,
+    pub trace: Arc<crate::telemetry::trace::TraceStats>,
     /// Istio metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// The sidecar's drain: not ready once it has started.
@@ -41,7 +41,7 @@ pub struct Admin {
     /// The listeners' counters.
     pub listeners: Arc<crate::listener::Stats>,
     /// The app's metrics to merge on the Prometheus port, when its annotations named them.
-    pub app_metrics: Option<crate::appmetrics::AppMetrics>,
+    pub app_metrics: Option<crate::telemetry::appmetrics::AppMetrics>,
 }
 
 /// Which listener a request came in on: each serves its own set of endpoints.
@@ -108,11 +108,11 @@ impl Admin {
                         "routes": p.routes.iter().map(|r| serde_json::json!({
                             "name": r.name,
                             "destinations": match &r.action {
-                                crate::config::Action::Forward { destinations, .. } => destinations
+                                crate::route::Action::Forward { destinations, .. } => destinations
                                     .iter()
                                     .map(|d| serde_json::json!({"cluster": d.cluster.name, "weight": d.weight}))
                                     .collect::<Vec<_>>(),
-                                crate::config::Action::Redirect(_) => Vec::new(),
+                                crate::route::Action::Redirect(_) => Vec::new(),
                             },
                             "mirrors": r.mirrors.iter().map(|m| serde_json::json!({
                                 "cluster": m.cluster.name,

@@ -109,7 +109,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
     pub trust_domain: String,
     /// Largest request body copied to mirrors (bytes); larger bodies are not mirrored (counted).
-    #[arg(long, default_value_t = crate::mirror::DEFAULT_MAX_BODY, env = "WEFT_MIRROR_MAX_BODY")]
+    #[arg(long, default_value_t = crate::outbound::mirror::DEFAULT_MAX_BODY, env = "WEFT_MIRROR_MAX_BODY")]
     pub mirror_max_body: usize,
     /// Access log on stdout, one line per request: text (Envoy's default format), json, or off.
     #[arg(long, value_enum, default_value = "text", env = "WEFT_ACCESS_LOG")]
@@ -252,7 +252,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 mirror_max_body: args.mirror_max_body,
                 status_port: args.status_port,
                 prometheus_port: args.prometheus_port,
-                app_metrics: crate::appmetrics::parse_annotations(
+                app_metrics: crate::telemetry::appmetrics::parse_annotations(
                     args.app_prometheus_annotations.as_deref().unwrap_or(""),
                 )
                 .context("--app-prometheus-annotations (WEFT_APP_PROMETHEUS_ANNOTATIONS)")?,

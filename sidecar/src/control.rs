@@ -15,7 +15,7 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
 
-use crate::config::RouteTable;
+use crate::route::RouteTable;
 
 /// Backoff bounds (ztunnel's xDS client: 10 ms doubling to 15 s; we start at 100 ms).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -142,7 +142,7 @@ async fn session(
         let version = response.version_info.clone();
         let converted = response
             .config
-            .ok_or(crate::config::InvalidConfig::Missing("config"))
+            .ok_or(crate::route::InvalidConfig::Missing("config"))
             .and_then(|c| RouteTable::convert(version.clone(), c));
         let reply = match converted {
             Ok(table) => {

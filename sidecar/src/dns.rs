@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RouteTable;
+use crate::route::RouteTable;
 
 /// How long the upstream resolver gets before the client receives SERVFAIL.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);

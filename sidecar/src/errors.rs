@@ -5,10 +5,10 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use crate::upstream::{Body, UpstreamError};
+use crate::http::body::Body;
+use crate::upstream::UpstreamError;
 
-/// Header carrying the mesh's reason for a failure it generated.
-pub const ERROR_HEADER: &str = "x-weft-error";
+pub use crate::http::headers::ERROR_HEADER;
 
 /// Why the proxy answered instead of the upstream.
 #[derive(Debug, thiserror::Error)]

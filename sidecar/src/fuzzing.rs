@@ -17,11 +17,11 @@ use http::header::{self, HeaderName};
 use prost::Message;
 use weft_proto::discovery as pb;
 
-use crate::config::{RequestView, RouteTable};
-use crate::h1::client::fuzzing as client;
-use crate::h1::server::fuzzing as server;
-use crate::h1::{MAX_HEAD, MAX_HEADERS};
-use crate::headers;
+use crate::http::h1::client::fuzzing as client;
+use crate::http::h1::server::fuzzing as server;
+use crate::http::h1::{MAX_HEAD, MAX_HEADERS};
+use crate::http::headers;
+use crate::route::{RequestView, RouteTable};
 
 /// A raw request head as httparse reads it with hyper's header limit: the reference the parsers are
 /// held to. `None` when it is not a complete, well-formed head.
@@ -242,10 +242,10 @@ pub fn h1_chunked(data: &[u8]) {
 /// hop-by-hop survives stripping. The guard also runs over every input, as a byte stream.
 pub fn framing(data: &[u8]) {
     let raw = RawHead::parse(data);
-    let judged = crate::h1::framing::judge(data);
+    let judged = crate::http::h1::framing::judge(data);
     if let Some(raw) = &raw
         && raw.ambiguous()
-        && data.len() <= crate::h1::MAX_HEAD
+        && data.len() <= crate::http::h1::MAX_HEAD
     {
         assert!(
             matches!(judged, Err((_, _, true))),
@@ -254,8 +254,8 @@ pub fn framing(data: &[u8]) {
     }
     if raw.is_some() {
         assert_eq!(
-            crate::sniff::classify(data),
-            crate::sniff::Verdict::Http,
+            crate::http::sniff::classify(data),
+            crate::http::sniff::Verdict::Http,
             "a request hyper would take is not sniffed as HTTP"
         );
     }
@@ -413,7 +413,7 @@ pub fn route_table(data: &[u8]) {
                 assert!(table.by_vip(SocketAddr::new(vip, port.port)).is_some());
             }
             if let Some(route) = port.route(&view)
-                && let crate::config::Action::Forward { total_weight, .. } = &route.action
+                && let crate::route::Action::Forward { total_weight, .. } = &route.action
             {
                 for roll in [0, 1, total_weight / 2, total_weight - 1, u32::MAX] {
                     assert!(route.pick(roll).is_some());
@@ -484,8 +484,8 @@ fn refusable(data: &[u8], raw: &RawHead) -> bool {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let framing_refused = matches!(req.parse(data), Ok(httparse::Status::Complete(_)))
-        && crate::h1::framing::request_framing(&req).is_err();
-    framing_refused || crate::h1::framing::has_bare_lf(&data[..raw.len])
+        && crate::http::h1::framing::request_framing(&req).is_err();
+    framing_refused || crate::http::h1::framing::has_bare_lf(&data[..raw.len])
 }
 
 /// Differential: `h1::server` and hyper's HTTP/1 server on the same request bytes.

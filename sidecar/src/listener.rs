@@ -60,8 +60,8 @@ pub struct Edge {
 
 impl Edge {
     /// The bounds of one HTTP/1.1 connection served by `h1::server`.
-    pub fn bounds(&self) -> crate::h1::server::Bounds<'_> {
-        crate::h1::server::Bounds {
+    pub fn bounds(&self) -> crate::http::h1::server::Bounds<'_> {
+        crate::http::h1::server::Bounds {
             closing: self.drain.signal(),
             head_timeout: self.limits.head_timeout,
             idle_timeout: self.limits.idle_timeout,
@@ -78,13 +78,13 @@ pub async fn serve_hyper<IO, S>(
     io: IO,
     svc: S,
     edge: &Edge,
-    h2: crate::peer::Windows,
+    h2: crate::http::peer::Windows,
 ) -> Result<(), String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::upstream::Body>,
+            Response = http::Response<crate::http::body::Body>,
         > + Clone
         + Send
         + 'static,
@@ -100,13 +100,13 @@ where
         .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(edge.limits.head_timeout)
-        .max_buf_size(crate::h1::MAX_HEAD);
+        .max_buf_size(crate::http::h1::MAX_HEAD);
     builder
         .http2()
         .initial_stream_window_size(h2.stream)
         .initial_connection_window_size(h2.connection)
         .max_send_buf_size(h2.max_send_buf)
-        .max_header_list_size(u32::try_from(crate::h1::MAX_HEAD).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(crate::http::h1::MAX_HEAD).unwrap_or(u32::MAX));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let served = tokio::select! {

@@ -23,10 +23,10 @@ use weft_ca::tls::{self, ClientAuth, CredentialStore};
 use weft_proto::discovery as pb;
 
 use crate::admin::{Admin, Port};
-use crate::config::RouteTable;
 use crate::control::{ControlConfig, ControlStats};
 use crate::inbound::{AppTarget, Inbound};
 use crate::outbound::{Mode, Outbound};
+use crate::route::RouteTable;
 use crate::upstream::Upstreams;
 
 /// Namespace and service account of pilot's identity.
@@ -82,7 +82,7 @@ pub struct RunConfig {
     /// Prometheus' scrape port (merged `/stats/prometheus` on `bind`), like Istio's 15020; 0 = off.
     pub prometheus_port: u16,
     /// The app's metrics to merge there (from its original `prometheus.io/*` annotations).
-    pub app_metrics: Option<crate::appmetrics::AppTarget>,
+    pub app_metrics: Option<crate::telemetry::appmetrics::AppTarget>,
     /// Requested certificate lifetime.
     pub cert_ttl: Duration,
     /// How long a drain may take before the process exits anyway.
@@ -219,10 +219,10 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         Mode::Transparent => AppTarget::OriginalPort,
         Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),
     };
-    let tracer = match crate::trace::Endpoint::from_env(|k| std::env::var(k).ok()) {
+    let tracer = match crate::telemetry::trace::Endpoint::from_env(|k| std::env::var(k).ok()) {
         Some(endpoint) => {
             tracing::info!(?endpoint, "exporting spans over OTLP");
-            crate::trace::Tracer::start(
+            crate::telemetry::trace::Tracer::start(
                 endpoint,
                 vec![
                     ("k8s.pod.name", cfg.name.clone()),
@@ -232,7 +232,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
                 stopped.clone(),
             )
         }
-        None => crate::trace::Tracer::disabled(),
+        None => crate::telemetry::trace::Tracer::disabled(),
     };
     let pod_name: Arc<str> = Arc::from(cfg.name.as_str());
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
@@ -271,11 +271,11 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         },
     ));
     let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
-    let mirrors = Arc::new(crate::mirror::Mirrors::new(
+    let mirrors = Arc::new(crate::outbound::mirror::Mirrors::new(
         upstreams.clone(),
         cfg.ip.to_string(),
         cfg.mirror_max_body,
-        crate::mirror::DEFAULT_MAX_IN_FLIGHT,
+        crate::outbound::mirror::DEFAULT_MAX_IN_FLIGHT,
     ));
     let outbound = Arc::new(Outbound {
         tables: tables.clone(),
@@ -310,7 +310,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         app_metrics: cfg
             .app_metrics
             .clone()
-            .map(crate::appmetrics::AppMetrics::new),
+            .map(crate::telemetry::appmetrics::AppMetrics::new),
     });
 
     let node = pb::Node {

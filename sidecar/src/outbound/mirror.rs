@@ -24,10 +24,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::balance;
-use crate::config::{Cluster, Route, TlsMode, shadow_authority};
-use crate::trace::{Hop, Kind, Span, Tracer};
-use crate::upstream::{Body, BodyError, Upstreams};
+use crate::http::body::{Body, BodyError};
+use crate::route::{Cluster, Route, TlsMode, shadow_authority};
+use crate::telemetry::trace::{Hop, Kind, Span, Tracer};
+use crate::upstream::Upstreams;
+use crate::upstream::balance;
 
 /// Default cap on a mirrored request body (Envoy's connection buffer limit).
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;

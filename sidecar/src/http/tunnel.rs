@@ -10,7 +10,7 @@ use http::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::upstream::Body;
+use crate::http::body::Body;
 
 /// Whether a request asks to switch protocols (`Connection: upgrade` plus an `Upgrade` header).
 pub fn is_upgrade(h: &http::HeaderMap) -> bool {
@@ -55,5 +55,5 @@ where
             http::HeaderValue::from_static("close"),
         );
     }
-    Ok(resp.map(crate::upstream::boxed))
+    Ok(resp.map(crate::http::body::boxed))
 }

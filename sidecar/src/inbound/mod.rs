@@ -5,6 +5,8 @@
 //! else is plaintext, refused under STRICT. Requests then go to the app on localhost, with
 //! `x-forwarded-client-cert` set from the verified peer (and any client-supplied one removed).
 
+pub mod app;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,17 +19,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use weft_ca::SpiffeId;
 
-use crate::config::{MtlsMode, RouteTable};
 use crate::errors::{ProxyError, rescue};
-use crate::h1::framing::{Findings, Guard, refused_body};
-use crate::headers::{check_framing, strip_hop_by_hop, strip_mesh_internal};
+use crate::http::body::Body;
+use crate::http::h1::framing::{Findings, Guard, refused_body};
+use crate::http::headers::{check_framing, strip_hop_by_hop, strip_mesh_internal};
+use crate::http::sniff::Verdict;
 use crate::listener::Edge;
-use crate::sniff::Verdict;
+use crate::route::{MtlsMode, RouteTable};
+use crate::telemetry::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::telemetry::{
     AccessLog, Counted, LogEntry, Metrics, Reporter, RequestMetric, content_length, workload_labels,
 };
-use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
-use crate::upstream::Body;
 
 /// Header naming the verified caller, as Envoy sets it on sidecar inbound.
 const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
@@ -82,7 +84,7 @@ pub struct Inbound {
     unknown_source: crate::telemetry::Labels,
     unknown_service: crate::telemetry::Labels,
     /// Connections to the app.
-    app: crate::app::App,
+    app: crate::inbound::app::App,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -113,7 +115,7 @@ impl Inbound {
             telemetry,
             unknown_source: workload_labels("source", "", "", "", "", ""),
             unknown_service: crate::telemetry::service_labels(""),
-            app: crate::app::App::new(),
+            app: crate::inbound::app::App::new(),
         }
     }
 }
@@ -187,7 +189,7 @@ async fn connection(
         let conn = caller_context(&inbound, app_port, caller, peer)?;
         if is_h2 {
             // The HTTP/2 hop from a peer sidecar: h2 driven directly (see `peer`).
-            return crate::peer::serve(
+            return crate::http::peer::serve(
                 tls,
                 crate::upstream::H2_WINDOWS,
                 edge.drain.signal(),
@@ -210,7 +212,7 @@ async fn connection(
         if mode == MtlsMode::Strict {
             return Err(format!("plaintext refused: port {app_port} is STRICT"));
         }
-        let verdict = crate::sniff::peek_verdict(&tcp, edge.limits.head_timeout)
+        let verdict = crate::http::sniff::peek_verdict(&tcp, edge.limits.head_timeout)
             .await
             .ok_or("closed before its first line")?;
         if verdict == Verdict::Opaque {
@@ -231,7 +233,7 @@ async fn connection(
 }
 
 /// An opaque (ALPN `istio`) stream from a peer sidecar. The app's answer flows back from the start
-/// (server-first protocols work), while the peer's first bytes are held until [`crate::sniff`]
+/// (server-first protocols work), while the peer's first bytes are held until [`crate::http::sniff`]
 /// decides: a stream that cannot be HTTP is spliced; one that is HTTP (a peer's upgrade request, or
 /// what a caller sent through a `CONNECT` tunnel) is served as HTTP with the verified caller, so no
 /// request reaches the app with a header the mesh did not check. A stream whose app already spoke
@@ -277,7 +279,7 @@ where
     });
     let mut first = bytes::BytesMut::new();
     let verdict =
-        crate::sniff::read_verdict(&mut peer_r, &mut first, edge.limits.head_timeout).await;
+        crate::http::sniff::read_verdict(&mut peer_r, &mut first, edge.limits.head_timeout).await;
     // Decided: the app → peer task gives its halves back (between two whole writes).
     let _ = stop_tx.send(());
     let (app_r, peer_w, sent) = to_peer
@@ -289,7 +291,7 @@ where
     // An app that spoke first is no HTTP server: the stream stays opaque whatever the peer sent.
     if verdict == Some(Verdict::Http) && sent == 0 {
         drop(app);
-        let io = crate::h1::server::Replay::new(stream, first.freeze());
+        let io = crate::http::h1::server::Replay::new(stream, first.freeze());
         return serve_http(io, inbound, app_port, conn, edge).await;
     }
     app.write_all(&first).await.map_err(|e| e.to_string())?;
@@ -344,7 +346,7 @@ where
         let (inbound, conn, judged) = (inbound.clone(), conn.clone(), judged.clone());
         // Boxed so that hyper moves a pointer, not the whole request future (see outbound).
         Box::pin(async move {
-            let req = req.map(crate::upstream::boxed);
+            let req = req.map(crate::http::body::boxed);
             let resp = match inbound.forward(req, app_port, &conn).await {
                 Ok(r) => r,
                 Err(e) => rescue(&e),
@@ -399,7 +401,7 @@ impl Inbound {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             });
-        let upgrade = crate::tunnel::is_upgrade(&parts.headers).then(|| {
+        let upgrade = crate::http::tunnel::is_upgrade(&parts.headers).then(|| {
             parts
                 .headers
                 .get(http::header::UPGRADE)
@@ -509,7 +511,7 @@ impl Inbound {
         let elapsed = start.elapsed().unwrap_or_default();
         let (metrics, access_log) = (&self.telemetry.metrics, self.telemetry.access_log);
         let host = authority.as_deref().map(|a| {
-            crate::config::split_authority(a, app_port)
+            crate::route::split_authority(a, app_port)
                 .0
                 .to_ascii_lowercase()
         });
@@ -604,7 +606,7 @@ impl Inbound {
             .ok_or(ProxyError::BadRequest("this connection cannot be upgraded"))?;
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
         let app = TcpStream::connect(app_addr).await.map_err(|e| {
-            app_error(crate::app::AppError::Connect {
+            app_error(crate::inbound::app::AppError::Connect {
                 addr: app_addr,
                 reason: e.to_string(),
             })
@@ -630,10 +632,10 @@ impl Inbound {
         *req.method_mut() = parts.method;
         *req.uri_mut() = http::Uri::from(path);
         *req.headers_mut() = parts.headers;
-        crate::tunnel::upgrade_over(app, req, downstream)
+        crate::http::tunnel::upgrade_over(app, req, downstream)
             .await
             .map_err(|e| {
-                app_error(crate::app::AppError::Exchange {
+                app_error(crate::inbound::app::AppError::Exchange {
                     addr: app_addr,
                     reason: e.to_string(),
                     reset: false,
@@ -646,8 +648,8 @@ impl Inbound {
 /// headers is Envoy's "upstream reset before headers" (503, flag UR); anything else is a failure to
 /// reach the app (502, UF). The reason is the whole cause chain: hyper's own text for a reset is
 /// only "http2 error", the reset's reason is in its source.
-fn app_error(e: crate::app::AppError) -> ProxyError {
-    use crate::app::AppError;
+fn app_error(e: crate::inbound::app::AppError) -> ProxyError {
+    use crate::inbound::app::AppError;
     match e {
         AppError::Exchange {
             reason,

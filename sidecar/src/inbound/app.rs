@@ -1,7 +1,7 @@
 //! The inbound side's connections to the pod's own application on `127.0.0.1`.
 //!
 //! HTTP/1.1 apps (nearly all): a request without a body (most of them) is exchanged by
-//! [`crate::h1::client`] on a connection of its own pool, without hyper. A request with a body takes
+//! [`crate::http::h1::client`] on a connection of its own pool, without hyper. A request with a body takes
 //! a pool of hyper keep-alive connections per app address, each carrying one request at a time.
 //! Taking a connection is one short lock and a scan for one that is idle, which is what this hop
 //! needs on every request; hyper-util's general client (connector, per-host pool keys,
@@ -26,11 +26,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::upstream::Body;
+use crate::http::body::Body;
 
 /// A hyper response as the proxy's response type.
 fn boxed(resp: Response<Incoming>) -> Response<Body> {
-    resp.map(crate::upstream::boxed)
+    resp.map(crate::http::body::boxed)
 }
 
 /// Why a request to the app failed.
@@ -64,7 +64,7 @@ struct Pooled {
 
 /// Connections to the app.
 pub struct App {
-    bodiless: crate::h1::client::Pool,
+    bodiless: crate::http::h1::client::Pool,
     h1: Mutex<Vec<Pooled>>,
     h2: Client<HttpConnector, Body>,
 }
@@ -92,7 +92,7 @@ impl App {
             .pool_timer(TokioTimer::new())
             .build(http);
         Self {
-            bodiless: crate::h1::client::Pool::default(),
+            bodiless: crate::http::h1::client::Pool::default(),
             h1: Mutex::new(Vec::new()),
             h2,
         }
@@ -120,11 +120,11 @@ impl App {
                 }
             });
         }
-        if crate::h1::client::eligible(&req) {
-            return crate::h1::client::send(&self.bodiless, addr, req)
+        if crate::http::h1::client::eligible(&req) {
+            return crate::http::h1::client::send(&self.bodiless, addr, req)
                 .await
                 .map_err(|e| match e {
-                    crate::h1::client::Error::Connect(e) => AppError::Connect {
+                    crate::http::h1::client::Error::Connect(e) => AppError::Connect {
                         addr,
                         reason: e.to_string(),
                     },
@@ -184,7 +184,7 @@ impl App {
     /// response has ended.
     fn checkin(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
         let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < crate::h1::MAX_POOLED {
+        if pool.len() < crate::http::h1::MAX_POOLED {
             pool.push(Pooled { addr, sender });
         }
     }
@@ -209,7 +209,7 @@ async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Body>, AppError>
 
 /// Whether an HTTP/2 stream reset is among the causes.
 fn is_reset(e: &(dyn std::error::Error + 'static)) -> bool {
-    crate::peer::h2_error(e).is_some_and(h2::Error::is_reset)
+    crate::http::peer::h2_error(e).is_some_and(h2::Error::is_reset)
 }
 
 #[cfg(test)] // tests below may unwrap

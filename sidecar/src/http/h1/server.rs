@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::framing::{BodyFraming, HeadFacts};
 use super::{MAX_HEAD, MAX_HEADERS, header_map};
-use crate::headers::{length_value, tokens};
-use crate::upstream::Body;
+use crate::http::body::Body;
+use crate::http::headers::{length_value, tokens};
 
 /// Gathered output beyond this is written before more is gathered: a 1 MiB body leaves in 16
 /// writes instead of one per HTTP/2 frame.
@@ -92,7 +92,7 @@ where
                     Parsed::Partial => {}
                     Parsed::Other => return Ok(Outcome::HandOver(io, buf.freeze())),
                     Parsed::Refused(reason) => {
-                        io.write_all(&crate::headers::bad_request_bytes(reason))
+                        io.write_all(&crate::http::headers::bad_request_bytes(reason))
                             .await?;
                         return Ok(Outcome::Closed);
                     }
@@ -296,7 +296,7 @@ fn parse_request(buf: &mut BytesMut) -> Parsed {
     if data.len() > len {
         *buf = BytesMut::from(data.slice(len..));
     }
-    let mut request = Request::new(crate::outbound::empty_body());
+    let mut request = Request::new(crate::http::body::empty_body());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = taken.version;
@@ -582,7 +582,7 @@ impl Gather {
 fn poll_frame(
     body: &mut Body,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, crate::upstream::BodyError>>> {
+) -> Poll<Option<Result<Frame<Bytes>, crate::http::body::BodyError>>> {
     Pin::new(body).poll_frame(cx)
 }
 
@@ -738,7 +738,7 @@ mod tests {
         let body: Body = match path.as_str() {
             // No length known: chunked, with a trailer.
             "/stream" => {
-                let frames: Vec<Result<Frame<Bytes>, crate::upstream::BodyError>> = vec![
+                let frames: Vec<Result<Frame<Bytes>, crate::http::body::BodyError>> = vec![
                     Ok(Frame::data(Bytes::from_static(b"hello "))),
                     Ok(Frame::data(Bytes::from(vec![b'x'; 20_000]))),
                     Ok(Frame::trailers({
@@ -751,7 +751,8 @@ mod tests {
             }
             // Many HTTP/2-sized frames, each of its own byte: order and completeness show.
             "/big" | "/big-chunked" => {
-                let frames: Vec<Result<Frame<Bytes>, crate::upstream::BodyError>> = (0..BIG_FRAMES)
+                let frames: Vec<Result<Frame<Bytes>, crate::http::body::BodyError>> = (0
+                    ..BIG_FRAMES)
                     .map(|i| Ok(Frame::data(Bytes::from(vec![big_byte(i); BIG_FRAME]))))
                     .collect();
                 let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
@@ -763,7 +764,7 @@ mod tests {
                 return resp;
             }
             "/broken" => {
-                let frames: Vec<Result<Frame<Bytes>, crate::upstream::BodyError>> = vec![
+                let frames: Vec<Result<Frame<Bytes>, crate::http::body::BodyError>> = vec![
                     Ok(Frame::data(Bytes::from_static(b"part"))),
                     Err("upstream reset".into()),
                 ];
@@ -1197,7 +1198,7 @@ mod tests {
             server,
             bounds(Duration::from_secs(10), Duration::from_secs(60)),
             |_req| async {
-                let mut resp = Response::new(crate::outbound::empty_body());
+                let mut resp = Response::new(crate::http::body::empty_body());
                 *resp.status_mut() = StatusCode::BAD_REQUEST;
                 resp
             },

@@ -6,7 +6,7 @@
 //! parsing: hyper's client was 14k of the inbound side's 61k instructions per request
 //! (`bench/callgrind-pair.sh`). Here the request's task writes the head and reads the response head
 //! itself; the response body reads the rest from the same connection and puts the connection back in
-//! the pool when it has ended. A request with a body still goes through hyper (see [`crate::app`]):
+//! the pool when it has ended. A request with a body still goes through hyper (see [`crate::inbound::app`]):
 //! an app may answer before it has read an upload, so the upload and the response must move at the
 //! same time, which is what hyper's connection task is for.
 //!
@@ -39,8 +39,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{MAX_HEAD, MAX_HEADERS, MAX_POOLED, header_map};
-use crate::headers::{length_value, tokens};
-use crate::upstream::{Body, BodyError};
+use crate::http::body::{Body, BodyError};
+use crate::http::headers::{length_value, tokens};
 
 /// Reads ask for at least this much room.
 const READ_CHUNK: usize = 16 * 1024;
@@ -146,7 +146,7 @@ impl Pool {
 pub fn eligible(req: &Request<Body>) -> bool {
     req.body().is_end_stream()
         && req.method() != Method::CONNECT
-        && crate::headers::declared_length(req.headers()).is_none_or(|n| n == 0)
+        && crate::http::headers::declared_length(req.headers()).is_none_or(|n| n == 0)
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
 }
 
@@ -345,7 +345,7 @@ fn respond(
                 pool.put(addr, conn);
             }
             if data.is_empty() {
-                crate::outbound::empty_body()
+                crate::http::body::empty_body()
             } else {
                 http_body_util::Full::new(data)
                     .map_err(|never| match never {})

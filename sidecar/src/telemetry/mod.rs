@@ -14,6 +14,9 @@
 //! Label sets are built once (per workload, cluster, endpoint or connection) as preformatted label
 //! fragments shared by `Arc`, so recording a request is a hash-map update under a short lock.
 
+pub mod appmetrics;
+pub mod trace;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -507,7 +510,7 @@ impl AccessLog {
 
 /// Content-Length of a header map, 0 when absent.
 pub fn content_length(h: &http::HeaderMap) -> u64 {
-    crate::headers::declared_length(h).unwrap_or(0)
+    crate::http::headers::declared_length(h).unwrap_or(0)
 }
 
 #[cfg(test)]

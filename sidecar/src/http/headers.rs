@@ -1,5 +1,8 @@
 //! Header hygiene at the proxy's edges: hop-by-hop headers, ambiguous framing, spoofed mesh headers.
 
+/// Header carrying the mesh's reason for a failure it generated.
+pub const ERROR_HEADER: &str = "x-weft-error";
+
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
@@ -151,7 +154,7 @@ pub fn bad_request_bytes(reason: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}: bad request: {reason}\r\nconnection: close\r\n\r\n{body}",
         body.len(),
-        crate::errors::ERROR_HEADER,
+        ERROR_HEADER,
     )
     .into_bytes()
 }

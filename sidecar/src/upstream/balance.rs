@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::config::{Cluster, Endpoint, LbPolicy};
+use crate::route::{Cluster, Endpoint, LbPolicy};
 
 /// Picks an endpoint, or `None` when the cluster has none. `skip` excludes an endpoint that just
 /// failed (a retry goes elsewhere when there is an elsewhere).
@@ -75,7 +75,7 @@ mod tests {
                 })
                 .collect(),
             lb,
-            tls: crate::config::TlsMode::Auto,
+            tls: crate::route::TlsMode::Auto,
             connect_timeout: Duration::from_secs(1),
             cursor: AtomicUsize::new(0),
             metric_labels: crate::telemetry::Labels::new(String::new()),

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{MAX_HEAD, MAX_HEADERS};
-use crate::headers::{length_value, tokens};
+use crate::http::headers::{length_value, tokens};
 
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,7 @@ impl Findings {
 
 /// The answer to a request whose chunked body the guard cut short: 400, whatever the upstream made
 /// of the truncated request (it would otherwise be a 502 blaming the upstream).
-pub fn refused_body(verdict: &Findings) -> Option<http::Response<crate::upstream::Body>> {
+pub fn refused_body(verdict: &Findings) -> Option<http::Response<crate::http::body::Body>> {
     let reason = verdict.body_refused()?;
     let mut resp = crate::errors::rescue(&crate::errors::ProxyError::BadRequest(reason));
     resp.headers_mut().insert(
@@ -453,7 +453,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guard<IO> {
             buf.set_filled(before + at.min(got));
             if in_head {
                 let _ = this.verdict.head.set(reason);
-                this.answer = Some((crate::headers::bad_request_bytes(reason), 0));
+                this.answer = Some((crate::http::headers::bad_request_bytes(reason), 0));
             } else {
                 let _ = this.verdict.body.set(reason);
                 if at == 0 {

@@ -3,7 +3,7 @@
 //! To a peer sidecar: mTLS (verifying that the peer presents the SPIFFE ID pilot gave for the endpoint)
 //! carrying HTTP/2, so every request to that endpoint shares one connection. Pools are keyed by the dialled
 //! address and the expected identity, never by the request's authority (which is often a VIP; pitfall
-//! P11); the HTTP/2 itself is in [`crate::peer`]. To an endpoint without a sidecar, or with TLS disabled
+//! P11); the HTTP/2 itself is in [`crate::http::peer`]. To an endpoint without a sidecar, or with TLS disabled
 //! by a DestinationRule: plaintext HTTP/1.1 through hyper-util's pooled client.
 
 // Looked up on every request with keys pilot chose (a request can only miss, never insert): foldhash
@@ -13,8 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -22,20 +20,11 @@ use tokio::net::TcpStream;
 use weft_ca::SpiffeId;
 use weft_ca::tls::{self, CredentialStore, TrustBundle};
 
-use crate::peer::{Connection, Windows};
+use crate::http::peer::{Connection, Windows};
 
-/// Why a body stopped early (a hyper or h2 error; the reason of an HTTP/2 reset stays findable in
-/// its source chain, see [`crate::peer::h2_reason`]).
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub mod balance;
 
-/// The body type the proxy moves around: streamed, boxed once per request.
-pub type Body = BoxBody<Bytes, BodyError>;
-
-/// A hyper body (a request from a client, a response from an app) as a [`Body`].
-pub fn boxed(body: hyper::body::Incoming) -> Body {
-    use http_body_util::BodyExt;
-    body.map_err(BodyError::from).boxed()
-}
+pub use crate::http::body::{Body, BodyError, boxed};
 
 /// Why an upstream request failed before a response arrived.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,7 +74,7 @@ pub const H2_WINDOWS: Windows = Windows {
     stream: 256 * 1024,
     connection: 1024 * 1024,
     max_send_buf: 64 * 1024,
-    keepalive: crate::peer::KEEPALIVE,
+    keepalive: crate::http::peer::KEEPALIVE,
 };
 
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of
@@ -154,8 +143,8 @@ impl Upstreams {
         req: http::Request<Body>,
     ) -> Result<http::Response<Body>, Result<http::Request<Body>, UpstreamError>> {
         sender.send(req).await.map_err(|e| match e {
-            crate::peer::SendError::NotSent(req, _) => Ok(*req),
-            crate::peer::SendError::Failed(e) => Err(UpstreamError::Http {
+            crate::http::peer::SendError::NotSent(req, _) => Ok(*req),
+            crate::http::peer::SendError::Failed(e) => Err(UpstreamError::Http {
                 addr,
                 reason: e.to_string(),
             }),

@@ -22,11 +22,12 @@ use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{Request, Response};
 
-use crate::headers::declared_length;
+use crate::http::headers::declared_length;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::upstream::{Body, BodyError, TcpOrTls};
+use crate::http::body::{Body, BodyError};
+use crate::upstream::TcpOrTls;
 use weft_ca::grpc::Keepalive;
 
 /// The hop's HTTP/2 keepalive, on both ends: a PING every 10 s, the connection closed when one is not
@@ -269,7 +270,7 @@ impl Connection {
         // names in the table, and the never-indexed ones in between refer to the name by index.
         let n = self.driven.next_stream();
         if n.is_multiple_of(NAME_REFRESH) {
-            for name in &crate::trace::MESH_IDS {
+            for name in &crate::telemetry::trace::MESH_IDS {
                 if let Some(v) = parts.headers.get_mut(name) {
                     v.set_sensitive(false);
                 }
@@ -724,8 +725,8 @@ mod tests {
                 WINDOWS,
                 &Default::default(),
                 |req: Request<Body>| async move {
-                    let mut resp = Response::new(crate::outbound::empty_body());
-                    for name in &crate::trace::MESH_IDS {
+                    let mut resp = Response::new(crate::http::body::empty_body());
+                    for name in &crate::telemetry::trace::MESH_IDS {
                         if let Some(v) = req.headers().get(name) {
                             resp.headers_mut().insert(name.clone(), v.clone());
                         }
@@ -742,11 +743,11 @@ mod tests {
         // The first request primes the names; the rest refer to them by index.
         for _ in 0..5 {
             let mut req = Request::get("http://peer.test/ids")
-                .body(crate::outbound::empty_body())
+                .body(crate::http::body::empty_body())
                 .unwrap();
-            let hop = crate::trace::Hop::from_request(req.headers(), 100.0);
+            let hop = crate::telemetry::trace::Hop::from_request(req.headers(), 100.0);
             hop.inject_mesh(req.headers_mut());
-            let id = crate::trace::ensure_request_id(req.headers_mut()).unwrap();
+            let id = crate::telemetry::trace::ensure_request_id(req.headers_mut()).unwrap();
             let b3 = req.headers()["b3"].clone();
             assert!(id.is_sensitive() && b3.is_sensitive());
             let resp = conn.clone().send(req).await.unwrap();

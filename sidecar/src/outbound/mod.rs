@@ -7,31 +7,34 @@
 //! mTLS/HTTP/2 to the peer sidecar (or plaintext where policy says so). Every failure is answered by
 //! `errors::rescue`.
 
+pub mod mirror;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::http::body::empty_body;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::balance::{self, InFlight};
-use crate::config::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
 use crate::errors::{ProxyError, rescue};
-use crate::h1::framing::{Findings, Guard, refused_body};
-use crate::h1::server::{Outcome, Replay};
-use crate::headers::{check_framing, strip_hop_by_hop};
+use crate::http::body::Body;
+use crate::http::h1::framing::{Findings, Guard, refused_body};
+use crate::http::h1::server::{Outcome, Replay};
+use crate::http::headers::{check_framing, strip_hop_by_hop};
 use crate::listener::Edge;
-use crate::mirror::Mirrors;
+use crate::outbound::mirror::Mirrors;
+use crate::route::{Action, Cluster, Endpoint, RequestView, Route, RouteTable, TlsMode};
+use crate::telemetry::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
 use crate::telemetry::{AccessLog, LogEntry, Metrics, Reporter, RequestMetric, content_length};
-use crate::trace::{Hop, Kind, Span, Tracer, ensure_request_id};
-use crate::upstream::{Body, UpstreamError, Upstreams};
+use crate::upstream::balance::{self, InFlight};
+use crate::upstream::{UpstreamError, Upstreams};
 
 /// Tells the peer sidecar (over mTLS only) that its app speaks HTTP/2 (gRPC, h2c).
 pub const APP_PROTOCOL_HEADER: http::HeaderName =
@@ -144,7 +147,7 @@ async fn connection(
     let tcp = crate::telemetry::Counted::new(tcp, outbound.metrics.clone(), false);
     // Requests without a body are served without hyper; the first other request (or anything this
     // server does not parse) hands the connection to hyper.
-    let served = crate::h1::server::serve(tcp, edge.bounds(), |req| {
+    let served = crate::http::h1::server::serve(tcp, edge.bounds(), |req| {
         outbound.handle(req, original_dst, Some(peer))
     })
     .await
@@ -167,7 +170,7 @@ async fn connection(
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (outbound, judged) = (outbound.clone(), judged.clone());
         Box::pin(async move {
-            let req = req.map(crate::upstream::boxed);
+            let req = req.map(crate::http::body::boxed);
             let resp = outbound.handle(req, original_dst, Some(peer)).await;
             Ok::<_, std::convert::Infallible>(refused_body(&judged).unwrap_or(resp))
         })
@@ -185,8 +188,8 @@ async fn connection(
 /// its sidecar must prove (none when TLS is disabled or the endpoint has no sidecar).
 fn tcp_target(
     table: &RouteTable,
-    svc: &crate::config::Service,
-    port: &crate::config::ServicePort,
+    svc: &crate::route::Service,
+    port: &crate::route::ServicePort,
 ) -> Option<(SocketAddr, Option<weft_ca::SpiffeId>, Duration)> {
     let cluster = table.cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
     let (_, e) = balance::pick(cluster, None)?;
@@ -202,7 +205,7 @@ fn tcp_target(
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether a captured connection carries HTTP: a Service port declared `tcp` never does; otherwise the
-/// first bytes decide (Istio's protocol sniffing, by [`crate::sniff`]'s rule), and silence means a
+/// first bytes decide (Istio's protocol sniffing, by [`crate::http::sniff`]'s rule), and silence means a
 /// server-first protocol.
 async fn is_http(tcp: &TcpStream, outbound: &Outbound, dst: SocketAddr) -> bool {
     let declared_tcp = {
@@ -212,7 +215,8 @@ async fn is_http(tcp: &TcpStream, outbound: &Outbound, dst: SocketAddr) -> bool 
     if declared_tcp {
         return false;
     }
-    crate::sniff::peek_verdict(tcp, SNIFF_TIMEOUT).await == Some(crate::sniff::Verdict::Http)
+    crate::http::sniff::peek_verdict(tcp, SNIFF_TIMEOUT).await
+        == Some(crate::http::sniff::Verdict::Http)
 }
 
 impl Outbound {
@@ -282,7 +286,7 @@ impl Outbound {
         if let Ok(v) = http::HeaderValue::from_str(authority) {
             req.headers_mut().insert(http::header::HOST, v);
         }
-        crate::tunnel::upgrade_over(stream, req, downstream)
+        crate::http::tunnel::upgrade_over(stream, req, downstream)
             .await
             .map_err(|e| {
                 ProxyError::Connect(UpstreamError::Http {
@@ -412,7 +416,7 @@ impl Outbound {
         };
         let start = SystemTime::now();
         let (mut parts, mut body) = req.into_parts();
-        if crate::tunnel::is_upgrade(&parts.headers) {
+        if crate::http::tunnel::is_upgrade(&parts.headers) {
             return Box::pin(self.upgrade(parts, &dest.cluster, &authority)).await;
         }
         strip_hop_by_hop(&mut parts.headers);
@@ -624,13 +628,6 @@ impl Outbound {
     }
 }
 
-/// An empty body (redirects).
-pub fn empty_body() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
 fn roll(percent: f64) -> bool {
     percent >= 100.0 || fastrand::f64() * 100.0 < percent
 }
@@ -648,7 +645,7 @@ fn request_authority<B>(req: &Request<B>) -> Option<String> {
 
 fn apply_route_headers(
     route: &Route,
-    dest: &crate::config::HeaderOps,
+    dest: &crate::route::HeaderOps,
     headers: &mut http::HeaderMap,
 ) {
     if !route.request_headers.is_empty() {
@@ -677,7 +674,7 @@ fn rewritten(route: &Route, new: &str, uri: &Uri) -> String {
     let path = uri.path();
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     for m in &route.matches {
-        if let Some(crate::config::StringMatch::Prefix(p)) = &m.uri
+        if let Some(crate::route::StringMatch::Prefix(p)) = &m.uri
             && let Some(rest) = path.strip_prefix(p.as_str())
         {
             return format!("{new}{rest}{query}");
@@ -737,8 +734,8 @@ fn build_request(
     Ok(req)
 }
 
-fn redirect(r: &crate::config::Redirect, authority: &str, uri: &Uri) -> Response<Body> {
-    let (host, port) = crate::config::split_authority(authority, 80);
+fn redirect(r: &crate::route::Redirect, authority: &str, uri: &Uri) -> Response<Body> {
+    let (host, port) = crate::route::split_authority(authority, 80);
     let host = r.authority.as_deref().unwrap_or(host);
     let port = r.port.unwrap_or(port);
     let scheme = r.scheme.as_deref().unwrap_or("http");

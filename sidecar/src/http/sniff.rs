@@ -28,7 +28,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 /// Beyond this many bytes without a verdict, the first line is HTTP (too long for anything else;
 /// the HTTP parser's head limit refuses it).
-pub const MAX_SNIFF: usize = crate::h1::MAX_HEAD;
+pub const MAX_SNIFF: usize = crate::http::h1::MAX_HEAD;
 
 /// RFC 9110 §5.6.2 `tchar`: what a method is made of.
 fn is_tchar(b: u8) -> bool {
