@@ -12,18 +12,18 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
 use tokio_util::sync::CancellationToken;
 use weft_ca::tls::{CredentialStore, TrustBundle};
 
 use crate::control::ControlStats;
-use crate::route::{MtlsMode, RouteTable};
+use crate::route::MtlsMode;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct Admin {
     /// Current config.
-    pub tables: watch::Receiver<Arc<RouteTable>>,
+    pub tables: crate::snapshot::Snapshots,
     /// Current certificate.
     pub creds: Arc<CredentialStore>,
     /// The roots trusted now.
@@ -71,7 +71,7 @@ impl Admin {
             // Every mesh handshake would fail: take the pod out of its Services until renewed.
             return Some("certificate expired and not yet renewed (see the log)\n");
         }
-        if self.tables.borrow().version.is_empty() {
+        if self.tables.borrow().routes.version.is_empty() {
             return Some("waiting for the first config from pilot\n");
         }
         None
@@ -93,7 +93,8 @@ impl Admin {
     }
 
     fn config_dump(&self) -> Response<Full<Bytes>> {
-        let table = self.tables.borrow().clone();
+        let snapshot = self.tables.borrow().clone();
+        let table = &snapshot.routes;
         let creds = self.creds.current();
         let services: Vec<serde_json::Value> = table
             .services()
@@ -125,6 +126,7 @@ impl Admin {
             .collect();
         let mut clusters: Vec<serde_json::Value> = table
             .clusters()
+            .iter()
             .map(|c| {
                 serde_json::json!({
                     "name": c.name,
@@ -193,8 +195,7 @@ impl Admin {
 
     fn control_stats(&self) -> String {
         let c = &self.control;
-        let table = self.tables.borrow().clone();
-        let version: u64 = table.version.parse().unwrap_or(0);
+        let version: u64 = self.tables.borrow().routes.version.parse().unwrap_or(0);
         format!(
             "# TYPE weft_config_pushes_total counter\nweft_config_pushes_total {}\n\
              # TYPE weft_config_nacks_total counter\nweft_config_nacks_total {}\n\

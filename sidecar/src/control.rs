@@ -16,6 +16,7 @@ use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
 
 use crate::route::RouteTable;
+use crate::snapshot::Snapshot;
 
 /// Backoff bounds (ztunnel's xDS client: 10 ms doubling to 15 s; we start at 100 ms).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -53,7 +54,7 @@ pub struct ControlStats {
 pub async fn run(
     cfg: ControlConfig,
     creds: Arc<CredentialStore>,
-    tables: watch::Sender<Arc<RouteTable>>,
+    tables: watch::Sender<Arc<Snapshot>>,
     stats: Arc<ControlStats>,
     shutdown: CancellationToken,
 ) {
@@ -100,7 +101,7 @@ pub enum ControlError {
 async fn session(
     cfg: &ControlConfig,
     creds: &Arc<CredentialStore>,
-    tables: &watch::Sender<Arc<RouteTable>>,
+    tables: &watch::Sender<Arc<Snapshot>>,
     stats: &ControlStats,
 ) -> Result<bool, ControlError> {
     let tls = tls::client_config(
@@ -115,7 +116,7 @@ async fn session(
     // The node goes first; the last accepted version lets pilot know what we run after a reconnect.
     let first = pb::DiscoveryRequest {
         node: Some(cfg.node.clone()),
-        version_info: tables.borrow().version.clone(),
+        version_info: tables.borrow().routes.version.clone(),
         ..Default::default()
     };
     let _ = tx.send(first).await;
@@ -148,7 +149,11 @@ async fn session(
             Ok(table) => {
                 got_config = true;
                 tracing::info!(%version, "config accepted");
-                tables.send_replace(Arc::new(table));
+                let next = {
+                    let previous = tables.borrow();
+                    Snapshot::next(table, &previous)
+                };
+                tables.send_replace(Arc::new(next));
                 pb::DiscoveryRequest {
                     version_info: version,
                     response_nonce: response.nonce,
@@ -159,7 +164,7 @@ async fn session(
                 stats.nacks.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%version, error = %e, "config rejected; keeping the last good one");
                 pb::DiscoveryRequest {
-                    version_info: tables.borrow().version.clone(),
+                    version_info: tables.borrow().routes.version.clone(),
                     response_nonce: response.nonce,
                     error_detail: Some(pb::ErrorDetail {
                         message: e.to_string(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::route::RouteTable;
@@ -218,7 +218,7 @@ pub fn upstream_from_resolv_conf(text: &str) -> Option<SocketAddr> {
 pub async fn serve(
     udp: UdpSocket,
     tcp: TcpListener,
-    tables: watch::Receiver<Arc<RouteTable>>,
+    tables: crate::snapshot::Snapshots,
     upstream: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) {
@@ -238,8 +238,8 @@ pub async fn serve(
                     },
                 };
                 let pkt = buf[..n].to_vec();
-                let table = tables.borrow().clone();
-                match answer(&pkt, &table) {
+                let snapshot = tables.borrow().clone();
+                match answer(&pkt, &snapshot.routes) {
                     Answer::Local(resp) if !resp.is_empty() => {
                         let _ = udp.send_to(&resp, peer).await;
                     }
@@ -271,8 +271,8 @@ pub async fn serve(
                     let len = stream.read_u16().await? as usize;
                     let mut pkt = vec![0u8; len];
                     stream.read_exact(&mut pkt).await?;
-                    let table = tables.borrow().clone();
-                    let resp = match answer(&pkt, &table) {
+                    let snapshot = tables.borrow().clone();
+                    let resp = match answer(&pkt, &snapshot.routes) {
                         Answer::Local(r) => r,
                         Answer::Forward => forward(&pkt, upstream).await,
                     };

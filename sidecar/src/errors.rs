@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 use crate::http::body::Body;
+use crate::telemetry::record::Flags;
 use crate::upstream::UpstreamError;
 
 pub use crate::http::headers::ERROR_HEADER;
@@ -65,18 +66,18 @@ impl ProxyError {
 }
 
 impl ProxyError {
-    /// Envoy's response flag for this failure, for access logs.
-    pub fn flag(&self) -> &'static str {
+    /// Envoy's response flag for this failure.
+    pub fn flag(&self) -> Flags {
         match self {
-            ProxyError::NoService(_) | ProxyError::NoRoute => "NR",
-            ProxyError::NoConfig => "NC",
-            ProxyError::NoEndpoint(_) => "UH",
-            ProxyError::Connect(_) => "UF",
-            ProxyError::UpstreamReset(_) => "UR",
-            ProxyError::Timeout(_) => "UT",
-            ProxyError::BadRequest(_) => "DPE",
-            ProxyError::FaultAbort(_) => "FI",
-            ProxyError::Loop => "-",
+            ProxyError::NoService(_) | ProxyError::NoRoute => Flags::NR,
+            ProxyError::NoConfig => Flags::NC,
+            ProxyError::NoEndpoint(_) => Flags::UH,
+            ProxyError::Connect(_) => Flags::UF,
+            ProxyError::UpstreamReset(_) => Flags::UR,
+            ProxyError::Timeout(_) => Flags::UT,
+            ProxyError::BadRequest(_) => Flags::DPE,
+            ProxyError::FaultAbort(_) => Flags::FI,
+            ProxyError::Loop => Flags::default(),
         }
     }
 }

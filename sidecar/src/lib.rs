@@ -22,5 +22,6 @@ pub mod outbound;
 pub mod route;
 pub mod run;
 pub mod snapshot;
+pub mod stream;
 pub mod telemetry;
 pub mod upstream;

@@ -26,7 +26,7 @@ use crate::admin::{Admin, Port};
 use crate::control::{ControlConfig, ControlStats};
 use crate::inbound::{AppTarget, Inbound};
 use crate::outbound::{Mode, Outbound};
-use crate::route::RouteTable;
+
 use crate::upstream::Upstreams;
 
 /// Namespace and service account of pilot's identity.
@@ -162,7 +162,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     // What keeps serving through the drain (discovery, DNS, admin, readiness, span export) stops
     // after it.
     let stopped = CancellationToken::new();
-    let (tables_tx, tables) = watch::channel(Arc::new(RouteTable::empty()));
+    let (tables_tx, tables) = watch::channel(Arc::new(crate::snapshot::Snapshot::empty()));
     let bind = |what: &'static str, ip: IpAddr, port: u16| async move {
         let addr = SocketAddr::new(ip, port);
         TcpListener::bind(addr)
@@ -254,6 +254,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             label("version"),
         ),
     ));
+    let sinks = crate::telemetry::record::Sinks {
+        tracer: tracer.clone(),
+        pod_name,
+        metrics: metrics.clone(),
+        access_log: cfg.access_log,
+        unknown: crate::telemetry::record::Unknown::default(),
+    };
     let inbound = Arc::new(Inbound::new(
         tables.clone(),
         crate::inbound::InboundTls {
@@ -263,12 +270,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         target,
         identity.clone(),
         own_ports.clone(),
-        crate::inbound::InboundTelemetry {
-            tracer: tracer.clone(),
-            pod_name: pod_name.clone(),
-            metrics: metrics.clone(),
-            access_log: cfg.access_log,
-        },
+        sinks.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
     let mirrors = Arc::new(crate::outbound::mirror::Mirrors::new(
@@ -278,16 +280,12 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         crate::outbound::mirror::DEFAULT_MAX_IN_FLIGHT,
     ));
     let outbound = Arc::new(Outbound {
-        tables: tables.clone(),
+        snapshots: tables.clone(),
         upstreams,
         mode: cfg.mode,
         own_ports: own_ports.clone(),
         mirrors: mirrors.clone(),
-        tracer: tracer.clone(),
-        pod_name,
-        metrics: metrics.clone(),
-        access_log: cfg.access_log,
-        unknown: crate::telemetry::workload_labels("destination", "", "", "", "", ""),
+        sinks,
     });
     let stats = Arc::new(ControlStats::default());
     let drain = crate::listener::Drain::new();

@@ -3,6 +3,9 @@
 /// Header carrying the mesh's reason for a failure it generated.
 pub const ERROR_HEADER: &str = "x-weft-error";
 
+/// Set on a local answer to a request refused by a circuit breaker (Envoy's header).
+pub const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 

@@ -27,7 +27,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::http::body::{Body, BodyError};
-use crate::upstream::TcpOrTls;
+use crate::stream::TcpOrTls;
 use weft_ca::grpc::Keepalive;
 
 /// The hop's HTTP/2 keepalive, on both ends: a PING every 10 s, the connection closed when one is not

@@ -26,9 +26,11 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::http::body::{Body, BodyError};
 use crate::route::{Cluster, Route, TlsMode, shadow_authority};
+use crate::snapshot::Snapshot;
 use crate::telemetry::trace::{Hop, Kind, Span, Tracer};
 use crate::upstream::Upstreams;
 use crate::upstream::balance;
+use crate::upstream::state::ClusterState;
 
 /// Default cap on a mirrored request body (Envoy's connection buffer limit).
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -67,6 +69,7 @@ pub struct Mirrors {
 #[derive(Debug)]
 pub struct Copy {
     cluster: Arc<Cluster>,
+    state: Arc<ClusterState>,
     head: http::request::Parts,
     authority: String,
     path: String,
@@ -95,18 +98,25 @@ impl Mirrors {
     /// primary's final head. Empty for most requests, so it allocates nothing then.
     pub fn prepare(
         &self,
+        snapshot: &Snapshot,
         route: &Route,
         head: &http::request::Parts,
-        authority: &str,
-        path: &str,
-        parent: &Hop,
-        shadow_suffix: bool,
+        primary: Primary<'_>,
     ) -> Vec<Copy> {
+        let Primary {
+            authority,
+            path,
+            hop: parent,
+        } = primary;
+        let shadow_suffix = snapshot.routes.mirror_shadow_suffix;
         let mut copies = Vec::new();
         for m in &route.mirrors {
             if !(m.percent >= 100.0 || fastrand::f64() * 100.0 < m.percent) {
                 continue;
             }
+            let Some(state) = snapshot.upstream.cluster(m.cluster.index) else {
+                continue;
+            };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -133,6 +143,7 @@ impl Mirrors {
             }
             copies.push(Copy {
                 cluster: m.cluster.clone(),
+                state: state.clone(),
                 head: parts,
                 authority: if shadow_suffix {
                     shadow_authority(authority)
@@ -230,7 +241,7 @@ impl Mirrors {
 }
 
 async fn send_copy(upstreams: &Upstreams, copy: &Copy, body: Bytes) -> Option<u16> {
-    let (_, endpoint) = balance::pick(&copy.cluster, None)?;
+    let (_, endpoint) = balance::pick(&copy.cluster, &copy.state, None)?;
     let identity = match copy.cluster.tls {
         TlsMode::Disable => None,
         TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
@@ -324,5 +335,41 @@ impl HttpBody for TeeBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The primary request's final target, which the copies take over.
+#[derive(Debug, Clone, Copy)]
+pub struct Primary<'a> {
+    /// The authority sent upstream (before the `-shadow` suffix).
+    pub authority: &'a str,
+    /// Path and query sent upstream.
+    pub path: &'a str,
+    /// The primary's trace context; each copy is a child span.
+    pub hop: &'a Hop,
+}
+
+/// Stage 4: rolls `route`'s mirrors for this request and starts the copies: at once for a request
+/// without a body, else once the primary's body has passed (the returned body tees it).
+#[allow(clippy::too_many_arguments)] // the stage's inputs, each from a different owner
+pub fn start(
+    mirrors: &Mirrors,
+    snapshot: &Snapshot,
+    route: &Route,
+    head: &http::request::Parts,
+    body: Body,
+    primary: Primary<'_>,
+    tracer: &Tracer,
+    service: &Arc<str>,
+) -> Body {
+    let copies = mirrors.prepare(snapshot, route, head, primary);
+    if copies.is_empty() {
+        return body;
+    }
+    if body.is_end_stream() {
+        mirrors.send(copies, Bytes::new(), tracer, service);
+        body
+    } else {
+        mirrors.tee(body, copies, tracer, service)
     }
 }

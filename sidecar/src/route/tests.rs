@@ -1,6 +1,7 @@
 #[cfg(test)] // the whole file is the test module; marks it for tools that scan for test code
 use super::*;
 use std::collections::HashMap as Map;
+use weft_proto::discovery as pb;
 
 fn endpoint(ip: &str, sa: &str) -> pb::Endpoint {
     pb::Endpoint {

@@ -23,8 +23,10 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 use crate::http::peer::{Connection, Windows};
 
 pub mod balance;
+pub mod state;
 
 pub use crate::http::body::{Body, BodyError, boxed};
+pub use crate::stream::TcpOrTls;
 
 /// Why an upstream request failed before a response arrived.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -400,90 +402,5 @@ mod tests {
         let third = tokio::time::Instant::now();
         assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
         assert!(third.elapsed() >= timeout, "not tried again after the hold");
-    }
-}
-
-/// An opaque upstream stream.
-#[derive(Debug)]
-pub enum TcpOrTls {
-    /// Plaintext.
-    Tcp(TcpStream),
-    /// mTLS to a peer sidecar.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl TcpOrTls {
-    /// Copies both ways between `downstream` and this stream until either side closes.
-    pub async fn splice<D>(mut self, downstream: &mut D) -> std::io::Result<(u64, u64)>
-    where
-        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        tokio::io::copy_bidirectional(downstream, &mut self).await
-    }
-}
-
-impl tokio::io::AsyncRead for TcpOrTls {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for TcpOrTls {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    // Forwarded so that h2 hands over a frame head and its payload in one call (one TLS record
-    // and one send instead of two); see `telemetry::Counted`.
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            TcpOrTls::Tcp(s) => s.is_write_vectored(),
-            TcpOrTls::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TcpOrTls::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            TcpOrTls::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }

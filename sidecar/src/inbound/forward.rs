@@ -1,0 +1,250 @@
+//! An inbound request on its way to the app: the caller's identity stamped on it ([`Caller`]), the
+//! server span, then the app on `127.0.0.1` ([`super::app`]); one [`Record`] for metrics, access
+//! log and span.
+
+use std::net::SocketAddr;
+
+use http::{Request, Response};
+use tokio::net::TcpStream;
+
+use super::Inbound;
+use super::app::AppError;
+use crate::errors::{ProxyError, rescue};
+use crate::http::body::Body;
+use crate::http::headers::{check_framing, strip_hop_by_hop};
+use crate::inbound::identity::Caller;
+use crate::snapshot::Snapshot;
+use crate::telemetry::Reporter;
+use crate::telemetry::record::{Record, SpanFacts};
+use crate::telemetry::trace::{Hop, ensure_request_id};
+
+impl Inbound {
+    /// Handles one request from a peer (or a plaintext client) end to end; never fails (errors
+    /// become responses).
+    pub(super) async fn handle(
+        &self,
+        req: Request<Body>,
+        app_port: u16,
+        conn: &Caller,
+    ) -> Response<Body> {
+        let snapshot = self.snapshots.borrow().clone();
+        let (parts, body) = req.into_parts();
+        let mut record = Record::start(Reporter::Destination, &self.sinks, &parts);
+        record.downstream = Some(conn.peer);
+        record.source = Some(conn.source.clone());
+        record.destination = Some(self.sinks.metrics.this_destination.clone());
+        record.mtls = conn.identity.is_some();
+        record.route = Some("default");
+        let cluster = format!("inbound|{app_port}||");
+        let result = self
+            .forward(
+                &snapshot,
+                Request::from_parts(parts, body),
+                app_port,
+                conn,
+                &mut record,
+            )
+            .await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "inbound request failed");
+                record.flags.set(e.flag());
+                rescue(&e)
+            }
+        };
+        record.cluster = Some(&cluster);
+        let code = resp.status().as_u16();
+        let response_bytes = crate::telemetry::content_length(resp.headers());
+        record.finish(&self.sinks, code, response_bytes);
+        resp
+    }
+
+    async fn forward<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        req: Request<Body>,
+        app_port: u16,
+        conn: &Caller,
+        record: &mut Record<'s>,
+    ) -> Result<Response<Body>, ProxyError> {
+        check_framing(req.headers()).map_err(ProxyError::BadRequest)?;
+        let (mut parts, body) = req.into_parts();
+        // An HTTP/2 request from a peer sidecar carries the host in :authority; the app speaks
+        // HTTP/1.1 and needs it as Host.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let upgrade = crate::http::tunnel::is_upgrade(&parts.headers).then(|| {
+            parts
+                .headers
+                .get(http::header::UPGRADE)
+                .cloned()
+                .unwrap_or_else(|| http::HeaderValue::from_static("websocket"))
+        });
+        strip_hop_by_hop(&mut parts.headers);
+        let h2_app = conn.stamp(&mut parts.headers);
+        let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+        record.upstream_host = Some(app_addr);
+        if let Some(host) = authority.as_deref() {
+            let host = crate::route::split_authority(host, app_port)
+                .0
+                .to_ascii_lowercase();
+            record.service = snapshot
+                .routes
+                .service_by_host(&host)
+                .and_then(|s| snapshot.labels.service(s.index))
+                .cloned();
+        }
+        record.authority = authority;
+        if let Some(protocol) = upgrade {
+            let authority = record.authority.clone();
+            return Box::pin(self.upgrade_app(parts, body, protocol, authority, app_port)).await;
+        }
+        // Room for what this hop adds (XFCC, Host, request id, five trace headers): one growth of
+        // the map instead of several. (http's limit, 32,768 entries, is far above what the 64 KiB
+        // header-list limit or hyper's 100 headers let in, so this cannot be refused in practice.)
+        let _ = parts.headers.try_reserve(8);
+        if let Some(a) = record
+            .authority
+            .as_deref()
+            .and_then(|a| http::HeaderValue::from_str(a).ok())
+        {
+            parts.headers.insert(http::header::HOST, a);
+        }
+        // The server span: the caller's sidecar sent its client span as parent; a caller outside the
+        // mesh gets a new trace started here. The app sees this span's context.
+        let hop = Hop::from_request(&parts.headers, snapshot.routes.tracing.sampling_percent);
+        ensure_request_id(&mut parts.headers);
+        record.note_request_id(&parts.headers);
+        hop.inject(&mut parts.headers);
+        if self.sinks.tracer.enabled() && hop.sampled {
+            let service = if snapshot.routes.tracing.service_name.is_empty() {
+                self.sinks.pod_name.clone()
+            } else {
+                std::sync::Arc::from(snapshot.routes.tracing.service_name.as_str())
+            };
+            let mut attributes = vec![
+                ("http.request.method", parts.method.to_string()),
+                ("url.path", parts.uri.path().to_owned()),
+                (
+                    "server.address",
+                    record.authority.clone().unwrap_or_default(),
+                ),
+                ("server.port", app_port.to_string()),
+                ("weft.destination.workload", self.sinks.pod_name.to_string()),
+            ];
+            if let Some(c) = &conn.identity {
+                attributes.push(("weft.peer.identity", c.to_string()));
+            }
+            record.span = Some(SpanFacts {
+                hop,
+                name: format!("inbound|{app_port}"),
+                service,
+                attributes,
+            });
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(conn.app_authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = http::Uri::from_parts(uri)
+            .map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
+        let mut out = Request::new(body);
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = parts.headers;
+        // Boxed so that this future (moved on every request) does not carry the exchange's state.
+        let mut resp = Box::pin(self.app.send(app_addr, out, h2_app))
+            .await
+            .map_err(app_error)?;
+        strip_hop_by_hop(resp.headers_mut());
+        Ok(resp)
+    }
+}
+
+impl Inbound {
+    /// An upgrade request (WebSocket and the like), its identity headers already set: sent to the
+    /// app on a connection of its own, spliced with the caller's after `101`.
+    async fn upgrade_app(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+        protocol: http::HeaderValue,
+        authority: Option<String>,
+        app_port: u16,
+    ) -> Result<Response<Body>, ProxyError> {
+        let downstream = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(ProxyError::BadRequest("this connection cannot be upgraded"))?;
+        let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
+        let app = TcpStream::connect(app_addr).await.map_err(|e| {
+            app_error(AppError::Connect {
+                addr: app_addr,
+                reason: e.to_string(),
+            })
+        })?;
+        let headers = &mut parts.headers;
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(http::header::UPGRADE, protocol);
+        if let Some(a) = authority
+            .as_deref()
+            .and_then(|a| http::HeaderValue::from_str(a).ok())
+        {
+            headers.insert(http::header::HOST, a);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method;
+        *req.uri_mut() = http::Uri::from(path);
+        *req.headers_mut() = parts.headers;
+        crate::http::tunnel::upgrade_over(app, req, downstream)
+            .await
+            .map_err(|e| {
+                app_error(AppError::Exchange {
+                    addr: app_addr,
+                    reason: e.to_string(),
+                    reset: false,
+                })
+            })
+    }
+}
+
+/// What a failed request to the app becomes. An HTTP/2 stream the app reset before its response
+/// headers is Envoy's "upstream reset before headers" (503, flag UR); anything else is a failure to
+/// reach the app (502, UF). The reason is the whole cause chain: hyper's own text for a reset is
+/// only "http2 error", the reset's reason is in its source.
+fn app_error(e: AppError) -> ProxyError {
+    match e {
+        AppError::Exchange {
+            reason,
+            reset: true,
+            ..
+        } => ProxyError::UpstreamReset(reason),
+        AppError::Connect { addr, reason } | AppError::Exchange { addr, reason, .. } => {
+            ProxyError::Connect(crate::upstream::UpstreamError::Connect { addr, reason })
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! One record per request, on both sides: started when the head arrives, filled in by the stages
+//! as they learn things (route, cluster, endpoint, response flags), and finished exactly once, when
+//! it feeds the Istio metrics, the access log and the span from the same facts.
+//!
+//! What only the access log or the span needs is copied from the head only when that sink is on
+//! (the log enabled, the trace sampled), so a request nobody logs or traces costs a few words.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::access_log::{AccessLog, LogEntry};
+use super::metrics::{Labels, Metrics, Reporter, RequestMetric};
+use super::trace::{Hop, Kind, Span, Tracer};
+
+/// Envoy's response flags, as a set (`%RESPONSE_FLAGS%` and Istio's `response_flags` label).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Flags(u16);
+
+impl Flags {
+    /// No healthy upstream (no endpoint, or every one ejected).
+    pub const UH: Flags = Flags(1);
+    /// Upstream connection failure.
+    pub const UF: Flags = Flags(1 << 1);
+    /// Upstream overflow (circuit breaker).
+    pub const UO: Flags = Flags(1 << 2);
+    /// No route.
+    pub const NR: Flags = Flags(1 << 3);
+    /// Retry limit exceeded (the last try failed and was retriable).
+    pub const URX: Flags = Flags(1 << 4);
+    /// Upstream request timeout (route timeout or per-try timeout).
+    pub const UT: Flags = Flags(1 << 5);
+    /// Upstream connection terminated before the response.
+    pub const UC: Flags = Flags(1 << 6);
+    /// Downstream disconnected before the response.
+    pub const DC: Flags = Flags(1 << 7);
+    /// Fault injection: aborted.
+    pub const FI: Flags = Flags(1 << 8);
+    /// Fault injection: delayed.
+    pub const DI: Flags = Flags(1 << 9);
+    /// Upstream remote reset (a stream reset before response headers).
+    pub const UR: Flags = Flags(1 << 10);
+    /// No cluster (no config yet).
+    pub const NC: Flags = Flags(1 << 11);
+    /// Downstream protocol error (refused framing).
+    pub const DPE: Flags = Flags(1 << 12);
+
+    /// Envoy's order when several are set (its flag table's order).
+    const NAMES: [(Flags, &'static str); 13] = [
+        (Flags::UH, "UH"),
+        (Flags::UT, "UT"),
+        (Flags::UR, "UR"),
+        (Flags::UF, "UF"),
+        (Flags::UC, "UC"),
+        (Flags::UO, "UO"),
+        (Flags::NR, "NR"),
+        (Flags::DI, "DI"),
+        (Flags::FI, "FI"),
+        (Flags::DC, "DC"),
+        (Flags::URX, "URX"),
+        (Flags::DPE, "DPE"),
+        (Flags::NC, "NC"),
+    ];
+
+    /// Adds `other`.
+    pub fn set(&mut self, other: Flags) {
+        self.0 |= other.0;
+    }
+
+    /// Whether every flag of `other` is set.
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    /// Whether none is set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Writes the flags as Envoy prints them: `-` for none, else comma-separated.
+    pub fn write(self, out: &mut String) {
+        if self.0 == 0 {
+            out.push('-');
+            return;
+        }
+        let mut first = true;
+        for (flag, name) in Self::NAMES {
+            if self.0 & flag.0 != 0 {
+                if !first {
+                    out.push(',');
+                }
+                out.push_str(name);
+                first = false;
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::new();
+        self.write(&mut s);
+        f.write_str(&s)
+    }
+}
+
+/// Where a request's facts go: shared by every request of one side of the proxy.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    /// Span export.
+    pub tracer: Tracer,
+    /// Istio metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access-log format.
+    pub access_log: AccessLog,
+    /// This workload's pod name: `service.name` until pilot names the workload's service.
+    pub pod_name: Arc<str>,
+    /// Labels for a side nobody could name (no endpoint reached, a caller outside the mesh).
+    pub unknown: Unknown,
+}
+
+/// Istio's `unknown` labels, built once.
+#[derive(Debug, Clone)]
+pub struct Unknown {
+    source: Labels,
+    destination: Labels,
+    service: Labels,
+}
+
+impl Default for Unknown {
+    fn default() -> Self {
+        Self {
+            source: super::workload_labels("source", "", "", "", "", ""),
+            destination: super::workload_labels("destination", "", "", "", "", ""),
+            service: super::service_labels(""),
+        }
+    }
+}
+
+/// What the access log copies from the request head.
+#[derive(Debug)]
+struct HeadLog {
+    method: String,
+    path: String,
+    protocol: &'static str,
+    xff: Option<String>,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+}
+
+/// The span being recorded, when the request's trace is sampled.
+#[derive(Debug)]
+pub struct SpanFacts {
+    /// Identity within the trace.
+    pub hop: Hop,
+    /// Operation name.
+    pub name: String,
+    /// `service.name`.
+    pub service: Arc<str>,
+    /// Attributes the stages add.
+    pub attributes: Vec<(&'static str, String)>,
+}
+
+/// The facts of one request.
+#[derive(Debug)]
+pub struct Record<'a> {
+    start: SystemTime,
+    reporter: Reporter,
+    log: Option<HeadLog>,
+    /// Response flags.
+    pub flags: Flags,
+    /// The authority the request is for (after rewrites on the outbound side).
+    pub authority: Option<String>,
+    /// Route name.
+    pub route: Option<&'a str>,
+    /// Upstream cluster name.
+    pub cluster: Option<&'a str>,
+    /// The endpoint (or app address) the response came from.
+    pub upstream_host: Option<SocketAddr>,
+    /// The downstream peer.
+    pub downstream: Option<SocketAddr>,
+    /// Istio `source_*` labels.
+    pub source: Option<Labels>,
+    /// Istio `destination_*` workload labels.
+    pub destination: Option<Labels>,
+    /// Istio `destination_service*` labels.
+    pub service: Option<Labels>,
+    /// Whether the hop between sidecars was mTLS.
+    pub mtls: bool,
+    /// Request body bytes (Content-Length).
+    pub request_bytes: u64,
+    /// The span, when sampled and a tracer is on.
+    pub span: Option<SpanFacts>,
+}
+
+impl<'a> Record<'a> {
+    /// Starts the record of a request whose head is `parts`.
+    pub fn start(reporter: Reporter, sinks: &Sinks, parts: &http::request::Parts) -> Self {
+        let log = (sinks.access_log != AccessLog::Off).then(|| {
+            let h = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            HeadLog {
+                method: parts.method.to_string(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+                protocol: match parts.version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                xff: h("x-forwarded-for"),
+                user_agent: h("user-agent"),
+                request_id: h("x-request-id"),
+            }
+        });
+        Self {
+            start: SystemTime::now(),
+            reporter,
+            log,
+            flags: Flags::default(),
+            authority: None,
+            route: None,
+            cluster: None,
+            upstream_host: None,
+            downstream: None,
+            source: None,
+            destination: None,
+            service: None,
+            mtls: false,
+            request_bytes: super::content_length(&parts.headers),
+            span: None,
+        }
+    }
+
+    /// Takes the request id the proxy may just have added (the access log shows the id the
+    /// request travelled with, as Envoy's `%REQ(X-REQUEST-ID)%`).
+    pub fn note_request_id(&mut self, headers: &http::HeaderMap) {
+        if let Some(log) = &mut self.log
+            && log.request_id.is_none()
+        {
+            log.request_id = headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
+    }
+
+    /// When the request started.
+    pub fn started(&self) -> SystemTime {
+        self.start
+    }
+
+    /// Adds a span attribute, if the request is traced (the value is built only then).
+    pub fn attribute(&mut self, key: &'static str, value: impl FnOnce() -> String) {
+        if let Some(span) = &mut self.span {
+            span.attributes.push((key, value()));
+        }
+    }
+
+    /// Finishes the record with the response's status and size: one metric sample, one access-log
+    /// line, one span.
+    pub fn finish(self, sinks: &Sinks, code: u16, response_bytes: u64) {
+        let elapsed = self.start.elapsed().unwrap_or_default();
+        let unknown = &sinks.unknown;
+        sinks.metrics.record(RequestMetric {
+            reporter: self.reporter,
+            source: self.source.unwrap_or_else(|| unknown.source.clone()),
+            destination: self
+                .destination
+                .unwrap_or_else(|| unknown.destination.clone()),
+            service: self.service.unwrap_or_else(|| unknown.service.clone()),
+            code,
+            flags: self.flags,
+            mtls: self.mtls,
+            duration: elapsed,
+            request_bytes: self.request_bytes,
+            response_bytes,
+        });
+        if let Some(log) = &self.log {
+            let mut flags = String::new();
+            self.flags.write(&mut flags);
+            sinks.access_log.write(&LogEntry {
+                start: Some(self.start),
+                method: &log.method,
+                path: &log.path,
+                protocol: log.protocol,
+                code,
+                flags: &flags,
+                bytes_received: self.request_bytes,
+                bytes_sent: response_bytes,
+                duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                xff: log.xff.as_deref(),
+                user_agent: log.user_agent.as_deref(),
+                request_id: log.request_id.as_deref(),
+                authority: self.authority.as_deref(),
+                upstream_host: self.upstream_host.map(|h| h.to_string()),
+                upstream_cluster: self.cluster,
+                downstream_remote: self.downstream.map(|d| d.to_string()),
+                route: self.route,
+            });
+        }
+        if let Some(mut span) = self.span {
+            let kind = match self.reporter {
+                Reporter::Source => Kind::Client,
+                Reporter::Destination => Kind::Server,
+            };
+            span.attributes
+                .push(("weft.response_flags", self.flags.to_string()));
+            sinks.tracer.record(Span {
+                hop: span.hop,
+                name: span.name,
+                kind,
+                service: span.service,
+                start: self.start,
+                end: SystemTime::now(),
+                status: code,
+                attributes: span.attributes,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_print_as_envoy_does() {
+        assert_eq!(Flags::default().to_string(), "-");
+        let mut f = Flags::URX;
+        f.set(Flags::UF);
+        assert_eq!(f.to_string(), "UF,URX");
+        assert!(f.contains(Flags::UF) && !f.contains(Flags::UO));
+        let mut f = Flags::default();
+        f.set(Flags::UO);
+        assert_eq!(f.to_string(), "UO");
+    }
+}

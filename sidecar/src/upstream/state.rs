@@ -1,0 +1,96 @@
+//! What the upstream side learns while requests run, per cluster of the current route table:
+//! the round-robin cursor, requests in flight per endpoint (for LEAST_REQUEST), outlier ejections
+//! and connection-pool limits. Built next to each route table (`snapshot`), and carried over from
+//! the previous one: an endpoint keeps its state by address within a cluster of the same name, so a
+//! push (which pilot sends for any change anywhere) neither forgets an ejection nor resets a pool's
+//! accounting while requests on the old table are still counted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use crate::route::{Cluster, RouteTable};
+
+/// Runtime state of every cluster of one route table, by [`Cluster::index`].
+#[derive(Debug, Default)]
+pub struct Runtime {
+    clusters: Box<[Arc<ClusterState>]>,
+}
+
+/// Runtime state of one cluster.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    /// Round-robin cursor.
+    pub cursor: AtomicUsize,
+    /// Per endpoint, in the order of [`Cluster::endpoints`].
+    pub endpoints: Box<[Arc<EndpointState>]>,
+}
+
+/// Runtime state of one endpoint.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Its address (what it is known by across pushes).
+    pub addr: SocketAddr,
+    /// Requests in flight, for LEAST_REQUEST.
+    pub in_flight: AtomicU32,
+}
+
+impl Runtime {
+    /// State for `table`'s clusters, reusing what `previous` (the state of `previous_table`) knew
+    /// about the same clusters and endpoints.
+    pub fn build(table: &RouteTable, previous: Option<(&RouteTable, &Runtime)>) -> Self {
+        let mut old: HashMap<&str, &ClusterState> = HashMap::new();
+        if let Some((t, r)) = previous {
+            for c in t.clusters() {
+                if let Some(state) = r.clusters.get(c.index) {
+                    old.insert(c.name.as_str(), state);
+                }
+            }
+        }
+        let clusters = table
+            .clusters()
+            .iter()
+            .map(|c| Arc::new(ClusterState::build(c, old.get(c.name.as_str()).copied())))
+            .collect();
+        Self { clusters }
+    }
+
+    /// The state of the cluster at `index`; a cluster of the table this runtime was built for always
+    /// has one.
+    pub fn cluster(&self, index: usize) -> Option<&Arc<ClusterState>> {
+        self.clusters.get(index)
+    }
+}
+
+impl ClusterState {
+    /// Fresh state for `cluster` (nothing carried over).
+    pub fn for_cluster(cluster: &Cluster) -> Self {
+        Self::build(cluster, None)
+    }
+
+    fn build(cluster: &Cluster, previous: Option<&ClusterState>) -> Self {
+        let known: HashMap<SocketAddr, &Arc<EndpointState>> = previous
+            .map(|p| p.endpoints.iter().map(|s| (s.addr, s)).collect())
+            .unwrap_or_default();
+        let endpoints = cluster
+            .endpoints
+            .iter()
+            .map(|e| {
+                known
+                    .get(&e.dial)
+                    .map(|s| Arc::clone(s))
+                    .unwrap_or_else(|| {
+                        Arc::new(EndpointState {
+                            addr: e.dial,
+                            in_flight: AtomicU32::new(0),
+                        })
+                    })
+            })
+            .collect();
+        Self {
+            cursor: AtomicUsize::new(previous.map_or(0, |p| p.cursor.load(Ordering::Relaxed))),
+            endpoints,
+        }
+    }
+}
