@@ -24,6 +24,7 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 
 use crate::peer::{Connection, Windows};
 
+pub mod limits;
 pub mod outlier;
 
 /// Why a body stopped early (a hyper or h2 error; the reason of an HTTP/2 reset stays findable in
