@@ -23,6 +23,9 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 use crate::http::peer::{Connection, Windows};
 
 pub mod balance;
+pub mod limits;
+pub mod outlier;
+pub mod replay;
 pub mod state;
 
 pub use crate::http::body::{Body, BodyError, boxed};
