@@ -24,6 +24,9 @@ use weft_ca::tls::{self, CredentialStore, TrustBundle};
 
 use crate::peer::{Connection, Windows};
 
+pub mod replay;
+pub mod retry;
+
 /// Why a body stopped early (a hyper or h2 error; the reason of an HTTP/2 reset stays findable in
 /// its source chain, see [`crate::peer::h2_reason`]).
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
