@@ -20,6 +20,27 @@
 //! `is_end_stream` and `try_clone`, never across an `.await`.
 //!
 //! A request without a body (the common case) costs one check: no allocation, no lock.
+//!
+//! The request path uses it so (a sketch):
+//!
+//! ```text
+//! let mut body = match ReplayBody::try_new(body, DEFAULT_MAX_BYTES) {
+//!     Ok(body) => body,
+//!     Err(body) => return send_once(body),      // known too large: one try, no retries
+//! };
+//! loop {
+//!     let next = body.try_clone();              // before sending: the try takes `body`
+//!     let outcome = send(body).await;
+//!     match (tries.next(..), next) {
+//!         (Decision::Retry(wait), Some(next)) if !next.is_capped() => {
+//!             drop(outcome);                    // the previous try's body goes first
+//!             sleep(wait).await;
+//!             body = next;
+//!         }
+//!         _ => return outcome,                  // no retry, or the body outgrew the buffer
+//!     }
+//! }
+//! ```
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -57,12 +78,12 @@ pub struct ReplayBody(Kind);
 enum Kind {
     /// No body at all: every copy is empty, nothing is shared.
     Empty,
-    Shared(Copy),
+    Shared(Reader),
 }
 
 /// One copy's position in the shared log.
 #[derive(Debug)]
-struct Copy {
+struct Reader {
     shared: Arc<Mutex<State>>,
     id: u64,
     /// This copy has been polled; if another copy starts after that, this one is superseded.
@@ -133,7 +154,7 @@ impl ReplayBody {
             active: 0,
             next_id: 1,
         };
-        Ok(ReplayBody(Kind::Shared(Copy {
+        Ok(ReplayBody(Kind::Shared(Reader {
             shared: Arc::new(Mutex::new(state)),
             id: 0,
             started: false,
@@ -148,15 +169,15 @@ impl ReplayBody {
     pub fn try_clone(&self) -> Option<ReplayBody> {
         match &self.0 {
             Kind::Empty => Some(ReplayBody(Kind::Empty)),
-            Kind::Shared(copy) => {
-                let mut state = lock(&copy.shared);
+            Kind::Shared(reader) => {
+                let mut state = lock(&reader.shared);
                 if state.capped || state.failed {
                     return None;
                 }
                 let id = state.next_id;
                 state.next_id += 1;
-                Some(ReplayBody(Kind::Shared(Copy {
-                    shared: Arc::clone(&copy.shared),
+                Some(ReplayBody(Kind::Shared(Reader {
+                    shared: Arc::clone(&reader.shared),
                     id,
                     started: false,
                     chunks: 0,
@@ -171,12 +192,12 @@ impl ReplayBody {
     pub fn is_capped(&self) -> bool {
         match &self.0 {
             Kind::Empty => false,
-            Kind::Shared(copy) => lock(&copy.shared).capped,
+            Kind::Shared(reader) => lock(&reader.shared).capped,
         }
     }
 }
 
-impl Copy {
+impl Reader {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
@@ -319,21 +340,21 @@ impl http_body::Body for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
             Kind::Empty => Poll::Ready(None),
-            Kind::Shared(copy) => copy.poll_frame(cx),
+            Kind::Shared(reader) => reader.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Empty => true,
-            Kind::Shared(copy) => copy.is_end_stream(),
+            Kind::Shared(reader) => reader.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Empty => SizeHint::with_exact(0),
-            Kind::Shared(copy) => copy.size_hint(),
+            Kind::Shared(reader) => reader.size_hint(),
         }
     }
 }

@@ -38,8 +38,10 @@
 //! time trailers arrive the response is being streamed to the client. A try refused by the
 //! cluster's own limits ([`Attempt::Overflow`], Envoy's reset reason `Overflow`) is never retried.
 //!
-//! Envoy consumes the request headers read here (and `x-envoy-retry-on`, `x-envoy-max-retries`,
-//! ...): they are not forwarded upstream.
+//! Envoy honours the request headers read here only from internal clients (for a sidecar, the
+//! pod's own application) and consumes them, with `x-envoy-retry-on`, `x-envoy-retry-grpc-on`,
+//! `x-envoy-max-retries` and the others of its retry family: the request path should not forward
+//! them upstream. weft reads only [`RETRIABLE_HEADER_NAMES`] and [`RETRIABLE_STATUS_CODES`].
 
 use std::time::Duration;
 
