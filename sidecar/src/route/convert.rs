@@ -78,6 +78,14 @@ pub enum InvalidConfig {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A retry policy names a condition the sidecar does not know.
+    #[error("route {route}: {reason}")]
+    Retry {
+        /// Route name.
+        route: String,
+        /// What is wrong.
+        reason: retry::RetryOnError,
+    },
     /// Something required is missing.
     #[error("{0} is missing")]
     Missing(&'static str),
@@ -249,7 +257,20 @@ fn convert_cluster(c: pb::Cluster, index: usize) -> Result<Cluster, InvalidConfi
         .map(|p| p.connect_timeout_ms)
         .filter(|ms| *ms > 0)
         .map_or(Duration::from_secs(10), Duration::from_millis);
+    let pool = c.connection_pool.as_ref();
     Ok(Cluster {
+        outlier: c
+            .outlier_detection
+            .as_ref()
+            .and_then(crate::upstream::outlier::Policy::from_pb),
+        limits: pool
+            .map(crate::upstream::limits::Settings::from_pb)
+            .unwrap_or_default(),
+        max_requests_per_connection: pool.map_or(0, |p| p.max_requests_per_connection),
+        idle_timeout: pool
+            .map(|p| p.idle_timeout_ms)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         port: u16::try_from(c.port).unwrap_or(0),
         index,
         name: c.name,
@@ -369,12 +390,16 @@ fn convert_route(
             authority: non_empty(rw.authority),
         }),
         timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
-        retries: r.retries.filter(|p| p.attempts > 0).map(|p| RetryPolicy {
-            attempts: p.attempts,
-            per_try_timeout: (p.per_try_timeout_ms > 0)
-                .then(|| Duration::from_millis(p.per_try_timeout_ms)),
-            retry_on: p.retry_on,
-        }),
+        retries: match r.retries.as_ref().map(retry::Policy::from_pb) {
+            None => None,
+            Some(Ok(policy)) => policy,
+            Some(Err(e)) => {
+                return Err(InvalidConfig::Retry {
+                    route: name,
+                    reason: e,
+                });
+            }
+        },
         fault,
         name,
         matches,

@@ -9,6 +9,7 @@
 
 mod convert;
 mod matching;
+pub mod retry;
 
 pub use convert::InvalidConfig;
 pub use matching::RequestView;
@@ -82,8 +83,8 @@ pub struct Route {
     pub mirrors: Vec<MirrorPolicy>,
     /// Route timeout.
     pub timeout: Option<Duration>,
-    /// Retry policy.
-    pub retries: Option<RetryPolicy>,
+    /// Retry policy (None: no retries).
+    pub retries: Option<retry::Policy>,
     /// Fault injection.
     pub fault: Option<Fault>,
     /// Request header operations.
@@ -128,17 +129,6 @@ pub struct MirrorPolicy {
     pub cluster: Arc<Cluster>,
     /// Share of requests mirrored, 0..=100.
     pub percent: f64,
-}
-
-/// Retry policy.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub attempts: u32,
-    /// Per-attempt timeout.
-    pub per_try_timeout: Option<Duration>,
-    /// Envoy retry-on conditions.
-    pub retry_on: Vec<String>,
 }
 
 /// Fault injection.
@@ -252,6 +242,14 @@ pub struct Cluster {
     pub tls: TlsMode,
     /// Connect timeout (connectionPool.tcp.connectTimeout, default 10 s as Envoy).
     pub connect_timeout: Duration,
+    /// Outlier detection (`None`: off).
+    pub outlier: Option<crate::upstream::outlier::Policy>,
+    /// Connection-pool limits (requests in flight, pending, retries).
+    pub limits: crate::upstream::limits::Settings,
+    /// Requests per upstream connection before a new one is opened (0: unlimited).
+    pub max_requests_per_connection: u32,
+    /// Upstream connections idle this long are closed (`None`: Istio's default, 1 h).
+    pub idle_timeout: Option<Duration>,
     /// Position in the table's cluster list: the index of this cluster's runtime state
     /// (`upstream::state`) and metric labels (`telemetry::TableLabels`).
     pub index: usize,

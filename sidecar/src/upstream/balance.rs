@@ -92,6 +92,10 @@ mod tests {
             lb,
             tls: crate::route::TlsMode::Auto,
             connect_timeout: Duration::from_secs(1),
+            outlier: None,
+            limits: Default::default(),
+            max_requests_per_connection: 0,
+            idle_timeout: None,
             index: 0,
         };
         let state = ClusterState::for_cluster(&c);

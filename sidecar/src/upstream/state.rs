@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use crate::route::{Cluster, RouteTable};
+use crate::upstream::limits::Limits;
+use crate::upstream::outlier::{Detector, EndpointHealth};
 
 /// Runtime state of every cluster of one route table, by [`Cluster::index`].
 #[derive(Debug, Default)]
@@ -19,12 +21,17 @@ pub struct Runtime {
 }
 
 /// Runtime state of one cluster.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClusterState {
     /// Round-robin cursor.
     pub cursor: AtomicUsize,
     /// Per endpoint, in the order of [`Cluster::endpoints`].
     pub endpoints: Box<[Arc<EndpointState>]>,
+    /// Outlier detection over those endpoints, when the cluster has it.
+    pub outlier: Option<Detector>,
+    /// Connection-pool limits (shared with the previous snapshot's state while unchanged, so
+    /// requests admitted under the old table still count).
+    pub limits: Arc<Limits>,
 }
 
 /// Runtime state of one endpoint.
@@ -34,6 +41,8 @@ pub struct EndpointState {
     pub addr: SocketAddr,
     /// Requests in flight, for LEAST_REQUEST.
     pub in_flight: AtomicU32,
+    /// Consecutive errors and ejections.
+    pub health: Arc<EndpointHealth>,
 }
 
 impl Runtime {
@@ -84,13 +93,23 @@ impl ClusterState {
                         Arc::new(EndpointState {
                             addr: e.dial,
                             in_flight: AtomicU32::new(0),
+                            health: Arc::default(),
                         })
                     })
             })
-            .collect();
+            .collect::<Box<[_]>>();
+        let outlier = cluster.outlier.clone().map(|policy| {
+            Detector::new(policy, endpoints.iter().map(|e| e.health.clone()).collect())
+        });
+        let limits = match previous {
+            Some(p) if p.limits.settings() == cluster.limits => p.limits.clone(),
+            _ => Arc::new(Limits::new(cluster.limits)),
+        };
         Self {
             cursor: AtomicUsize::new(previous.map_or(0, |p| p.cursor.load(Ordering::Relaxed))),
             endpoints,
+            outlier,
+            limits,
         }
     }
 }
