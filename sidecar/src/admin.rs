@@ -188,8 +188,44 @@ impl Admin {
             t.dropped.load(Ordering::Relaxed),
         );
         out.push_str(&self.control_stats());
+        out.push_str(&self.cluster_stats());
         out.push_str(&self.listeners.render());
         out.push_str(&self.metrics.render());
+        out
+    }
+
+    /// Outlier ejections and circuit-breaker state per cluster that has either configured.
+    fn cluster_stats(&self) -> String {
+        use std::fmt::Write as _;
+        let snapshot = self.tables.borrow().clone();
+        let mut out = String::from(
+            "# TYPE weft_outlier_ejections_total counter\n\
+             # TYPE weft_upstream_overflow_total counter\n\
+             # TYPE weft_upstream_requests_pending gauge\n",
+        );
+        for c in snapshot.routes.clusters() {
+            let Some(state) = snapshot.upstream.cluster(c.index) else {
+                continue;
+            };
+            let name = c.name.replace('\\', "\\\\").replace('"', "\\\"");
+            if state.outlier.is_some() {
+                let _ = writeln!(
+                    out,
+                    "weft_outlier_ejections_total{{cluster=\"{name}\"}} {}",
+                    state.ejections.load(Ordering::Relaxed)
+                );
+            }
+            if !state.limits.is_unlimited() {
+                let s = state.limits.stats();
+                let _ = writeln!(
+                    out,
+                    "weft_upstream_overflow_total{{cluster=\"{name}\"}} {}\n\
+                     weft_upstream_requests_pending{{cluster=\"{name}\"}} {}",
+                    s.overflows + s.retry_overflows,
+                    s.pending
+                );
+            }
+        }
         out
     }
 

@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// A connection aimed back at the proxy itself.
     #[error("request loops back to the proxy")]
     Loop,
+    /// The cluster's connection pool is full (circuit breaker).
+    #[error("upstream overflow: {0} has no room")]
+    Overflow(String),
     /// Fault injection abort.
     #[error("fault filter abort")]
     FaultAbort(u16),
@@ -53,9 +56,10 @@ impl ProxyError {
         use http::StatusCode as S;
         match self {
             ProxyError::NoService(_) | ProxyError::NoRoute => S::NOT_FOUND,
-            ProxyError::NoConfig | ProxyError::NoEndpoint(_) | ProxyError::UpstreamReset(_) => {
-                S::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoConfig
+            | ProxyError::NoEndpoint(_)
+            | ProxyError::UpstreamReset(_)
+            | ProxyError::Overflow(_) => S::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) => S::BAD_GATEWAY,
             ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => S::BAD_REQUEST,
@@ -74,6 +78,7 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => Flags::UH,
             ProxyError::Connect(_) => Flags::UF,
             ProxyError::UpstreamReset(_) => Flags::UR,
+            ProxyError::Overflow(_) => Flags::UO,
             ProxyError::Timeout(_) => Flags::UT,
             ProxyError::BadRequest(_) => Flags::DPE,
             ProxyError::FaultAbort(_) => Flags::FI,

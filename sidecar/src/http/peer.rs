@@ -247,6 +247,11 @@ impl Connection {
         })
     }
 
+    /// Identifies the connection (shared by its clones) without keeping it open.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.closed) as usize
+    }
+
     /// Whether the connection has ended (the pool then dials a new one).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

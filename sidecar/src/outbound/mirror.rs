@@ -257,7 +257,12 @@ async fn send_copy(upstreams: &Upstreams, copy: &Copy, body: Bytes) -> Option<u1
                 .parse()
                 .ok()?;
             let sender = upstreams
-                .h2_sender(endpoint.dial, id, copy.cluster.connect_timeout)
+                .h2_sender(
+                    endpoint.dial,
+                    id,
+                    copy.cluster.connect_timeout,
+                    Default::default(),
+                )
                 .await
                 .ok()?;
             Upstreams::send_h2(sender, endpoint.dial, req).await.ok()?

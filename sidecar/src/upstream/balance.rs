@@ -42,6 +42,22 @@ pub fn pick<'c>(
             if load(b) < load(a) { b } else { a }
         }
     };
+    let i = match &state.outlier {
+        Some(detector) => {
+            let now = std::time::Instant::now();
+            if detector.is_ejected(i, now) {
+                // Envoy leaves ejected hosts out of the balancer (panic aside, which `is_ejected`
+                // already answers): the next one in service, else no healthy upstream.
+                (1..n)
+                    .map(|k| (i + k) % n)
+                    .find(|&j| Some(j) != skip && !detector.is_ejected(j, now))
+                    .or_else(|| skip.filter(|&s| !detector.is_ejected(s, now)))?
+            } else {
+                i
+            }
+        }
+        None => i,
+    };
     cluster.endpoints.get(i).map(|e| (i, e))
 }
 

@@ -50,6 +50,12 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// The peer refused the stream (HTTP/2 REFUSED_STREAM): it processed nothing.
+    #[error("upstream {addr} refused the stream")]
+    Refused {
+        /// Endpoint.
+        addr: SocketAddr,
+    },
     /// The HTTP exchange failed.
     #[error("upstream {addr}: {reason}")]
     Http {
@@ -67,6 +73,10 @@ pub enum UpstreamError {
 struct Peer {
     identity: SpiffeId,
     sender: Option<Connection>,
+    /// Requests handed the current connection (for `maxRequestsPerConnection`).
+    handed: u32,
+    /// When the current connection was last handed out (kept only under an idle timeout).
+    last_used: Option<tokio::time::Instant>,
     dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
 }
 
@@ -92,11 +102,55 @@ pub struct Upstreams {
     bundle: TrustBundle,
     /// Each peer gets one HTTP/2 connection; the per-key async mutex makes concurrent first requests
     /// share one handshake instead of racing several.
-    h2: Mutex<HashMap<SocketAddr, Vec<Peer>>>,
+    h2: Arc<Mutex<HashMap<SocketAddr, Vec<Peer>>>>,
     plain: Client<HttpConnector, Body>,
     /// rustls client configs per expected identity (building one per request would cost a verifier
     /// allocation each time).
     configs: Mutex<HashMap<(SpiffeId, bool), Arc<rustls::ClientConfig>>>,
+}
+
+/// How a cluster uses its pooled connections (DestinationRule `connectionPool.http`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Requests per connection before a new one is dialled (0: unlimited).
+    pub max_requests_per_connection: u32,
+    /// A connection handed to no request for this long leaves the pool and closes once its
+    /// streams end (`None`: kept while it lives, the peer's keepalive watching it).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Takes a pooled connection out of the pool once nobody has been handed it for `timeout`; without
+/// the pool's handle (and its requests' ones) its h2 connection closes. Ends when the connection
+/// is replaced or gone.
+async fn reap_when_idle(
+    pool: Arc<Mutex<HashMap<SocketAddr, Vec<Peer>>>>,
+    addr: SocketAddr,
+    identity: SpiffeId,
+    conn: usize,
+    timeout: Duration,
+) {
+    let mut check_at = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(check_at).await;
+        let mut map = pool.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(peer) = map
+            .get_mut(&addr)
+            .and_then(|peers| peers.iter_mut().find(|p| p.identity == identity))
+        else {
+            return;
+        };
+        if peer.sender.as_ref().map(Connection::id) != Some(conn) {
+            return;
+        }
+        match peer.last_used {
+            Some(used) if used.elapsed() < timeout => check_at = used + timeout,
+            _ => {
+                tracing::debug!(%addr, "closing an idle upstream connection");
+                peer.sender = None;
+                return;
+            }
+        }
+    }
 }
 
 /// ALPN for opaque TCP carried over mTLS between sidecars (Istio's value for TCP in the mesh).
@@ -121,7 +175,7 @@ impl Upstreams {
         Self {
             creds,
             bundle,
-            h2: Mutex::new(HashMap::default()),
+            h2: Arc::default(),
             plain,
             configs: Mutex::new(HashMap::default()),
         }
@@ -149,6 +203,11 @@ impl Upstreams {
     ) -> Result<http::Response<Body>, Result<http::Request<Body>, UpstreamError>> {
         sender.send(req).await.map_err(|e| match e {
             crate::http::peer::SendError::NotSent(req, _) => Ok(*req),
+            crate::http::peer::SendError::Failed(e)
+                if e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+            {
+                Err(UpstreamError::Refused { addr })
+            }
             crate::http::peer::SendError::Failed(e) => Err(UpstreamError::Http {
                 addr,
                 reason: e.to_string(),
@@ -164,13 +223,14 @@ impl Upstreams {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
+        pool: PoolSettings,
     ) -> Result<Connection, UpstreamError> {
         // The common case, a live connection, costs one short lock and no allocation.
-        if let Some(sender) = self.live_sender(addr, identity) {
+        if let Some(sender) = self.live_sender(addr, identity, pool) {
             return Ok(sender);
         }
         // Boxed: the dial path's future is large, and inline it would be copied on every request.
-        Box::pin(self.dial_h2(addr, identity, connect_timeout)).await
+        Box::pin(self.dial_h2(addr, identity, connect_timeout, pool)).await
     }
 
     /// The slow path of [`Upstreams::h2_sender`]: one dialler per peer, the others wait for it.
@@ -179,6 +239,7 @@ impl Upstreams {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
+        pool: PoolSettings,
     ) -> Result<Connection, UpstreamError> {
         let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
@@ -190,6 +251,8 @@ impl Upstreams {
                     peers.push(Peer {
                         identity: identity.clone(),
                         sender: None,
+                        handed: 0,
+                        last_used: None,
                         dial: dial.clone(),
                     });
                     dial
@@ -198,7 +261,7 @@ impl Upstreams {
         };
         let mut failed = dial.lock().await;
         // Whoever held the dial lock before us may have connected.
-        if let Some(sender) = self.live_sender(addr, identity) {
+        if let Some(sender) = self.live_sender(addr, identity, pool) {
             return Ok(sender);
         }
         if let Some((at, err)) = failed.as_ref()
@@ -212,7 +275,24 @@ impl Upstreams {
             .get_mut(&addr)
             .and_then(|peers| peers.iter_mut().find(|p| p.identity == *identity))
         {
-            p.sender = result.as_ref().ok().cloned();
+            // This request is the new connection's first; with one request per connection it is
+            // never pooled.
+            p.sender = result
+                .as_ref()
+                .ok()
+                .filter(|_| pool.max_requests_per_connection != 1)
+                .cloned();
+            p.handed = 1;
+            p.last_used = pool.idle_timeout.map(|_| tokio::time::Instant::now());
+            if let (Some(timeout), Ok(conn)) = (pool.idle_timeout, &result) {
+                tokio::spawn(reap_when_idle(
+                    self.h2.clone(),
+                    addr,
+                    identity.clone(),
+                    conn.id(),
+                    timeout,
+                ));
+            }
         }
         *failed = result
             .as_ref()
@@ -221,15 +301,31 @@ impl Upstreams {
         result
     }
 
-    fn live_sender(&self, addr: SocketAddr, identity: &SpiffeId) -> Option<Connection> {
-        let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&addr)?
-            .iter()
-            .find(|p| p.identity == *identity)?
-            .sender
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned()
+    fn live_sender(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        pool: PoolSettings,
+    ) -> Option<Connection> {
+        let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = map
+            .get_mut(&addr)?
+            .iter_mut()
+            .find(|p| p.identity == *identity)?;
+        let sender = peer.sender.as_ref().filter(|s| !s.is_closed())?;
+        if let Some(_timeout) = pool.idle_timeout {
+            peer.last_used = Some(tokio::time::Instant::now());
+        }
+        if pool.max_requests_per_connection == 0 {
+            return Some(sender.clone());
+        }
+        // The connection's last request takes it out of the pool: the next request dials anew,
+        // and this one ends when its streams do.
+        peer.handed += 1;
+        if peer.handed >= pool.max_requests_per_connection {
+            return peer.sender.take();
+        }
+        Some(sender.clone())
     }
 
     fn client_config(
@@ -393,17 +489,28 @@ mod tests {
         let addr = silent.local_addr().unwrap();
         let timeout = Duration::from_millis(300);
         let first = tokio::time::Instant::now();
-        assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
+        assert!(
+            pool.h2_sender(addr, &id, timeout, PoolSettings::default())
+                .await
+                .is_err()
+        );
         assert!(first.elapsed() >= timeout);
         // Within the hold the failure is answered at once, without another attempt.
         let second = tokio::time::Instant::now();
-        let err = pool.h2_sender(addr, &id, timeout).await.unwrap_err();
+        let err = pool
+            .h2_sender(addr, &id, timeout, PoolSettings::default())
+            .await
+            .unwrap_err();
         assert!(second.elapsed() < timeout, "retried within the hold");
         assert!(matches!(err, UpstreamError::Tls { .. }), "{err}");
         // After the hold, the endpoint is tried again.
         tokio::time::sleep(FAILURE_HOLD).await;
         let third = tokio::time::Instant::now();
-        assert!(pool.h2_sender(addr, &id, timeout).await.is_err());
+        assert!(
+            pool.h2_sender(addr, &id, timeout, PoolSettings::default())
+                .await
+                .is_err()
+        );
         assert!(third.elapsed() >= timeout, "not tried again after the hold");
     }
 }

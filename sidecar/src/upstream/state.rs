@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::route::{Cluster, RouteTable};
 use crate::upstream::limits::Limits;
@@ -32,6 +32,8 @@ pub struct ClusterState {
     /// Connection-pool limits (shared with the previous snapshot's state while unchanged, so
     /// requests admitted under the old table still count).
     pub limits: Arc<Limits>,
+    /// Ejections by outlier detection (carried over across pushes).
+    pub ejections: Arc<AtomicU64>,
 }
 
 /// Runtime state of one endpoint.
@@ -110,6 +112,7 @@ impl ClusterState {
             endpoints,
             outlier,
             limits,
+            ejections: previous.map_or_else(Arc::default, |p| p.ejections.clone()),
         }
     }
 }
