@@ -60,7 +60,6 @@ impl ProxyError {
             | ProxyError::NoEndpoint(_)
             | ProxyError::UpstreamReset(_)
             | ProxyError::Overflow(_) => S::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) => S::BAD_GATEWAY,
             ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => S::BAD_REQUEST,
             ProxyError::Loop => S::LOOP_DETECTED,
@@ -128,7 +127,7 @@ mod tests {
                     addr: "127.0.0.1:1".parse().unwrap(),
                     reason: "refused".into(),
                 }),
-                502,
+                503,
             ),
             (
                 ProxyError::BadRequest("both Content-Length and Transfer-Encoding"),

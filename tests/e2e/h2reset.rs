@@ -8,7 +8,7 @@
 //!   on the same connections carry on;
 //! - app → client: a response the app resets after part of its body must reach the client as a reset
 //!   with the app's reason, never as a clean end (a truncated response must not look complete); a
-//!   reset before any response headers becomes the mesh's 502 with `x-weft-error`.
+//!   reset before any response headers becomes the mesh's 503 with `x-weft-error` (flag UR).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -542,7 +542,8 @@ fn a_mirror_target_that_resets_connections_does_not_touch_the_primary() {
     let (v1, v2) = m.send(10, &[]).unwrap();
     assert_eq!(v1 + v2, 10, "every primary answered 200");
     let deadline = Instant::now() + Duration::from_secs(10);
-    // The resetter's sidecar turns its app's resets into 502s for the copies; every copy ends (sent
+    // The resetter's sidecar turns its app's resets into 503s (flag UF, as Envoy's) for the copies;
+    // every copy ends (sent
     // with that status, or failed) without the primary noticing.
     let done = || {
         m.sleep_stat("weft_mirror_requests_total{result=\"sent\"}")
@@ -558,7 +559,7 @@ fn a_mirror_target_that_resets_connections_does_not_touch_the_primary() {
     assert!(
         resetter_stats.lines().any(|l| l
             .starts_with("istio_requests_total{reporter=\"destination\"")
-            && l.contains("response_code=\"502\"")),
+            && l.contains("response_code=\"503\"")),
         "{resetter_stats}"
     );
 }

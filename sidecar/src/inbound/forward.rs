@@ -92,6 +92,7 @@ impl Inbound {
         });
         strip_hop_by_hop(&mut parts.headers);
         let h2_app = conn.stamp(&mut parts.headers);
+        record.set_protocol(if h2_app { "HTTP/2" } else { "HTTP/1.1" });
         let app_addr = SocketAddr::from(([127, 0, 0, 1], app_port));
         record.upstream_host = Some(app_addr);
         if let Some(host) = authority.as_deref() {

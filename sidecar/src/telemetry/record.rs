@@ -252,6 +252,15 @@ impl<'a> Record<'a> {
         }
     }
 
+    /// The protocol the access log names, where it is not the wire's (the inbound side names the
+    /// protocol the calling app spoke, as Istio's inbound log does, not the HTTP/2 hop between
+    /// sidecars).
+    pub fn set_protocol(&mut self, protocol: &'static str) {
+        if let Some(log) = &mut self.log {
+            log.protocol = protocol;
+        }
+    }
+
     /// When the request started.
     pub fn started(&self) -> SystemTime {
         self.start
