@@ -56,10 +56,13 @@ impl ProxyError {
         use http::StatusCode as S;
         match self {
             ProxyError::NoService(_) | ProxyError::NoRoute => S::NOT_FOUND,
+            // Envoy answers a connect failure 503 too ("upstream connect error or
+            // disconnect/reset before headers", flag UF); 502 is for upstream protocol errors.
             ProxyError::NoConfig
             | ProxyError::NoEndpoint(_)
             | ProxyError::UpstreamReset(_)
-            | ProxyError::Overflow(_) => S::SERVICE_UNAVAILABLE,
+            | ProxyError::Overflow(_)
+            | ProxyError::Connect(_) => S::SERVICE_UNAVAILABLE,
             ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => S::BAD_REQUEST,
             ProxyError::Loop => S::LOOP_DETECTED,

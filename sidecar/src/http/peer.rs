@@ -53,6 +53,8 @@ const FLUSH_EVERY: u32 = 8;
 pub struct Connection {
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Set when the peer stopped answering pings: it may be gone (a lost node), not just closing.
+    lost: Arc<AtomicBool>,
     driven: Arc<Driven<h2::client::Connection<TcpOrTls, Bytes>>>,
 }
 
@@ -165,7 +167,20 @@ struct Pinger {
     tick: tokio::time::Interval,
     timeout: Duration,
     due: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the peer last answered (or the connection opened).
+    heard: tokio::time::Instant,
+    /// Streams opened as of the last look (client side): a new one on a quiet connection asks
+    /// for a PING at once.
+    streams: u32,
 }
+
+/// A connection the peer has not answered on for this long gets a PING as soon as a request is
+/// sent on it, answered within [`ON_DEMAND_TIMEOUT`] or the connection is closed: a request on a
+/// connection to a node that vanished fails in seconds, not after the keepalive's 20 s. A busy
+/// connection hears from its peer all the time and never pings on demand more than once a second.
+const QUIET: Duration = Duration::from_secs(1);
+/// How long an on-demand PING may take (far above any answer a live peer gives, even loaded).
+const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Pinger {
     fn new(pings: Option<h2::PingPong>, keepalive: Keepalive) -> Option<Self> {
@@ -177,19 +192,37 @@ impl Pinger {
             tick,
             timeout: keepalive.timeout,
             due: None,
+            heard: tokio::time::Instant::now(),
+            streams: 0,
         })
     }
 
     /// Ready when the peer has not answered a PING in time, or pings cannot be sent any more.
-    fn poll_dead(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// `streams`: the client side's count of streams opened, for on-demand pings.
+    fn poll_dead(&mut self, cx: &mut Context<'_>, streams: Option<u32>) -> Poll<()> {
         loop {
             match self.due.as_mut() {
                 Some(due) => match self.pings.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => self.due = None,
+                    Poll::Ready(Ok(_)) => {
+                        self.due = None;
+                        self.heard = tokio::time::Instant::now();
+                    }
                     Poll::Ready(Err(_)) => return Poll::Ready(()),
                     Poll::Pending => return due.as_mut().poll(cx),
                 },
                 None => {
+                    if let Some(n) = streams
+                        && n != self.streams
+                    {
+                        self.streams = n;
+                        if self.heard.elapsed() >= QUIET {
+                            if self.pings.send_ping(h2::Ping::opaque()).is_err() {
+                                return Poll::Ready(());
+                            }
+                            self.due = Some(Box::pin(tokio::time::sleep(ON_DEMAND_TIMEOUT)));
+                            continue;
+                        }
+                    }
                     ready!(self.tick.poll_tick(cx));
                     if self.pings.send_ping(h2::Ping::opaque()).is_err() {
                         return Poll::Ready(());
@@ -214,6 +247,8 @@ impl Connection {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost_flag = lost.clone();
         let mut pinger = Pinger::new(conn.ping_pong(), windows.keepalive);
         let driven = Arc::new(Driven::new(conn));
         let shared = driven.clone();
@@ -223,7 +258,8 @@ impl Connection {
                 if let Poll::Ready(r) = conn {
                     return Poll::Ready(r);
                 }
-                match pinger.as_mut().map(|p| p.poll_dead(cx)) {
+                let streams = shared.streams.load(Ordering::Relaxed);
+                match pinger.as_mut().map(|p| p.poll_dead(cx, Some(streams))) {
                     Some(Poll::Ready(())) => Poll::Ready(Some(Err(None))),
                     _ => Poll::Pending,
                 }
@@ -232,7 +268,8 @@ impl Connection {
             match end {
                 Some(Err(Some(e))) => tracing::debug!(error = %e, "peer connection closed"),
                 Some(Err(None)) => {
-                    tracing::info!("peer did not answer a keepalive ping; closing the connection")
+                    tracing::info!("peer did not answer a keepalive ping; closing the connection");
+                    lost_flag.store(true, Ordering::Release);
                 }
                 _ => {}
             }
@@ -243,6 +280,7 @@ impl Connection {
         Ok(Self {
             send,
             closed,
+            lost,
             driven,
         })
     }
@@ -250,6 +288,11 @@ impl Connection {
     /// Identifies the connection (shared by its clones) without keeping it open.
     pub fn id(&self) -> usize {
         Arc::as_ptr(&self.closed) as usize
+    }
+
+    /// Whether the connection ended because the peer stopped answering (see [`QUIET`]).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// Whether the connection has ended (the pool then dials a new one).
@@ -370,7 +413,7 @@ where
         if let Poll::Ready(r) = driven.poll(cx, |c, cx| c.poll_accept(cx)) {
             return Poll::Ready(r);
         }
-        match pinger.as_mut().map(|p| p.poll_dead(cx)) {
+        match pinger.as_mut().map(|p| p.poll_dead(cx, None)) {
             Some(Poll::Ready(())) => {
                 tracing::info!("peer did not answer a keepalive ping; closing the connection");
                 Poll::Ready(None)

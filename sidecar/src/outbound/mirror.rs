@@ -240,7 +240,7 @@ impl Mirrors {
     }
 }
 
-async fn send_copy(upstreams: &Upstreams, copy: &Copy, body: Bytes) -> Option<u16> {
+async fn send_copy(upstreams: &Arc<Upstreams>, copy: &Copy, body: Bytes) -> Option<u16> {
     let (_, endpoint) = balance::pick(&copy.cluster, &copy.state, None)?;
     let identity = match copy.cluster.tls {
         TlsMode::Disable => None,

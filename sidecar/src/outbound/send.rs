@@ -3,6 +3,8 @@
 //! (`upstream`), the request, and retries as the route's policy says (`route::retry`) with the body
 //! kept for replay (`upstream::replay`).
 
+use std::sync::Arc;
+
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 
@@ -88,7 +90,7 @@ impl Outcome {
 ///   tries run out on a retriable outcome);
 /// - a request body is kept for replay up to [`replay::DEFAULT_MAX_BYTES`]; past that, no retry.
 pub async fn send(
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     snapshot: &Snapshot,
     cluster: &Cluster,
     route: &Route,
@@ -127,7 +129,7 @@ fn overflow(cluster: &Cluster) -> Outcome {
 
 /// One try, no retries (the route's `attempts: 0`): the head and body are moved, never copied.
 async fn once(
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     cluster: &Cluster,
     state: &ClusterState,
     parts: http::request::Parts,
@@ -147,7 +149,7 @@ async fn once(
 
 /// Tries until the policy, the tries or the retry budget say stop.
 async fn with_retries(
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     cluster: &Cluster,
     state: &ClusterState,
     policy: &retry::Policy,
@@ -341,7 +343,7 @@ fn report_outlier(
 /// HTTP/1.1), the request, the response head, bounded by `per_try`.
 #[allow(clippy::too_many_arguments)] // one try's inputs, each from a different owner
 async fn attempt(
-    upstreams: &Upstreams,
+    upstreams: &Arc<Upstreams>,
     cluster: &Cluster,
     state: &ClusterState,
     idx: usize,

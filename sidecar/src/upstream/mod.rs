@@ -67,9 +67,16 @@ pub enum UpstreamError {
 }
 
 /// One pooled HTTP/2 peer (an address and the identity it must prove): its live connection, taken
-/// without waiting on the request path, and the lock that one dialler holds while connecting, with
-/// when its last attempt failed (so that a dead endpoint costs one connect attempt per
-/// [`FAILURE_HOLD`], not one per request).
+/// without waiting on the request path, and the lock that the first dialler holds while
+/// connecting (concurrent first requests share one handshake).
+///
+/// Once the peer has failed (a connect or handshake failure, or a connection whose peer stopped
+/// answering pings: a lost node), no request waits on it any more: for a hold that doubles with
+/// each failure in a row ([`hold`]: 0.5 s up to 5 s) requests fail at once, and after it one
+/// probe dials in the background while requests keep failing at once; the probe's success puts
+/// the peer back. A request that fails so is retried on another endpoint where the route's
+/// policy allows (`connect-failure`, in Istio's default policy), so a lost endpoint costs no
+/// waiting where there is another, and a fast 503 UF where there is not.
 struct Peer {
     identity: SpiffeId,
     sender: Option<Connection>,
@@ -77,7 +84,36 @@ struct Peer {
     handed: u32,
     /// When the current connection was last handed out (kept only under an idle timeout).
     last_used: Option<tokio::time::Instant>,
-    dial: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, UpstreamError)>>>,
+    /// The first dial's lock.
+    dial: Arc<tokio::sync::Mutex<()>>,
+    /// The last failure to reach the peer, until a connection succeeds.
+    failure: Option<Failure>,
+    /// A background probe is dialling.
+    probing: bool,
+}
+
+/// Failures to reach a peer in a row.
+#[derive(Debug, Clone)]
+struct Failure {
+    at: tokio::time::Instant,
+    err: UpstreamError,
+    streak: u32,
+}
+
+impl Failure {
+    fn after(previous: Option<&Failure>, err: UpstreamError) -> Self {
+        Self {
+            at: tokio::time::Instant::now(),
+            err,
+            streak: previous.map_or(1, |f| f.streak.saturating_add(1)),
+        }
+    }
+}
+
+/// How long requests fail at once after `streak` failures in a row before a probe dials again.
+pub fn hold(streak: u32) -> Duration {
+    let doublings = streak.saturating_sub(1).min(4);
+    (FAILURE_HOLD * (1u32 << doublings)).min(MAX_FAILURE_HOLD)
 }
 
 /// HTTP/2 flow control between sidecars, in both directions (the inbound server uses it too). What the
@@ -95,6 +131,8 @@ pub const H2_WINDOWS: Windows = Windows {
 /// How long a failed connect is remembered before the endpoint is tried again (a light form of
 /// Envoy's outlier ejection; without it a dead mirror target or endpoint costs a connect per request).
 pub const FAILURE_HOLD: Duration = Duration::from_millis(500);
+/// The longest hold: how late, at worst, a restored peer is dialled again.
+pub const MAX_FAILURE_HOLD: Duration = Duration::from_secs(5);
 
 /// Connection pools to upstream endpoints.
 pub struct Upstreams {
@@ -219,7 +257,7 @@ impl Upstreams {
     /// the pooled one, or a new one. Connect and TLS failures surface here, before any request is
     /// committed to the connection, so the caller can still try another endpoint.
     pub async fn h2_sender(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
@@ -233,9 +271,10 @@ impl Upstreams {
         Box::pin(self.dial_h2(addr, identity, connect_timeout, pool)).await
     }
 
-    /// The slow path of [`Upstreams::h2_sender`]: one dialler per peer, the others wait for it.
+    /// The slow path of [`Upstreams::h2_sender`]: the first dial, shared by whoever waits for it;
+    /// after failures, an immediate error and at most one background probe (see [`Peer`]).
     async fn dial_h2(
-        &self,
+        self: &Arc<Self>,
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Duration,
@@ -244,61 +283,124 @@ impl Upstreams {
         let dial = {
             let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
             let peers = map.entry(addr).or_default();
-            match peers.iter().find(|p| p.identity == *identity) {
-                Some(p) => p.dial.clone(),
+            let peer = match peers.iter().position(|p| p.identity == *identity) {
+                Some(i) => &mut peers[i],
                 None => {
-                    let dial = Arc::new(tokio::sync::Mutex::new(None));
                     peers.push(Peer {
                         identity: identity.clone(),
                         sender: None,
                         handed: 0,
                         last_used: None,
-                        dial: dial.clone(),
+                        dial: Arc::default(),
+                        failure: None,
+                        probing: false,
                     });
-                    dial
+                    let last = peers.len() - 1;
+                    &mut peers[last]
                 }
+            };
+            if let Some(failure) = &peer.failure {
+                let err = failure.err.clone();
+                if !peer.probing && failure.at.elapsed() >= hold(failure.streak) {
+                    peer.probing = true;
+                    tokio::spawn(
+                        self.clone()
+                            .probe(addr, identity.clone(), connect_timeout, pool),
+                    );
+                }
+                return Err(err);
             }
+            peer.dial.clone()
         };
-        let mut failed = dial.lock().await;
-        // Whoever held the dial lock before us may have connected.
+        let _dialling = dial.lock().await;
+        // Whoever held the dial lock before us may have connected, or failed.
         if let Some(sender) = self.live_sender(addr, identity, pool) {
             return Ok(sender);
         }
-        if let Some((at, err)) = failed.as_ref()
-            && at.elapsed() < FAILURE_HOLD
-        {
-            return Err(err.clone());
+        if let Some(err) = self.failure(addr, identity) {
+            return Err(err);
         }
         let result = self.connect_h2(addr, identity, connect_timeout).await;
+        self.settle(addr, identity, &result, pool);
+        result
+    }
+
+    /// A background dial to a peer that failed; requests meanwhile fail at once.
+    async fn probe(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        identity: SpiffeId,
+        connect_timeout: Duration,
+        pool: PoolSettings,
+    ) {
+        let result = self.connect_h2(addr, &identity, connect_timeout).await;
+        match &result {
+            Ok(_) => tracing::info!(%addr, "peer reachable again"),
+            Err(e) => tracing::debug!(%addr, error = %e, "peer still unreachable"),
+        }
+        // The probe's connection is pooled, not handed to a request: nobody has counted it.
+        self.settle(addr, &identity, &result, pool);
         let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = map
             .get_mut(&addr)
-            .and_then(|peers| peers.iter_mut().find(|p| p.identity == *identity))
+            .and_then(|peers| peers.iter_mut().find(|p| p.identity == identity))
         {
-            // This request is the new connection's first; with one request per connection it is
-            // never pooled.
-            p.sender = result
-                .as_ref()
-                .ok()
-                .filter(|_| pool.max_requests_per_connection != 1)
-                .cloned();
-            p.handed = 1;
-            p.last_used = pool.idle_timeout.map(|_| tokio::time::Instant::now());
-            if let (Some(timeout), Ok(conn)) = (pool.idle_timeout, &result) {
-                tokio::spawn(reap_when_idle(
-                    self.h2.clone(),
-                    addr,
-                    identity.clone(),
-                    conn.id(),
-                    timeout,
-                ));
+            p.probing = false;
+            if result.is_ok() {
+                p.handed = 0;
             }
         }
-        *failed = result
+    }
+
+    /// The last failure to reach a peer, if it is failing.
+    fn failure(&self, addr: SocketAddr, identity: &SpiffeId) -> Option<UpstreamError> {
+        let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&addr)?
+            .iter()
+            .find(|p| p.identity == *identity)?
+            .failure
             .as_ref()
-            .err()
-            .map(|e| (tokio::time::Instant::now(), e.clone()));
-        result
+            .map(|f| f.err.clone())
+    }
+
+    /// Records a dial's result in the pool.
+    fn settle(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        result: &Result<Connection, UpstreamError>,
+        pool: PoolSettings,
+    ) {
+        let mut map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = map
+            .get_mut(&addr)
+            .and_then(|peers| peers.iter_mut().find(|p| p.identity == *identity))
+        else {
+            return;
+        };
+        match result {
+            Ok(conn) => {
+                p.failure = None;
+                // This request is the new connection's first; with one request per connection
+                // it is never pooled.
+                p.sender = Some(conn.clone()).filter(|_| pool.max_requests_per_connection != 1);
+                p.handed = 1;
+                p.last_used = pool.idle_timeout.map(|_| tokio::time::Instant::now());
+                if let Some(timeout) = pool.idle_timeout {
+                    tokio::spawn(reap_when_idle(
+                        self.h2.clone(),
+                        addr,
+                        identity.clone(),
+                        conn.id(),
+                        timeout,
+                    ));
+                }
+            }
+            Err(e) => {
+                p.sender = None;
+                p.failure = Some(Failure::after(p.failure.as_ref(), e.clone()));
+            }
+        }
     }
 
     fn live_sender(
@@ -312,7 +414,22 @@ impl Upstreams {
             .get_mut(&addr)?
             .iter_mut()
             .find(|p| p.identity == *identity)?;
-        let sender = peer.sender.as_ref().filter(|s| !s.is_closed())?;
+        let sender = peer.sender.as_ref()?;
+        if sender.is_closed() {
+            // A peer that stopped answering pings may be gone: no request waits on a dial to it
+            // until a probe has reached it.
+            if sender.is_lost() {
+                peer.failure = Some(Failure::after(
+                    peer.failure.as_ref(),
+                    UpstreamError::Http {
+                        addr,
+                        reason: "the peer stopped answering on its connection".into(),
+                    },
+                ));
+            }
+            peer.sender = None;
+            return None;
+        }
         if let Some(_timeout) = pool.idle_timeout {
             peer.last_used = Some(tokio::time::Instant::now());
         }
@@ -465,7 +582,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_endpoint_is_not_retried_within_the_hold() {
+    async fn a_failing_endpoint_fails_at_once_while_one_probe_dials_in_the_background() {
         weft_ca::tls::install_default_provider();
         // A CA and credentials, so the pool can be built.
         let dir = tempfile::tempdir().unwrap();
@@ -480,37 +597,62 @@ mod tests {
             .sign_csr(&kc.csr_pem, &id, 0, std::time::SystemTime::now())
             .unwrap();
         let creds = weft_ca::tls::Credentials::from_pem(&chain, &kc.key_pem).unwrap();
-        let pool = Upstreams::new(
+        let pool = Arc::new(Upstreams::new(
             CredentialStore::new(creds),
             TrustBundle::from_pem(ca.root_pem()).unwrap(),
-        );
-        // Accepts TCP but never speaks TLS: every attempt costs the whole handshake timeout.
+        ));
+        // Accepts TCP but never speaks TLS: every dial costs the whole handshake timeout. Counts
+        // the dials.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = silent.local_addr().unwrap();
+        let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = dials.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = silent.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(tcp);
+            }
+        });
+        let dialled = || dials.load(std::sync::atomic::Ordering::SeqCst);
         let timeout = Duration::from_millis(300);
+        let ask = || pool.h2_sender(addr, &id, timeout, PoolSettings::default());
+        // The first request waits for the first dial, which fails.
         let first = tokio::time::Instant::now();
-        assert!(
-            pool.h2_sender(addr, &id, timeout, PoolSettings::default())
-                .await
-                .is_err()
-        );
+        assert!(ask().await.is_err());
         assert!(first.elapsed() >= timeout);
-        // Within the hold the failure is answered at once, without another attempt.
+        assert_eq!(dialled(), 1);
+        // Within the hold the failure is answered at once, without another dial.
         let second = tokio::time::Instant::now();
-        let err = pool
-            .h2_sender(addr, &id, timeout, PoolSettings::default())
-            .await
-            .unwrap_err();
-        assert!(second.elapsed() < timeout, "retried within the hold");
+        let err = ask().await.unwrap_err();
+        assert!(second.elapsed() < timeout, "waited within the hold");
         assert!(matches!(err, UpstreamError::Tls { .. }), "{err}");
-        // After the hold, the endpoint is tried again.
-        tokio::time::sleep(FAILURE_HOLD).await;
+        assert_eq!(dialled(), 1, "dialled within the hold");
+        // After the hold, a request still fails at once, and one probe dials in the background;
+        // requests during the probe fail at once and start no other.
+        tokio::time::sleep(hold(1)).await;
         let third = tokio::time::Instant::now();
-        assert!(
-            pool.h2_sender(addr, &id, timeout, PoolSettings::default())
-                .await
-                .is_err()
-        );
-        assert!(third.elapsed() >= timeout, "not tried again after the hold");
+        assert!(ask().await.is_err());
+        assert!(ask().await.is_err());
+        assert!(third.elapsed() < timeout, "a request waited on the probe");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while dialled() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no probe dialled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(timeout * 2).await;
+        assert_eq!(dialled(), 2, "more than one probe");
+        // The probe failed too: the hold doubles.
+        assert!(ask().await.is_err());
+        tokio::time::sleep(hold(1)).await;
+        assert!(ask().await.is_err());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(dialled(), 2, "probed again within the doubled hold");
+    }
+
+    #[test]
+    fn the_hold_doubles_up_to_its_cap() {
+        let holds: Vec<u64> = (1..=7).map(|s| hold(s).as_millis() as u64).collect();
+        assert_eq!(holds, vec![500, 1000, 2000, 4000, 5000, 5000, 5000]);
     }
 }
