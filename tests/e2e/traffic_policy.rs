@@ -293,8 +293,9 @@ fn retries_follow_attempts_retry_on_and_istio_default_policy() {
 #[test]
 fn per_try_timeout_retries_a_slow_answer_then_gives_up_with_504_ut() {
     let m = seed();
-    // Envoy's `5xx` covers an upstream that "does not respond at all (disconnect/reset/read
-    // timeout)", so each per-try timeout is retried; the route timeout (5 s) bounds the whole.
+    // Envoy retries a per-try timeout as a reset of its own making: under `5xx`, `gateway-error`
+    // or `reset` (router.cc `onPerTryTimeoutCommon` -> `maybeRetryReset`, retry_state_impl.cc
+    // `wouldRetryFromReset`). The route timeout (5 s) bounds the whole.
     apply(
         &m,
         "per-try.yaml",
@@ -327,6 +328,36 @@ fn per_try_timeout_retries_a_slow_answer_then_gives_up_with_504_ut() {
     assert!(
         line.contains("\" 504 ") && flags(&line).iter().any(|f| f == "UT"),
         "want 504 with flag UT in the access log: {line:?}"
+    );
+
+    // Without retryOn, Istio's default conditions apply (connect-failure, refused-stream,
+    // unavailable, cancelled, retriable-status-codes): none covers a timeout, so the first try's
+    // timeout ends the request.
+    apply(
+        &m,
+        "per-try-default.yaml",
+        &virtual_service(
+            "    timeout: 5s\n    retries:\n      attempts: 2\n      perTryTimeout: 500ms\n",
+        ),
+    );
+    let r = curl(&m, "/delay/2?step=per-try-default");
+    assert_eq!(r.code, 504, "{r:?}");
+    assert!(
+        (0.45..0.95).contains(&r.secs),
+        "a per-try timeout is not retried under Istio's default retryOn: want 504 after about \
+         0.5 s, took {:.3} s",
+        r.secs
+    );
+    // A wrong retry would show as a second request at the other httpbin: wait long enough for it.
+    let n = app_hits(
+        &apps(&m),
+        "/delay/2?step=per-try-default",
+        2,
+        Duration::from_secs(4),
+    );
+    assert_eq!(
+        n, 1,
+        "want 1 try at httpbin under the default retryOn, saw {n}"
     );
 }
 
@@ -659,7 +690,7 @@ fn outlier_detection_ejects_a_failing_endpoint_then_lets_it_back() {
     assert_eq!(
         bad_hits(),
         2,
-        "the failing endpoint got no traffic in {sent} requests"
+        "want exactly 2 requests at the failing endpoint before its ejection ({sent} requests sent)"
     );
     assert_eq!(failed, 2, "its two 500s reach the caller (no retries)");
 
