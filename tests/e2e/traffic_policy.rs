@@ -116,6 +116,17 @@ fn curl(m: &Seed, path: &str) -> Reply {
     curl_via(&m.sleep.outbound, path)
 }
 
+/// [`curl`], failing unless the answer is `code`.
+fn expect(m: &Seed, path: &str, code: u16) -> Reply {
+    let r = curl(m, path);
+    assert_eq!(
+        r.code, code,
+        "GET {path}: want {code}, got {} after {:.3} s:\n{}\n\n{}",
+        r.code, r.secs, r.head, r.body
+    );
+    r
+}
+
 /// How many requests for `path` the apps logged: waits (bounded by `within`) until at least `want`
 /// arrived, then a moment longer so that extra ones (a retry too many) show too.
 fn app_hits(apps: &[&Httpbin], path: &str, want: usize, within: Duration) -> usize {
@@ -219,15 +230,13 @@ fn retries_follow_attempts_retry_on_and_istio_default_policy() {
 
     // No VirtualService: Istio's default policy, 2 retries on retriable-status-codes (503) among
     // others, so a 503 is tried 3 times and a 500 once.
-    let r = curl(&m, "/status/503?step=default");
-    assert_eq!(r.code, 503, "{r:?}");
+    expect(&m, "/status/503?step=default", 503);
     let n = app_hits(&apps, "/status/503?step=default", 3, within);
     assert_eq!(
         n, 3,
         "default policy: /status/503 should reach httpbin 3 times (1 + 2 retries), saw {n}"
     );
-    let r = curl(&m, "/status/500?step=default");
-    assert_eq!(r.code, 500, "{r:?}");
+    expect(&m, "/status/500?step=default", 500);
     let n = app_hits(&apps, "/status/500?step=default", 1, within);
     assert_eq!(
         n, 1,
@@ -242,11 +251,8 @@ fn retries_follow_attempts_retry_on_and_istio_default_policy() {
         &virtual_service("    retries:\n      attempts: 3\n      retryOn: 5xx\n"),
     );
     let (v1_before, v2_before) = (m.v1.log_lines().len(), m.v2.log_lines().len());
-    let r = curl(&m, "/status/503?step=5xx");
-    assert_eq!(
-        r.code, 503,
-        "after the retries the caller gets the 503: {r:?}"
-    );
+    // After the retries the caller gets the last answer, the 503.
+    expect(&m, "/status/503?step=5xx", 503);
     let n = app_hits(&apps, "/status/503?step=5xx", 4, within);
     assert_eq!(n, 4, "attempts: 3 on 5xx: want 4 tries at httpbin, saw {n}");
     assert!(
@@ -262,13 +268,13 @@ fn retries_follow_attempts_retry_on_and_istio_default_policy() {
         "retry-gw.yaml",
         &virtual_service("    retries:\n      attempts: 3\n      retryOn: gateway-error\n"),
     );
-    assert_eq!(curl(&m, "/status/500?step=gw").code, 500);
+    expect(&m, "/status/500?step=gw", 500);
     let n = app_hits(&apps, "/status/500?step=gw", 1, within);
     assert_eq!(
         n, 1,
         "gateway-error does not cover 500: want 1 try, saw {n}"
     );
-    assert_eq!(curl(&m, "/status/502?step=gw").code, 502);
+    expect(&m, "/status/502?step=gw", 502);
     let n = app_hits(&apps, "/status/502?step=gw", 4, within);
     assert_eq!(n, 4, "gateway-error covers 502: want 4 tries, saw {n}");
 
@@ -278,7 +284,7 @@ fn retries_follow_attempts_retry_on_and_istio_default_policy() {
         "retry-off.yaml",
         &virtual_service("    retries:\n      attempts: 0\n"),
     );
-    assert_eq!(curl(&m, "/status/503?step=off").code, 503);
+    expect(&m, "/status/503?step=off", 503);
     let n = app_hits(&apps, "/status/503?step=off", 1, within);
     assert_eq!(n, 1, "attempts: 0: want 1 try, saw {n}");
 
@@ -552,15 +558,15 @@ fn response_flags_reach_istio_requests_total_and_the_access_log() {
         "abort.yaml",
         &virtual_service(&ABORT.replace("PCT", "100")),
     );
-    assert_eq!(curl(&m, "/get?step=flag-fi").code, 418);
+    expect(&m, "/get?step=flag-fi", 418);
     apply(
         &m,
         "delay.yaml",
         &virtual_service(&DELAY.replace("PCT", "100")),
     );
-    assert_eq!(curl(&m, "/get?step=flag-di").code, 200);
+    expect(&m, "/get?step=flag-di", 200);
     apply(&m, "timeout.yaml", &virtual_service("    timeout: 1s\n"));
-    assert_eq!(curl(&m, "/delay/3?step=flag-ut").code, 504);
+    expect(&m, "/delay/3?step=flag-ut", 504);
 
     let mut failures = Vec::new();
     let stats = m.sleep.stats().unwrap();
@@ -830,7 +836,7 @@ fn idle_upstream_connections_are_closed_after_idle_timeout() {
         "idle.yaml",
         &destination_rule("    connectionPool:\n      http:\n        idleTimeout: 1s\n"),
     );
-    assert_eq!(curl(&m, "/get?step=idle").code, 200);
+    expect(&m, "/get?step=idle", 200);
     let done = Instant::now();
     assert!(
         open(&m) >= 1.0,
@@ -858,7 +864,7 @@ fn idle_upstream_connections_are_closed_after_idle_timeout() {
 
     // Without it (Istio's default, 1 h) the connection stays: what closed it was the setting.
     delete(&m, "destinationrule");
-    assert_eq!(curl(&m, "/get?step=idle-default").code, 200);
+    expect(&m, "/get?step=idle-default", 200);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
         open(&m) >= 1.0,
@@ -873,7 +879,7 @@ fn max_requests_per_connection_1_opens_a_connection_per_request() {
     // Pooled (the default): a handful of requests share a connection per server sidecar.
     let (before, _) = inbound_connections(&m);
     for i in 0..6 {
-        assert_eq!(curl(&m, &format!("/get?step=pooled&i={i}")).code, 200);
+        expect(&m, &format!("/get?step=pooled&i={i}"), 200);
     }
     let (after, _) = inbound_connections(&m);
     assert!(
@@ -890,7 +896,7 @@ fn max_requests_per_connection_1_opens_a_connection_per_request() {
     );
     let (before, _) = inbound_connections(&m);
     for i in 0..6 {
-        assert_eq!(curl(&m, &format!("/get?step=per-conn&i={i}")).code, 200);
+        expect(&m, &format!("/get?step=per-conn&i={i}"), 200);
     }
     let (after, _) = inbound_connections(&m);
     assert!(
