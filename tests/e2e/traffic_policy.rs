@@ -17,8 +17,9 @@ use weft_tests::{Httpbin, Proc, Sidecar};
 /// The counter of outlier ejections on the client sidecar's `/stats/prometheus` (any labels); the
 /// name is the sidecar's choice, adjust here if it names it otherwise.
 const EJECTIONS_METRIC: &str = "weft_outlier_ejections_total";
-/// What the client sidecar's log line for one ejection contains (stderr).
-const EJECTION_LOG: &str = "endpoint ejected";
+/// What the client sidecar's log line for one ejection contains (stderr; the message of
+/// `outbound/send.rs`'s `report_outlier` on main).
+const EJECTION_LOG: &str = "outlier detection ejected an endpoint";
 
 /// A VirtualService for httpbin with one rule to the whole Service; `rule` is YAML indented to sit
 /// beside `route:` in the rule (four spaces), e.g. `    timeout: 1s\n`.
