@@ -874,35 +874,62 @@ fn idle_upstream_connections_are_closed_after_idle_timeout() {
     );
 }
 
+const PER_CONNECTION_1: &str =
+    "    connectionPool:\n      http:\n        maxRequestsPerConnection: 1\n";
+
+/// Sends `n` requests tagged `step`; returns how many connections the server sidecars accepted
+/// during each.
+fn opened_per_request(m: &Seed, step: &str, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let (before, _) = inbound_connections(m);
+            expect(m, &format!("/get?step={step}&i={i}"), 200);
+            inbound_connections(m).0 - before
+        })
+        .collect()
+}
+
 #[test]
 fn max_requests_per_connection_1_opens_a_connection_per_request() {
     let m = seed();
-    // Pooled (the default): a handful of requests share a connection per server sidecar.
-    let (before, _) = inbound_connections(&m);
-    for i in 0..6 {
-        expect(&m, &format!("/get?step=pooled&i={i}"), 200);
-    }
-    let (after, _) = inbound_connections(&m);
+    // Set before the first request: every request on a connection of its own.
+    apply(&m, "per-conn.yaml", &destination_rule(PER_CONNECTION_1));
+    let opened = opened_per_request(&m, "per-conn", 6);
     assert!(
-        after - before <= 2.0,
-        "6 requests opened {} connections without a limit (want at most one per endpoint)",
-        after - before
+        opened.iter().all(|n| *n >= 1.0),
+        "maxRequestsPerConnection 1: want a new connection at the server sidecars for each \
+         request, saw these opened per request: {opened:?}"
     );
-    apply(
-        &m,
-        "per-conn.yaml",
-        &destination_rule(
-            "    connectionPool:\n      http:\n        maxRequestsPerConnection: 1\n",
-        ),
-    );
-    let (before, _) = inbound_connections(&m);
-    for i in 0..6 {
-        expect(&m, &format!("/get?step=per-conn&i={i}"), 200);
-    }
-    let (after, _) = inbound_connections(&m);
+
+    // Pooled (Istio's default, no limit): a handful of requests share a connection per endpoint.
+    delete(&m, "destinationrule");
+    let opened = opened_per_request(&m, "pooled", 6);
     assert!(
-        after - before >= 6.0,
-        "maxRequestsPerConnection 1: 6 requests opened only {} connections at the server sidecars",
-        after - before
+        opened.iter().sum::<f64>() <= 2.0,
+        "without a limit 6 requests opened {opened:?} connections (want at most one per endpoint)"
+    );
+}
+
+/// A connection pool changed while its connections are open applies to them too: Envoy drains a
+/// cluster's connection pools when the cluster's definition changes ("when a cluster definition is
+/// updated, the operation is graceful. However, all existing connection pools will be drained and
+/// reconnected", Envoy's dynamic-configuration overview), so no request rides a connection opened
+/// under the old settings. (An endpoint change alone, EDS in Envoy, keeps them.)
+#[test]
+fn a_changed_connection_pool_drains_connections_opened_before() {
+    let m = seed();
+    // Pooled (Istio's default, no limit): one connection per endpoint.
+    let opened = opened_per_request(&m, "pooled", 6);
+    assert!(
+        opened.iter().sum::<f64>() <= 2.0,
+        "without a limit 6 requests opened {opened:?} connections (want at most one per endpoint)"
+    );
+    apply(&m, "per-conn.yaml", &destination_rule(PER_CONNECTION_1));
+    let opened = opened_per_request(&m, "per-conn", 6);
+    assert!(
+        opened.iter().all(|n| *n >= 1.0),
+        "maxRequestsPerConnection 1 set while pooled connections were open: want a new \
+         connection for each request, saw these opened per request: {opened:?} (a 0 is a \
+         request that rode a connection opened before the change)"
     );
 }
