@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use weft_tests::seed::{DEFAULT_CLUSTER, Seed};
 use weft_tests::{Httpbin, Proc, Sidecar};
 
-/// The counter of outlier ejections on the client sidecar's `/stats/prometheus` (any labels); the
-/// name is the sidecar's choice, adjust here if it names it otherwise.
+/// The counter of outlier ejections on the client sidecar's `/stats/prometheus` (summed over its
+/// labels, if any).
 const EJECTIONS_METRIC: &str = "weft_outlier_ejections_total";
 /// What the client sidecar's log line for one ejection contains (stderr; the message of
 /// `outbound/send.rs`'s `report_outlier` on main).
