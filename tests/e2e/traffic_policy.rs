@@ -86,18 +86,27 @@ impl Reply {
 /// `GET http://httpbin:8000{path}` with real curl through the sidecar whose outbound listener is
 /// `outbound` (explicit mode: the sidecar is curl's HTTP proxy).
 fn curl_via(outbound: &str, path: &str) -> Reply {
-    let url = format!("http://httpbin:8000{path}");
-    let (ok, out, err) = weft_tests::run(Command::new("curl").args([
-        "-x",
-        &format!("http://{outbound}"),
-        "-s",
-        "-i",
-        "-m",
-        "15",
-        "-w",
-        "\n%{http_code} %{time_total}",
-        &url,
-    ]))
+    curl_with(outbound, &format!("http://httpbin:8000{path}"), &[])
+}
+
+/// `url` with real curl through the sidecar whose outbound listener is `outbound`, with `extra`
+/// curl arguments (e.g. a body to POST).
+fn curl_with(outbound: &str, url: &str, extra: &[&str]) -> Reply {
+    let (ok, out, err) = weft_tests::run(
+        Command::new("curl")
+            .args([
+                "-x",
+                &format!("http://{outbound}"),
+                "-s",
+                "-i",
+                "-m",
+                "15",
+                "-w",
+                "\n%{http_code} %{time_total}",
+            ])
+            .args(extra)
+            .arg(url),
+    )
     .unwrap();
     assert!(ok, "curl {url} failed: {err}");
     let (text, tail) = out.rsplit_once('\n').unwrap_or(("", &out));
@@ -128,10 +137,10 @@ fn expect(m: &Seed, path: &str, code: u16) -> Reply {
     r
 }
 
-/// How many requests for `path` the apps logged: waits (bounded by `within`) until at least `want`
+/// How many requests (any method) for `path` the apps logged: waits (bounded by `within`) until at least `want`
 /// arrived, then a moment longer so that extra ones (a retry too many) show too.
 fn app_hits(apps: &[&Httpbin], path: &str, want: usize, within: Duration) -> usize {
-    let needle = format!("\"GET {path} HTTP/1.1\"");
+    let needle = format!(" {path} HTTP/1.1\"");
     let count = || -> usize {
         apps.iter()
             .map(|a| a.log_lines().iter().filter(|l| l.contains(&needle)).count())
@@ -365,6 +374,135 @@ fn per_try_timeout_retries_a_slow_answer_then_gives_up_with_504_ut() {
     assert_eq!(
         n, 1,
         "want 1 try at httpbin under the default retryOn, saw {n}"
+    );
+}
+
+/// An app that answers 503 to every POST after reading its whole body (Content-Length or
+/// chunked), and logs on stdout each body's length and whether it is one byte repeated, as the
+/// test's bodies are: what a retry replayed, seen by a real server.
+const UNAVAILABLE_APP: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def read_body(self):
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+    def do_POST(self):
+        data = self.read_body()
+        same = len(data) > 0 and data == data[:1] * len(data)
+        sys.stdout.write("access POST %s len=%d same=%s\n" % (self.path, len(data), same))
+        sys.stdout.flush()
+        body = b"unavailable\n"
+        self.send_response(503)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, fmt, *args):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print("listening on 127.0.0.1:%d" % s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// Starts `script` (prints `listening on ADDR`, then its own lines) with the venv's Python.
+fn python_app(m: &Seed, name: &str, script: &str) -> (Proc, std::net::SocketAddr) {
+    let mut cmd = Command::new(weft_tests::venv().join("bin/python"));
+    cmd.args(["-u", "-c", script]);
+    Proc::spawn_listening(name, cmd, m.dir.path()).unwrap()
+}
+
+#[test]
+fn retries_replay_a_buffered_body_and_not_one_over_the_buffer() {
+    let m = seed();
+    // Service `unavailable`, one pod: every try reaches the same app, which logs each body.
+    m.apply_yaml(
+        "unavailable-svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: unavailable\nspec:\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n  selector:\n    app: unavailable\n",
+    )
+    .unwrap();
+    let (app, addr) = python_app(&m, "unavailable-app", UNAVAILABLE_APP);
+    let _sidecar = Sidecar::explicit(
+        &m.plane,
+        "unavailable",
+        "unavailable",
+        "app=unavailable",
+        Some(addr.port()),
+        &[],
+    )
+    .unwrap();
+    m.wait_endpoints("outbound|8000||unavailable.default.svc.cluster.local", 1)
+        .unwrap();
+    apply(
+        &m,
+        "retry-body.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: unavailable\nspec:\n  hosts:\n  - unavailable\n  http:\n  - route:\n    - destination:\n        host: unavailable\n    retries:\n      attempts: 3\n      retryOn: 5xx\n",
+    );
+    // What the app logged for `step` once the count has stopped moving (bounded).
+    let tries = |step: &str, want: usize| -> Vec<String> {
+        let needle = format!("access POST /post?step={step} ");
+        let seen = || -> Vec<String> {
+            app.stdout_lines()
+                .into_iter()
+                .filter(|l| l.starts_with(&needle))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen().len() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        seen()
+    };
+    let post = |step: &str, file: &std::path::Path| {
+        let data = format!("@{}", file.display());
+        // `Expect:` off, so that the answer read is the final one.
+        curl_with(
+            &m.sleep.outbound,
+            &format!("http://unavailable:8000/post?step={step}"),
+            &["-H", "Expect:", "--data-binary", &data],
+        )
+    };
+
+    // A body within the replay buffer is sent whole with each try.
+    let small = m.dir.path().join("small.bin");
+    std::fs::write(&small, vec![b's'; 16 * 1024]).unwrap();
+    let r = post("small", &small);
+    assert_eq!(
+        r.code, 503,
+        "the last try's answer reaches the caller: {r:?}"
+    );
+    let lines = tries("small", 4);
+    assert_eq!(
+        lines.len(),
+        4,
+        "a 16 KiB body under attempts: 3: want 4 tries at the app, saw {lines:#?}"
+    );
+    assert!(
+        lines.iter().all(|l| l.ends_with(" len=16384 same=True")),
+        "every try carries the whole body: {lines:#?}"
+    );
+
+    // One over the buffer (1 MiB, Envoy's default buffer limit) cannot be replayed: one try, and
+    // its answer reaches the caller.
+    let big = m.dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'b'; 2 * 1024 * 1024]).unwrap();
+    let r = post("big", &big);
+    assert_eq!(r.code, 503, "a 2 MiB body's one try answers 503: {r:?}");
+    let lines = tries("big", 2);
+    assert_eq!(
+        lines,
+        vec!["access POST /post?step=big len=2097152 same=True".to_owned()],
+        "a 2 MiB body is sent once, whole, and not retried past the buffer"
     );
 }
 
@@ -639,9 +777,7 @@ s.serve_forever()
 #[test]
 fn outlier_detection_ejects_a_failing_endpoint_then_lets_it_back() {
     let m = seed();
-    let mut cmd = Command::new(weft_tests::venv().join("bin/python"));
-    cmd.args(["-u", "-c", FAILING_APP]);
-    let (bad_app, bad_addr) = Proc::spawn_listening("failing-app", cmd, m.dir.path()).unwrap();
+    let (bad_app, bad_addr) = python_app(&m, "failing-app", FAILING_APP);
     let _bad = Sidecar::explicit(
         &m.plane,
         "httpbin-bad",
