@@ -23,4 +23,5 @@ mod multinode;
 mod pilot;
 mod resilience;
 mod runtime;
+mod traffic_policy;
 mod transparent;
