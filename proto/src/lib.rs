@@ -16,3 +16,8 @@ pub mod discovery {
 pub mod config {
     tonic::include_proto!("weft.config.v1");
 }
+
+/// Every `.proto` above as an encoded `google.protobuf.FileDescriptorSet`: the schema, for code
+/// that walks the messages' fields generically.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/weft_descriptors.bin"));
