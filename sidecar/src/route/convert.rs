@@ -153,6 +153,8 @@ impl RouteTable {
             }
             services.push(Service {
                 index: si,
+                name: s.name,
+                namespace: s.namespace,
                 hostname: s.hostname,
                 vip,
                 ports,
@@ -492,17 +494,17 @@ fn convert_match(m: pb::HttpMatch, route: &str) -> Result<Match, InvalidConfig> 
     }
     let mut headers: Vec<_> = m.headers.into_iter().collect();
     headers.sort_by(|a, b| a.0.cmp(&b.0));
+    // A header or query match without a kind (`{}` in the VirtualService) asks only that the
+    // header or parameter be present (Istio's semantics): never dropped.
     for (name, sm) in headers {
-        if let Some(sm) = string_match(sm, route)? {
-            out.headers.push((header_name(&name, route)?, sm));
-        }
+        let sm = string_match(sm, route)?.unwrap_or(StringMatch::Present);
+        out.headers.push((header_name(&name, route)?, sm));
     }
     let mut query: Vec<_> = m.query_params.into_iter().collect();
     query.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, sm) in query {
-        if let Some(sm) = string_match(sm, route)? {
-            out.query_params.push((name, sm));
-        }
+        let sm = string_match(sm, route)?.unwrap_or(StringMatch::Present);
+        out.query_params.push((name, sm));
     }
     for name in m.without_headers {
         out.without_headers.push(header_name(&name, route)?);

@@ -105,6 +105,7 @@ impl StringMatch {
             StringMatch::Exact(s) => value == s,
             StringMatch::Prefix(p) => value.starts_with(p.as_str()),
             StringMatch::Regex(r) => r.is_match(value),
+            StringMatch::Present => true,
         }
     }
 
@@ -115,6 +116,7 @@ impl StringMatch {
                 .get(..p.len())
                 .is_some_and(|head| head.eq_ignore_ascii_case(p)),
             StringMatch::Regex(r) => r.is_match(value),
+            StringMatch::Present => true,
         }
     }
 }

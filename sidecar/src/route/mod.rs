@@ -55,6 +55,10 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     /// Ports with their routes.
     pub ports: Vec<ServicePort>,
+    /// The Service's name and namespace (for metric labels).
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
     /// Position in the table's Service list (the index of its metric labels).
     pub index: usize,
 }
@@ -221,6 +225,8 @@ pub enum StringMatch {
     Prefix(String),
     /// Whole-string regex.
     Regex(Regex),
+    /// Any value: the header or query parameter only has to be present (Istio's `{}`).
+    Present,
 }
 
 /// An upstream cluster.

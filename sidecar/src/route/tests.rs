@@ -227,6 +227,42 @@ fn first_matching_route_wins_with_every_kind_of_match() {
 }
 
 #[test]
+fn a_header_or_query_match_without_a_kind_asks_for_presence() {
+    let mut headers_match = Map::new();
+    headers_match.insert("x-canary".to_string(), pb::StringMatch::default());
+    let mut query = Map::new();
+    query.insert("beta".to_string(), pb::StringMatch::default());
+    let t = RouteTable::try_from(config(vec![
+        route(
+            "present",
+            vec![
+                pb::HttpMatch {
+                    headers: headers_match,
+                    ..Default::default()
+                },
+                pb::HttpMatch {
+                    query_params: query,
+                    ..Default::default()
+                },
+            ],
+            vec![dest(V2, 100)],
+        ),
+        route("default", vec![], vec![dest(V1, 100)]),
+    ]))
+    .unwrap();
+    let port = &t.services()[0].ports[0];
+    let none = http::HeaderMap::new();
+    let mut canary = http::HeaderMap::new();
+    canary.insert("x-canary", http::HeaderValue::from_static(""));
+    let name = |r: RequestView<'_>| port.route(&r).unwrap().name.clone();
+    assert_eq!(name(req("GET", "/", None, &none)), "default");
+    assert_eq!(name(req("GET", "/", None, &canary)), "present");
+    assert_eq!(name(req("GET", "/", Some("beta"), &none)), "present");
+    assert_eq!(name(req("GET", "/", Some("beta=1&x=2"), &none)), "present");
+    assert_eq!(name(req("GET", "/", Some("betamax=1"), &none)), "default");
+}
+
+#[test]
 fn weighted_pick_follows_weights_and_never_picks_zero() {
     let routes = vec![route(
         "split",
@@ -374,16 +410,6 @@ mod every_pushed_field_is_read {
     /// Fields the sidecar has a reason not to read, by their path from `ProxyConfig`. Only what
     /// pilot has already applied or what is redundant with a field that is read belongs here.
     const NOT_READ: &[(&str, &str)] = &[
-        (
-            "ProxyConfig.services.name",
-            "the same as the first label of `hostname` for every Kubernetes Service (weft has no \
-             ServiceEntry): telemetry takes destination_service_name from the hostname",
-        ),
-        (
-            "ProxyConfig.services.namespace",
-            "the same as the second label of `hostname` for every Kubernetes Service: telemetry \
-             takes destination_service_namespace from the hostname",
-        ),
         (
             "ProxyConfig.services.ports.name",
             "pilot has derived `protocol` from it (Istio's protocol selection); the sidecar reads \

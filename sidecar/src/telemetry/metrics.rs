@@ -128,11 +128,18 @@ pub fn workload_labels(
     ))
 }
 
-/// The label fragment describing the destination Service (from its FQDN `name.ns.svc.<domain>`).
-pub fn service_labels(fqdn: &str) -> Labels {
+/// The label fragment describing the destination Service: its FQDN, and the name and namespace
+/// pilot gave (for a host that is no Service, the FQDN's first two labels, as Istio does).
+pub fn service_labels(fqdn: &str, name: &str, namespace: &str) -> Labels {
     let mut parts = fqdn.split('.');
-    let name = parts.next().unwrap_or_default();
-    let ns = parts.next().unwrap_or_default();
+    let first = parts.next().unwrap_or_default();
+    let second = parts.next().unwrap_or_default();
+    let name = if name.is_empty() { first } else { name };
+    let ns = if namespace.is_empty() {
+        second
+    } else {
+        namespace
+    };
     let or_unknown = |v: &str| {
         if v.is_empty() {
             "unknown".to_owned()
@@ -523,7 +530,7 @@ mod tests {
                 reporter: Reporter::Source,
                 source: me.clone(),
                 destination: dest.clone(),
-                service: service_labels("httpbin.default.svc.cluster.local"),
+                service: service_labels("httpbin.default.svc.cluster.local", "httpbin", "default"),
                 code: 200,
                 flags: Flags::default(),
                 mtls: true,
@@ -581,12 +588,15 @@ impl TableLabels {
         let services = table
             .services()
             .iter()
-            .map(|s| service_labels(&s.hostname))
+            .map(|s| service_labels(&s.hostname, &s.name, &s.namespace))
             .collect();
         let clusters = table
             .clusters()
             .iter()
-            .map(|c| service_labels(&c.service_hostname))
+            .map(|c| match table.service_by_host(&c.service_hostname) {
+                Some(s) => service_labels(&s.hostname, &s.name, &s.namespace),
+                None => service_labels(&c.service_hostname, "", ""),
+            })
             .collect();
         let endpoints = table
             .clusters()

@@ -132,7 +132,7 @@ impl Default for Unknown {
         Self {
             source: super::workload_labels("source", "", "", "", "", ""),
             destination: super::workload_labels("destination", "", "", "", "", ""),
-            service: super::service_labels(""),
+            service: super::service_labels("", "", ""),
         }
     }
 }
