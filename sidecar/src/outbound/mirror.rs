@@ -274,7 +274,15 @@ async fn send_copy(upstreams: &Arc<Upstreams>, copy: &Copy, body: Bytes) -> Opti
             *req.uri_mut() = format!("http://{}{}", endpoint.dial, copy.path)
                 .parse()
                 .ok()?;
-            upstreams.send_plain(endpoint.dial, req).await.ok()?
+            upstreams
+                .send_plain(
+                    endpoint.dial,
+                    req,
+                    copy.cluster.connect_timeout,
+                    copy.cluster.idle_timeout,
+                )
+                .await
+                .ok()?
         }
     };
     let status = resp.status().as_u16();

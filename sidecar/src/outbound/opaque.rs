@@ -2,6 +2,7 @@
 //! original destination, `CONNECT` tunnels (explicit mode) and HTTP/1.1 upgrades (WebSocket).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,14 +17,19 @@ use crate::route::{Cluster, Service, ServicePort, TlsMode};
 use crate::snapshot::Snapshot;
 use crate::upstream::UpstreamError;
 use crate::upstream::balance;
+use crate::upstream::limits::Limits;
 
 /// Where an opaque stream to a Service port goes: an endpoint of its default cluster, with the identity
 /// its sidecar must prove (none when TLS is disabled or the endpoint has no sidecar).
-fn tcp_target(
-    snapshot: &Snapshot,
-    svc: &Service,
-    port: &ServicePort,
-) -> Option<(SocketAddr, Option<weft_ca::SpiffeId>, Duration)> {
+/// Where an opaque stream goes, and the pool limits of its cluster.
+type TcpTarget = (
+    SocketAddr,
+    Option<weft_ca::SpiffeId>,
+    Duration,
+    Option<Arc<Limits>>,
+);
+
+fn tcp_target(snapshot: &Snapshot, svc: &Service, port: &ServicePort) -> Option<TcpTarget> {
     let cluster = snapshot
         .routes
         .cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
@@ -33,7 +39,12 @@ fn tcp_target(
         TlsMode::Disable => None,
         TlsMode::Auto | TlsMode::IstioMutual => e.identity.clone(),
     };
-    Some((e.dial, identity, cluster.connect_timeout))
+    Some((
+        e.dial,
+        identity,
+        cluster.connect_timeout,
+        Some(state.limits.clone()),
+    ))
 }
 
 /// Carries a non-HTTP connection: to an endpoint of the Service whose VIP it was dialled at (mTLS
@@ -52,7 +63,19 @@ pub(super) async fn forward_tcp(
             .by_vip(dst)
             .and_then(|(svc, port)| tcp_target(&snapshot, svc, port))
     };
-    let (addr, identity, timeout) = target.unwrap_or((dst, None, Duration::from_secs(10)));
+    let (addr, identity, timeout, limits) =
+        target.unwrap_or((dst, None, Duration::from_secs(10), None));
+    // An opaque connection takes a place in its cluster's pool for its whole life
+    // (`tcp.maxConnections`); over the bound it waits in the pending queue, or is closed at once.
+    let _admitted = match limits.filter(|l| !l.is_unlimited()) {
+        Some(limits) => Some(
+            limits
+                .admit()
+                .await
+                .map_err(|_| format!("connection pool of {addr}'s cluster is full (UO)"))?,
+        ),
+        None => None,
+    };
     let upstream = outbound
         .upstreams
         .connect_tcp(addr, identity.as_ref(), timeout)
@@ -135,7 +158,7 @@ pub(super) async fn connect(
         .by_authority(&authority, 443)
         .and_then(|(svc, port)| tcp_target(snapshot, svc, port));
     let (addr, identity, timeout) = match target {
-        Some(t) => t,
+        Some((addr, identity, timeout, _)) => (addr, identity, timeout),
         None => {
             let addr = tokio::net::lookup_host(&authority)
                 .await

@@ -360,13 +360,25 @@ async fn attempt(
     };
     let exchange = async {
         let Some(identity) = identity else {
-            let req = build_request(parts, body, next, endpoint, false).map_err(TryError::Local)?;
-            return Box::pin(upstreams.send_plain(endpoint.dial, req))
-                .await
-                .map_err(|e| match e {
-                    UpstreamError::Connect { .. } => TryError::Connect(e),
-                    _ => TryError::Reset(e),
-                });
+            let mut req =
+                build_request(parts, body, next, endpoint, false).map_err(TryError::Local)?;
+            if last_on_connection(cluster, state) {
+                req.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            return Box::pin(upstreams.send_plain(
+                endpoint.dial,
+                req,
+                cluster.connect_timeout,
+                cluster.idle_timeout,
+            ))
+            .await
+            .map_err(|e| match e {
+                UpstreamError::Connect { .. } => TryError::Connect(e),
+                _ => TryError::Reset(e),
+            });
         };
         let (mut parts, mut body) = (parts, body);
         // A request a draining peer never saw goes to a new connection, once, without counting
@@ -380,6 +392,7 @@ async fn attempt(
                     PoolSettings {
                         max_requests_per_connection: cluster.max_requests_per_connection,
                         idle_timeout: cluster.idle_timeout,
+                        epoch: state.pool_epoch,
                     },
                 )
                 .await
@@ -458,4 +471,21 @@ fn build_request(
     *req.uri_mut() =
         Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unrepresentable request URI"))?;
     Ok(req)
+}
+
+/// Whether a plaintext request should close its connection after it, for the cluster's
+/// `maxRequestsPerConnection`: every request at 1; at N, every Nth request of the cluster, which
+/// is exact for one connection at a time and approximate under concurrency (hyper-util's pool,
+/// used to endpoints without a sidecar, does not count requests per connection).
+fn last_on_connection(cluster: &Cluster, state: &ClusterState) -> bool {
+    match cluster.max_requests_per_connection {
+        0 => false,
+        1 => true,
+        n => {
+            let sent = state
+                .plain_requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (sent + 1) % n == 0
+        }
+    }
 }

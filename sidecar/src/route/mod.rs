@@ -261,6 +261,24 @@ pub struct Cluster {
     pub index: usize,
 }
 
+impl Cluster {
+    /// Whether `other` (the same cluster in another push) has the same definition apart from
+    /// its endpoints: Envoy drains a cluster's connection pools when its definition changes and
+    /// keeps them through endpoint changes.
+    pub fn same_definition(&self, other: &Cluster) -> bool {
+        self.service_hostname == other.service_hostname
+            && self.port == other.port
+            && self.subset == other.subset
+            && self.lb == other.lb
+            && self.tls == other.tls
+            && self.connect_timeout == other.connect_timeout
+            && self.outlier == other.outlier
+            && self.limits == other.limits
+            && self.max_requests_per_connection == other.max_requests_per_connection
+            && self.idle_timeout == other.idle_timeout
+    }
+}
+
 /// One endpoint of a cluster.
 #[derive(Debug)]
 pub struct Endpoint {

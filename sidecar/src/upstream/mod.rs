@@ -90,6 +90,8 @@ struct Peer {
     failure: Option<Failure>,
     /// A background probe is dialling.
     probing: bool,
+    /// The highest cluster-definition epoch a request has asked for (see `upstream::state`).
+    epoch: u64,
 }
 
 /// Failures to reach a peer in a row.
@@ -134,6 +136,10 @@ pub const FAILURE_HOLD: Duration = Duration::from_millis(500);
 /// The longest hold: how late, at worst, a restored peer is dialled again.
 pub const MAX_FAILURE_HOLD: Duration = Duration::from_secs(5);
 
+/// How long a plaintext connection to an endpoint without a sidecar stays pooled unused, unless
+/// the cluster sets `idleTimeout`.
+const PLAIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Connection pools to upstream endpoints.
 pub struct Upstreams {
     creds: Arc<CredentialStore>,
@@ -141,7 +147,9 @@ pub struct Upstreams {
     /// Each peer gets one HTTP/2 connection; the per-key async mutex makes concurrent first requests
     /// share one handshake instead of racing several.
     h2: Arc<Mutex<HashMap<SocketAddr, Vec<Peer>>>>,
-    plain: Client<HttpConnector, Body>,
+    /// hyper-util clients by (connect timeout, idle timeout): a connector and a pool carry one of
+    /// each, and clusters set their own (most share the defaults' client).
+    plain: Mutex<HashMap<(Duration, Duration), Client<HttpConnector, Body>>>,
     /// rustls client configs per expected identity (building one per request would cost a verifier
     /// allocation each time).
     configs: Mutex<HashMap<(SpiffeId, bool), Arc<rustls::ClientConfig>>>,
@@ -155,6 +163,8 @@ pub struct PoolSettings {
     /// A connection handed to no request for this long leaves the pool and closes once its
     /// streams end (`None`: kept while it lives, the peer's keepalive watching it).
     pub idle_timeout: Option<Duration>,
+    /// The cluster definition's epoch: a connection opened before a higher one is replaced.
+    pub epoch: u64,
 }
 
 /// Takes a pooled connection out of the pool once nobody has been handed it for `timeout`; without
@@ -203,29 +213,47 @@ impl std::fmt::Debug for Upstreams {
 impl Upstreams {
     /// Pools presenting `creds` and trusting `bundle`.
     pub fn new(creds: Arc<CredentialStore>, bundle: TrustBundle) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let plain = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(http);
         Self {
             creds,
             bundle,
             h2: Arc::default(),
-            plain,
+            plain: Mutex::default(),
             configs: Mutex::new(HashMap::default()),
         }
     }
 
-    /// Sends `req` to `addr` in plaintext HTTP/1.1 (the URI must carry the authority to dial).
+    /// The plaintext client for a cluster's connect and idle timeouts.
+    fn plain_client(
+        &self,
+        connect_timeout: Duration,
+        idle_timeout: Option<Duration>,
+    ) -> Client<HttpConnector, Body> {
+        let idle = idle_timeout.unwrap_or(PLAIN_IDLE_TIMEOUT);
+        let mut clients = self.plain.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry((connect_timeout, idle))
+            .or_insert_with(|| {
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(connect_timeout));
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(idle)
+                    .pool_timer(TokioTimer::new())
+                    .build(http)
+            })
+            .clone()
+    }
+
+    /// Sends `req` to `addr` in plaintext HTTP/1.1 (the URI must carry the authority to dial),
+    /// connecting within `connect_timeout` and closing connections idle for `idle_timeout`.
     pub async fn send_plain(
         &self,
         addr: SocketAddr,
         req: http::Request<Body>,
+        connect_timeout: Duration,
+        idle_timeout: Option<Duration>,
     ) -> Result<http::Response<Body>, UpstreamError> {
-        self.plain
+        self.plain_client(connect_timeout, idle_timeout)
             .request(req)
             .await
             .map(|r| r.map(boxed))
@@ -294,6 +322,7 @@ impl Upstreams {
                         dial: Arc::default(),
                         failure: None,
                         probing: false,
+                        epoch: pool.epoch,
                     });
                     let last = peers.len() - 1;
                     &mut peers[last]
@@ -414,6 +443,13 @@ impl Upstreams {
             .get_mut(&addr)?
             .iter_mut()
             .find(|p| p.identity == *identity)?;
+        if pool.epoch > peer.epoch {
+            // The cluster's definition changed since this connection opened: a new one, and this
+            // one closes when its streams end.
+            peer.epoch = pool.epoch;
+            peer.sender = None;
+            return None;
+        }
         let sender = peer.sender.as_ref()?;
         if sender.is_closed() {
             // A peer that stopped answering pings may be gone: no request waits on a dial to it

@@ -34,7 +34,17 @@ pub struct ClusterState {
     pub limits: Arc<Limits>,
     /// Ejections by outlier detection (carried over across pushes).
     pub ejections: Arc<AtomicU64>,
+    /// Which definition of the cluster its connections were opened under: a push that changes
+    /// the definition (not just endpoints) gives a new, higher epoch, and the pool then replaces
+    /// connections opened under a lower one (Envoy drains a changed cluster's pools). 0 for a
+    /// cluster first seen.
+    pub pool_epoch: u64,
+    /// Plaintext requests sent (for `maxRequestsPerConnection` to endpoints without a sidecar).
+    pub plain_requests: AtomicU32,
 }
+
+/// Epochs of changed cluster definitions, increasing for the process's life.
+static EPOCHS: AtomicU64 = AtomicU64::new(0);
 
 /// Runtime state of one endpoint.
 #[derive(Debug)]
@@ -51,11 +61,11 @@ impl Runtime {
     /// State for `table`'s clusters, reusing what `previous` (the state of `previous_table`) knew
     /// about the same clusters and endpoints.
     pub fn build(table: &RouteTable, previous: Option<(&RouteTable, &Runtime)>) -> Self {
-        let mut old: HashMap<&str, &ClusterState> = HashMap::new();
+        let mut old: HashMap<&str, (&Cluster, &ClusterState)> = HashMap::new();
         if let Some((t, r)) = previous {
             for c in t.clusters() {
                 if let Some(state) = r.clusters.get(c.index) {
-                    old.insert(c.name.as_str(), state);
+                    old.insert(c.name.as_str(), (c, state));
                 }
             }
         }
@@ -80,7 +90,13 @@ impl ClusterState {
         Self::build(cluster, None)
     }
 
-    fn build(cluster: &Cluster, previous: Option<&ClusterState>) -> Self {
+    fn build(cluster: &Cluster, previous: Option<(&Cluster, &ClusterState)>) -> Self {
+        let pool_epoch = match previous {
+            None => 0,
+            Some((c, s)) if c.same_definition(cluster) => s.pool_epoch,
+            Some(_) => EPOCHS.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        let previous = previous.map(|(_, s)| s);
         let known: HashMap<SocketAddr, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|s| (s.addr, s)).collect())
             .unwrap_or_default();
@@ -113,6 +129,8 @@ impl ClusterState {
             outlier,
             limits,
             ejections: previous.map_or_else(Arc::default, |p| p.ejections.clone()),
+            pool_epoch,
+            plain_requests: AtomicU32::new(0),
         }
     }
 }
