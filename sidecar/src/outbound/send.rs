@@ -485,7 +485,7 @@ fn last_on_connection(cluster: &Cluster, state: &ClusterState) -> bool {
             let sent = state
                 .plain_requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            (sent + 1) % n == 0
+            (sent + 1).is_multiple_of(n)
         }
     }
 }
