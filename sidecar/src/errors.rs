@@ -109,6 +109,20 @@ pub fn rescue(err: &ProxyError) -> http::Response<Body> {
     resp
 }
 
+/// The answer to a request whose chunked body the guard cut short: 400, whatever the upstream made
+/// of the truncated request (it would otherwise be a 502 blaming the upstream).
+pub fn refused_body(
+    verdict: &crate::http::h1::framing::Findings,
+) -> Option<http::Response<crate::http::body::Body>> {
+    let reason = verdict.body_refused()?;
+    let mut resp = rescue(&ProxyError::BadRequest(reason));
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    Some(resp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,13 @@
 /// Header carrying the mesh's reason for a failure it generated.
 pub const ERROR_HEADER: &str = "x-weft-error";
 
+/// The headers whose value is new on every request that the hop between sidecars carries (`b3`,
+/// `x-request-id`).
+pub const MESH_IDS: [HeaderName; 2] = [
+    HeaderName::from_static("b3"),
+    HeaderName::from_static("x-request-id"),
+];
+
 /// Set on a local answer to a request refused by a circuit breaker (Envoy's header).
 pub const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 

@@ -318,7 +318,7 @@ impl Connection {
         // names in the table, and the never-indexed ones in between refer to the name by index.
         let n = self.driven.next_stream();
         if n.is_multiple_of(NAME_REFRESH) {
-            for name in &crate::telemetry::trace::MESH_IDS {
+            for name in &crate::http::headers::MESH_IDS {
                 if let Some(v) = parts.headers.get_mut(name) {
                     v.set_sensitive(false);
                 }
@@ -774,7 +774,7 @@ mod tests {
                 &Default::default(),
                 |req: Request<Body>| async move {
                     let mut resp = Response::new(crate::http::body::empty_body());
-                    for name in &crate::telemetry::trace::MESH_IDS {
+                    for name in &crate::http::headers::MESH_IDS {
                         if let Some(v) = req.headers().get(name) {
                             resp.headers_mut().insert(name.clone(), v.clone());
                         }

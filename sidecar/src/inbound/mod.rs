@@ -22,7 +22,8 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use weft_ca::SpiffeId;
 
-use crate::http::h1::framing::{Findings, Guard, refused_body};
+use crate::errors::refused_body;
+use crate::http::h1::framing::{Findings, Guard};
 use crate::http::sniff::Verdict;
 use crate::inbound::identity::{Caller, caller_context};
 use crate::listener::Edge;

@@ -29,9 +29,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::errors::refused_body;
 use crate::errors::{ProxyError, rescue};
 use crate::http::body::Body;
-use crate::http::h1::framing::{Findings, Guard, refused_body};
+use crate::http::h1::framing::{Findings, Guard};
 use crate::http::h1::server::{Outcome, Replay};
 use crate::http::headers::{check_framing, strip_hop_by_hop};
 use crate::listener::Edge;

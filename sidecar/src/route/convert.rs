@@ -264,9 +264,9 @@ fn convert_cluster(c: pb::Cluster, index: usize) -> Result<Cluster, InvalidConfi
         outlier: c
             .outlier_detection
             .as_ref()
-            .and_then(crate::upstream::outlier::Policy::from_pb),
+            .and_then(super::policy::OutlierPolicy::from_pb),
         limits: pool
-            .map(crate::upstream::limits::Settings::from_pb)
+            .map(super::policy::PoolLimits::from_pb)
             .unwrap_or_default(),
         max_requests_per_connection: pool.map_or(0, |p| p.max_requests_per_connection),
         idle_timeout: pool

@@ -9,6 +9,7 @@
 
 mod convert;
 mod matching;
+pub mod policy;
 pub mod retry;
 
 pub use convert::InvalidConfig;
@@ -249,9 +250,9 @@ pub struct Cluster {
     /// Connect timeout (connectionPool.tcp.connectTimeout, default 10 s as Envoy).
     pub connect_timeout: Duration,
     /// Outlier detection (`None`: off).
-    pub outlier: Option<crate::upstream::outlier::Policy>,
+    pub outlier: Option<policy::OutlierPolicy>,
     /// Connection-pool limits (requests in flight, pending, retries).
-    pub limits: crate::upstream::limits::Settings,
+    pub limits: policy::PoolLimits,
     /// Requests per upstream connection before a new one is opened (0: unlimited).
     pub max_requests_per_connection: u32,
     /// Upstream connections idle this long are closed (`None`: Istio's default, 1 h).

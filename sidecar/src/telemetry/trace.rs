@@ -45,8 +45,7 @@ const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// `x-request-id`, Envoy's per-request id.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// The headers whose value is new on every request that the hop between sidecars carries.
-pub const MESH_IDS: [HeaderName; 2] = [B3, X_REQUEST_ID];
+pub use crate::http::headers::MESH_IDS;
 
 /// A trace context read from a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,40 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
+pub use crate::route::policy::PoolLimits as Settings;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_proto::discovery as pb;
-
-/// The resolved limits; equal settings mean equal behaviour, so a push that leaves them unchanged
-/// can keep the old [`Limits`] (and the requests it counts).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Settings {
-    /// Requests in flight to the cluster at once; 0 = unlimited.
-    pub max_active: u32,
-    /// Requests waiting for one of those places; 0 = unlimited.
-    pub max_pending: u32,
-    /// Retries outstanding to the cluster at once; 0 = unlimited.
-    pub max_retries: u32,
-}
-
-impl Settings {
-    /// From pilot's model: the lower non-zero of `maxConnections` and `http2MaxRequests` bounds
-    /// the requests in flight.
-    pub fn from_pb(p: &pb::ConnectionPool) -> Self {
-        Self {
-            max_active: lower_limit(p.max_connections, p.max_requests),
-            max_pending: p.max_pending_requests,
-            max_retries: p.max_retries,
-        }
-    }
-}
-
-/// The lower of two limits where 0 means none.
-fn lower_limit(a: u32, b: u32) -> u32 {
-    match (a, b) {
-        (0, x) | (x, 0) => x,
-        (a, b) => a.min(b),
-    }
-}
 
 /// A cluster's limits and what currently counts against them.
 #[derive(Debug)]

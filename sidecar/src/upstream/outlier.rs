@@ -37,81 +37,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use weft_proto::discovery as pb;
+pub use crate::route::policy::OutlierPolicy as Policy;
 
 /// `ejected_until` of an endpoint that is not ejected (and never compares greater than a time).
 const NOT_EJECTED: i64 = i64::MIN;
 
-/// Envoy's `max_ejection_time` when unset; Istio leaves it unset unless `baseEjectionTime` is
-/// longer, in which case it sets it to the base (so the cap is the larger of the two).
-const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
-
 /// Bound on every nanosecond value kept here (about 73 years), so sums of a time and a duration
 /// never overflow an `i64`.
 const MAX_NANOS: i64 = i64::MAX / 4;
-
-/// One cluster's outlier detection settings, with Envoy's reading of Istio's fields.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// Consecutive 5xx (and, unless split, local-origin failures) that eject; 0 = off.
-    pub consecutive_5xx: u32,
-    /// Consecutive 502/503/504 (and, unless split, local-origin failures) that eject; 0 = off.
-    pub consecutive_gateway_errors: u32,
-    /// Local-origin failures count apart from the upstream's answers.
-    pub split_local_origin: bool,
-    /// With `split_local_origin`: consecutive local-origin failures that eject; 0 = off.
-    pub consecutive_local_origin: u32,
-    /// How often ejections are reviewed (never zero).
-    pub interval: Duration,
-    /// Ejection time of a first ejection (never zero).
-    pub base_ejection_time: Duration,
-    /// Cap on base × multiplier: the larger of 300 s and the base.
-    pub max_ejection_time: Duration,
-    /// At most this percent (0..=100) of the cluster's endpoints are ejected at once.
-    pub max_ejection_percent: u32,
-    /// Allow one ejection when none is in effect even if it exceeds `max_ejection_percent`
-    /// (Envoy's `always_eject_one_host`; Istio never sets it).
-    pub always_eject_one: bool,
-    /// Below this percent (0..=100) of non-ejected endpoints the cluster is in panic and ejections
-    /// are ignored (Envoy's `healthy_panic_threshold`); 0 = never.
-    pub min_health_percent: u32,
-}
-
-impl Policy {
-    /// The policy pilot sent (it has already filled Istio's defaults in), or `None` when no
-    /// ejection can ever happen: every detector is off, or `max_ejection_percent` is 0.
-    pub fn from_pb(p: &pb::OutlierDetection) -> Option<Policy> {
-        let split = p.split_external_local_origin_errors;
-        // Envoy reads consecutive_local_origin_failure only in split mode.
-        let local = if split {
-            p.consecutive_local_origin_failures
-        } else {
-            0
-        };
-        if p.consecutive_5xx == 0 && p.consecutive_gateway_errors == 0 && local == 0 {
-            return None;
-        }
-        let max_ejection_percent = p.max_ejection_percent.min(100);
-        if max_ejection_percent == 0 {
-            return None;
-        }
-        // Validation refuses durations under 1 ms; a zero here would divide by zero in the ticks.
-        let interval = Duration::from_millis(p.interval_ms.max(1));
-        let base_ejection_time = Duration::from_millis(p.base_ejection_time_ms.max(1));
-        Some(Policy {
-            consecutive_5xx: p.consecutive_5xx,
-            consecutive_gateway_errors: p.consecutive_gateway_errors,
-            split_local_origin: split,
-            consecutive_local_origin: local,
-            interval,
-            base_ejection_time,
-            max_ejection_time: base_ejection_time.max(DEFAULT_MAX_EJECTION_TIME),
-            max_ejection_percent,
-            always_eject_one: false,
-            min_health_percent: p.min_health_percent.min(100),
-        })
-    }
-}
 
 /// How one attempt to one endpoint ended, as the request path saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,6 +433,7 @@ fn ticks_between(after: i64, upto: i64, interval: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_proto::discovery as pb;
 
     const SEC: Duration = Duration::from_secs(1);
 

@@ -154,18 +154,6 @@ impl Findings {
     }
 }
 
-/// The answer to a request whose chunked body the guard cut short: 400, whatever the upstream made
-/// of the truncated request (it would otherwise be a 502 blaming the upstream).
-pub fn refused_body(verdict: &Findings) -> Option<http::Response<crate::http::body::Body>> {
-    let reason = verdict.body_refused()?;
-    let mut resp = crate::errors::rescue(&crate::errors::ProxyError::BadRequest(reason));
-    resp.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    Some(resp)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading a head (its bytes so far are in `Guard::head`).
