@@ -160,15 +160,21 @@ async fn with_retries(
     let mut tries = policy.tries();
     // A request without a body (most) needs nothing kept: a retry sends another empty body.
     let mut body = if body.is_end_stream() {
-        Replayable::Empty
+        Replayable::Empty(Some(body))
     } else {
         match ReplayBody::try_new(body, replay::DEFAULT_MAX_BYTES) {
             Ok(b) => Replayable::Kept(b),
             Err(b) => Replayable::Once(b),
         }
     };
+    // What the retry conditions read of the request (Envoy's request-side retry headers): kept
+    // apart, so the last try can take the head itself instead of a copy.
+    let retry_headers = retry::request_headers(&parts.headers);
+    let mut parts = Some(parts);
     let mut skip = None;
     let mut flags = Flags::default();
+    // Held while a retry is outstanding (`http.maxRetries`).
+    let mut _budget = None;
     loop {
         let Some((idx, endpoint)) = balance::pick(cluster, state, skip) else {
             let mut outcome = Outcome::failed(ProxyError::NoEndpoint(cluster.name.clone()));
@@ -176,13 +182,22 @@ async fn with_retries(
             return outcome;
         };
         let (this_body, next_body) = body.split();
+        // A copy of the head for every try that may be followed by another; the last try (and
+        // one whose body cannot be replayed) takes the head itself.
+        let head = match (&parts, tries.retries_left() > 0 && next_body.is_some()) {
+            (Some(p), true) => p.clone(),
+            _ => match parts.take() {
+                Some(p) => p,
+                None => return Outcome::failed(ProxyError::NoEndpoint(cluster.name.clone())),
+            },
+        };
         let tried = attempt(
             upstreams,
             cluster,
             state,
             idx,
             endpoint,
-            parts.clone(),
+            head,
             this_body,
             next,
             policy.per_try_timeout,
@@ -196,13 +211,14 @@ async fn with_retries(
             },
             Err(e) => e.attempt(),
         };
-        let decision = tries.next(policy, &kind, tried.sent_any, &parts.headers);
+        let decision = tries.next(policy, &kind, tried.sent_any, &retry_headers);
         match (decision, next_body) {
-            (retry::Decision::Retry(wait), Some(replay)) => {
-                let Some(_budget) = state.limits.try_retry() else {
+            (retry::Decision::Retry(wait), Some(replay)) if parts.is_some() => {
+                let Some(budget) = state.limits.try_retry() else {
                     flags.set(Flags::URX);
                     return tried.into_outcome(idx, flags);
                 };
+                _budget = Some(budget);
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.dial, ?wait, "retrying");
                 drop(tried);
                 if !wait.is_zero() {
@@ -222,8 +238,8 @@ async fn with_retries(
 
 /// A request body as the retry loop holds it.
 enum Replayable {
-    /// No body: every try sends an empty one.
-    Empty,
+    /// No body: the first try sends the request's own, a retry a new empty one.
+    Empty(Option<Body>),
     /// A body kept for replay.
     Kept(ReplayBody),
     /// A body too large to keep: one try only.
@@ -236,7 +252,10 @@ impl Replayable {
     /// The body for this try, and what the next try would send (`None`: no next try possible).
     fn split(&mut self) -> (Body, Option<Replayable>) {
         match std::mem::replace(self, Replayable::Gone) {
-            Replayable::Empty => (empty_body(), Some(Replayable::Empty)),
+            Replayable::Empty(body) => (
+                body.unwrap_or_else(empty_body),
+                Some(Replayable::Empty(None)),
+            ),
             Replayable::Kept(b) => {
                 let next = b.try_clone().map(Replayable::Kept);
                 (b.boxed(), next)

@@ -498,6 +498,19 @@ impl Tries {
 /// retry); the wait is uniform in whole milliseconds over `[0, min(base × 2^n, 10 × base))`, so
 /// with 25 ms: 0–24, 0–49, 0–99, 0–199, then 0–249 ms. (Envoy's docs write `(2^N − 1)·B`; its code
 /// draws from `[0, 2^N·B)`, which is followed here.) A base below 1 ms counts as 1 ms, as Envoy
+/// The request headers the retry conditions read (`x-envoy-retriable-status-codes`,
+/// `x-envoy-retriable-header-names`, `early-data`), copied out of a request's head: an empty map,
+/// which allocates nothing, for a request that has none of them.
+pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in [RETRIABLE_STATUS_CODES, RETRIABLE_HEADER_NAMES, EARLY_DATA] {
+        for v in headers.get_all(&name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// rounds it up.
 pub fn backoff(base: Duration, retry_number: u32) -> Duration {
     let base_ms = u64::try_from(base.as_nanos().div_ceil(1_000_000))
@@ -1050,5 +1063,19 @@ mod tests {
             }
         }
         assert_eq!(largest, [9, 19, 39, 79, 99, 99]);
+    }
+
+    #[test]
+    fn only_the_request_headers_retries_read_are_kept() {
+        let h = headers(&[
+            ("x-envoy-retriable-status-codes", "418"),
+            ("user-agent", "curl"),
+            ("early-data", "1"),
+        ]);
+        let kept = request_headers(&h);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[RETRIABLE_STATUS_CODES], "418");
+        assert!(kept.contains_key(EARLY_DATA) && !kept.contains_key("user-agent"));
+        assert!(request_headers(&headers(&[("user-agent", "curl")])).is_empty());
     }
 }
