@@ -35,7 +35,6 @@ impl Inbound {
         record.destination = Some(self.sinks.metrics.this_destination.clone());
         record.mtls = conn.identity.is_some();
         record.route = Some("default");
-        let cluster = format!("inbound|{app_port}||");
         let result = self
             .forward(
                 &snapshot,
@@ -53,7 +52,7 @@ impl Inbound {
                 rescue(&e)
             }
         };
-        record.cluster = Some(&cluster);
+        record.cluster = Some(&conn.cluster);
         let code = resp.status().as_u16();
         let response_bytes = crate::telemetry::content_length(resp.headers());
         record.finish(&self.sinks, code, response_bytes);
@@ -146,12 +145,12 @@ impl Inbound {
             if let Some(c) = &conn.identity {
                 attributes.push(("weft.peer.identity", c.to_string()));
             }
-            record.span = Some(SpanFacts {
+            record.span = Some(Box::new(SpanFacts {
                 hop,
                 name: format!("inbound|{app_port}"),
                 service,
                 attributes,
-            });
+            }));
         }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(http::uri::Scheme::HTTP);

@@ -30,6 +30,8 @@ pub struct Caller {
     pub app_authority: http::uri::Authority,
     /// The connection's remote address.
     pub peer: SocketAddr,
+    /// Envoy's name of the inbound cluster (`inbound|<port>||`), for the access log.
+    pub cluster: String,
 }
 
 /// What the requests of one connection share, worked out once.
@@ -56,6 +58,7 @@ pub(super) fn caller_context(
         source,
         app_authority,
         peer,
+        cluster: format!("inbound|{app_port}||"),
     }))
 }
 

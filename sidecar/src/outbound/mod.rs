@@ -255,7 +255,7 @@ impl Outbound {
         record.note_request_id(&parts.headers);
         let service_name = self.service_name(&snapshot.routes);
         if self.sinks.tracer.enabled() && hop.sampled {
-            record.span = Some(SpanFacts {
+            record.span = Some(Box::new(SpanFacts {
                 hop,
                 name: format!("{}:{}/*", target.service.hostname, target.port.port),
                 service: service_name.clone(),
@@ -268,7 +268,7 @@ impl Outbound {
                     ("weft.subset", dest.cluster.subset.clone()),
                     ("weft.source.workload", self.sinks.pod_name.to_string()),
                 ],
-            });
+            }));
         }
         if !target.route.mirrors.is_empty() {
             body = mirror::start(

@@ -166,7 +166,9 @@ pub struct SpanFacts {
 pub struct Record<'a> {
     start: SystemTime,
     reporter: Reporter,
-    log: Option<HeadLog>,
+    // Boxed, like the span: a request nobody logs or traces carries two null pointers, and the
+    // record (which lives in every request's future and is moved into `finish`) stays small.
+    log: Option<Box<HeadLog>>,
     /// Response flags.
     pub flags: Flags,
     /// The authority the request is for (after rewrites on the outbound side).
@@ -190,7 +192,7 @@ pub struct Record<'a> {
     /// Request body bytes (Content-Length).
     pub request_bytes: u64,
     /// The span, when sampled and a tracer is on.
-    pub span: Option<SpanFacts>,
+    pub span: Option<Box<SpanFacts>>,
 }
 
 impl<'a> Record<'a> {
@@ -204,7 +206,7 @@ impl<'a> Record<'a> {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             };
-            HeadLog {
+            Box::new(HeadLog {
                 method: parts.method.to_string(),
                 path: parts
                     .uri
@@ -218,7 +220,7 @@ impl<'a> Record<'a> {
                 xff: h("x-forwarded-for"),
                 user_agent: h("user-agent"),
                 request_id: h("x-request-id"),
-            }
+            })
         });
         Self {
             start: SystemTime::now(),
@@ -315,7 +317,8 @@ impl<'a> Record<'a> {
                 route: self.route,
             });
         }
-        if let Some(mut span) = self.span {
+        if let Some(span) = self.span {
+            let mut span = *span;
             let kind = match self.reporter {
                 Reporter::Source => Kind::Client,
                 Reporter::Destination => Kind::Server,
