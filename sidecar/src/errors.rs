@@ -33,6 +33,10 @@ pub enum ProxyError {
     /// before headers").
     #[error("upstream reset before response headers: {0}")]
     UpstreamReset(String),
+    /// The upstream's connection ended before response headers (Envoy's "upstream connection
+    /// termination", flag UC).
+    #[error("upstream connection terminated before response headers: {0}")]
+    UpstreamClosed(String),
     /// The upstream timed out.
     #[error("upstream timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -61,6 +65,7 @@ impl ProxyError {
             ProxyError::NoConfig
             | ProxyError::NoEndpoint(_)
             | ProxyError::UpstreamReset(_)
+            | ProxyError::UpstreamClosed(_)
             | ProxyError::Overflow(_)
             | ProxyError::Connect(_) => S::SERVICE_UNAVAILABLE,
             ProxyError::Timeout(_) => S::GATEWAY_TIMEOUT,
@@ -80,6 +85,7 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => Flags::UH,
             ProxyError::Connect(_) => Flags::UF,
             ProxyError::UpstreamReset(_) => Flags::UR,
+            ProxyError::UpstreamClosed(_) => Flags::UC,
             ProxyError::Overflow(_) => Flags::UO,
             ProxyError::Timeout(_) => Flags::UT,
             ProxyError::BadRequest(_) => Flags::DPE,

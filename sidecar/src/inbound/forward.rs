@@ -55,7 +55,7 @@ impl Inbound {
         record.cluster = Some(&conn.cluster);
         let code = resp.status().as_u16();
         let response_bytes = crate::telemetry::content_length(resp.headers());
-        record.finish(&self.sinks, code, response_bytes);
+        record.finish(code, response_bytes);
         resp
     }
 
@@ -232,10 +232,11 @@ impl Inbound {
     }
 }
 
-/// What a failed request to the app becomes. An HTTP/2 stream the app reset before its response
-/// headers is Envoy's "upstream reset before headers" (503, flag UR); anything else is a failure to
-/// reach the app (502, UF). The reason is the whole cause chain: hyper's own text for a reset is
-/// only "http2 error", the reset's reason is in its source.
+/// What a failed request to the app becomes, as Envoy's inbound answers (all 503): an HTTP/2
+/// stream the app reset before its response headers is "upstream reset before headers" (flag UR),
+/// a connection the app closed or broke before answering is "upstream connection termination"
+/// (UC), and a connection never made is a connect failure (UF). The reason is the whole cause
+/// chain: hyper's own text for a reset is only "http2 error", the reset's reason is in its source.
 fn app_error(e: AppError) -> ProxyError {
     match e {
         AppError::Exchange {
@@ -243,8 +244,11 @@ fn app_error(e: AppError) -> ProxyError {
             reset: true,
             ..
         } => ProxyError::UpstreamReset(reason),
-        AppError::Connect { addr, reason } | AppError::Exchange { addr, reason, .. } => {
+        AppError::Connect { addr, reason } => {
             ProxyError::Connect(crate::upstream::UpstreamError::Connect { addr, reason })
         }
+        AppError::Exchange { addr, reason, .. } => ProxyError::UpstreamClosed(
+            crate::upstream::UpstreamError::Closed { addr, reason }.to_string(),
+        ),
     }
 }

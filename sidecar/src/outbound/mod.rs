@@ -206,7 +206,7 @@ impl Outbound {
         }
         let code = resp.status().as_u16();
         let response_bytes = crate::telemetry::content_length(resp.headers());
-        record.finish(&self.sinks, code, response_bytes);
+        record.finish(code, response_bytes);
         resp
     }
 

@@ -319,6 +319,9 @@ impl TryError {
     fn into_proxy_error(self) -> ProxyError {
         match self {
             TryError::Connect(e) => ProxyError::Connect(e),
+            TryError::Reset(e @ UpstreamError::Closed { .. }) => {
+                ProxyError::UpstreamClosed(e.to_string())
+            }
             TryError::Refused(e) | TryError::Reset(e) => ProxyError::UpstreamReset(e.to_string()),
             TryError::Timeout(t) => ProxyError::Timeout(t),
             TryError::Local(e) => e,

@@ -161,9 +161,13 @@ pub struct SpanFacts {
     pub attributes: Vec<(&'static str, String)>,
 }
 
-/// The facts of one request.
+/// The facts of one request. Finished exactly once: by [`Record::finish`] with the response, or,
+/// when the request's future is dropped first (the downstream went away), on drop with status 0 and
+/// flag `DC`, as Envoy logs a downstream disconnect.
 #[derive(Debug)]
 pub struct Record<'a> {
+    sinks: &'a Sinks,
+    done: bool,
     start: SystemTime,
     reporter: Reporter,
     // Boxed, like the span: a request nobody logs or traces carries two null pointers, and the
@@ -197,7 +201,7 @@ pub struct Record<'a> {
 
 impl<'a> Record<'a> {
     /// Starts the record of a request whose head is `parts`.
-    pub fn start(reporter: Reporter, sinks: &Sinks, parts: &http::request::Parts) -> Self {
+    pub fn start(reporter: Reporter, sinks: &'a Sinks, parts: &http::request::Parts) -> Self {
         let log = (sinks.access_log != AccessLog::Off).then(|| {
             let h = |name: &str| {
                 parts
@@ -223,6 +227,8 @@ impl<'a> Record<'a> {
             })
         });
         Self {
+            sinks,
+            done: false,
             start: SystemTime::now(),
             reporter,
             log,
@@ -277,16 +283,26 @@ impl<'a> Record<'a> {
 
     /// Finishes the record with the response's status and size: one metric sample, one access-log
     /// line, one span.
-    pub fn finish(self, sinks: &Sinks, code: u16, response_bytes: u64) {
+    pub fn finish(mut self, code: u16, response_bytes: u64) {
+        self.emit(code, response_bytes);
+    }
+
+    fn emit(&mut self, code: u16, response_bytes: u64) {
+        self.done = true;
+        let sinks = self.sinks;
         let elapsed = self.start.elapsed().unwrap_or_default();
         let unknown = &sinks.unknown;
         sinks.metrics.record(RequestMetric {
             reporter: self.reporter,
-            source: self.source.unwrap_or_else(|| unknown.source.clone()),
+            source: self.source.take().unwrap_or_else(|| unknown.source.clone()),
             destination: self
                 .destination
+                .take()
                 .unwrap_or_else(|| unknown.destination.clone()),
-            service: self.service.unwrap_or_else(|| unknown.service.clone()),
+            service: self
+                .service
+                .take()
+                .unwrap_or_else(|| unknown.service.clone()),
             code,
             flags: self.flags,
             mtls: self.mtls,
@@ -317,7 +333,7 @@ impl<'a> Record<'a> {
                 route: self.route,
             });
         }
-        if let Some(span) = self.span {
+        if let Some(span) = self.span.take() {
             let mut span = *span;
             let kind = match self.reporter {
                 Reporter::Source => Kind::Client,
@@ -339,6 +355,15 @@ impl<'a> Record<'a> {
     }
 }
 
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flags.set(Flags::DC);
+            self.emit(0, 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +378,46 @@ mod tests {
         let mut f = Flags::default();
         f.set(Flags::UO);
         assert_eq!(f.to_string(), "UO");
+    }
+
+    #[test]
+    fn a_request_dropped_before_its_answer_is_recorded_as_a_downstream_disconnect() {
+        let sinks = Sinks {
+            tracer: Tracer::disabled(),
+            metrics: Arc::new(Metrics::new(
+                super::super::workload_labels("source", "sleep", "default", "", "sleep", ""),
+                super::super::workload_labels("destination", "sleep", "default", "", "sleep", ""),
+            )),
+            access_log: AccessLog::Off,
+            pod_name: Arc::from("sleep"),
+            unknown: Unknown::default(),
+        };
+        let (parts, ()) = http::Request::new(()).into_parts();
+        let record = Record::start(Reporter::Source, &sinks, &parts);
+        drop(record);
+        let mut finished = Record::start(Reporter::Source, &sinks, &parts);
+        finished.flags.set(Flags::UT);
+        finished.finish(504, 0);
+        let text = sinks.metrics.render();
+        let line = |code: &str, flags: &str| {
+            text.lines().any(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("response_code=\"{code}\""))
+                    && l.contains(&format!("response_flags=\"{flags}\""))
+                    && l.ends_with(" 1")
+            })
+        };
+        assert!(line("0", "DC"), "{text}");
+        assert!(
+            line("504", "UT"),
+            "finished once, not again on drop: {text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .count(),
+            2,
+            "{text}"
+        );
     }
 }

@@ -56,6 +56,14 @@ pub enum UpstreamError {
         /// Endpoint.
         addr: SocketAddr,
     },
+    /// The connection to the peer ended (closed, broken, or going away) before the response.
+    #[error("upstream {addr}: connection terminated: {reason}")]
+    Closed {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The HTTP exchange failed.
     #[error("upstream {addr}: {reason}")]
     Http {
@@ -273,6 +281,12 @@ impl Upstreams {
                 if e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
             {
                 Err(UpstreamError::Refused { addr })
+            }
+            crate::http::peer::SendError::Failed(e) if e.is_io() || e.is_go_away() => {
+                Err(UpstreamError::Closed {
+                    addr,
+                    reason: e.to_string(),
+                })
             }
             crate::http::peer::SendError::Failed(e) => Err(UpstreamError::Http {
                 addr,
@@ -577,6 +591,17 @@ impl Upstreams {
 fn classify_legacy(addr: SocketAddr, e: &hyper_util::client::legacy::Error) -> UpstreamError {
     if e.is_connect() {
         UpstreamError::Connect {
+            addr,
+            reason: std::error::Error::source(e)
+                .map(ToString::to_string)
+                .unwrap_or_else(|| e.to_string()),
+        }
+    } else if std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(|h| h.is_incomplete_message() || h.is_closed())
+    {
+        // The endpoint closed the connection before its answer (flag UC).
+        UpstreamError::Closed {
             addr,
             reason: std::error::Error::source(e)
                 .map(ToString::to_string)
