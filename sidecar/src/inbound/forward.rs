@@ -53,9 +53,7 @@ impl Inbound {
             }
         };
         record.cluster = Some(&conn.cluster);
-        let code = resp.status().as_u16();
-        let response_bytes = crate::telemetry::content_length(resp.headers());
-        record.finish(code, response_bytes);
+        record.answered(&resp);
         resp
     }
 

@@ -204,9 +204,7 @@ impl Outbound {
                 http::HeaderValue::from_static("true"),
             );
         }
-        let code = resp.status().as_u16();
-        let response_bytes = crate::telemetry::content_length(resp.headers());
-        record.finish(code, response_bytes);
+        record.answered(&resp);
         resp
     }
 

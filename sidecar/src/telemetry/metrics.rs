@@ -37,6 +37,15 @@ impl Reporter {
     }
 }
 
+/// A label value, escaped, or Istio's `unknown` when there is none.
+fn or_unknown(v: &str) -> String {
+    if v.is_empty() {
+        "unknown".to_owned()
+    } else {
+        esc(v)
+    }
+}
+
 /// Escapes a Prometheus label value.
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -110,13 +119,6 @@ pub fn workload_labels(
     app: &str,
     version: &str,
 ) -> Labels {
-    let or_unknown = |v: &str| {
-        if v.is_empty() {
-            "unknown".to_owned()
-        } else {
-            esc(v)
-        }
-    };
     Labels::new(format!(
         "{side}_workload=\"{}\",{side}_workload_namespace=\"{}\",{side}_principal=\"{}\",{side}_app=\"{}\",{side}_version=\"{}\",{side}_canonical_service=\"{}\"",
         or_unknown(workload),
@@ -139,13 +141,6 @@ pub fn service_labels(fqdn: &str, name: &str, namespace: &str) -> Labels {
         second
     } else {
         namespace
-    };
-    let or_unknown = |v: &str| {
-        if v.is_empty() {
-            "unknown".to_owned()
-        } else {
-            esc(v)
-        }
     };
     Labels::new(format!(
         "destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\"",

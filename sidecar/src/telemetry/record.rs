@@ -287,6 +287,12 @@ impl<'a> Record<'a> {
         self.emit(code, response_bytes);
     }
 
+    /// Finishes the record with the answer the caller gets.
+    pub fn answered<B>(self, resp: &http::Response<B>) {
+        let bytes = super::content_length(resp.headers());
+        self.finish(resp.status().as_u16(), bytes);
+    }
+
     fn emit(&mut self, code: u16, response_bytes: u64) {
         self.done = true;
         let sinks = self.sinks;

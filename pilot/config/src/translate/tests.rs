@@ -952,7 +952,7 @@ spec:
             .find(|c| c.subset == subset)
             .unwrap_or_else(|| panic!("cluster for subset {subset:?}"))
     };
-    let whole = cluster("").outlier_detection.clone().unwrap_or_default();
+    let whole = cluster("").outlier_detection.unwrap_or_default();
     // Left out: Envoy's defaults; split on: 5 local-origin failures.
     assert_eq!(
         (
@@ -965,9 +965,9 @@ spec:
         ),
         (5, 3, true, 5, 40, 10)
     );
-    let pool = cluster("").connection_pool.clone().unwrap_or_default();
+    let pool = cluster("").connection_pool.unwrap_or_default();
     assert_eq!((pool.max_retries, pool.max_pending_requests), (4, 2));
-    let v1 = cluster("v1").outlier_detection.clone().unwrap_or_default();
+    let v1 = cluster("v1").outlier_detection.unwrap_or_default();
     assert_eq!(
         (
             v1.consecutive_5xx,
