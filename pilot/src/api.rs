@@ -142,9 +142,8 @@ impl Backend {
             .map(|object| Warning {
                 code: SCHEMA_VALIDATION_ERROR,
                 object: object.key.clone(),
-                message: format!(
-                    "{} (resourceVersion {}) is invalid and not served{}: {}",
-                    object.key,
+                detail: format!(
+                    "resourceVersion {} is invalid and not served{}: {}",
                     object.resource_version,
                     if object.previous_in_force {
                         "; its last valid version stays in force"
@@ -159,7 +158,7 @@ impl Backend {
 }
 
 /// Istio's analyzer code for an object that fails schema validation.
-pub const SCHEMA_VALIDATION_ERROR: &str = "IST0106";
+pub use weft_pilot_config::analyze::SCHEMA_VALIDATION_ERROR;
 
 /// The ConfigService implementation over a [`Backend`].
 ///
@@ -518,7 +517,9 @@ fn to_pb_warning(warning: Warning) -> pb::Warning {
     pb::Warning {
         code: warning.code.to_string(),
         object: Some(to_pb_ref(&warning.object)),
-        message: warning.message,
+        message: warning.message(),
+        level: warning.level().as_str().to_string(),
+        detail: warning.detail,
     }
 }
 
@@ -769,9 +770,9 @@ mod tests {
         assert_eq!(refused.len(), 1, "{analyzed:?}");
         assert_eq!(refused[0].object.as_ref().unwrap().name, "bad");
         assert!(
-            refused[0].message.contains("spec.http[0].route[0].weight:"),
+            refused[0].detail.contains("spec.http[0].route[0].weight:"),
             "{}",
-            refused[0].message
+            refused[0].detail
         );
         shutdown.cancel();
     }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
-use weft_pilot_config::Kind;
+use weft_pilot_config::{Kind, Level};
 use weft_proto::config as pb;
 use weft_proto::config::config_service_client::ConfigServiceClient;
 
@@ -189,7 +189,7 @@ pub struct DeleteArgs {
     pub server: ServerArgs,
 }
 
-/// `pilot analyze` flags.
+/// `pilot analyze` flags (istioctl's).
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
     /// Also analyze these files as if applied (file, directory or `-`; repeatable). Nothing is stored.
@@ -198,14 +198,73 @@ pub struct AnalyzeArgs {
     /// Namespace for file objects that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
+    /// Exit with 79 when a message is at or above this level (log output only, as istioctl).
+    #[arg(long, value_enum, ignore_case = true, default_value = "Error")]
+    pub failure_threshold: Threshold,
+    /// Print only messages at or above this level.
+    #[arg(long, value_enum, ignore_case = true, default_value = "Info")]
+    pub output_threshold: Threshold,
+    /// Output format: `log` lines (`Error [IST0101] (VirtualService default/x) ...`), or a JSON or
+    /// YAML list of messages.
+    #[arg(short = 'o', long, value_enum, default_value = "log")]
+    pub output: AnalyzeOutput,
     #[command(flatten)]
     pub server: ServerArgs,
 }
+
+/// istioctl's analyzer levels, as flag values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Threshold {
+    /// Info and above: every message.
+    #[value(name = "Info")]
+    Info,
+    /// Warning and Error.
+    #[value(name = "Warning")]
+    Warning,
+    /// Error only.
+    #[value(name = "Error")]
+    Error,
+}
+
+impl Threshold {
+    fn level(self) -> Level {
+        match self {
+            Threshold::Info => Level::Info,
+            Threshold::Warning => Level::Warning,
+            Threshold::Error => Level::Error,
+        }
+    }
+}
+
+/// Output formats of `pilot analyze`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AnalyzeOutput {
+    /// One line per message, istioctl's format.
+    Log,
+    /// A JSON array of messages (code, level, message, origin, documentationUrl).
+    Json,
+    /// The same array as YAML.
+    Yaml,
+}
+
+/// istioctl's exit code when the analyzers found messages at or above `--failure-threshold`.
+pub const EXIT_ANALYZER_FOUND_ISSUES: u8 = 79;
+
+/// `pilot analyze` found messages at or above the failure threshold: exit 79, as istioctl.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "Analyzers found issues when analyzing {0}.\nSee https://istio.io/latest/docs/reference/config/analysis for more information about causes and resolutions."
+)]
+pub struct AnalyzerFoundIssues(String);
 
 /// Runs the parsed command; prints errors on stderr and returns a non-zero code on any error.
 pub fn run(cli: Cli) -> ExitCode {
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<AnalyzerFoundIssues>() => {
+            eprintln!("Error: {error}");
+            ExitCode::from(EXIT_ANALYZER_FOUND_ISSUES)
+        }
         Err(error) => {
             print_error(&error);
             ExitCode::FAILURE
@@ -432,6 +491,7 @@ async fn delete(args: DeleteArgs) -> Result<()> {
 
 async fn analyze(args: AnalyzeArgs) -> Result<()> {
     let documents = read_documents(&args.files)?;
+    let target = analyze_target(&documents);
     let mut client = connect(&args.server).await?;
     let response = client
         .analyze(pb::AnalyzeRequest {
@@ -440,11 +500,101 @@ async fn analyze(args: AnalyzeArgs) -> Result<()> {
         })
         .await?
         .into_inner();
-    if response.warnings.is_empty() {
-        println!("No validation issues found.");
+    let shown: Vec<&pb::Warning> = response
+        .warnings
+        .iter()
+        .filter(|w| warning_level(w) >= args.output_threshold.level())
+        .collect();
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        AnalyzeOutput::Log => {
+            for warning in &shown {
+                writeln!(out, "{}", analyzer_line(warning))?;
+            }
+        }
+        AnalyzeOutput::Json => {
+            let messages: Vec<_> = shown.iter().map(|w| analyzer_json(w)).collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&messages)?)?;
+        }
+        AnalyzeOutput::Yaml => {
+            let messages: Vec<_> = shown.iter().map(|w| analyzer_json(w)).collect();
+            write!(out, "{}", serde_saphyr::to_string(&messages)?)?;
+        }
     }
-    print_warnings(&response.warnings);
+    if shown.is_empty() {
+        eprintln!("\u{2714} No validation issues found when analyzing {target}.");
+    }
+    // As istioctl: the exit code reads every message (not only those shown), and only the log
+    // format sets it, so a script parsing JSON or YAML gets 0.
+    let failed = response
+        .warnings
+        .iter()
+        .any(|w| warning_level(w) >= args.failure_threshold.level());
+    if failed && args.output == AnalyzeOutput::Log {
+        return Err(AnalyzerFoundIssues(target).into());
+    }
     Ok(())
+}
+
+/// What istioctl's summary names: the stored config, plus the files given.
+fn analyze_target(documents: &[pb::Document]) -> String {
+    if documents.is_empty() {
+        return "all namespaces".to_string();
+    }
+    let files: Vec<&str> = documents.iter().map(|d| d.file.as_str()).collect();
+    format!("all namespaces with {}", files.join(", "))
+}
+
+/// The warning's level; a server that sends none (or an unknown one) is read by the code.
+fn warning_level(warning: &pb::Warning) -> Level {
+    Level::parse(&warning.level).unwrap_or_else(|| Level::of_code(&warning.code))
+}
+
+/// `VirtualService default/httpbin`, istioctl's origin of a message.
+fn warning_origin(warning: &pb::Warning) -> String {
+    match &warning.object {
+        Some(o) => format!("{} {}/{}", o.kind, o.namespace, o.name),
+        None => String::new(),
+    }
+}
+
+/// The message without its object (older servers send only the full sentence).
+fn warning_detail(warning: &pb::Warning) -> &str {
+    if !warning.detail.is_empty() {
+        return &warning.detail;
+    }
+    let origin = warning_origin(warning);
+    warning
+        .message
+        .strip_prefix(origin.as_str())
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(&warning.message)
+}
+
+/// istioctl's log line: `Error [IST0101] (VirtualService default/httpbin) host ... has no Service`.
+fn analyzer_line(warning: &pb::Warning) -> String {
+    let origin = warning_origin(warning);
+    let level = warning_level(warning);
+    let detail = warning_detail(warning);
+    if origin.is_empty() {
+        format!("{level} [{}] {detail}", warning.code)
+    } else {
+        format!("{level} [{}] ({origin}) {detail}", warning.code)
+    }
+}
+
+/// One message of `-o json|yaml`, with istioctl's field names.
+fn analyzer_json(warning: &pb::Warning) -> serde_json::Value {
+    serde_json::json!({
+        "code": warning.code,
+        "level": warning_level(warning).as_str(),
+        "origin": warning_origin(warning),
+        "message": warning_detail(warning),
+        "documentationUrl": format!(
+            "https://istio.io/latest/docs/reference/config/analysis/{}/",
+            warning.code.to_ascii_lowercase()
+        ),
+    })
 }
 
 async fn proxy_status(args: ServerArgs) -> Result<()> {
@@ -842,5 +992,72 @@ mod tests {
         );
         assert!(socket_path(&args(Some("127.0.0.1:15012"), None)).is_err());
         assert!(socket_path(&args(None, None)).is_err());
+    }
+
+    fn ist0101(level: &str, detail: &str) -> pb::Warning {
+        pb::Warning {
+            code: "IST0101".into(),
+            object: Some(pb::ObjectRef {
+                kind: "VirtualService".into(),
+                namespace: "default".into(),
+                name: "httpbin".into(),
+            }),
+            message: format!("VirtualService default/httpbin: {detail}"),
+            level: level.into(),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn analyzer_lines_read_like_istioctl() {
+        let w = ist0101("Error", "host x.default.svc.cluster.local has no Service");
+        assert_eq!(
+            analyzer_line(&w),
+            "Error [IST0101] (VirtualService default/httpbin) host x.default.svc.cluster.local has no Service"
+        );
+        // A server without level and detail: both come from the code and the full sentence.
+        let old = pb::Warning {
+            level: String::new(),
+            detail: String::new(),
+            ..w.clone()
+        };
+        assert_eq!(analyzer_line(&old), analyzer_line(&w));
+        let json = analyzer_json(&w);
+        assert_eq!(json["origin"], "VirtualService default/httpbin");
+        assert_eq!(json["level"], "Error");
+        assert_eq!(
+            json["documentationUrl"],
+            "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+        );
+    }
+
+    #[test]
+    fn analyze_thresholds_parse_any_case_and_order_levels() {
+        let parse = |args: &[&str]| {
+            let Command::Analyze(a) = Cli::try_parse_from([&["pilot", "analyze"], args].concat())
+                .unwrap()
+                .command
+            else {
+                panic!("not analyze")
+            };
+            a
+        };
+        let a = parse(&[]);
+        assert_eq!(a.failure_threshold, Threshold::Error);
+        assert_eq!(a.output_threshold, Threshold::Info);
+        assert_eq!(a.output, AnalyzeOutput::Log);
+        let a = parse(&[
+            "--failure-threshold",
+            "warning",
+            "--output-threshold=ERROR",
+            "-o",
+            "json",
+        ]);
+        assert_eq!(a.failure_threshold, Threshold::Warning);
+        assert_eq!(a.output_threshold, Threshold::Error);
+        assert_eq!(a.output, AnalyzeOutput::Json);
+        assert!(Cli::try_parse_from(["pilot", "analyze", "--failure-threshold", "bad"]).is_err());
+        assert!(Level::Info < Level::Warning && Level::Warning < Level::Error);
+        assert_eq!(warning_level(&ist0101("Warning", "x")), Level::Warning);
     }
 }

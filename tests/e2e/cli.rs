@@ -1,0 +1,109 @@
+//! The `pilot` CLI's istioctl/kubectl-like commands against a real `pilot serve`: analyze's
+//! messages and exit codes, get's output formats and selectors, delete of several objects, apply's
+//! dry runs, version and completion.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use weft_tests::{Proc, bin};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+
+fn example(name: &str) -> String {
+    format!("{EXAMPLES}/{name}")
+}
+
+fn serve(dir: &Path) -> (Proc, PathBuf) {
+    let mut cmd = Command::new(bin("pilot"));
+    cmd.arg("serve").arg("--data-dir").arg(dir.join("data"));
+    Proc::spawn_listening_unix("pilot", cmd, dir).unwrap()
+}
+
+/// Runs `pilot ARGS` against the daemon of `dir`: (exit code, stdout, stderr).
+fn pilot(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("pilot"))
+        .args(args)
+        .env("WEFT_PILOT_DATA_DIR", dir.join("data"))
+        .env_remove("PILOT_SERVER")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (code, out, err) = pilot(dir, args);
+    assert_eq!(code, 0, "pilot {args:?}:\n{out}\n{err}");
+    out
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A VirtualService routing `host` to subset v1, which no DestinationRule defines (IST0101).
+fn vs(name: &str, host: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  hosts: [{host}]\n  http:\n  - route:\n    - destination: {{host: {host}, subset: v1}}\n"
+    )
+}
+
+#[test]
+fn analyze_prints_istioctl_messages_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_pilot, _) = serve(d);
+    ok(d, &["apply", "-f", &example("httpbin-service.yaml")]);
+
+    let (code, out, err) = pilot(d, &["analyze"]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert_eq!(
+        err,
+        "\u{2714} No validation issues found when analyzing all namespaces.\n"
+    );
+
+    let file = write(d, "vs.yaml", &vs("httpbin", "httpbin", ""));
+    ok(d, &["apply", "-f", &file]);
+    let (code, out, err) = pilot(d, &["analyze"]);
+    assert_eq!(code, 79, "{out}{err}");
+    assert_eq!(
+        out,
+        "Error [IST0101] (VirtualService default/httpbin) route to subset v1 of host httpbin.default.svc.cluster.local, but no DestinationRule defines it\n"
+    );
+    assert!(
+        err.starts_with("Error: Analyzers found issues when analyzing all namespaces."),
+        "{err}"
+    );
+
+    // An Error is below no threshold; hidden by none either.
+    assert_eq!(
+        pilot(d, &["analyze", "--failure-threshold", "Warning"]).0,
+        79
+    );
+    let (code, out, _) = pilot(d, &["analyze", "--output-threshold", "error"]);
+    assert_eq!((code, out.lines().count()), (79, 1));
+
+    // JSON and YAML are the same list; like istioctl they leave the exit code at 0.
+    let (code, out, err) = pilot(d, &["analyze", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let messages: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(messages[0]["code"], "IST0101");
+    assert_eq!(messages[0]["level"], "Error");
+    assert_eq!(messages[0]["origin"], "VirtualService default/httpbin");
+    let (code, yaml, _) = pilot(d, &["analyze", "-o", "yaml"]);
+    assert_eq!(code, 0);
+    assert!(
+        yaml.contains("code: IST0101") && yaml.contains("level: Error"),
+        "{yaml}"
+    );
+
+    // The missing rule given as a file clears the message; a bad level is a usage error.
+    let (code, _, err) = pilot(d, &["analyze", "-f", &example("all-v1.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(pilot(d, &["analyze", "--failure-threshold", "Fatal"]).0, 0);
+}
