@@ -143,18 +143,23 @@ pub struct ApplyArgs {
 }
 
 /// Output formats of `pilot get`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// The objects as YAML documents separated by `---`, with server-set metadata.
+    /// The table with more columns (kubectl's `-o wide`).
+    Wide,
+    /// `resource.group/name` per object, as kubectl.
+    Name,
+    /// One object (a NAME given), or a kubectl `List` (apiVersion v1, kind List, items), as YAML
+    /// with the server-set metadata; `pilot apply` takes it back.
     Yaml,
-    /// One object, or a kubectl-style `List`, as JSON.
+    /// The same as JSON.
     Json,
 }
 
 /// `pilot get` flags.
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Kind: virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc.
+    /// Kind: virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc, pod/po.
     pub kind: String,
     /// One object's name (default: all of the kind).
     pub name: Option<String>,
@@ -164,6 +169,10 @@ pub struct GetArgs {
     /// List objects in every namespace.
     #[arg(short = 'A', long, conflicts_with = "name")]
     pub all_namespaces: bool,
+    /// Only objects whose labels match: `key=value`, `key==value`, `key!=value`, `key`, `!key`,
+    /// comma-separated (all must hold), as kubectl's equality-based selectors.
+    #[arg(short = 'l', long, conflicts_with = "name")]
+    pub selector: Option<String>,
     /// Output format (default: a table).
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<Output>,
@@ -409,10 +418,11 @@ async fn apply(args: ApplyArgs) -> Result<()> {
 async fn get(args: GetArgs) -> Result<()> {
     let kind = Kind::from_cli(&args.kind).with_context(|| {
         format!(
-            "the server doesn't have a resource type {:?} (use virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc)",
+            "the server doesn't have a resource type {:?} (use virtualservice/vs, destinationrule/dr, peerauthentication/pa, service/svc, pod/po)",
             args.kind
         )
     })?;
+    let selector = args.selector.as_deref().map(Selector::parse).transpose()?;
     let mut client = connect(&args.server).await?;
     let named = args.name.is_some();
     let response = client
@@ -424,23 +434,30 @@ async fn get(args: GetArgs) -> Result<()> {
         })
         .await?
         .into_inner();
-    let mut out = std::io::stdout().lock();
-    match args.output {
-        Some(Output::Yaml) => {
-            for (i, object) in response.objects.iter().enumerate() {
-                if i > 0 {
-                    writeln!(out, "---")?;
-                }
-                let value = with_server_fields(object)?;
-                write!(out, "{}", serde_saphyr::to_string(&value)?)?;
-            }
+    let mut objects = Vec::with_capacity(response.objects.len());
+    for object in &response.objects {
+        let value: serde_json::Value =
+            serde_json::from_str(&object.json).context("the server sent an unreadable object")?;
+        if selector.as_ref().is_none_or(|s| s.matches(&value)) {
+            objects.push((object, value));
         }
-        Some(Output::Json) => {
-            let mut items = response
-                .objects
-                .iter()
-                .map(with_server_fields)
-                .collect::<Result<Vec<_>>>()?;
+    }
+    let mut out = std::io::stdout().lock();
+    if objects.is_empty() && !matches!(args.output, Some(Output::Yaml | Output::Json)) {
+        if args.all_namespaces {
+            eprintln!("No resources found");
+        } else {
+            eprintln!("No resources found in {} namespace.", args.namespace);
+        }
+        return Ok(());
+    }
+    match args.output {
+        Some(Output::Yaml | Output::Json) => {
+            let mut items: Vec<serde_json::Value> = objects
+                .into_iter()
+                .map(|(object, value)| with_server_fields(object, value))
+                .collect();
+            // One named object prints as itself; anything listed is a List, even of one or none.
             let value = match items.pop() {
                 Some(item) if named => item,
                 last => {
@@ -448,22 +465,91 @@ async fn get(args: GetArgs) -> Result<()> {
                     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
                 }
             };
-            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
-        }
-        None if response.objects.is_empty() => {
-            if args.all_namespaces {
-                eprintln!("No resources found");
+            if args.output == Some(Output::Json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
             } else {
-                eprintln!("No resources found in {} namespace.", args.namespace);
+                write!(out, "{}", serde_saphyr::to_string(&value)?)?;
             }
         }
-        None => write!(
-            out,
-            "{}",
-            table(kind, &response.objects, args.all_namespaces)?
-        )?,
+        Some(Output::Name) => {
+            for (_, value) in &objects {
+                let name = value
+                    .pointer("/metadata/name")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("");
+                writeln!(out, "{}/{name}", kind.api_resource())?;
+            }
+        }
+        Some(Output::Wide) | None => {
+            let wide = args.output == Some(Output::Wide);
+            write!(out, "{}", table(kind, &objects, args.all_namespaces, wide))?;
+        }
     }
     Ok(())
+}
+
+/// A kubectl equality-based label selector: every requirement must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(Vec<Requirement>);
+
+/// One term of a [`Selector`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl Selector {
+    /// Parses `app=httpbin,version!=v2,tier,!canary` (`==` is `=`; spaces around terms are ignored).
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut requirements = Vec::new();
+        for term in text.split(',').map(str::trim) {
+            let requirement = if let Some((key, value)) = term.split_once("!=") {
+                Requirement::NotEquals(key.trim().to_string(), value.trim().to_string())
+            } else if let Some((key, value)) = term.split_once('=') {
+                let value = value.strip_prefix('=').unwrap_or(value);
+                Requirement::Equals(key.trim().to_string(), value.trim().to_string())
+            } else if let Some(key) = term.strip_prefix('!') {
+                Requirement::NotExists(key.trim().to_string())
+            } else {
+                Requirement::Exists(term.to_string())
+            };
+            let key = match &requirement {
+                Requirement::Equals(k, _)
+                | Requirement::NotEquals(k, _)
+                | Requirement::Exists(k)
+                | Requirement::NotExists(k) => k,
+            };
+            let bad_key =
+                key.is_empty() || key.contains(|c: char| c.is_whitespace() || "!=(),".contains(c));
+            if bad_key {
+                bail!(
+                    "unable to parse requirement {term:?} of selector {text:?}: expected key, key=value, key!=value or !key"
+                );
+            }
+            requirements.push(requirement);
+        }
+        Ok(Self(requirements))
+    }
+
+    /// Whether the object's `metadata.labels` satisfy every requirement.
+    pub fn matches(&self, object: &serde_json::Value) -> bool {
+        let label = |key: &str| {
+            object
+                .pointer("/metadata/labels")
+                .and_then(|labels| labels.get(key))
+                .and_then(serde_json::Value::as_str)
+        };
+        self.0.iter().all(|requirement| match requirement {
+            Requirement::Equals(key, value) => label(key) == Some(value.as_str()),
+            // As kubectl: `!=` also holds for objects without the label.
+            Requirement::NotEquals(key, value) => label(key) != Some(value.as_str()),
+            Requirement::Exists(key) => label(key).is_some(),
+            Requirement::NotExists(key) => label(key).is_none(),
+        })
+    }
 }
 
 async fn delete(args: DeleteArgs) -> Result<()> {
@@ -725,10 +811,10 @@ fn read_documents(args: &[String]) -> Result<Vec<pb::Document>> {
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("cannot read standard input")?;
-            documents.push(pb::Document {
+            documents.push(expand_list(pb::Document {
                 file: "<stdin>".to_string(),
                 text,
-            });
+            }));
             continue;
         }
         let path = Path::new(arg);
@@ -768,19 +854,54 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
 fn read_file(path: &Path) -> Result<pb::Document> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(pb::Document {
+    Ok(expand_list(pb::Document {
         file: path.display().to_string(),
         text,
-    })
+    }))
+}
+
+/// A file holding one kubectl `List` (what `get -o yaml` prints for several objects) becomes its
+/// items as YAML documents, so it applies as kubectl applies it; the server parses single objects.
+/// Errors then count the items as documents (item 1 is document 1), and their line numbers are of
+/// the re-written items. Anything else is passed through untouched.
+fn expand_list(document: pb::Document) -> pb::Document {
+    // Cheap test first: most files are no List, and those keep their exact text.
+    if !document.text.contains("List") {
+        return document;
+    }
+    let Ok(value) = serde_saphyr::from_str::<serde_json::Value>(&document.text) else {
+        return document;
+    };
+    let is_list = value.get("kind").and_then(serde_json::Value::as_str) == Some("List")
+        && value.get("apiVersion").and_then(serde_json::Value::as_str) == Some("v1");
+    let Some(items) = value.get("items").and_then(serde_json::Value::as_array) else {
+        return document;
+    };
+    if !is_list {
+        return document;
+    }
+    let mut text = String::new();
+    for item in items {
+        let Ok(yaml) = serde_saphyr::to_string(item) else {
+            return document;
+        };
+        text.push_str("---\n");
+        text.push_str(&yaml);
+    }
+    pb::Document {
+        file: document.file,
+        text,
+    }
 }
 
 // === output ===
 
 /// The object's JSON with the server-set metadata kubectl shows (`resourceVersion`, `generation`,
 /// `creationTimestamp`); applying it again ignores them.
-fn with_server_fields(object: &pb::StoredObject) -> Result<serde_json::Value> {
-    let mut value: serde_json::Value =
-        serde_json::from_str(&object.json).context("the server sent an unreadable object")?;
+fn with_server_fields(
+    object: &pb::StoredObject,
+    mut value: serde_json::Value,
+) -> serde_json::Value {
     if let Some(metadata) = value
         .get_mut("metadata")
         .and_then(serde_json::Value::as_object_mut)
@@ -795,7 +916,7 @@ fn with_server_fields(object: &pb::StoredObject) -> Result<serde_json::Value> {
             rfc3339(object.creation_timestamp).into(),
         );
     }
-    Ok(value)
+    value
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -808,15 +929,26 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-/// A kubectl-like table with the columns that fit the kind.
-fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Result<String> {
+/// A kubectl-like table with the columns that fit the kind; `wide` adds kubectl's `-o wide` ones
+/// (a VirtualService's gateways, a rule's subsets, selectors, a Pod's labels).
+fn table(
+    kind: Kind,
+    objects: &[(&pb::StoredObject, serde_json::Value)],
+    all_namespaces: bool,
+    wide: bool,
+) -> String {
     let mut header = vec!["NAME"];
-    header.extend(match kind {
-        Kind::VirtualService => vec!["HOSTS"],
-        Kind::DestinationRule => vec!["HOST"],
-        Kind::PeerAuthentication => vec!["MODE"],
-        Kind::Service => vec!["TYPE", "CLUSTER-IP", "PORT(S)"],
-        Kind::Pod => vec!["IP", "NODE", "SERVICE-ACCOUNT"],
+    header.extend(match (kind, wide) {
+        (Kind::VirtualService, false) => vec!["HOSTS"],
+        (Kind::VirtualService, true) => vec!["GATEWAYS", "HOSTS"],
+        (Kind::DestinationRule, false) => vec!["HOST"],
+        (Kind::DestinationRule, true) => vec!["HOST", "SUBSETS"],
+        (Kind::PeerAuthentication, false) => vec!["MODE"],
+        (Kind::PeerAuthentication, true) => vec!["MODE", "SELECTOR"],
+        (Kind::Service, false) => vec!["TYPE", "CLUSTER-IP", "PORT(S)"],
+        (Kind::Service, true) => vec!["TYPE", "CLUSTER-IP", "PORT(S)", "SELECTOR"],
+        (Kind::Pod, false) => vec!["IP", "NODE", "SERVICE-ACCOUNT"],
+        (Kind::Pod, true) => vec!["IP", "NODE", "SERVICE-ACCOUNT", "LABELS"],
     });
     header.push("AGE");
     if all_namespaces {
@@ -824,9 +956,7 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
     }
     let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     let now = SystemTime::now();
-    for object in objects {
-        let value: serde_json::Value =
-            serde_json::from_str(&object.json).context("the server sent an unreadable object")?;
+    for (object, value) in objects {
         let text = |pointer: &str| {
             value
                 .pointer(pointer)
@@ -834,17 +964,44 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
                 .unwrap_or("")
                 .to_string()
         };
+        let or_none = |s: String| {
+            if s.is_empty() {
+                "<none>".to_string()
+            } else {
+                s
+            }
+        };
         let mut row = Vec::new();
         if all_namespaces {
             row.push(text("/metadata/namespace"));
         }
         row.push(text("/metadata/name"));
         match kind {
-            Kind::VirtualService => row.push(format!(
-                "{}",
-                value.pointer("/spec/hosts").cloned().unwrap_or_default()
-            )),
-            Kind::DestinationRule => row.push(text("/spec/host")),
+            Kind::VirtualService => {
+                if wide {
+                    row.push(match value.pointer("/spec/gateways") {
+                        Some(gateways) => gateways.to_string(),
+                        None => "<none>".to_string(),
+                    });
+                }
+                row.push(format!(
+                    "{}",
+                    value.pointer("/spec/hosts").cloned().unwrap_or_default()
+                ));
+            }
+            Kind::DestinationRule => {
+                row.push(text("/spec/host"));
+                if wide {
+                    let subsets: Vec<&str> = value
+                        .pointer("/spec/subsets")
+                        .and_then(serde_json::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| s.get("name").and_then(serde_json::Value::as_str))
+                        .collect();
+                    row.push(or_none(subsets.join(",")));
+                }
+            }
             Kind::PeerAuthentication => {
                 let mode = text("/spec/mtls/mode");
                 row.push(if mode.is_empty() {
@@ -852,6 +1009,9 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
                 } else {
                     mode
                 });
+                if wide {
+                    row.push(or_none(labels(value.pointer("/spec/selector/matchLabels"))));
+                }
             }
             Kind::Service => {
                 let kind = text("/spec/type");
@@ -861,16 +1021,12 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
                     kind
                 });
                 row.push(text("/spec/clusterIP"));
-                row.push(ports(&value));
+                row.push(ports(value));
+                if wide {
+                    row.push(or_none(labels(value.pointer("/spec/selector"))));
+                }
             }
             Kind::Pod => {
-                let or_none = |s: String| {
-                    if s.is_empty() {
-                        "<none>".to_string()
-                    } else {
-                        s
-                    }
-                };
                 row.push(or_none(text("/status/podIP")));
                 row.push(or_none(text("/spec/nodeName")));
                 let sa = text("/spec/serviceAccountName");
@@ -879,6 +1035,9 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
                 } else {
                     sa
                 });
+                if wide {
+                    row.push(or_none(labels(value.pointer("/metadata/labels"))));
+                }
             }
         }
         let created =
@@ -886,7 +1045,18 @@ fn table(kind: Kind, objects: &[pb::StoredObject], all_namespaces: bool) -> Resu
         row.push(age(now.duration_since(created).unwrap_or_default()));
         rows.push(row);
     }
-    Ok(columns(&rows))
+    columns(&rows)
+}
+
+/// `app=httpbin,version=v1` from a string map, as kubectl prints selectors and labels.
+fn labels(map: Option<&serde_json::Value>) -> String {
+    let Some(map) = map.and_then(serde_json::Value::as_object) else {
+        return String::new();
+    };
+    map.iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `8000/TCP,9000/TCP`, as kubectl prints Service ports.
@@ -1059,5 +1229,85 @@ mod tests {
         assert!(Cli::try_parse_from(["pilot", "analyze", "--failure-threshold", "bad"]).is_err());
         assert!(Level::Info < Level::Warning && Level::Warning < Level::Error);
         assert_eq!(warning_level(&ist0101("Warning", "x")), Level::Warning);
+    }
+
+    #[test]
+    fn selectors_match_like_kubectl() {
+        let object =
+            serde_json::json!({"metadata": {"labels": {"app": "httpbin", "version": "v1"}}});
+        let bare = serde_json::json!({"metadata": {"name": "x"}});
+        for (selector, on_object, on_bare) in [
+            ("app=httpbin", true, false),
+            ("app==httpbin", true, false),
+            ("app = httpbin, version=v1", true, false),
+            ("app=httpbin,version=v2", false, false),
+            ("version!=v2", true, true),
+            ("version!=v1", false, true),
+            ("app", true, false),
+            ("!app", false, true),
+            ("!canary", true, true),
+        ] {
+            let parsed = Selector::parse(selector).unwrap();
+            assert_eq!(parsed.matches(&object), on_object, "{selector}");
+            assert_eq!(parsed.matches(&bare), on_bare, "{selector}");
+        }
+        for bad in ["", "=v", "a,,b", "a b=c", "!"] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_list_file_becomes_its_items() {
+        let list = pb::Document {
+            file: "l.yaml".into(),
+            text: "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}}\n- {apiVersion: v1, kind: Service, metadata: {name: b}}\n".into(),
+        };
+        let expanded = expand_list(list);
+        assert_eq!(expanded.file, "l.yaml");
+        let docs: Vec<serde_json::Value> = expanded
+            .text
+            .split("---\n")
+            .filter(|d| !d.is_empty())
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2, "{}", expanded.text);
+        assert_eq!(docs[1]["metadata"]["name"], "b");
+        // Anything else keeps its exact text, a kind named like a List included.
+        for text in [
+            "kind: Service # no List here\n",
+            "apiVersion: v2\nkind: List\nitems: []\n",
+            "a: [unclosed\nkind: List",
+        ] {
+            let doc = pb::Document {
+                file: "f".into(),
+                text: text.into(),
+            };
+            assert_eq!(expand_list(doc.clone()).text, text);
+        }
+    }
+
+    #[test]
+    fn wide_tables_add_kubectl_columns() {
+        let stored = pb::StoredObject::default();
+        let dr = serde_json::json!({
+            "metadata": {"name": "httpbin"},
+            "spec": {"host": "httpbin", "subsets": [{"name": "v1"}, {"name": "v2"}]},
+        });
+        let objects = [(&stored, dr)];
+        let narrow = table(Kind::DestinationRule, &objects, false, false);
+        let wide = table(Kind::DestinationRule, &objects, true, true);
+        assert!(narrow.starts_with("NAME      HOST      AGE\n"), "{narrow}");
+        assert!(
+            wide.starts_with("NAMESPACE   NAME      HOST      SUBSETS   AGE\n"),
+            "{wide}"
+        );
+        assert!(wide.contains("httpbin   httpbin   v1,v2"), "{wide}");
+        let svc = serde_json::json!({
+            "metadata": {"name": "s"},
+            "spec": {"selector": {"app": "s"}, "ports": [{"port": 80}]},
+        });
+        let wide = table(Kind::Service, &[(&stored, svc)], false, true);
+        let row: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row[..4], ["s", "ClusterIP", "80/TCP", "app=s"]);
     }
 }

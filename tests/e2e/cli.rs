@@ -107,3 +107,78 @@ fn analyze_prints_istioctl_messages_and_exit_codes() {
     assert_eq!(code, 0, "{err}");
     assert_ne!(pilot(d, &["analyze", "--failure-threshold", "Fatal"]).0, 0);
 }
+
+#[test]
+fn get_formats_selectors_and_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_pilot, _) = serve(d);
+    let text = [
+        vs("a", "a", "app: a, tier: web"),
+        vs("b", "b", "app: b, tier: web"),
+        vs("c", "c", "app: c"),
+    ]
+    .join("---\n");
+    let file = write(d, "three.yaml", &text);
+    ok(d, &["apply", "-f", &file]);
+    let other = write(
+        d,
+        "other.yaml",
+        &vs("z", "z", "app: z").replace("name: z", "name: z\n  namespace: other"),
+    );
+    ok(d, &["apply", "-f", &other]);
+
+    assert_eq!(
+        ok(d, &["get", "vs", "-o", "name"]),
+        "virtualservice.networking.istio.io/a\nvirtualservice.networking.istio.io/b\nvirtualservice.networking.istio.io/c\n"
+    );
+    assert_eq!(
+        ok(d, &["get", "vs", "-l", "tier=web,app!=a", "-o", "name"]),
+        "virtualservice.networking.istio.io/b\n"
+    );
+    assert_eq!(
+        ok(d, &["get", "vs", "-l", "!tier", "-o", "name"]),
+        "virtualservice.networking.istio.io/c\n"
+    );
+    let (code, out, err) = pilot(d, &["get", "vs", "-l", "app=nothing"]);
+    assert_eq!((code, out.as_str()), (0, ""));
+    assert_eq!(err, "No resources found in default namespace.\n");
+    let all = ok(d, &["get", "vs", "-A", "-o", "wide"]);
+    assert!(
+        all.starts_with("NAMESPACE   NAME   GATEWAYS   HOSTS "),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("other       z      <none>     [\"z\"]")),
+        "{all}"
+    );
+
+    // Several objects are a List, in YAML as in JSON; one named object is itself.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(d, &["get", "vs", "-l", "tier", "-o", "json"])).unwrap();
+    assert_eq!(
+        (list["apiVersion"].as_str(), list["kind"].as_str()),
+        (Some("v1"), Some("List"))
+    );
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    let yaml = ok(d, &["get", "vs", "-o", "yaml"]);
+    assert!(
+        yaml.contains("kind: List") && yaml.contains("items:"),
+        "{yaml}"
+    );
+    let one = ok(d, &["get", "vs", "a", "-o", "yaml"]);
+    assert!(
+        one.contains("kind: VirtualService") && !one.contains("List"),
+        "{one}"
+    );
+
+    // The List applies back unchanged, as kubectl's would.
+    let back = write(d, "list.yaml", &yaml);
+    assert_eq!(
+        ok(d, &["apply", "-f", &back]),
+        "virtualservice.networking.istio.io/a unchanged\nvirtualservice.networking.istio.io/b unchanged\nvirtualservice.networking.istio.io/c unchanged\n"
+    );
+    // A name and a selector together are a usage error.
+    assert_ne!(pilot(d, &["get", "vs", "a", "-l", "app=a"]).0, 0);
+}
