@@ -395,10 +395,22 @@ fn delete_blocking(
     }
     let parsed = parse_all(&request.documents, namespace, cancel)?;
     keys.extend(parsed.iter().map(Resource::key));
+    let mut listed = Vec::new();
+    if !request.all_of_kind.is_empty() {
+        // Listed from a snapshot, deleted if still there: one deleted meanwhile is no error, since
+        // `--all` asks for none to be left.
+        let kind = parse_kind(&request.all_of_kind)?;
+        listed = store
+            .snapshot()
+            .of_kind(kind)
+            .filter(|o| o.resource.namespace() == namespace)
+            .map(|o| o.resource.key())
+            .collect();
+    }
     check(cancel)?;
-    let revision = store.delete(&keys)?;
+    let (revision, deleted) = store.delete_existing(&keys, &listed, request.ignore_not_found)?;
     Ok(pb::DeleteResponse {
-        deleted: keys.iter().map(to_pb_ref).collect(),
+        deleted: deleted.iter().map(to_pb_ref).collect(),
         revision,
     })
 }
@@ -597,6 +609,56 @@ mod tests {
         assert!(response.warnings.is_empty(), "{:?}", response.warnings);
         let all = api.analyze(pb::AnalyzeRequest::default()).await.unwrap();
         assert!(all.warnings.iter().any(|w| w.code == "IST0101"));
+    }
+
+    #[tokio::test]
+    async fn delete_of_several_all_or_nothing_ignore_missing_and_all_of_a_kind() {
+        let (_dir, api) = api();
+        let three = ["a", "b", "c"]
+            .map(|n| VS_TO_SUBSET.replace("name: a", &format!("name: {n}")))
+            .join("---\n");
+        api.apply(apply_request(&three, false)).await.unwrap();
+        api.apply(apply_request(SERVICE, false)).await.unwrap();
+        let refs = |names: &[&str]| -> Vec<pb::ObjectRef> {
+            names
+                .iter()
+                .map(|n| pb::ObjectRef {
+                    kind: "vs".into(),
+                    namespace: String::new(),
+                    name: (*n).into(),
+                })
+                .collect()
+        };
+        let names = |response: pb::DeleteResponse| -> Vec<String> {
+            response.deleted.into_iter().map(|r| r.name).collect()
+        };
+        // One missing name: nothing is deleted.
+        let request = pb::DeleteRequest {
+            objects: refs(&["a", "x"]),
+            ..Default::default()
+        };
+        let status = Status::from(api.delete(request.clone()).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(api.backend.snapshot().len(), 4);
+        // Skipping the missing one deletes the rest; a name given twice is deleted once.
+        let skip = pb::DeleteRequest {
+            objects: refs(&["a", "x", "a"]),
+            ignore_not_found: true,
+            ..request
+        };
+        assert_eq!(names(api.delete(skip.clone()).await.unwrap()), ["a"]);
+        // Nothing left to delete: success, and the revision does not move.
+        let before = api.backend.snapshot().revision();
+        let response = api.delete(skip).await.unwrap();
+        assert!(response.deleted.is_empty());
+        assert_eq!(response.revision, before);
+        // --all takes every VirtualService of the namespace, not the Service.
+        let all = pb::DeleteRequest {
+            all_of_kind: "virtualservice".into(),
+            ..Default::default()
+        };
+        assert_eq!(names(api.delete(all).await.unwrap()), ["b", "c"]);
+        assert_eq!(api.backend.snapshot().len(), 1);
     }
 
     /// Many Services, so the whole apply takes long enough to be cut in the middle.

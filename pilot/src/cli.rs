@@ -183,15 +183,23 @@ pub struct GetArgs {
 /// `pilot delete` flags.
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// Kind of the object to delete (with NAME).
-    #[arg(requires = "name", conflicts_with = "files")]
+    /// Kind of the objects to delete (with NAMEs or --all).
+    #[arg(conflicts_with = "files")]
     pub kind: Option<String>,
-    /// Name of the object to delete.
-    pub name: Option<String>,
+    /// Names of the objects to delete (all or nothing: if one is missing, none is deleted).
+    #[arg(conflicts_with = "all")]
+    pub names: Vec<String>,
     /// Delete the objects these files define instead (file, directory or `-`; repeatable).
     #[arg(short = 'f', long = "filename", required_unless_present = "kind")]
     pub files: Vec<String>,
-    /// Namespace of NAME, and of file objects that name none.
+    /// Every object of KIND in the namespace.
+    #[arg(long, requires = "kind")]
+    pub all: bool,
+    /// Skip objects that do not exist (and succeed) instead of failing; the rest is still one
+    /// transaction.
+    #[arg(long)]
+    pub ignore_not_found: bool,
+    /// Namespace of the NAMEs, of --all, and of file objects that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
     #[command(flatten)]
@@ -555,22 +563,34 @@ impl Selector {
 async fn delete(args: DeleteArgs) -> Result<()> {
     let mut request = pb::DeleteRequest {
         default_namespace: args.namespace.clone(),
+        ignore_not_found: args.ignore_not_found,
         ..pb::DeleteRequest::default()
     };
-    if let (Some(kind), Some(name)) = (&args.kind, &args.name) {
+    if let Some(kind) = &args.kind {
         let kind = Kind::from_cli(kind)
             .with_context(|| format!("the server doesn't have a resource type {kind:?}"))?;
-        request.objects.push(pb::ObjectRef {
-            kind: kind.as_str().to_string(),
-            namespace: args.namespace.clone(),
-            name: name.clone(),
-        });
+        if args.names.is_empty() && !args.all {
+            bail!("resource(s) were provided, but no name was specified: give NAMEs or --all");
+        }
+        for name in &args.names {
+            request.objects.push(pb::ObjectRef {
+                kind: kind.as_str().to_string(),
+                namespace: args.namespace.clone(),
+                name: name.clone(),
+            });
+        }
+        if args.all {
+            request.all_of_kind = kind.as_str().to_string();
+        }
     }
     request.documents = read_documents(&args.files)?;
     let mut client = connect(&args.server).await?;
     let response = client.delete(request).await?.into_inner();
     for object in &response.deleted {
         println!("{} deleted", object_name(Some(object)));
+    }
+    if response.deleted.is_empty() && args.all {
+        eprintln!("No resources found");
     }
     Ok(())
 }

@@ -182,3 +182,42 @@ fn get_formats_selectors_and_lists() {
     // A name and a selector together are a usage error.
     assert_ne!(pilot(d, &["get", "vs", "a", "-l", "app=a"]).0, 0);
 }
+
+#[test]
+fn delete_several_names_all_and_ignore_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_pilot, _) = serve(d);
+    let text = ["a", "b", "c", "d"].map(|n| vs(n, n, "")).join("---\n");
+    ok(d, &["apply", "-f", &write(d, "four.yaml", &text)]);
+    let names = || ok(d, &["get", "vs", "-o", "name"]);
+
+    // One missing name: nothing is deleted, and the error names it.
+    let (code, _, err) = pilot(d, &["delete", "vs", "a", "x"]);
+    assert_ne!(code, 0);
+    assert_eq!(
+        err.trim(),
+        r#"Error from server (NotFound): virtualservices.networking.istio.io "x" not found"#
+    );
+    assert_eq!(names().lines().count(), 4);
+    assert_eq!(
+        ok(d, &["delete", "virtualservice", "a", "b"]),
+        "virtualservice.networking.istio.io/a deleted\nvirtualservice.networking.istio.io/b deleted\n"
+    );
+    assert_eq!(
+        ok(d, &["delete", "vs", "b", "c", "--ignore-not-found"]),
+        "virtualservice.networking.istio.io/c deleted\n"
+    );
+    assert_eq!(
+        ok(d, &["delete", "vs", "--all"]),
+        "virtualservice.networking.istio.io/d deleted\n"
+    );
+    let (code, out, err) = pilot(d, &["delete", "vs", "--all"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "", "No resources found\n")
+    );
+    // A kind without names or --all, or names with --all, are usage errors.
+    assert_ne!(pilot(d, &["delete", "vs"]).0, 0);
+    assert_ne!(pilot(d, &["delete", "vs", "a", "--all"]).0, 0);
+}
