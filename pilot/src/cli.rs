@@ -135,11 +135,29 @@ pub struct ApplyArgs {
     /// Namespace for objects that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
-    /// Validate, analyze and report outcomes without storing anything.
-    #[arg(long)]
-    pub dry_run: bool,
+    /// Store nothing. `--dry-run=server` (or a bare `--dry-run`, as before): pilot validates,
+    /// analyzes and reports each object's outcome. `--dry-run=client`: only parse and validate
+    /// here, without reaching pilot (no outcomes, no analysis, no check against stored objects).
+    #[arg(
+        long,
+        value_enum,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "server",
+        value_name = "client|server"
+    )]
+    pub dry_run: Option<DryRun>,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+/// `pilot apply --dry-run` modes, as kubectl's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DryRun {
+    /// Parse and validate locally; pilot is not contacted.
+    Client,
+    /// pilot does everything but store.
+    Server,
 }
 
 /// Output formats of `pilot get`.
@@ -400,16 +418,20 @@ fn install(args: InstallArgs) -> Result<()> {
 
 async fn apply(args: ApplyArgs) -> Result<()> {
     let documents = read_documents(&args.files)?;
+    if args.dry_run == Some(DryRun::Client) {
+        return validate_locally(&documents, &args.namespace);
+    }
+    let dry_run = args.dry_run == Some(DryRun::Server);
     let mut client = connect(&args.server).await?;
     let response = client
         .apply(pb::ApplyRequest {
             documents,
             default_namespace: args.namespace,
-            dry_run: args.dry_run,
+            dry_run,
         })
         .await?
         .into_inner();
-    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    let suffix = if dry_run { " (server dry run)" } else { "" };
     for result in &response.results {
         let outcome = match result.outcome() {
             pb::Outcome::Created => "created",
@@ -420,6 +442,37 @@ async fn apply(args: ApplyArgs) -> Result<()> {
         println!("{} {outcome}{suffix}", object_name(result.object.as_ref()));
     }
     print_warnings(&response.warnings);
+    Ok(())
+}
+
+/// `apply --dry-run=client`: the server's parsing and validation, run here; prints
+/// `KIND/NAME validated (client dry run)` per object, or every problem (kubectl style) and fails.
+fn validate_locally(documents: &[pb::Document], namespace: &str) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut lines = Vec::new();
+    for document in documents {
+        match weft_pilot_config::parse_documents(&document.file, &document.text, namespace) {
+            Ok(resources) => lines.extend(resources.iter().map(|r| {
+                let key = r.key();
+                format!(
+                    "{}/{} validated (client dry run)",
+                    key.kind.api_resource(),
+                    key.name
+                )
+            })),
+            Err(errors) => problems.push(errors.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        // The same lines and prefix as the server's INVALID_ARGUMENT.
+        bail!(tonic::Status::invalid_argument(problems.join("\n")));
+    }
+    if lines.is_empty() {
+        bail!("no objects passed to apply");
+    }
+    for line in lines {
+        println!("{line}");
+    }
     Ok(())
 }
 

@@ -221,3 +221,45 @@ fn delete_several_names_all_and_ignore_not_found() {
     assert_ne!(pilot(d, &["delete", "vs"]).0, 0);
     assert_ne!(pilot(d, &["delete", "vs", "a", "--all"]).0, 0);
 }
+
+#[test]
+fn apply_dry_run_client_and_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = write(d, "good.yaml", &vs("a", "a", ""));
+    let bad = write(
+        d,
+        "bad.yaml",
+        &vs("b", "b", "").replace("subset: v1", "subset: v1, port: {number: 0}"),
+    );
+
+    // Client: no pilot running at all.
+    assert_eq!(
+        ok(d, &["apply", "-f", &good, "--dry-run=client"]),
+        "virtualservice.networking.istio.io/a validated (client dry run)\n"
+    );
+    let (code, _, err) = pilot(d, &["apply", "-f", &bad, "--dry-run=client"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.starts_with(&format!("error: {bad}")) && err.contains("port"),
+        "{err}"
+    );
+
+    // Server: pilot validates and reports outcomes, and stores nothing; a bare --dry-run is server.
+    let (_pilot, _) = serve(d);
+    let (code, _, err_server) = pilot(d, &["apply", "-f", &bad, "--dry-run=server"]);
+    assert_ne!(code, 0);
+    assert_eq!(err_server, err, "client and server validate alike");
+    for flag in ["--dry-run=server", "--dry-run"] {
+        let (code, out, err) = pilot(d, &["apply", "-f", &good, flag]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out,
+            "virtualservice.networking.istio.io/a created (server dry run)\n"
+        );
+        assert!(err.contains("IST0101"), "{err}");
+    }
+    let (_, out, _) = pilot(d, &["get", "vs"]);
+    assert_eq!(out, "");
+    assert_ne!(pilot(d, &["apply", "-f", &good, "--dry-run=later"]).0, 0);
+}

@@ -242,7 +242,7 @@ fn ist0101_warning_when_the_destination_rule_is_missing() {
     assert!(success, "{err}");
     assert_eq!(
         out,
-        "virtualservice.networking.istio.io/httpbin created (dry run)\n"
+        "virtualservice.networking.istio.io/httpbin created (server dry run)\n"
     );
     assert!(err.contains("Warning: [IST0101]"), "{err}");
     assert!(!pilot(d, &["get", "vs", "httpbin"]).0);
