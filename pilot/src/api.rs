@@ -294,6 +294,20 @@ impl ConfigService for ConfigApi {
         ))
     }
 
+    async fn version(
+        &self,
+        _request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let revision = match &self.backend {
+            Backend::Store(store) => store.snapshot().revision(),
+            Backend::Cluster(_) => 0,
+        };
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            revision,
+        }))
+    }
+
     async fn proxy_status(
         &self,
         _request: Request<pb::ProxyStatusRequest>,

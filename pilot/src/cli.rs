@@ -44,6 +44,10 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Print analyzer warnings (e.g. IST0101) for the stored objects, plus files as if applied.
     Analyze(AnalyzeArgs),
+    /// Client and server versions, like `istioctl version`.
+    Version(VersionArgs),
+    /// Print a shell completion script: `source <(pilot completion bash)`.
+    Completion(CompletionArgs),
     /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED.
     ProxyStatus(ServerArgs),
     /// Add the sidecar to workloads in YAML (offline, like `istioctl kube-inject`); writes to stdout.
@@ -150,6 +154,30 @@ pub struct ApplyArgs {
     #[command(flatten)]
     pub server: ServerArgs,
 }
+
+/// `pilot version` flags.
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Print only the client's version number, without asking pilot.
+    #[arg(long)]
+    pub short: bool,
+    /// `json`: `{"clientVersion": {"version"}, "meshVersion": [{"Component": "pilot", "Info": {"version"}}]}`,
+    /// istioctl's shape; `meshVersion` is empty when pilot did not answer.
+    #[arg(short = 'o', long, value_parser = ["json"])]
+    pub output: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `pilot completion` flags.
+#[derive(Debug, Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
+/// How long `pilot version` waits for pilot: a version is not worth hanging a script for.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `pilot apply --dry-run` modes, as kubectl's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -314,6 +342,11 @@ fn execute(cli: Cli) -> Result<()> {
     if let Command::Install(args) = cli.command {
         return install(args);
     }
+    if let Command::Completion(args) = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(args.shell, &mut command, "pilot", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Serve(args) = cli.command {
         weft_ca::cli::init_logging();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -332,7 +365,11 @@ fn execute(cli: Cli) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(_) | Command::Inject(_) | Command::Install(_) => Ok(()),
+            Command::Serve(_)
+            | Command::Inject(_)
+            | Command::Install(_)
+            | Command::Completion(_) => Ok(()),
+            Command::Version(args) => version(args).await,
             Command::Apply(args) => apply(args).await,
             Command::Get(args) => get(args).await,
             Command::Delete(args) => delete(args).await,
@@ -754,6 +791,50 @@ fn analyzer_json(warning: &pb::Warning) -> serde_json::Value {
             warning.code.to_ascii_lowercase()
         ),
     })
+}
+
+async fn version(args: VersionArgs) -> Result<()> {
+    let client_version = env!("CARGO_PKG_VERSION");
+    if args.short {
+        println!("{client_version}");
+        return Ok(());
+    }
+    let server = tokio::time::timeout(VERSION_TIMEOUT, async {
+        let mut client = connect(&args.server).await?;
+        let response = client.version(pb::VersionRequest {}).await?;
+        anyhow::Ok(response.into_inner())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "pilot did not answer within {}s",
+            VERSION_TIMEOUT.as_secs()
+        ))
+    });
+    if args.output.is_some() {
+        let mesh: Vec<serde_json::Value> = server
+            .as_ref()
+            .map(|s| {
+                serde_json::json!({"Component": "pilot", "Info": {"version": s.version, "revision": s.revision}})
+            })
+            .into_iter()
+            .collect();
+        let value = serde_json::json!({
+            "clientVersion": {"version": client_version},
+            "meshVersion": mesh,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("client version: {client_version}");
+        if let Ok(server) = &server {
+            println!("control plane version: {}", server.version);
+        }
+    }
+    if let Err(error) = &server {
+        // The client's version is still an answer: as istioctl, say why the server's is missing.
+        eprintln!("control plane version: unknown: {error:#}");
+    }
+    Ok(())
 }
 
 async fn proxy_status(args: ServerArgs) -> Result<()> {

@@ -263,3 +263,64 @@ fn apply_dry_run_client_and_server() {
     assert_eq!(out, "");
     assert_ne!(pilot(d, &["apply", "-f", &good, "--dry-run=later"]).0, 0);
 }
+
+#[test]
+fn version_asks_pilot_for_at_most_two_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let client = env!("CARGO_PKG_VERSION");
+
+    // No pilot: the client's version, exit 0, and why the server's is missing.
+    let (code, out, err) = pilot(d, &["version"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("client version: {client}\n").as_str())
+    );
+    assert!(
+        err.starts_with("control plane version: unknown: cannot reach pilot"),
+        "{err}"
+    );
+    assert_eq!(ok(d, &["version", "--short"]), format!("{client}\n"));
+
+    // A socket that accepts connections but never answers: given up after 2 s.
+    let silent = d.join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let started = std::time::Instant::now();
+    let (code, out, err) = pilot(
+        d,
+        &["version", "--server", &format!("unix:{}", silent.display())],
+    );
+    let took = started.elapsed();
+    assert_eq!((code, out.lines().count()), (0, 1), "{err}");
+    assert!(err.contains("did not answer within 2s"), "{err}");
+    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
+
+    let (_pilot, _) = serve(d);
+    assert_eq!(
+        ok(d, &["version"]),
+        format!("client version: {client}\ncontrol plane version: {client}\n")
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(d, &["version", "-o", "json"])).unwrap();
+    assert_eq!(json["clientVersion"]["version"], client);
+    assert_eq!(json["meshVersion"][0]["Component"], "pilot");
+    assert_eq!(json["meshVersion"][0]["Info"]["version"], client);
+}
+
+#[test]
+fn completion_scripts_for_bash_zsh_fish() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bash = ok(d, &["completion", "bash"]);
+    assert!(
+        bash.contains("_pilot()") && bash.contains("complete -F _pilot"),
+        "{bash}"
+    );
+    assert!(bash.contains("--failure-threshold") && bash.contains("proxy-status"));
+    // The script is valid bash.
+    let script = write(d, "pilot.bash", &bash);
+    let checked = Command::new("bash").args(["-n", &script]).status().unwrap();
+    assert!(checked.success());
+    assert!(ok(d, &["completion", "zsh"]).starts_with("#compdef pilot"));
+    assert!(ok(d, &["completion", "fish"]).contains("complete -c pilot"));
+    assert_ne!(pilot(d, &["completion", "tcsh"]).0, 0);
+}
