@@ -44,6 +44,8 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Print analyzer warnings (e.g. IST0101) for the stored objects, plus files as if applied.
     Analyze(AnalyzeArgs),
+    /// A sidecar's config, like `istioctl proxy-config`, read from its admin `/config_dump`.
+    ProxyConfig(ProxyConfigArgs),
     /// Client and server versions, like `istioctl version`.
     Version(VersionArgs),
     /// Print a shell completion script: `source <(pilot completion bash)`.
@@ -153,6 +155,26 @@ pub struct ApplyArgs {
     pub dry_run: Option<DryRun>,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+/// `pilot proxy-config` flags.
+#[derive(Debug, Args)]
+pub struct ProxyConfigArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    pub section: crate::proxy_config::Section,
+    /// The pod (shown in errors): its sidecar is reached at --admin.
+    pub pod: Option<String>,
+    /// The pod's namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// The sidecar's admin address, host:port (loopback 15000 in the pod; from outside through
+    /// `kubectl port-forward POD 15000`). Required: pilot cannot reach admin listeners.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// `json`: the dump's part for the section, instead of a table.
+    #[arg(short = 'o', long, value_parser = ["json"])]
+    pub output: Option<String>,
 }
 
 /// `pilot version` flags.
@@ -370,6 +392,7 @@ fn execute(cli: Cli) -> Result<()> {
             | Command::Install(_)
             | Command::Completion(_) => Ok(()),
             Command::Version(args) => version(args).await,
+            Command::ProxyConfig(args) => proxy_config(args).await,
             Command::Apply(args) => apply(args).await,
             Command::Get(args) => get(args).await,
             Command::Delete(args) => delete(args).await,
@@ -791,6 +814,27 @@ fn analyzer_json(warning: &pb::Warning) -> serde_json::Value {
             warning.code.to_ascii_lowercase()
         ),
     })
+}
+
+async fn proxy_config(args: ProxyConfigArgs) -> Result<()> {
+    let Some(admin) = &args.admin else {
+        let pod = match &args.pod {
+            Some(pod) => format!("{}/{pod}", args.namespace),
+            None => "the pod".to_string(),
+        };
+        bail!(
+            "give --admin ADDR: the admin listener of {pod}'s sidecar is loopback-only and pilot cannot read it (run where 127.0.0.1:15000 is the sidecar's, or through `kubectl port-forward`)"
+        );
+    };
+    let dump = crate::proxy_config::fetch(admin).await?;
+    let mut out = std::io::stdout().lock();
+    if args.output.is_some() {
+        let part = crate::proxy_config::json_of(&dump, args.section);
+        writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?;
+    } else {
+        write!(out, "{}", crate::proxy_config::table(&dump, args.section))?;
+    }
+    Ok(())
 }
 
 async fn version(args: VersionArgs) -> Result<()> {

@@ -324,3 +324,100 @@ fn completion_scripts_for_bash_zsh_fish() {
     assert!(ok(d, &["completion", "fish"]).contains("complete -c pilot"));
     assert_ne!(pilot(d, &["completion", "tcsh"]).0, 0);
 }
+
+#[test]
+fn proxy_config_reads_a_sidecars_config_dump() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let plane = weft_tests::ControlPlane::start(dir.path(), &[]).unwrap();
+    plane
+        .apply_yaml(
+            "httpbin.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: httpbin\nspec:\n  selector:\n    app: httpbin\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin}\nspec:\n  host: httpbin\n  subsets:\n  - {name: v1, labels: {version: v1}}\n",
+        )
+        .unwrap();
+    let _httpbin = weft_tests::Sidecar::explicit(
+        &plane,
+        "httpbin-1",
+        "httpbin",
+        "app=httpbin,version=v1",
+        Some(9),
+        &[],
+    )
+    .unwrap();
+    let client =
+        weft_tests::Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, &[]).unwrap();
+    let mut seen = false;
+    for _ in 0..200 {
+        if client.config_dump().unwrap().contains("default/httpbin-1") {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(seen, "the endpoint never reached the client");
+    let admin = client.admin.as_str();
+    let cmd = |args: &[&str]| {
+        let (ok, out, err) = plane
+            .pilot_cmd(&[&["proxy-config"], args, &["--admin", admin]].concat())
+            .unwrap();
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+
+    let clusters = cmd(&["clusters", "sleep"]);
+    assert!(clusters.starts_with("SERVICE FQDN "), "{clusters}");
+    let v1 = clusters
+        .lines()
+        .find(|l| l.contains("   v1   "))
+        .unwrap_or_else(|| panic!("{clusters}"));
+    assert!(
+        v1.starts_with("httpbin.default.svc.cluster.local   8000 ") && v1.contains("outbound"),
+        "{v1}"
+    );
+    let endpoints = cmd(&["endpoints", "sleep"]);
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.contains("default/httpbin-1") && l.contains("/sa/httpbin")),
+        "{endpoints}"
+    );
+    let routes = cmd(&["routes", "sleep"]);
+    assert!(
+        routes.contains("httpbin.default.svc.cluster.local   8000"),
+        "{routes}"
+    );
+    let listeners = cmd(&["listeners", "sleep"]);
+    assert!(
+        listeners.contains("Route: httpbin.default.svc.cluster.local:8000"),
+        "{listeners}"
+    );
+    let secret = cmd(&["secret", "sleep"]);
+    assert!(
+        secret.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        "{secret}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&cmd(&["clusters", "-o", "json"])).unwrap();
+    assert!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "outbound|8000|v1|httpbin.default.svc.cluster.local")
+    );
+
+    // Without --admin: refused with the reason; a wrong address: a clear error.
+    let (ok, _, err) = plane
+        .pilot_cmd(&["proxy-config", "clusters", "sleep"])
+        .unwrap();
+    assert!(
+        !ok && err.contains("give --admin ADDR") && err.contains("default/sleep"),
+        "{err}"
+    );
+    let (ok, _, err) = plane
+        .pilot_cmd(&["proxy-config", "clusters", "--admin", "127.0.0.1:1"])
+        .unwrap();
+    assert!(
+        !ok && err.contains("cannot read http://127.0.0.1:1/config_dump"),
+        "{err}"
+    );
+}
