@@ -142,9 +142,8 @@ impl Backend {
             .map(|object| Warning {
                 code: SCHEMA_VALIDATION_ERROR,
                 object: object.key.clone(),
-                message: format!(
-                    "{} (resourceVersion {}) is invalid and not served{}: {}",
-                    object.key,
+                detail: format!(
+                    "resourceVersion {} is invalid and not served{}: {}",
                     object.resource_version,
                     if object.previous_in_force {
                         "; its last valid version stays in force"
@@ -159,7 +158,7 @@ impl Backend {
 }
 
 /// Istio's analyzer code for an object that fails schema validation.
-pub const SCHEMA_VALIDATION_ERROR: &str = "IST0106";
+pub use weft_pilot_config::analyze::SCHEMA_VALIDATION_ERROR;
 
 /// The ConfigService implementation over a [`Backend`].
 ///
@@ -295,6 +294,20 @@ impl ConfigService for ConfigApi {
         ))
     }
 
+    async fn version(
+        &self,
+        _request: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        let revision = match &self.backend {
+            Backend::Store(store) => store.snapshot().revision(),
+            Backend::Cluster(_) => 0,
+        };
+        Ok(Response::new(pb::VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            revision,
+        }))
+    }
+
     async fn proxy_status(
         &self,
         _request: Request<pb::ProxyStatusRequest>,
@@ -396,10 +409,22 @@ fn delete_blocking(
     }
     let parsed = parse_all(&request.documents, namespace, cancel)?;
     keys.extend(parsed.iter().map(Resource::key));
+    let mut listed = Vec::new();
+    if !request.all_of_kind.is_empty() {
+        // Listed from a snapshot, deleted if still there: one deleted meanwhile is no error, since
+        // `--all` asks for none to be left.
+        let kind = parse_kind(&request.all_of_kind)?;
+        listed = store
+            .snapshot()
+            .of_kind(kind)
+            .filter(|o| o.resource.namespace() == namespace)
+            .map(|o| o.resource.key())
+            .collect();
+    }
     check(cancel)?;
-    let revision = store.delete(&keys)?;
+    let (revision, deleted) = store.delete_existing(&keys, &listed, request.ignore_not_found)?;
     Ok(pb::DeleteResponse {
-        deleted: keys.iter().map(to_pb_ref).collect(),
+        deleted: deleted.iter().map(to_pb_ref).collect(),
         revision,
     })
 }
@@ -518,7 +543,9 @@ fn to_pb_warning(warning: Warning) -> pb::Warning {
     pb::Warning {
         code: warning.code.to_string(),
         object: Some(to_pb_ref(&warning.object)),
-        message: warning.message,
+        message: warning.message(),
+        level: warning.level().as_str().to_string(),
+        detail: warning.detail,
     }
 }
 
@@ -596,6 +623,56 @@ mod tests {
         assert!(response.warnings.is_empty(), "{:?}", response.warnings);
         let all = api.analyze(pb::AnalyzeRequest::default()).await.unwrap();
         assert!(all.warnings.iter().any(|w| w.code == "IST0101"));
+    }
+
+    #[tokio::test]
+    async fn delete_of_several_all_or_nothing_ignore_missing_and_all_of_a_kind() {
+        let (_dir, api) = api();
+        let three = ["a", "b", "c"]
+            .map(|n| VS_TO_SUBSET.replace("name: a", &format!("name: {n}")))
+            .join("---\n");
+        api.apply(apply_request(&three, false)).await.unwrap();
+        api.apply(apply_request(SERVICE, false)).await.unwrap();
+        let refs = |names: &[&str]| -> Vec<pb::ObjectRef> {
+            names
+                .iter()
+                .map(|n| pb::ObjectRef {
+                    kind: "vs".into(),
+                    namespace: String::new(),
+                    name: (*n).into(),
+                })
+                .collect()
+        };
+        let names = |response: pb::DeleteResponse| -> Vec<String> {
+            response.deleted.into_iter().map(|r| r.name).collect()
+        };
+        // One missing name: nothing is deleted.
+        let request = pb::DeleteRequest {
+            objects: refs(&["a", "x"]),
+            ..Default::default()
+        };
+        let status = Status::from(api.delete(request.clone()).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(api.backend.snapshot().len(), 4);
+        // Skipping the missing one deletes the rest; a name given twice is deleted once.
+        let skip = pb::DeleteRequest {
+            objects: refs(&["a", "x", "a"]),
+            ignore_not_found: true,
+            ..request
+        };
+        assert_eq!(names(api.delete(skip.clone()).await.unwrap()), ["a"]);
+        // Nothing left to delete: success, and the revision does not move.
+        let before = api.backend.snapshot().revision();
+        let response = api.delete(skip).await.unwrap();
+        assert!(response.deleted.is_empty());
+        assert_eq!(response.revision, before);
+        // --all takes every VirtualService of the namespace, not the Service.
+        let all = pb::DeleteRequest {
+            all_of_kind: "virtualservice".into(),
+            ..Default::default()
+        };
+        assert_eq!(names(api.delete(all).await.unwrap()), ["b", "c"]);
+        assert_eq!(api.backend.snapshot().len(), 1);
     }
 
     /// Many Services, so the whole apply takes long enough to be cut in the middle.
@@ -769,9 +846,9 @@ mod tests {
         assert_eq!(refused.len(), 1, "{analyzed:?}");
         assert_eq!(refused[0].object.as_ref().unwrap().name, "bad");
         assert!(
-            refused[0].message.contains("spec.http[0].route[0].weight:"),
+            refused[0].detail.contains("spec.http[0].route[0].weight:"),
             "{}",
-            refused[0].message
+            refused[0].detail
         );
         shutdown.cancel();
     }

@@ -9,6 +9,7 @@ pub mod install;
 pub mod kube;
 pub mod mesh_config;
 pub mod monitoring;
+pub mod proxy_config;
 pub mod registry;
 pub mod serve;
 pub mod store;

@@ -401,14 +401,29 @@ impl Store {
     /// Deletes `keys` in one transaction; if any is missing, nothing is deleted and the error lists
     /// every missing one. Frees the cluster IPs of deleted Services. Returns the new revision.
     pub fn delete(&self, keys: &[ResourceKey]) -> Result<u64, StoreError> {
+        self.delete_existing(keys, &[], false)
+            .map(|(revision, _)| revision)
+    }
+
+    /// [`Store::delete`] of `keys` plus those of `optional` that exist, in one transaction; with
+    /// `skip_missing`, missing `keys` are skipped too. Returns the revision (unchanged when nothing
+    /// was deleted) and the keys deleted, in order, each once.
+    pub fn delete_existing(
+        &self,
+        keys: &[ResourceKey],
+        optional: &[ResourceKey],
+        skip_missing: bool,
+    ) -> Result<(u64, Vec<ResourceKey>), StoreError> {
         let _writer = self.lock();
         let txn = self.db.begin_write().map_err(db_err)?;
         let mut changes = BTreeMap::new();
+        let mut deleted = Vec::new();
         let mut missing = Vec::new();
         {
             let mut objects = txn.open_table(OBJECTS).map_err(db_err)?;
             let mut ips = txn.open_table(CLUSTER_IPS).map_err(db_err)?;
-            for key in keys {
+            let required = keys.iter().map(|k| (k, true));
+            for (key, required) in required.chain(optional.iter().map(|k| (k, false))) {
                 if changes.contains_key(key) {
                     continue;
                 }
@@ -417,7 +432,9 @@ impl Store {
                     .map_err(db_err)?
                     .map(|v| v.value().to_vec());
                 let Some(bytes) = stored else {
-                    missing.push(key.clone());
+                    if required {
+                        missing.push(key.clone());
+                    }
                     continue;
                 };
                 let object = Record::decode(&object_key(key), &bytes)?;
@@ -425,13 +442,19 @@ impl Store {
                     ips.remove(u32::from(ip)).map_err(db_err)?;
                 }
                 changes.insert(key.clone(), None);
+                deleted.push(key.clone());
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() && !skip_missing {
             txn.abort().map_err(db_err)?;
             return Err(StoreError::NotFound(missing));
         }
-        self.commit(txn, changes)
+        if changes.is_empty() {
+            let revision = current_revision(&txn)?;
+            txn.abort().map_err(db_err)?;
+            return Ok((revision, deleted));
+        }
+        Ok((self.commit(txn, changes)?, deleted))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -6,6 +6,7 @@
 mod addons;
 mod ca;
 mod chaos;
+mod cli;
 mod discovery;
 mod drain;
 mod fidelity;

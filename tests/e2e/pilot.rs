@@ -242,7 +242,7 @@ fn ist0101_warning_when_the_destination_rule_is_missing() {
     assert!(success, "{err}");
     assert_eq!(
         out,
-        "virtualservice.networking.istio.io/httpbin created (dry run)\n"
+        "virtualservice.networking.istio.io/httpbin created (server dry run)\n"
     );
     assert!(err.contains("Warning: [IST0101]"), "{err}");
     assert!(!pilot(d, &["get", "vs", "httpbin"]).0);
@@ -254,13 +254,24 @@ fn ist0101_warning_when_the_destination_rule_is_missing() {
         err.starts_with("Warning: [IST0101] VirtualService default/httpbin") && err.contains("v1"),
         "{err}"
     );
-    let (_, _, err) = pilot(d, &["analyze"]);
-    assert!(err.contains("Warning: [IST0101]"), "{err}");
+    let (_, out, _) = pilot(d, &["analyze"]);
+    assert!(
+        out.contains("Error [IST0101] (VirtualService default/httpbin) "),
+        "{out}"
+    );
     // Analyzing the DestinationRule as if applied clears it, without storing it.
-    let (_, out, err) = pilot(d, &["analyze", "-f", &example("all-v1.yaml")]);
+    let all_v1 = example("all-v1.yaml");
+    let (success, out, err) = pilot(d, &["analyze", "-f", &all_v1]);
+    assert!(success, "{err}");
     assert_eq!(
         (out.as_str(), err.as_str()),
-        ("No validation issues found.\n", "")
+        (
+            "",
+            format!(
+                "\u{2714} No validation issues found when analyzing all namespaces with {all_v1}.\n"
+            )
+            .as_str()
+        )
     );
     assert!(!pilot(d, &["get", "dr", "httpbin"]).0);
     let (_, _, err) = pilot(d, &["apply", "-f", &example("all-v1.yaml")]);

@@ -14,6 +14,54 @@ use crate::virtual_service::{Destination, VirtualService};
 pub const REFERENCED_RESOURCE_NOT_FOUND: &str = "IST0101";
 /// Istio's code for a destination without a port to a Service with several ports.
 pub const DESTINATION_PORT_SELECTOR_REQUIRED: &str = "IST0112";
+/// Istio's code for an object that fails schema validation.
+pub const SCHEMA_VALIDATION_ERROR: &str = "IST0106";
+
+/// A finding's severity, Istio's analyzer levels (`--failure-threshold`, `--output-threshold`),
+/// ordered from least to most severe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Worth knowing.
+    Info,
+    /// Probably a mistake.
+    Warning,
+    /// Traffic will fail (Istio's level for every code weft reports).
+    Error,
+}
+
+impl Level {
+    /// `Info`, `Warning`, `Error`, as istioctl prints them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "Info",
+            Level::Warning => "Warning",
+            Level::Error => "Error",
+        }
+    }
+
+    /// The level Istio gives a message code (its messages.yaml); unknown codes count as `Warning`.
+    pub fn of_code(code: &str) -> Level {
+        match code {
+            REFERENCED_RESOURCE_NOT_FOUND
+            | SCHEMA_VALIDATION_ERROR
+            | DESTINATION_PORT_SELECTOR_REQUIRED => Level::Error,
+            _ => Level::Warning,
+        }
+    }
+
+    /// Parses a level name, case-insensitively (istioctl accepts `error`, `Error`, `ERROR`).
+    pub fn parse(name: &str) -> Option<Level> {
+        [Level::Info, Level::Warning, Level::Error]
+            .into_iter()
+            .find(|level| level.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// One analyzer finding.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,13 +70,29 @@ pub struct Warning {
     pub code: &'static str,
     /// The object the warning is about.
     pub object: ResourceKey,
+    /// What is wrong, without the object: `host x.default.svc.cluster.local has no Service`.
+    pub detail: String,
+}
+
+impl Warning {
     /// The full sentence, starting with the object: `VirtualService default/httpbin: ...`.
-    pub message: String,
+    pub fn message(&self) -> String {
+        format!("{}: {}", self.object, self.detail)
+    }
+
+    /// Istio's level for this warning's code.
+    pub fn level(&self) -> Level {
+        Level::of_code(self.code)
+    }
 }
 
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Warning [{}] {}", self.code, self.message)
+        write!(
+            f,
+            "Warning [{}] {}: {}",
+            self.code, self.object, self.detail
+        )
     }
 }
 
@@ -148,9 +212,8 @@ fn check_destination(
         warnings.insert(Warning {
             code: DESTINATION_PORT_SELECTOR_REQUIRED,
             object: resource.key(),
-            message: format!(
-                "{}: {what} host {fqdn} gives no port, but its Service has several; set destination.port.number",
-                resource.key()
+            detail: format!(
+                "{what} host {fqdn} gives no port, but its Service has several; set destination.port.number"
             ),
         });
     }
@@ -160,6 +223,6 @@ fn warning(resource: &Resource, detail: &str) -> Warning {
     Warning {
         code: REFERENCED_RESOURCE_NOT_FOUND,
         object: resource.key(),
-        message: format!("{}: {detail}", resource.key()),
+        detail: detail.to_string(),
     }
 }

@@ -23,7 +23,7 @@ pub mod translate;
 mod validate;
 pub mod virtual_service;
 
-pub use analyze::{Warning, analyze};
+pub use analyze::{Level, Warning, analyze};
 pub use error::{ConfigError, ConfigErrors, FieldError, FieldPath, Position, Problem};
 pub use parse::{parse_documents, parse_documents_until};
 pub use resource::{Kind, ObjectMeta, Resource, ResourceKey};

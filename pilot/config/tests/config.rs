@@ -621,7 +621,7 @@ fn analyzer_warns_about_missing_subsets_and_services() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0].code, "IST0101");
     assert_eq!(
-        warnings[0].message,
+        warnings[0].message(),
         "VirtualService default/httpbin: mirror to subset v2 of host httpbin.default.svc.cluster.local, but no DestinationRule defines it"
     );
 }
