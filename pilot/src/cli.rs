@@ -1243,7 +1243,7 @@ fn table(
         row.push(age(now.duration_since(created).unwrap_or_default()));
         rows.push(row);
     }
-    columns(&rows)
+    crate::table::columns(&rows)
 }
 
 /// `app=httpbin,version=v1` from a string map, as kubectl prints selectors and labels.
@@ -1280,32 +1280,6 @@ fn ports(service: &serde_json::Value) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Left-aligned columns separated by three spaces, as kubectl prints.
-fn columns(rows: &[Vec<String>]) -> String {
-    let mut widths = Vec::new();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if widths.len() <= i {
-                widths.push(0);
-            }
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let last = row.len().saturating_sub(1);
-        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
-            if i == last {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<width$}   "));
-            }
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// kubectl's short ages: `45s`, `3m20s`, `42m`, `5h10m`, `30h`, `3d4h`, `12d`.

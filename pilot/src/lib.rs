@@ -13,4 +13,5 @@ pub mod proxy_config;
 pub mod registry;
 pub mod serve;
 pub mod store;
+pub mod table;
 pub mod webhook;

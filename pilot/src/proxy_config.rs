@@ -4,7 +4,6 @@
 //! read it: the CLI reads it directly from `--admin ADDR`, run where that address is reachable
 //! (the pod's network namespace, or `kubectl port-forward POD 15000`).
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -239,7 +238,7 @@ pub fn table(dump: &Value, section: Section) -> String {
             ]);
         }
     }
-    columns(&rows)
+    crate::table::columns(&rows)
 }
 
 fn cells(header: &[&str]) -> Vec<String> {
@@ -289,29 +288,6 @@ fn endpoints(dump: &Value) -> impl Iterator<Item = (String, &Value)> {
         let name = text(c, "name");
         array(c, "endpoints").map(move |e| (name.clone(), e))
     })
-}
-
-/// Left-aligned columns, three spaces apart, as istioctl and kubectl print.
-fn columns(rows: &[Vec<String>]) -> String {
-    let mut widths = Vec::new();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if widths.len() <= i {
-                widths.push(0);
-            }
-            widths[i] = widths[i].max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (cell, width) in row.iter().zip(&widths) {
-            let _ = write!(line, "{cell:<width$}   ");
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
