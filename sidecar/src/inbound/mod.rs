@@ -30,7 +30,7 @@ use crate::listener::Edge;
 use crate::route::MtlsMode;
 use crate::snapshot::Snapshots;
 use crate::telemetry::record::Sinks;
-use crate::telemetry::{Counted, Labels, workload_labels};
+use crate::telemetry::{Counted, Labels, Workload, workload_labels};
 
 /// Where inbound requests go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,7 @@ impl Inbound {
             identity,
             own_ports,
             sinks,
-            unknown_source: workload_labels("source", "", "", "", "", ""),
+            unknown_source: workload_labels("source", &Workload::default()),
             app: crate::inbound::app::App::new(),
         }
     }
