@@ -149,7 +149,7 @@ async fn connection(
         } else {
             inbound.tls.permissive.clone()
         };
-        let tcp = Counted::new(tcp, inbound.sinks.metrics.clone(), true);
+        // Counted into `istio_tcp_*` only once known to be opaque (see `opaque::from_peer`).
         let tls = tokio::time::timeout(
             edge.limits.head_timeout,
             tokio_rustls::TlsAcceptor::from(config).accept(tcp),
@@ -204,7 +204,6 @@ async fn connection(
                 .map(|_| ())
                 .map_err(|e| e.to_string());
         }
-        let tcp = Counted::new(tcp, inbound.sinks.metrics.clone(), true);
         let conn = caller_context(&inbound, app_port, None, peer)?;
         serve_http(tcp, inbound, app_port, conn, &edge).await
     }

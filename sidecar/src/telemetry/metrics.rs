@@ -506,6 +506,14 @@ impl<T> Counted<T> {
     }
 }
 
+impl<T> Counted<T> {
+    /// Adds bytes that crossed before the connection was wrapped (read while sniffing it).
+    pub fn add(&mut self, received: u64, sent: u64) {
+        self.received += received;
+        self.sent += sent;
+    }
+}
+
 impl<T> Drop for Counted<T> {
     fn drop(&mut self) {
         let c = if self.inbound {
