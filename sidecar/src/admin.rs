@@ -2,6 +2,7 @@
 //! listener (kubelet, `/healthz/ready`); and the Prometheus listener (Istio's 15020: the sidecar's
 //! metrics merged with the app's, see [`crate::telemetry::appmetrics`]).
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -12,12 +13,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-
 use tokio_util::sync::CancellationToken;
 use weft_ca::tls::{CredentialStore, TrustBundle};
 
 use crate::control::ControlStats;
 use crate::route::MtlsMode;
+use crate::telemetry::family;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
@@ -171,22 +172,38 @@ impl Admin {
     fn stats(&self) -> String {
         let m = &self.mirror;
         let t = &self.trace;
-        let mut out = format!(
-            "# TYPE weft_mirror_requests_total counter\n\
-             weft_mirror_requests_total{{result=\"sent\"}} {}\n\
-             weft_mirror_requests_total{{result=\"failed\"}} {}\n\
-             weft_mirror_requests_total{{result=\"dropped_busy\"}} {}\n\
-             weft_mirror_requests_total{{result=\"dropped_too_large\"}} {}\n\
-             # TYPE weft_spans_total counter\n\
-             weft_spans_total{{result=\"exported\"}} {}\n\
-             weft_spans_total{{result=\"dropped\"}} {}\n",
-            m.sent.load(Ordering::Relaxed),
-            m.failed.load(Ordering::Relaxed),
-            m.dropped_busy.load(Ordering::Relaxed),
-            m.dropped_too_large.load(Ordering::Relaxed),
-            t.exported.load(Ordering::Relaxed),
-            t.dropped.load(Ordering::Relaxed),
+        let mut out = String::new();
+        family(
+            &mut out,
+            "weft_mirror_requests_total",
+            "counter",
+            "Mirrored requests, by what became of them.",
         );
+        for (result, v) in [
+            ("sent", &m.sent),
+            ("failed", &m.failed),
+            ("dropped_busy", &m.dropped_busy),
+            ("dropped_too_large", &m.dropped_too_large),
+        ] {
+            let _ = writeln!(
+                out,
+                "weft_mirror_requests_total{{result=\"{result}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            &mut out,
+            "weft_spans_total",
+            "counter",
+            "Spans, exported or dropped.",
+        );
+        for (result, v) in [("exported", &t.exported), ("dropped", &t.dropped)] {
+            let _ = writeln!(
+                out,
+                "weft_spans_total{{result=\"{result}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         out.push_str(&self.control_stats());
         out.push_str(&self.cluster_stats());
         out.push_str(&self.listeners.render());
@@ -194,15 +211,13 @@ impl Admin {
         out
     }
 
-    /// Outlier ejections and circuit-breaker state per cluster that has either configured.
+    /// Outlier ejections and circuit-breaker state per cluster that has either configured, each
+    /// family whole (Prometheus wants a family's samples together, after its TYPE line).
     fn cluster_stats(&self) -> String {
-        use std::fmt::Write as _;
         let snapshot = self.tables.borrow().clone();
-        let mut out = String::from(
-            "# TYPE weft_outlier_ejections_total counter\n\
-             # TYPE weft_upstream_overflow_total counter\n\
-             # TYPE weft_upstream_requests_pending gauge\n",
-        );
+        let mut ejections = String::new();
+        let mut overflow = String::new();
+        let mut pending = String::new();
         for c in snapshot.routes.clusters() {
             let Some(state) = snapshot.upstream.cluster(c.index) else {
                 continue;
@@ -210,7 +225,7 @@ impl Admin {
             let name = c.name.replace('\\', "\\\\").replace('"', "\\\"");
             if state.outlier.is_some() {
                 let _ = writeln!(
-                    out,
+                    ejections,
                     "weft_outlier_ejections_total{{cluster=\"{name}\"}} {}",
                     state.ejections.load(Ordering::Relaxed)
                 );
@@ -218,13 +233,40 @@ impl Admin {
             if !state.limits.is_unlimited() {
                 let s = state.limits.stats();
                 let _ = writeln!(
-                    out,
-                    "weft_upstream_overflow_total{{cluster=\"{name}\"}} {}\n\
-                     weft_upstream_requests_pending{{cluster=\"{name}\"}} {}",
-                    s.overflows + s.retry_overflows,
+                    overflow,
+                    "weft_upstream_overflow_total{{cluster=\"{name}\"}} {}",
+                    s.overflows + s.retry_overflows
+                );
+                let _ = writeln!(
+                    pending,
+                    "weft_upstream_requests_pending{{cluster=\"{name}\"}} {}",
                     s.pending
                 );
             }
+        }
+        let mut out = String::new();
+        for (name, kind, help, samples) in [
+            (
+                "weft_outlier_ejections_total",
+                "counter",
+                "Endpoint ejections by outlier detection, per cluster.",
+                ejections,
+            ),
+            (
+                "weft_upstream_overflow_total",
+                "counter",
+                "Requests refused by a cluster's circuit breaker (retries included).",
+                overflow,
+            ),
+            (
+                "weft_upstream_requests_pending",
+                "gauge",
+                "Requests waiting for a connection to a cluster.",
+                pending,
+            ),
+        ] {
+            family(&mut out, name, kind, help);
+            out.push_str(&samples);
         }
         out
     }
@@ -232,28 +274,75 @@ impl Admin {
     fn control_stats(&self) -> String {
         let c = &self.control;
         let version: u64 = self.tables.borrow().routes.version.parse().unwrap_or(0);
-        format!(
-            "# TYPE weft_config_pushes_total counter\nweft_config_pushes_total {}\n\
-             # TYPE weft_config_nacks_total counter\nweft_config_nacks_total {}\n\
-             # TYPE weft_control_connects_total counter\nweft_control_connects_total {}\n\
-             # TYPE weft_config_version gauge\nweft_config_version {version}\n\
-             # TYPE weft_control_connected gauge\nweft_control_connected {}\n\
-             # TYPE weft_cert_expiry_seconds gauge\nweft_cert_expiry_seconds {}\n\
-             # TYPE weft_certificate_valid gauge\nweft_certificate_valid {}\n\
-             # TYPE weft_certificate_renewals_total counter\n\
-             weft_certificate_renewals_total{{result=\"success\"}} {}\n\
-             weft_certificate_renewals_total{{result=\"failure\"}} {}\n\
-             # TYPE weft_trust_bundle_roots gauge\nweft_trust_bundle_roots {}\n",
-            c.pushes.load(Ordering::Relaxed),
-            c.nacks.load(Ordering::Relaxed),
-            c.connects.load(Ordering::Relaxed),
-            c.connected.load(Ordering::Relaxed),
-            secs_until(self.creds.current().not_after()),
-            u8::from(self.creds.valid_at(SystemTime::now())),
+        let mut out = String::new();
+        for (name, kind, help, v) in [
+            (
+                "weft_config_pushes_total",
+                "counter",
+                "Config pushes applied.",
+                c.pushes.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_config_nacks_total",
+                "counter",
+                "Config pushes refused.",
+                c.nacks.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_control_connects_total",
+                "counter",
+                "Connections made to pilot.",
+                c.connects.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_config_version",
+                "gauge",
+                "Version of the config in use.",
+                version,
+            ),
+            (
+                "weft_control_connected",
+                "gauge",
+                "1 while connected to pilot.",
+                c.connected.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cert_expiry_seconds",
+                "gauge",
+                "Seconds until the workload certificate expires.",
+                secs_until(self.creds.current().not_after()),
+            ),
+            (
+                "weft_certificate_valid",
+                "gauge",
+                "1 while the workload certificate is valid.",
+                u64::from(self.creds.valid_at(SystemTime::now())),
+            ),
+        ] {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        family(
+            &mut out,
+            "weft_certificate_renewals_total",
+            "counter",
+            "Certificate renewals, by result.",
+        );
+        let _ = writeln!(
+            out,
+            "weft_certificate_renewals_total{{result=\"success\"}} {}\n\
+             weft_certificate_renewals_total{{result=\"failure\"}} {}",
             self.creds.renewals(),
-            self.creds.failures(),
-            self.bundle.len(),
-        )
+            self.creds.failures()
+        );
+        family(
+            &mut out,
+            "weft_trust_bundle_roots",
+            "gauge",
+            "Roots in the trust bundle.",
+        );
+        let _ = writeln!(out, "weft_trust_bundle_roots {}", self.bundle.len());
+        out
     }
 }
 

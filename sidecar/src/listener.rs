@@ -266,6 +266,10 @@ impl Drain {
 pub struct ListenerStats {
     /// Connections open now.
     pub active: AtomicUsize,
+    /// Connections admitted, whatever they carry (HTTP or opaque; `istio_tcp_*` count only opaque).
+    pub opened: AtomicU64,
+    /// Admitted connections that have ended.
+    pub closed: AtomicU64,
     /// Connections refused over the cap.
     pub overflow: AtomicU64,
     /// Connections closed for a head that did not arrive in time, or for idleness.
@@ -310,6 +314,18 @@ impl Stats {
             &|s| s.active.load(Ordering::Relaxed) as u64,
         );
         family(
+            "weft_listener_connections_opened_total",
+            "counter",
+            "Connections a listener admitted (HTTP or opaque).",
+            &|s| s.opened.load(Ordering::Relaxed),
+        );
+        family(
+            "weft_listener_connections_closed_total",
+            "counter",
+            "Admitted connections that have ended.",
+            &|s| s.closed.load(Ordering::Relaxed),
+        );
+        family(
             "weft_listener_overflow_total",
             "counter",
             "Connections refused because the listener was at its connection cap.",
@@ -348,6 +364,7 @@ where
             continue;
         }
         stats.active.fetch_add(1, Ordering::Relaxed);
+        stats.opened.fetch_add(1, Ordering::Relaxed);
         let guard = ActiveGuard(stats.clone());
         let conn = serve(tcp, peer, edge.clone());
         edge.drain.connections.spawn(async move {
@@ -405,6 +422,7 @@ struct ActiveGuard(Arc<ListenerStats>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -449,6 +467,11 @@ mod tests {
             .unwrap();
         assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
         assert_eq!(stats.overflow.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.opened.load(Ordering::Relaxed),
+            2,
+            "a refused one is not admitted"
+        );
 
         // The drain stops the accept loop, and waits for the two connections.
         drain.start();
@@ -460,6 +483,7 @@ mod tests {
         drop((_a, _b));
         assert!(drain.finished(Duration::from_secs(5)).await);
         assert_eq!(stats.active.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.closed.load(Ordering::Relaxed), 2);
     }
 
     #[test]

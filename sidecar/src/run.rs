@@ -236,23 +236,19 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     };
     let pod_name: Arc<str> = Arc::from(cfg.name.as_str());
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
+    let get = |k: &str| cfg.labels.get(k).map(String::as_str);
+    let me = crate::telemetry::Workload {
+        name: &cfg.name,
+        namespace: &cfg.namespace,
+        principal: identity.as_str(),
+        app: label("app"),
+        version: label("version"),
+        canonical_service: crate::telemetry::canonical_service(get),
+        canonical_revision: crate::telemetry::canonical_revision(get),
+    };
     let metrics = Arc::new(crate::telemetry::Metrics::new(
-        crate::telemetry::workload_labels(
-            "source",
-            &cfg.name,
-            &cfg.namespace,
-            identity.as_str(),
-            label("app"),
-            label("version"),
-        ),
-        crate::telemetry::workload_labels(
-            "destination",
-            &cfg.name,
-            &cfg.namespace,
-            identity.as_str(),
-            label("app"),
-            label("version"),
-        ),
+        crate::telemetry::workload_labels("source", &me),
+        crate::telemetry::workload_labels("destination", &me),
     ));
     let sinks = crate::telemetry::record::Sinks {
         tracer: tracer.clone(),

@@ -109,4 +109,39 @@ fn grpc_calls_and_error_trailers_cross_the_mesh() {
         assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
         assert_eq!(status.message(), "no such thing, said the app");
     });
+
+    // Istio's metrics name the calls gRPC on both sides; the error answered in the head
+    // (trailers-only) carries its grpc-status, the others' arrive in trailers and stay empty.
+    let requests = |text: &str, must: &[&str]| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && must.iter().all(|w| l.contains(w))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for (side, reporter) in [(&client_side, "source"), (&_echo, "destination")] {
+        let text = side.stats().unwrap();
+        let reporter = format!("reporter=\"{reporter}\"");
+        let grpc = [reporter.as_str(), "request_protocol=\"grpc\""];
+        assert_eq!(requests(&text, &grpc), 6, "{text}");
+        assert_eq!(
+            requests(&text, &[grpc[0], grpc[1], "grpc_response_status=\"5\""]),
+            1,
+            "{text}"
+        );
+        assert_eq!(
+            requests(&text, &[reporter.as_str(), "request_protocol=\"http\""]),
+            0,
+            "{text}"
+        );
+        // The echo workload's `app` label is its canonical service; it has no version label.
+        let canonical = [
+            grpc[0],
+            "destination_canonical_service=\"echo\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+        ];
+        assert_eq!(requests(&text, &canonical), 6, "{text}");
+    }
 }

@@ -5,6 +5,47 @@ use std::time::{Duration, Instant};
 
 use weft_tests::seed::{Seed, has_vs_route};
 
+/// Real `promtool check metrics` on a sidecar's `/stats/prometheus`: the problems it reports beyond
+/// the one Istio's own names carry, or `None` (said on stderr) when promtool is not installed.
+fn promtool_problems(text: &str) -> Option<Vec<String>> {
+    use std::io::Write as _;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool check skipped: promtool not installed (Debian's prometheus package)");
+        return None;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "promtool check metrics failed:\n{report}"
+    );
+    Some(
+        report
+            .lines()
+            // Istio's own name, kept for its dashboards.
+            .filter(|l| {
+                !l.trim().is_empty()
+                    && *l
+                        != r#"istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds""#
+            })
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -366,6 +407,24 @@ fn istio_metrics_and_access_logs_move_as_expected() {
     );
     assert_eq!(out, 4, "{sleep_stats}");
     let v1_stats = m.sidecars[0].stats().unwrap();
+    // Both sides' real output passes promtool: HELP and TYPE once per family, samples together.
+    for (name, text) in [("sleep", &sleep_stats), ("httpbin-v1", &v1_stats)] {
+        if let Some(problems) = promtool_problems(text) {
+            assert!(problems.is_empty(), "{name}: {problems:?}\n{text}");
+        }
+    }
+    // Istio's labels for a workload with `app`/`version` labels, in the one default cluster.
+    for want in [
+        "request_protocol=\"http\"",
+        "grpc_response_status=\"\"",
+        "destination_canonical_service=\"httpbin\"",
+        "destination_canonical_revision=\"v1\"",
+        "destination_cluster=\"Kubernetes\"",
+        "source_canonical_service=\"sleep\"",
+        "source_cluster=\"Kubernetes\"",
+    ] {
+        assert!(series(&sleep_stats, &[want]) >= 4, "{want}: {sleep_stats}");
+    }
     let inb = series(
         &v1_stats,
         &[
@@ -378,10 +437,18 @@ fn istio_metrics_and_access_logs_move_as_expected() {
     );
     assert!(inb >= 4, "{v1_stats}");
     assert!(sleep_stats.contains("istio_request_duration_milliseconds_bucket{reporter=\"source\""));
+    // The HTTP connections count on the listener, and not as Istio's TCP connections.
     assert!(sleep_stats.lines().any(|l| {
-        l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\"")
+        l.starts_with("weft_listener_connections_opened_total{listener=\"outbound\"}")
             && !l.ends_with(" 0")
     }));
+    assert!(
+        sleep_stats
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\""))
+            .all(|l| l.ends_with(" 0")),
+        "{sleep_stats}"
+    );
 
     // A 503 from the mesh is counted with its code too.
     m.apply_yaml(

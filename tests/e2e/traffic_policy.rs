@@ -210,20 +210,21 @@ fn counter(text: &str, name: &str) -> f64 {
 }
 
 /// Connections the httpbin sidecars' inbound listeners have accepted and seen closed, summed over
-/// both (`istio_tcp_connections_{opened,closed}_total{reporter="destination"}`): every one comes
-/// from sleep's sidecar, the only client in the test.
+/// both (`weft_listener_connections_{opened,closed}_total{listener="inbound"}`; HTTP connections
+/// count there, not in `istio_tcp_*`): every one comes from sleep's sidecar, the only client in
+/// the test.
 fn inbound_connections(m: &Seed) -> (f64, f64) {
     m.sidecars.iter().fold((0.0, 0.0), |(o, c), s| {
         let text = s.stats().unwrap();
         let sample = |name: &str| {
             text.lines()
-                .filter(|l| l.starts_with(&format!("{name}{{reporter=\"destination\"")))
+                .filter(|l| l.starts_with(&format!("{name}{{listener=\"inbound\"")))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>()
         };
         (
-            o + sample("istio_tcp_connections_opened_total"),
-            c + sample("istio_tcp_connections_closed_total"),
+            o + sample("weft_listener_connections_opened_total"),
+            c + sample("weft_listener_connections_closed_total"),
         )
     })
 }

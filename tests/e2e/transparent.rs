@@ -255,4 +255,46 @@ fn opaque_tcp_crosses_the_mesh_and_passes_through() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(opened >= 2, "{stats}");
+    // Their bytes too, as the app saw them: one more call through the mesh adds "hello weft\n"
+    // each way (counted when the connection ends, which the sidecar may see a moment after the
+    // client), the bytes read while the sniffer decided included.
+    let tcp_bytes = || {
+        let stats = echo_sidecar.stats().unwrap();
+        let bytes = |name: &str| {
+            stats
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{reporter=\"destination\"")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            bytes("istio_tcp_received_bytes_total"),
+            bytes("istio_tcp_sent_bytes_total"),
+            stats,
+        )
+    };
+    // Earlier connections may still be ending: wait for the counts to settle.
+    let mut before = tcp_bytes();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = tcp_bytes();
+        if (now.0, now.1) == (before.0, before.1) {
+            break;
+        }
+        before = now;
+    }
+    assert_eq!(client("echo"), "hello weft");
+    let want = "hello weft\n".len() as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (received, sent, stats) = tcp_bytes();
+        if received == before.0 + want && sent == before.1 + want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "want +{want} each way from {before:?}:\n{stats}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

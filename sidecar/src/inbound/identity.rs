@@ -12,7 +12,7 @@ use weft_ca::SpiffeId;
 use super::Inbound;
 use crate::http::headers::strip_mesh_internal;
 use crate::outbound::APP_PROTOCOL_HEADER;
-use crate::telemetry::{Labels, workload_labels};
+use crate::telemetry::{Labels, Workload, workload_labels};
 
 /// Header naming the verified caller, as Envoy sets it on sidecar inbound.
 const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
@@ -43,7 +43,14 @@ pub(super) fn caller_context(
 ) -> Result<Arc<Caller>, String> {
     // The caller's metric labels, once per connection: its identity comes from the handshake.
     let source = match &caller {
-        Some(id) => workload_labels("source", "", id.namespace(), id.as_str(), "", ""),
+        Some(id) => workload_labels(
+            "source",
+            &Workload {
+                namespace: id.namespace(),
+                principal: id.as_str(),
+                ..Workload::default()
+            },
+        ),
         None => inbound.unknown_source.clone(),
     };
     // XFCC and the app's URI authority are the same for every request of this connection.

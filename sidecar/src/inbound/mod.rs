@@ -30,7 +30,7 @@ use crate::listener::Edge;
 use crate::route::MtlsMode;
 use crate::snapshot::Snapshots;
 use crate::telemetry::record::Sinks;
-use crate::telemetry::{Counted, Labels, workload_labels};
+use crate::telemetry::{Counted, Labels, Workload, workload_labels};
 
 /// Where inbound requests go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +97,7 @@ impl Inbound {
             identity,
             own_ports,
             sinks,
-            unknown_source: workload_labels("source", "", "", "", "", ""),
+            unknown_source: workload_labels("source", &Workload::default()),
             app: crate::inbound::app::App::new(),
         }
     }
@@ -149,7 +149,7 @@ async fn connection(
         } else {
             inbound.tls.permissive.clone()
         };
-        let tcp = Counted::new(tcp, inbound.sinks.metrics.clone(), true);
+        // Counted into `istio_tcp_*` only once known to be opaque (see `opaque::from_peer`).
         let tls = tokio::time::timeout(
             edge.limits.head_timeout,
             tokio_rustls::TlsAcceptor::from(config).accept(tcp),
@@ -204,7 +204,6 @@ async fn connection(
                 .map(|_| ())
                 .map_err(|e| e.to_string());
         }
-        let tcp = Counted::new(tcp, inbound.sinks.metrics.clone(), true);
         let conn = caller_context(&inbound, app_port, None, peer)?;
         serve_http(tcp, inbound, app_port, conn, &edge).await
     }

@@ -72,6 +72,10 @@ where
         return super::serve_http(io, inbound, app_port, conn, edge).await;
     }
     app.write_all(&first).await.map_err(|e| e.to_string())?;
+    // Opaque from here: counted into `istio_tcp_*` (decrypted bytes, as Envoy's network filters see
+    // them), with what crossed while the sniffer decided.
+    let mut stream = crate::telemetry::Counted::new(stream, inbound.sinks.metrics.clone(), true);
+    stream.add(first.len() as u64, sent);
     crate::listener::splice(stream, app, edge)
         .await
         .map(|_| ())

@@ -106,7 +106,7 @@ async fn connection(
     {
         return opaque::forward_tcp(&outbound, tcp, dst, edge).await;
     }
-    let tcp = crate::telemetry::Counted::new(tcp, outbound.sinks.metrics.clone(), false);
+    // Not counted into `istio_tcp_*`: Istio counts opaque TCP there, and HTTP per request.
     // Requests without a body are served without hyper; the first other request (or anything this
     // server does not parse) hands the connection to hyper.
     let served = crate::http::h1::server::serve(tcp, edge.bounds(), |req| {

@@ -233,12 +233,17 @@ fn convert_cluster(c: pb::Cluster, index: usize) -> Result<Cluster, InvalidConfi
             )
         };
         let label = |k: &str| e.labels.get(k).cloned().unwrap_or_default();
+        let get = |k: &str| e.labels.get(k).map(String::as_str);
+        let canonical_service = crate::telemetry::canonical_service(get).to_owned();
+        let canonical_revision = crate::telemetry::canonical_revision(get).to_owned();
         endpoints.push(Endpoint {
             dial: SocketAddr::new(ip, dial_port),
             app_port: u16::try_from(e.port).unwrap_or(dial_port),
             identity,
             app: label("app"),
             version: label("version"),
+            canonical_service,
+            canonical_revision,
             workload: e.workload,
         });
     }

@@ -295,6 +295,10 @@ pub struct Endpoint {
     pub app: String,
     /// The pod's `version` label (empty when it has none), for metrics.
     pub version: String,
+    /// Istio's canonical service from the pod's labels (empty when none names it), for metrics.
+    pub canonical_service: String,
+    /// Istio's canonical revision from the pod's labels (empty when none names it), for metrics.
+    pub canonical_revision: String,
 }
 
 /// Load-balancing policy.

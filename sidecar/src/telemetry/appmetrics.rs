@@ -122,7 +122,8 @@ impl AppMetrics {
             Err(_) => self.failed(out, &format!("no answer within {:?}", self.timeout)),
         }
         out.push_str(&format!(
-            "# TYPE weft_app_metrics_scrape_failures_total counter\n\
+            "# HELP weft_app_metrics_scrape_failures_total Failed scrapes of the app's own metrics.\n\
+             # TYPE weft_app_metrics_scrape_failures_total counter\n\
              weft_app_metrics_scrape_failures_total {}\n",
             self.failures.load(Ordering::Relaxed)
         ));

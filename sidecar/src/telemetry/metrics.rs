@@ -53,7 +53,6 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The label fragment describing a workload on one side (`source` or `destination`).
 /// A preformatted Prometheus label fragment, built once per workload, cluster, endpoint or connection
 /// and shared by every request that reports it. Its hash is computed once, so recording a request
 /// hashes a few words instead of a kilobyte of label text, and equal fragments built apart (after a
@@ -111,22 +110,80 @@ impl std::fmt::Debug for Labels {
     }
 }
 
-pub fn workload_labels(
-    side: &str,
-    workload: &str,
-    namespace: &str,
-    principal: &str,
-    app: &str,
-    version: &str,
-) -> Labels {
+/// What the metrics say about one workload; empty fields are unknown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Workload<'a> {
+    /// Workload (pod) name.
+    pub name: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// SPIFFE identity.
+    pub principal: &'a str,
+    /// `app` label.
+    pub app: &'a str,
+    /// `version` label.
+    pub version: &'a str,
+    /// Canonical service, as [`canonical_service`] finds it (empty: the workload name).
+    pub canonical_service: &'a str,
+    /// Canonical revision, as [`canonical_revision`] finds it (empty: `latest`).
+    pub canonical_revision: &'a str,
+}
+
+/// Istio's canonical service of a workload with pod labels `label`: the
+/// `service.istio.io/canonical-name` label, else `app.kubernetes.io/name`, else `app` (empty when
+/// none, and the caller falls back to the workload name).
+pub fn canonical_service<'a>(label: impl Fn(&str) -> Option<&'a str>) -> &'a str {
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .into_iter()
+    .find_map(|k| label(k).filter(|v| !v.is_empty()))
+    .unwrap_or_default()
+}
+
+/// Istio's canonical revision of a workload with pod labels `label`: the
+/// `service.istio.io/canonical-revision` label, else `app.kubernetes.io/version`, else `version`
+/// (empty when none, and the metrics say `latest`).
+pub fn canonical_revision<'a>(label: impl Fn(&str) -> Option<&'a str>) -> &'a str {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .into_iter()
+    .find_map(|k| label(k).filter(|v| !v.is_empty()))
+    .unwrap_or_default()
+}
+
+/// Istio's cluster id when none is configured: every workload here is in the one cluster.
+const CLUSTER_ID: &str = "Kubernetes";
+
+/// The label fragment describing a workload on one side (`source` or `destination`). A peer known
+/// only by its certificate (no workload name) keeps its canonical names `unknown`, as Istio
+/// reports a peer whose metadata it lacks; a named one falls back to its workload name and `latest`.
+pub fn workload_labels(side: &str, w: &Workload<'_>) -> Labels {
+    let named = !w.name.is_empty();
+    let service = match (w.canonical_service, named) {
+        ("", true) => w.name,
+        (s, _) => s,
+    };
+    let revision = match (w.canonical_revision, named) {
+        ("", true) => "latest",
+        (r, _) => r,
+    };
+    let in_mesh = named || !w.namespace.is_empty() || !w.principal.is_empty();
     Labels::new(format!(
-        "{side}_workload=\"{}\",{side}_workload_namespace=\"{}\",{side}_principal=\"{}\",{side}_app=\"{}\",{side}_version=\"{}\",{side}_canonical_service=\"{}\"",
-        or_unknown(workload),
-        or_unknown(namespace),
-        or_unknown(principal),
-        or_unknown(app),
-        or_unknown(version),
-        or_unknown(app),
+        "{side}_workload=\"{}\",{side}_canonical_service=\"{}\",{side}_canonical_revision=\"{}\",{side}_workload_namespace=\"{}\",{side}_principal=\"{}\",{side}_app=\"{}\",{side}_version=\"{}\",{side}_cluster=\"{}\"",
+        or_unknown(w.name),
+        or_unknown(service),
+        or_unknown(revision),
+        or_unknown(w.namespace),
+        or_unknown(w.principal),
+        or_unknown(w.app),
+        or_unknown(w.version),
+        if in_mesh { CLUSTER_ID } else { "unknown" },
     ))
 }
 
@@ -157,6 +214,8 @@ struct Key {
     destination: Labels,
     service: Labels,
     code: u16,
+    grpc: bool,
+    grpc_status: Option<u16>,
     flags: Flags,
     mtls: bool,
 }
@@ -219,6 +278,10 @@ pub struct RequestMetric {
     pub service: Labels,
     /// HTTP status.
     pub code: u16,
+    /// Whether the request was gRPC (its content-type `application/grpc*`).
+    pub grpc: bool,
+    /// The response's `grpc-status`, when it carried one in its head.
+    pub grpc_status: Option<u16>,
     /// Envoy response flags.
     pub flags: Flags,
     /// Whether the hop between sidecars was mTLS.
@@ -242,6 +305,11 @@ pub struct TcpCounters {
     pub received: AtomicU64,
     /// Bytes sent to the downstream.
     pub sent: AtomicU64,
+}
+
+/// Writes a family's `# HELP` and `# TYPE` lines, which Prometheus wants once, before its samples.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// The sidecar's Istio metrics.
@@ -283,6 +351,8 @@ impl Metrics {
             destination: m.destination,
             service: m.service,
             code: m.code,
+            grpc: m.grpc,
+            grpc_status: m.grpc_status,
             flags: m.flags,
             mtls: m.mtls,
         };
@@ -304,13 +374,18 @@ impl Metrics {
         let mut rows: Vec<(String, &Series)> = series
             .iter()
             .map(|(k, s)| {
+                let mut grpc_status = String::new();
+                if let Some(g) = k.grpc_status {
+                    let _ = write!(grpc_status, "{g}");
+                }
                 (
                     format!(
-                        "reporter=\"{}\",{},{},{},request_protocol=\"http\",response_code=\"{}\",response_flags=\"{}\",connection_security_policy=\"{}\"",
+                        "reporter=\"{}\",{},{},{},request_protocol=\"{}\",response_code=\"{}\",grpc_response_status=\"{grpc_status}\",response_flags=\"{}\",connection_security_policy=\"{}\"",
                         k.reporter.as_str(),
                         k.source,
                         k.destination,
                         k.service,
+                        if k.grpc { "grpc" } else { "http" },
                         k.code,
                         k.flags,
                         if k.mtls { "mutual_tls" } else { "none" }
@@ -320,11 +395,21 @@ impl Metrics {
             })
             .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
-        out.push_str("# TYPE istio_requests_total counter\n");
+        family(
+            &mut out,
+            "istio_requests_total",
+            "counter",
+            "Requests, by source, destination and response.",
+        );
         for (labels, s) in &rows {
             let _ = writeln!(out, "istio_requests_total{{{labels}}} {}", s.count);
         }
-        out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
+        family(
+            &mut out,
+            "istio_request_duration_milliseconds",
+            "histogram",
+            "Time to the response head, milliseconds.",
+        );
         for (labels, s) in &rows {
             s.duration.render(
                 &mut out,
@@ -333,29 +418,58 @@ impl Metrics {
                 &DURATION_BUCKETS,
             );
         }
-        out.push_str("# TYPE istio_request_bytes histogram\n");
+        family(
+            &mut out,
+            "istio_request_bytes",
+            "histogram",
+            "Request body sizes, bytes.",
+        );
         for (labels, s) in &rows {
             s.request_bytes
                 .render(&mut out, "istio_request_bytes", labels, &SIZE_BUCKETS);
         }
-        out.push_str("# TYPE istio_response_bytes histogram\n");
+        family(
+            &mut out,
+            "istio_response_bytes",
+            "histogram",
+            "Response body sizes, bytes.",
+        );
         for (labels, s) in &rows {
             s.response_bytes
                 .render(&mut out, "istio_response_bytes", labels, &SIZE_BUCKETS);
         }
-        for (name, pick) in [
-            ("istio_tcp_connections_opened_total", 0),
-            ("istio_tcp_connections_closed_total", 1),
-            ("istio_tcp_received_bytes_total", 2),
-            ("istio_tcp_sent_bytes_total", 3),
+        for (name, pick, help) in [
+            (
+                "istio_tcp_connections_opened_total",
+                0,
+                "Opaque TCP connections opened.",
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                1,
+                "Opaque TCP connections closed.",
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                2,
+                "Bytes received from the downstream of opaque TCP connections.",
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                3,
+                "Bytes sent to the downstream of opaque TCP connections.",
+            ),
         ] {
-            let _ = writeln!(out, "# TYPE {name} counter");
+            family(&mut out, name, "counter", help);
             for (reporter, c, this) in [
                 ("source", &self.tcp_outbound, &self.this_source),
                 ("destination", &self.tcp_inbound, &self.this_destination),
             ] {
                 let v = [&c.opened, &c.closed, &c.received, &c.sent][pick].load(Ordering::Relaxed);
-                let _ = writeln!(out, "{name}{{reporter=\"{reporter}\",{this}}} {v}");
+                let _ = writeln!(
+                    out,
+                    "{name}{{reporter=\"{reporter}\",{this},request_protocol=\"tcp\"}} {v}"
+                );
             }
         }
         out
@@ -389,6 +503,14 @@ impl<T> Counted<T> {
             received: 0,
             sent: 0,
         }
+    }
+}
+
+impl<T> Counted<T> {
+    /// Adds bytes that crossed before the connection was wrapped (read while sniffing it).
+    pub fn add(&mut self, received: u64, sent: u64) {
+        self.received += received;
+        self.sent += sent;
     }
 }
 
@@ -481,11 +603,13 @@ mod tests {
         let (mut server, _) = accepted.unwrap();
         let me = workload_labels(
             "source",
-            "a",
-            "default",
-            "spiffe://cluster.local/ns/default/sa/a",
-            "a",
-            "",
+            &Workload {
+                name: "a",
+                namespace: "default",
+                principal: "spiffe://cluster.local/ns/default/sa/a",
+                app: "a",
+                ..Workload::default()
+            },
         );
         let metrics = Arc::new(Metrics::new(me.clone(), me));
         let mut counted = Counted::new(client.unwrap(), metrics, true);
@@ -501,23 +625,182 @@ mod tests {
         assert_eq!(&got, b"headpayload");
     }
 
+    fn labels<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v)
+    }
+
+    #[test]
+    fn canonical_service_follows_istios_label_order() {
+        let all = [
+            ("service.istio.io/canonical-name", "canon"),
+            ("app.kubernetes.io/name", "k8s-name"),
+            ("app", "app"),
+        ];
+        assert_eq!(canonical_service(labels(&all)), "canon");
+        assert_eq!(canonical_service(labels(&all[1..])), "k8s-name");
+        assert_eq!(canonical_service(labels(&all[2..])), "app");
+        assert_eq!(canonical_service(labels(&[("app", "")])), "");
+        assert_eq!(canonical_service(labels(&[])), "");
+    }
+
+    #[test]
+    fn canonical_revision_follows_istios_label_order() {
+        let all = [
+            ("service.istio.io/canonical-revision", "r1"),
+            ("app.kubernetes.io/version", "k8s-v"),
+            ("version", "v1"),
+        ];
+        assert_eq!(canonical_revision(labels(&all)), "r1");
+        assert_eq!(canonical_revision(labels(&all[1..])), "k8s-v");
+        assert_eq!(canonical_revision(labels(&all[2..])), "v1");
+        assert_eq!(canonical_revision(labels(&[])), "");
+    }
+
+    #[test]
+    fn a_named_workload_falls_back_to_its_name_and_latest_in_the_default_cluster() {
+        let l = workload_labels(
+            "destination",
+            &Workload {
+                name: "reviews-v2",
+                namespace: "default",
+                ..Workload::default()
+            },
+        );
+        for want in [
+            "destination_canonical_service=\"reviews-v2\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_cluster=\"Kubernetes\"",
+            "destination_app=\"unknown\"",
+        ] {
+            assert!(l.as_str().contains(want), "{want} missing in {l}");
+        }
+        let l = workload_labels(
+            "destination",
+            &Workload {
+                name: "reviews-v2",
+                canonical_service: "reviews",
+                canonical_revision: "v2",
+                ..Workload::default()
+            },
+        );
+        assert!(
+            l.as_str()
+                .contains("destination_canonical_service=\"reviews\"")
+        );
+        assert!(l.as_str().contains("destination_canonical_revision=\"v2\""));
+    }
+
+    #[test]
+    fn a_peer_known_by_its_certificate_only_keeps_its_names_unknown() {
+        let l = workload_labels(
+            "source",
+            &Workload {
+                namespace: "default",
+                principal: "spiffe://cluster.local/ns/default/sa/sleep",
+                ..Workload::default()
+            },
+        );
+        assert!(l.as_str().contains("source_canonical_service=\"unknown\""));
+        assert!(l.as_str().contains("source_canonical_revision=\"unknown\""));
+        assert!(l.as_str().contains("source_cluster=\"Kubernetes\""));
+        let l = workload_labels("source", &Workload::default());
+        assert!(l.as_str().contains("source_cluster=\"unknown\""), "{l}");
+    }
+
+    /// Real `promtool check metrics` on the rendered families (skipped, saying so, without it).
+    #[test]
+    fn promtool_accepts_the_rendering() {
+        let Ok(out) = std::process::Command::new("promtool")
+            .arg("--version")
+            .output()
+        else {
+            eprintln!("skipped: promtool not installed (Debian's prometheus package)");
+            return;
+        };
+        assert!(out.status.success());
+        let me = workload_labels(
+            "source",
+            &Workload {
+                name: "sleep",
+                namespace: "default",
+                ..Workload::default()
+            },
+        );
+        let m = Metrics::new(me.clone(), me.clone());
+        for (code, grpc) in [(200, false), (503, false), (200, true)] {
+            m.record(RequestMetric {
+                reporter: Reporter::Source,
+                source: me.clone(),
+                destination: workload_labels("destination", &Workload::default()),
+                service: service_labels("httpbin.default.svc.cluster.local", "", ""),
+                code,
+                grpc,
+                grpc_status: grpc.then_some(0),
+                flags: Flags::default(),
+                mtls: true,
+                duration: Duration::from_millis(3),
+                request_bytes: 10,
+                response_bytes: 20,
+            });
+        }
+        let text = m.render();
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        // Istio's own name breaks promtool's base-unit lint; that lint, and nothing else, is allowed.
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let problems: Vec<&str> = report
+            .lines()
+            .filter(|l| {
+                !l.trim().is_empty()
+                    && *l
+                        != "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\""
+            })
+            .collect();
+        assert!(problems.is_empty(), "promtool: {report}\n{text}");
+        assert!(report.contains("base unit"), "promtool ran: {report}");
+    }
+
     #[test]
     fn renders_istio_metric_names_and_labels() {
         let me = workload_labels(
             "source",
-            "sleep",
-            "default",
-            "spiffe://cluster.local/ns/default/sa/sleep",
-            "sleep",
-            "",
+            &Workload {
+                name: "sleep",
+                namespace: "default",
+                principal: "spiffe://cluster.local/ns/default/sa/sleep",
+                app: "sleep",
+                canonical_service: "sleep",
+                ..Workload::default()
+            },
         );
         let dest = workload_labels(
             "destination",
-            "httpbin-v1",
-            "default",
-            "spiffe://cluster.local/ns/default/sa/httpbin",
-            "httpbin",
-            "v1",
+            &Workload {
+                name: "httpbin-v1",
+                namespace: "default",
+                principal: "spiffe://cluster.local/ns/default/sa/httpbin",
+                app: "httpbin",
+                version: "v1",
+                canonical_service: "httpbin",
+                canonical_revision: "v1",
+            },
         );
         let m = Metrics::new(me.clone(), dest.clone());
         for _ in 0..3 {
@@ -527,6 +810,8 @@ mod tests {
                 destination: dest.clone(),
                 service: service_labels("httpbin.default.svc.cluster.local", "httpbin", "default"),
                 code: 200,
+                grpc: false,
+                grpc_status: None,
                 flags: Flags::default(),
                 mtls: true,
                 duration: Duration::from_millis(7),
@@ -545,6 +830,11 @@ mod tests {
             "source_version=\"unknown\"",
             "destination_workload=\"httpbin-v1\"",
             "destination_version=\"v1\"",
+            "destination_canonical_service=\"httpbin\"",
+            "destination_canonical_revision=\"v1\"",
+            "destination_cluster=\"Kubernetes\"",
+            "request_protocol=\"http\"",
+            "grpc_response_status=\"\"",
             "destination_service=\"httpbin.default.svc.cluster.local\"",
             "destination_service_name=\"httpbin\"",
             "destination_principal=\"spiffe://cluster.local/ns/default/sa/httpbin\"",
@@ -565,6 +855,7 @@ mod tests {
                 .any(|l| l.starts_with("istio_response_bytes_sum") && l.ends_with(" 963"))
         );
         assert!(text.contains("# TYPE istio_tcp_connections_opened_total counter"));
+        assert!(text.contains("# HELP istio_requests_total "));
     }
 }
 
@@ -603,11 +894,19 @@ impl TableLabels {
                         let (ns, pod) = e.workload.split_once('/').unwrap_or(("", &e.workload));
                         workload_labels(
                             "destination",
-                            pod,
-                            ns,
-                            e.identity.as_ref().map(|i| i.as_str()).unwrap_or_default(),
-                            &e.app,
-                            &e.version,
+                            &Workload {
+                                name: pod,
+                                namespace: ns,
+                                principal: e
+                                    .identity
+                                    .as_ref()
+                                    .map(|i| i.as_str())
+                                    .unwrap_or_default(),
+                                app: &e.app,
+                                version: &e.version,
+                                canonical_service: &e.canonical_service,
+                                canonical_revision: &e.canonical_revision,
+                            },
                         )
                     })
                     .collect()

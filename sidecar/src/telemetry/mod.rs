@@ -22,8 +22,8 @@ pub mod trace;
 
 pub use access_log::{AccessLog, LogEntry};
 pub use metrics::{
-    Counted, Labels, Metrics, Reporter, RequestMetric, TableLabels, TcpCounters, service_labels,
-    workload_labels,
+    Counted, Labels, Metrics, Reporter, RequestMetric, TableLabels, TcpCounters, Workload,
+    canonical_revision, canonical_service, family, service_labels, workload_labels,
 };
 pub use record::Record;
 

@@ -130,8 +130,8 @@ pub struct Unknown {
 impl Default for Unknown {
     fn default() -> Self {
         Self {
-            source: super::workload_labels("source", "", "", "", "", ""),
-            destination: super::workload_labels("destination", "", "", "", "", ""),
+            source: super::workload_labels("source", &super::Workload::default()),
+            destination: super::workload_labels("destination", &super::Workload::default()),
             service: super::service_labels("", "", ""),
         }
     }
@@ -195,6 +195,10 @@ pub struct Record<'a> {
     pub mtls: bool,
     /// Request body bytes (Content-Length).
     pub request_bytes: u64,
+    /// Whether the request is gRPC (Istio's `request_protocol="grpc"`).
+    grpc: bool,
+    /// The response's `grpc-status`, when its head carried one.
+    grpc_status: Option<u16>,
     /// The span, when sampled and a tracer is on.
     pub span: Option<Box<SpanFacts>>,
 }
@@ -243,6 +247,8 @@ impl<'a> Record<'a> {
             service: None,
             mtls: false,
             request_bytes: super::content_length(&parts.headers),
+            grpc: is_grpc(&parts.headers),
+            grpc_status: None,
             span: None,
         }
     }
@@ -288,7 +294,10 @@ impl<'a> Record<'a> {
     }
 
     /// Finishes the record with the answer the caller gets.
-    pub fn answered<B>(self, resp: &http::Response<B>) {
+    pub fn answered<B>(mut self, resp: &http::Response<B>) {
+        // A gRPC error answered at once ("trailers-only") carries its status in the head; a
+        // status sent in trailers arrives after the record is finished, and stays empty.
+        self.grpc_status = grpc_status(resp.headers());
         let bytes = super::content_length(resp.headers());
         self.finish(resp.status().as_u16(), bytes);
     }
@@ -310,6 +319,8 @@ impl<'a> Record<'a> {
                 .take()
                 .unwrap_or_else(|| unknown.service.clone()),
             code,
+            grpc: self.grpc,
+            grpc_status: self.grpc_status,
             flags: self.flags,
             mtls: self.mtls,
             duration: elapsed,
@@ -361,6 +372,28 @@ impl<'a> Record<'a> {
     }
 }
 
+/// Whether a request head is gRPC's: content-type `application/grpc` or `application/grpc+*`
+/// (Istio's `request_protocol="grpc"`; gRPC-Web stays `http`, as Envoy's gRPC check).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    let Some(t) = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+    else {
+        return false;
+    };
+    t.get(..16)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(t.get(16), None | Some(b'+' | b';'))
+}
+
+/// A response head's `grpc-status`, when it has a numeric one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.done {
@@ -373,6 +406,75 @@ impl Drop for Record<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_is_told_by_the_content_type() {
+        let head = |ct: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(ct),
+            );
+            h
+        };
+        assert!(is_grpc(&head("application/grpc")));
+        assert!(is_grpc(&head("application/grpc+proto")));
+        assert!(is_grpc(&head("Application/GRPC;charset=utf-8")));
+        assert!(!is_grpc(&head("application/grpc-web")));
+        assert!(!is_grpc(&head("application/json")));
+        assert!(!is_grpc(&http::HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_status_comes_from_the_response_head() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_status(&h), None);
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&h), Some(14));
+        h.insert("grpc-status", http::HeaderValue::from_static("x"));
+        assert_eq!(grpc_status(&h), None);
+    }
+
+    #[test]
+    fn metrics_name_grpc_requests_and_their_status() {
+        let sinks = Sinks {
+            tracer: Tracer::disabled(),
+            metrics: Arc::new(Metrics::new(
+                super::super::workload_labels("source", &super::super::Workload::default()),
+                super::super::workload_labels("destination", &super::super::Workload::default()),
+            )),
+            access_log: AccessLog::Off,
+            pod_name: Arc::from("a"),
+            unknown: Unknown::default(),
+        };
+        let req = http::Request::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let resp = http::Response::builder()
+            .header("grpc-status", "5")
+            .body(())
+            .unwrap();
+        Record::start(Reporter::Source, &sinks, &parts).answered(&resp);
+        let (plain, ()) = http::Request::new(()).into_parts();
+        Record::start(Reporter::Source, &sinks, &plain).answered(&http::Response::new(()));
+        let text = sinks.metrics.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert!(
+            lines.iter().any(|l| l.contains("request_protocol=\"grpc\"")
+                && l.contains("grpc_response_status=\"5\"")),
+            "{text}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("request_protocol=\"http\"")
+                && l.contains("grpc_response_status=\"\"")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn flags_print_as_envoy_does() {
@@ -388,11 +490,17 @@ mod tests {
 
     #[test]
     fn a_request_dropped_before_its_answer_is_recorded_as_a_downstream_disconnect() {
+        let sleep = super::super::Workload {
+            name: "sleep",
+            namespace: "default",
+            app: "sleep",
+            ..Default::default()
+        };
         let sinks = Sinks {
             tracer: Tracer::disabled(),
             metrics: Arc::new(Metrics::new(
-                super::super::workload_labels("source", "sleep", "default", "", "sleep", ""),
-                super::super::workload_labels("destination", "sleep", "default", "", "sleep", ""),
+                super::super::workload_labels("source", &sleep),
+                super::super::workload_labels("destination", &sleep),
             )),
             access_log: AccessLog::Off,
             pod_name: Arc::from("sleep"),

@@ -103,6 +103,8 @@ mod tests {
                     workload: format!("ns/p{i}"),
                     app: String::new(),
                     version: String::new(),
+                    canonical_service: String::new(),
+                    canonical_revision: String::new(),
                 })
                 .collect(),
             lb,
