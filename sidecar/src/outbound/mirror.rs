@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::http::body::{Body, BodyError};
-use crate::route::{Cluster, Route, TlsMode, shadow_authority};
+use crate::route::{Cluster, Route, shadow_authority};
 use crate::snapshot::Snapshot;
 use crate::telemetry::trace::{Hop, Kind, Span, Tracer};
 use crate::upstream::Upstreams;
@@ -242,10 +242,7 @@ impl Mirrors {
 
 async fn send_copy(upstreams: &Arc<Upstreams>, copy: &Copy, body: Bytes) -> Option<u16> {
     let (_, endpoint) = balance::pick(&copy.cluster, &copy.state, None)?;
-    let identity = match copy.cluster.tls {
-        TlsMode::Disable => None,
-        TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
-    };
+    let identity = copy.cluster.peer_identity(endpoint);
     let mut req = http::Request::new(Full::new(body).map_err(|never| match never {}).boxed());
     *req.method_mut() = copy.head.method.clone();
     *req.headers_mut() = copy.head.headers.clone();

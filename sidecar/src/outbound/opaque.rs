@@ -13,7 +13,7 @@ use super::Outbound;
 use crate::errors::ProxyError;
 use crate::http::body::{Body, empty_body};
 use crate::listener::Edge;
-use crate::route::{Cluster, Service, ServicePort, TlsMode};
+use crate::route::{Cluster, Service, ServicePort};
 use crate::snapshot::Snapshot;
 use crate::upstream::UpstreamError;
 use crate::upstream::balance;
@@ -35,10 +35,7 @@ fn tcp_target(snapshot: &Snapshot, svc: &Service, port: &ServicePort) -> Option<
         .cluster(&format!("outbound|{}||{}", port.port, svc.hostname))?;
     let state = snapshot.upstream.cluster(cluster.index)?;
     let (_, e) = balance::pick(cluster, state, None)?;
-    let identity = match cluster.tls {
-        TlsMode::Disable => None,
-        TlsMode::Auto | TlsMode::IstioMutual => e.identity.clone(),
-    };
+    let identity = cluster.peer_identity(e).cloned();
     Some((
         e.dial,
         identity,
@@ -108,10 +105,7 @@ pub(super) async fn upgrade(
         .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     let (_, endpoint) = balance::pick(cluster, state, None)
         .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
-    let identity = match cluster.tls {
-        TlsMode::Disable => None,
-        TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
-    };
+    let identity = cluster.peer_identity(endpoint);
     let stream = outbound
         .upstreams
         .connect_tcp(endpoint.dial, identity, cluster.connect_timeout)

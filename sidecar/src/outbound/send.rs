@@ -15,7 +15,7 @@ use crate::errors::ProxyError;
 use crate::http::body::{Body, empty_body};
 use crate::outbound::APP_PROTOCOL_HEADER;
 use crate::route::retry;
-use crate::route::{Cluster, Endpoint, Route, TlsMode};
+use crate::route::{Cluster, Endpoint, Route};
 use crate::snapshot::Snapshot;
 use crate::telemetry::record::{Flags, Record};
 use crate::telemetry::trace::Hop;
@@ -376,10 +376,7 @@ async fn attempt(
     per_try: Option<std::time::Duration>,
 ) -> Tried {
     let _in_flight = InFlight::new(state, idx);
-    let identity = match cluster.tls {
-        TlsMode::Disable => None,
-        TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
-    };
+    let identity = cluster.peer_identity(endpoint);
     let exchange = async {
         let Some(identity) = identity else {
             let mut req =

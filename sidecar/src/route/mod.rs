@@ -263,6 +263,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The SPIFFE ID `endpoint`'s sidecar must prove, or `None` for plaintext (TLS disabled by a
+    /// DestinationRule, or, under auto mTLS, an endpoint without a sidecar).
+    pub fn peer_identity<'e>(&self, endpoint: &'e Endpoint) -> Option<&'e SpiffeId> {
+        match self.tls {
+            TlsMode::Disable => None,
+            TlsMode::Auto | TlsMode::IstioMutual => endpoint.identity.as_ref(),
+        }
+    }
+
     /// Whether `other` (the same cluster in another push) has the same definition apart from
     /// its endpoints: Envoy drains a cluster's connection pools when its definition changes and
     /// keeps them through endpoint changes.

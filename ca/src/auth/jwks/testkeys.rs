@@ -39,6 +39,7 @@ pub struct TestIssuer {
 
 fn pkcs8(pem: &str) -> Vec<u8> {
     match PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("test key PEM") {
+        // ok: a checked-in test key
         // ok: fixed test keys checked in (built for tests and fuzzing only)
         PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
         _ => panic!("test key is not PKCS#8"),
