@@ -47,7 +47,7 @@ use weft_ca::SpiffeId;
 use weft_pilot_config::Resource;
 use weft_pilot_config::translate::{
     LocalIndex, MeshOptions, OutboundKey, Workload, fingerprint, fingerprint_outbound,
-    source_label_keys, translate_local_with, translate_outbound,
+    fingerprint_peers, source_label_keys, translate_local_with, translate_outbound,
 };
 use weft_proto::discovery as pb;
 
@@ -116,6 +116,16 @@ pub struct PushContext {
     /// whose nodes have the same key (typically: the same namespace) share one translation and one
     /// fingerprint.
     outbound: Mutex<HashMap<OutboundKey, translator::Pending<Arc<SharedOutbound>>>>,
+    /// The mesh's peers (`ProxyConfig.peers`, the same for every sidecar), built by the first push
+    /// that needs them.
+    peers: std::sync::OnceLock<SharedPeers>,
+}
+
+/// The peers of one context, encoded once for every stream, and their fingerprint.
+#[derive(Debug)]
+struct SharedPeers {
+    encoded: Bytes,
+    fingerprint: u64,
 }
 
 /// One translated outbound part, encoded once for every stream it is sent to, and its fingerprint.
@@ -141,7 +151,19 @@ impl PushContext {
             objects,
             workloads,
             outbound: Mutex::default(),
+            peers: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The mesh's peers, built from this context's workloads on first use.
+    fn peers(&self, trust_domain: &str) -> &SharedPeers {
+        self.peers.get_or_init(|| {
+            let peers = weft_pilot_config::translate::peers::build(&self.workloads, trust_domain);
+            SharedPeers {
+                fingerprint: fingerprint_peers(&peers),
+                encoded: wire::encode_peers(&peers),
+            }
+        })
     }
 
     /// The outbound part of `node`'s view: translated once per key (queued now if nobody asked for
@@ -692,7 +714,11 @@ impl Session {
             &self.node,
             self.translator.mesh(),
         );
-        let fp = combine(shared.fingerprint, fingerprint(&local));
+        let peers = ctx.peers(&self.translator.mesh().trust_domain);
+        let fp = combine(
+            combine(shared.fingerprint, fingerprint(&local)),
+            peers.fingerprint,
+        );
         if self.last_fingerprint == Some(fp) {
             return Ok(());
         }
@@ -704,7 +730,8 @@ impl Session {
         let version = ctx.epoch.to_string();
         let nonce = format!("{}-{}", self.id, self.nonce);
         // The services and clusters are the shared bytes, referred to, not copied.
-        let Some(response) = wire::Message::response(&version, &nonce, &local, &shared.encoded)
+        let Some(response) =
+            wire::Message::response(&version, &nonce, &local, &shared.encoded, &peers.encoded)
         else {
             tracing::error!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "view exceeds the largest gRPC message");
             return Err(());
@@ -798,7 +825,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// One fingerprint from the outbound and the local part's (FNV-1a over their bytes).
+/// One fingerprint from two parts' (FNV-1a over their bytes).
 fn combine(outbound: u64, local: u64) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

@@ -347,7 +347,11 @@ impl Document {
             ));
             return Ok(false);
         }
-        inject_pod(pod, &name, options)
+        let workload = match path {
+            PodPath::Itself => pod_workload_name(pod, &name),
+            PodPath::At(_) => name,
+        };
+        inject_pod(pod, &workload, options)
             .map_err(|(f, problem)| self.invalid(&label, &format!("{field}{f}"), problem))?;
         Ok(true)
     }
@@ -391,6 +395,28 @@ fn opted_out(object: &Map) -> bool {
 
 /// A problem found in a pod template: the field (relative to the template) and what is wrong.
 type PodError = (String, String);
+
+/// The workload a Pod object belongs to (`weft_pilot_config::pod::workload_name`: the Deployment
+/// behind its ReplicaSet, ...), as the webhook sees a pod a controller creates.
+fn pod_workload_name(pod: &Map, name: &str) -> String {
+    let controller = match pod.at(&["metadata", "ownerReferences"]) {
+        Some(Yaml::Seq(owners)) => owners.iter().filter_map(Yaml::as_map).find_map(|o| {
+            (o.get("controller") == Some(&Yaml::Bool(true))).then(|| {
+                (
+                    o.get("kind").and_then(Yaml::as_str).unwrap_or_default(),
+                    o.get("name").and_then(Yaml::as_str).unwrap_or_default(),
+                )
+            })
+        }),
+        _ => None,
+    };
+    weft_pilot_config::pod::workload_name(
+        name,
+        pod.at(&["metadata", "labels", "pod-template-hash"])
+            .and_then(Yaml::as_str),
+        controller,
+    )
+}
 
 /// Adds the sidecar to a pod (template): `metadata` and `spec`. Replaces a previous injection.
 fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), PodError> {
@@ -499,6 +525,7 @@ fn inject_pod(pod: &mut Map, workload: &str, options: &Options) -> Result<(), Po
     containers.push(proxy_container(
         options,
         &pod_labels,
+        workload,
         app_metrics.as_deref(),
     ));
     volumes.extend(pod_volumes());
@@ -654,7 +681,12 @@ fn init_container(o: &Options) -> Yaml {
     .into()
 }
 
-fn proxy_container(o: &Options, pod_labels: &str, app_metrics: Option<&str>) -> Yaml {
+fn proxy_container(
+    o: &Options,
+    pod_labels: &str,
+    workload: &str,
+    app_metrics: Option<&str>,
+) -> Yaml {
     let field = |path: &str| json!({"fieldRef": {"apiVersion": "v1", "fieldPath": path}});
     let probe = |period: u32, failures: u32| {
         json!({
@@ -670,6 +702,8 @@ fn proxy_container(o: &Options, pod_labels: &str, app_metrics: Option<&str>) -> 
         json!({"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")}),
         json!({"name": "INSTANCE_IP", "valueFrom": field("status.podIP")}),
         json!({"name": "POD_LABELS", "value": pod_labels}),
+        // Istio's ISTIO_META_WORKLOAD_NAME: the sidecar's own `*_workload` metric label.
+        json!({"name": "WORKLOAD_NAME", "value": workload}),
         json!({"name": "WEFT_PILOT", "value": o.pilot_address}),
         json!({"name": "WEFT_CA_ADDR", "value": o.ca_address}),
         json!({"name": "WEFT_CA_ROOT", "value": format!("{CA_ROOT_DIR}/{CA_ROOT_KEY}")}),

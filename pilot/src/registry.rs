@@ -206,6 +206,7 @@ mod tests {
             ports: vec![80],
             inbound_port: 15006,
             captured: true,
+            workload_name: String::new(),
             no_sidecar: false,
         }
     }

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// Pod name.
     #[arg(long, env = "POD_NAME")]
     pub name: String,
+    /// The workload the pod belongs to (a Deployment's name), for the metrics' `*_workload`
+    /// labels, as Istio's ISTIO_META_WORKLOAD_NAME; `pilot inject` sets it. Default: the pod name.
+    #[arg(long, env = "WORKLOAD_NAME")]
+    pub workload_name: Option<String>,
     /// Pod labels, k=v[,k=v].
     #[arg(long, env = "POD_LABELS", default_value = "", value_parser = parse_labels)]
     pub labels: BTreeMap<String, String>,
@@ -240,6 +244,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 trust_domain: args.trust_domain,
                 namespace: args.namespace,
                 service_account: args.service_account,
+                workload_name: args
+                    .workload_name
+                    .filter(|w| !w.is_empty())
+                    .unwrap_or_else(|| args.name.clone()),
                 name: args.name,
                 labels: args.labels,
                 ip,

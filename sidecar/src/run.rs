@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub service_account: String,
     /// Pod name.
     pub name: String,
+    /// The workload it belongs to (the metrics' `*_workload`).
+    pub workload_name: String,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
     /// Pod IP.
@@ -238,7 +240,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
     let get = |k: &str| cfg.labels.get(k).map(String::as_str);
     let me = crate::telemetry::Workload {
-        name: &cfg.name,
+        name: &cfg.workload_name,
         namespace: &cfg.namespace,
         principal: identity.as_str(),
         app: label("app"),

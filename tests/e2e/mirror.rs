@@ -425,10 +425,18 @@ fn istio_metrics_and_access_logs_move_as_expected() {
     ] {
         assert!(series(&sleep_stats, &[want]) >= 4, "{want}: {sleep_stats}");
     }
+    // The callee names the caller's workload from the caller's verified certificate and what
+    // pilot knows of the pods with that identity (sleep's Pod record says app=sleep, version=v1).
     let inb = series(
         &v1_stats,
         &[
             "reporter=\"destination\"",
+            "source_workload=\"sleep\"",
+            "source_workload_namespace=\"default\"",
+            "source_app=\"sleep\"",
+            "source_version=\"v1\"",
+            "source_canonical_service=\"sleep\"",
+            "source_canonical_revision=\"v1\"",
             "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
             "destination_workload=\"httpbin-v1\"",
             "destination_service_name=\"httpbin\"",

@@ -317,6 +317,7 @@ pub fn simple_config(name: &str, port: u16, endpoints: &[(&str, u16, &str)]) -> 
         }],
         inbound: Some(pb::Inbound::default()),
         tracing: Some(pb::Tracing::default()),
+        peers: Vec::new(),
     }
 }
 

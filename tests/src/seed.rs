@@ -80,7 +80,14 @@ impl Seed {
             Some(v2.port),
             sidecar_args,
         )?;
-        let sleep = Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, sidecar_args)?;
+        let sleep = Sidecar::explicit(
+            &plane,
+            "sleep",
+            "sleep",
+            "app=sleep,version=v1",
+            None,
+            sidecar_args,
+        )?;
         let seed = Seed {
             plane,
             v1,

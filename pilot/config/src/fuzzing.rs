@@ -26,6 +26,7 @@ pub fn workloads() -> Vec<Workload> {
         ports: vec![80],
         inbound_port: 15006,
         captured: true,
+        workload_name: String::new(),
         no_sidecar: false,
     };
     vec![

@@ -94,6 +94,26 @@ pub struct PodStatus {
 }
 
 impl Pod {
+    /// The name of the workload this pod is, as Istio names it (`destination_workload`,
+    /// `source_workload`): its controller's name, where a ReplicaSet stands for the Deployment that
+    /// made it (the name less `-<pod-template-hash>`) and a Job for its CronJob (less a numeric
+    /// `-<schedule time>` suffix of 8 to 11 digits); the pod's own name without a controller.
+    pub fn workload_name(&self) -> String {
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        workload_name(
+            name,
+            self.metadata
+                .labels
+                .get("pod-template-hash")
+                .map(String::as_str),
+            self.metadata
+                .owner_references
+                .iter()
+                .find(|o| o.controller == Some(true))
+                .map(|o| (o.kind.as_str(), o.name.as_str())),
+        )
+    }
+
     /// A Pod record (what the local runtime applies).
     pub fn new(
         namespace: &str,
@@ -240,5 +260,83 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {serviceAccountName: Bad_SA}\n",
             "spec.serviceAccountName",
         );
+    }
+}
+
+/// Istio's workload name of pod `pod` with label `pod-template-hash` = `template_hash` and
+/// controller `(kind, name)` (see [`Pod::workload_name`]).
+pub fn workload_name(
+    pod: &str,
+    template_hash: Option<&str>,
+    controller: Option<(&str, &str)>,
+) -> String {
+    let Some((kind, owner)) = controller else {
+        return pod.to_string();
+    };
+    match kind {
+        "ReplicaSet" => template_hash
+            .filter(|h| !h.is_empty())
+            .and_then(|h| owner.strip_suffix(h))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .filter(|d| !d.is_empty())
+            .unwrap_or(owner)
+            .to_string(),
+        "Job" => match owner.rsplit_once('-') {
+            Some((cron, stamp))
+                if !cron.is_empty()
+                    && (8..=11).contains(&stamp.len())
+                    && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_string()
+            }
+            _ => owner.to_string(),
+        },
+        _ => owner.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod workload_name_tests {
+    use super::workload_name;
+
+    #[test]
+    fn workloads_are_named_as_istio_names_them() {
+        // A Deployment's pod: its ReplicaSet less the template hash.
+        assert_eq!(
+            workload_name(
+                "httpbin-v1-5d8f7b9c4-x2x9z",
+                Some("5d8f7b9c4"),
+                Some(("ReplicaSet", "httpbin-v1-5d8f7b9c4"))
+            ),
+            "httpbin-v1"
+        );
+        // A ReplicaSet made by hand (no hash label, or one its name does not end with).
+        assert_eq!(
+            workload_name("rs-abcde", None, Some(("ReplicaSet", "rs"))),
+            "rs"
+        );
+        assert_eq!(
+            workload_name("rs-abcde", Some("zzz"), Some(("ReplicaSet", "rs"))),
+            "rs"
+        );
+        // A CronJob's Job, and a plain Job.
+        assert_eq!(
+            workload_name("backup-28457280-q", None, Some(("Job", "backup-28457280"))),
+            "backup"
+        );
+        assert_eq!(
+            workload_name("once-x", None, Some(("Job", "once-1234"))),
+            "once-1234"
+        );
+        assert_eq!(
+            workload_name("mig-x", None, Some(("Job", "migrate"))),
+            "migrate"
+        );
+        // Other controllers by name; no controller: the pod.
+        assert_eq!(
+            workload_name("db-0", None, Some(("StatefulSet", "db"))),
+            "db"
+        );
+        assert_eq!(workload_name("httpbin-v1", None, None), "httpbin-v1");
     }
 }

@@ -200,12 +200,48 @@ pub struct ObjectMeta {
     generate_name: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
     managed_fields: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    owner_references: Option<IgnoredAny>,
+    /// Owners; a Pod's controller names its workload ([`crate::pod::Pod::workload_name`]). Kept
+    /// for every kind (it is data, not a setting to honour).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
     #[serde(default, skip_serializing)]
     finalizers: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
     self_link: Option<IgnoredAny>,
+}
+
+/// One of `metadata.ownerReferences`: the fields that say which object controls this one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// The owner's API version.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    /// The owner's kind (`ReplicaSet`, `Job`, ...).
+    #[serde(default)]
+    pub kind: String,
+    /// The owner's name.
+    #[serde(default)]
+    pub name: String,
+    /// Whether the owner is the managing controller (at most one is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
+    #[serde(default, skip_serializing)]
+    uid: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    block_owner_deletion: Option<IgnoredAny>,
+}
+
+impl OwnerReference {
+    /// A controller reference to `kind` `name`.
+    pub fn controller(kind: &str, name: &str) -> Self {
+        Self {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            controller: Some(true),
+            ..Self::default()
+        }
+    }
 }
 
 impl ObjectMeta {

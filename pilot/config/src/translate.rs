@@ -15,6 +15,7 @@ mod cluster;
 mod fingerprint;
 mod inbound;
 mod json;
+pub mod peers;
 mod route;
 #[cfg(test)]
 mod tests;
@@ -30,7 +31,7 @@ use cluster::ClusterId;
 
 pub use catalog::LocalIndex;
 
-pub use fingerprint::{fingerprint, fingerprint_outbound};
+pub use fingerprint::{fingerprint, fingerprint_outbound, fingerprint_peers};
 pub use json::to_json;
 
 /// Istio's default root namespace (meshConfig `rootNamespace`): its selector-less PeerAuthentication
@@ -42,6 +43,8 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub struct Workload {
     /// Pod name.
     pub name: String,
+    /// The owning workload's name ([`crate::pod::Pod::workload_name`]); empty = the pod's name.
+    pub workload_name: String,
     /// Namespace.
     pub namespace: String,
     /// Service account (the identity's `sa` part).
@@ -70,6 +73,15 @@ impl Workload {
         )
     }
 
+    /// The owning workload's name, Istio's `*_workload` label.
+    pub fn owner(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+
     /// `<namespace>/<name>`, as endpoints name their workload.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -80,6 +92,9 @@ impl From<&pb::Node> for Workload {
     fn from(node: &pb::Node) -> Self {
         Self {
             name: node.name.clone(),
+            // What a sidecar says of itself is only trusted with `--trust-workload-claims`; then
+            // its pod name stands for its workload, as for a pod without a controller.
+            workload_name: String::new(),
             namespace: node.namespace.clone(),
             service_account: node.service_account.clone(),
             labels: node
@@ -141,6 +156,7 @@ pub fn translate(
     pb::ProxyConfig {
         services,
         clusters,
+        peers: peers::build(workloads, &mesh.trust_domain),
         ..local(&catalog, node)
     }
 }
@@ -255,6 +271,7 @@ fn local(catalog: &Catalog<'_>, node: &Workload) -> pb::ProxyConfig {
             sampling_percent: mesh.sampling_percent.clamp(0.0, 100.0),
             service_name: tracing_service_name(catalog, node),
         }),
+        peers: Vec::new(),
     }
 }
 

@@ -94,6 +94,7 @@ fn load(dir: &Path) -> Case {
             ports: w.ports,
             inbound_port: w.inbound_port,
             captured: w.captured,
+            workload_name: String::new(),
             no_sidecar: false,
         })
         .collect();

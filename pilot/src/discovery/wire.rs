@@ -5,8 +5,8 @@
 //! field by field, and a repeated field's elements be written one after the other, so the encoding
 //! of a `DiscoveryResponse` is the concatenation of: the version and nonce fields, the `config`
 //! field's key and length, the node's own `mesh` field, the shared `services` and `clusters` fields
-//! (encoded once per key and per push, see [`encode_outbound`]), and the node's own `inbound` and
-//! `tracing` fields. Those are the bytes prost writes for the same `DiscoveryResponse` (fields in
+//! (encoded once per key and per push, see [`encode_outbound`]), the node's own `inbound` and
+//! `tracing` fields, and the mesh-wide `peers` (encoded once per push, see [`encode_peers`]). Those are the bytes prost writes for the same `DiscoveryResponse` (fields in
 //! number order), so sidecars decode exactly the `ProxyConfig` that `translate` returns.
 //!
 //! The shared piece is a [`Bytes`]: every stream's response refers to the same allocation, and
@@ -50,6 +50,7 @@ mod field {
     pub(super) const CLUSTERS: u32 = 3;
     pub(super) const INBOUND: u32 = 4;
     pub(super) const TRACING: u32 = 5;
+    pub(super) const PEERS: u32 = 6;
 }
 
 /// An outbound part encoded as `ProxyConfig` fields: every service as field 2, then every
@@ -64,23 +65,33 @@ pub(super) fn encode_outbound(outbound: &Outbound) -> Bytes {
     buf.freeze()
 }
 
+/// The mesh's peers encoded as `ProxyConfig` field 6, as prost encodes them in a whole config.
+pub(super) fn encode_peers(peers: &[pb::Peer]) -> Bytes {
+    let mut buf =
+        BytesMut::with_capacity(encoding::message::encoded_len_repeated(field::PEERS, peers));
+    encoding::message::encode_repeated(field::PEERS, peers, &mut buf);
+    buf.freeze()
+}
+
 /// One `DiscoveryResponse` as a gRPC message (5-byte length prefix included), in pieces: the part
-/// written for this stream, the shared outbound bytes, and this node's trailing fields.
+/// written for this stream, the shared outbound bytes, this node's trailing fields, and the shared
+/// peers.
 #[derive(Debug, Clone)]
 pub(super) struct Message {
-    pieces: [Bytes; 3],
+    pieces: [Bytes; 4],
 }
 
 impl Message {
     /// The response `{version_info, nonce, config}` whose config is `local` (the node's own part:
     /// mesh, inbound, tracing; its services and clusters are not used) with the services and
-    /// clusters `shared` holds (from [`encode_outbound`]). `None` if it would exceed the 4 GiB a
-    /// gRPC message can have.
+    /// clusters `shared` holds (from [`encode_outbound`]) and the peers `peers` holds (from
+    /// [`encode_peers`]). `None` if it would exceed the 4 GiB a gRPC message can have.
     pub(super) fn response(
         version: &str,
         nonce: &str,
         local: &pb::ProxyConfig,
         shared: &Bytes,
+        peers: &Bytes,
     ) -> Option<Self> {
         let mesh_len = local
             .mesh
@@ -94,7 +105,7 @@ impl Message {
                 .tracing
                 .as_ref()
                 .map_or(0, |m| encoding::message::encoded_len(field::TRACING, m));
-        let config_len = mesh_len + shared.len() + tail_len;
+        let config_len = mesh_len + shared.len() + tail_len + peers.len();
         let string_len = |tag: u32, value: &str| {
             if value.is_empty() {
                 0
@@ -111,7 +122,7 @@ impl Message {
             + config_len;
         let prefix = u32::try_from(response_len).ok()?;
 
-        let head_len = 5 + response_len - shared.len() - tail_len;
+        let head_len = 5 + response_len - shared.len() - tail_len - peers.len();
         let mut head = BytesMut::with_capacity(head_len);
         // gRPC framing: not compressed, then the length (big-endian).
         head.put_u8(0);
@@ -139,7 +150,7 @@ impl Message {
             encoding::message::encode(field::TRACING, tracing, &mut tail);
         }
         Some(Self {
-            pieces: [head.freeze(), shared.clone(), tail.freeze()],
+            pieces: [head.freeze(), shared.clone(), tail.freeze(), peers.clone()],
         })
     }
 

@@ -220,6 +220,20 @@ pub fn pod_workload(pod: &Pod) -> Option<Workload> {
         // A pod without a sidecar is dialled on its application port; so is an injected one,
         // whose inbound traffic iptables captures.
         captured: true,
+        workload_name: weft_pilot_config::pod::workload_name(
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("pod-template-hash"))
+                .map(String::as_str),
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| (o.kind.as_str(), o.name.as_str())),
+        ),
         no_sidecar: !sidecar,
     })
 }
@@ -245,6 +259,15 @@ pub fn pod_record(pod: &Pod) -> Result<Resource, Problems> {
             .filter(|ip| !ip.is_empty()),
     );
     record.spec.node_name = spec.and_then(|s| s.node_name.clone());
+    // The controller names the workload (admitted sidecars take their workload name from here).
+    record.metadata.owner_references = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.controller == Some(true))
+        .map(|o| weft_pilot_config::resource::OwnerReference::controller(&o.kind, &o.name))
+        .collect();
     record.status.phase = status.and_then(|s| s.phase.clone());
     record.spec.containers = spec
         .map(|s| s.containers.as_slice())

@@ -176,6 +176,7 @@ pub(crate) fn resolve(admitted: &Workload, pod: &Pod) -> Option<Workload> {
         },
         inbound_port: admitted.inbound_port,
         captured: admitted.captured,
+        workload_name: pod.workload_name(),
         no_sidecar: false,
     })
 }

@@ -41,16 +41,26 @@ pub(super) fn caller_context(
     caller: Option<SpiffeId>,
     peer: SocketAddr,
 ) -> Result<Arc<Caller>, String> {
-    // The caller's metric labels, once per connection: its identity comes from the handshake.
+    // The caller's metric labels, once per connection: its identity comes from the handshake, and
+    // its workload from what pilot knows of the pods with that identity (see
+    // `TableLabels::caller`), never from anything the caller sent.
     let source = match &caller {
-        Some(id) => workload_labels(
-            "source",
-            &Workload {
-                namespace: id.namespace(),
-                principal: id.as_str(),
-                ..Workload::default()
-            },
-        ),
+        Some(id) => inbound
+            .snapshots
+            .borrow()
+            .labels
+            .caller(id.as_str(), peer.ip())
+            .cloned()
+            .unwrap_or_else(|| {
+                workload_labels(
+                    "source",
+                    &Workload {
+                        namespace: id.namespace(),
+                        principal: id.as_str(),
+                        ..Workload::default()
+                    },
+                )
+            }),
         None => inbound.unknown_source.clone(),
     };
     // XFCC and the app's URI authority are the same for every request of this connection.

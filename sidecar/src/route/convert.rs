@@ -194,8 +194,38 @@ impl RouteTable {
                 sampling_percent: tracing.sampling_percent,
                 service_name: tracing.service_name,
             },
+            peers: config
+                .peers
+                .into_iter()
+                .map(convert_peer)
+                .collect::<Result<_, _>>()?,
         })
     }
+}
+
+fn convert_peer(p: pb::Peer) -> Result<Peer, InvalidConfig> {
+    let addresses = p
+        .addresses
+        .iter()
+        .map(|a| {
+            a.parse::<IpAddr>().map_err(|_| InvalidConfig::Address {
+                what: format!("peer {} address", p.workload),
+                value: a.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let label = |k: &str| p.labels.get(k).cloned().unwrap_or_default();
+    let get = |k: &str| p.labels.get(k).map(String::as_str);
+    Ok(Peer {
+        app: label("app"),
+        version: label("version"),
+        canonical_service: crate::telemetry::canonical_service(get).to_owned(),
+        canonical_revision: crate::telemetry::canonical_revision(get).to_owned(),
+        identity: p.identity,
+        workload: p.workload,
+        namespace: p.namespace,
+        addresses,
+    })
 }
 
 fn mtls_mode(v: i32) -> MtlsMode {
@@ -245,6 +275,7 @@ fn convert_cluster(c: pb::Cluster, index: usize) -> Result<Cluster, InvalidConfi
             canonical_service,
             canonical_revision,
             workload: e.workload,
+            workload_name: e.workload_name,
         });
     }
     let lb = match pb::LbPolicy::try_from(c.lb_policy) {

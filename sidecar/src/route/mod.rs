@@ -45,6 +45,30 @@ pub struct RouteTable {
     pub inbound: InboundPolicy,
     /// Tracing settings.
     pub tracing: Tracing,
+    /// The mesh's workloads as callers.
+    peers: Vec<Peer>,
+}
+
+/// A mesh workload as a caller (`pb::Peer`): names the workload behind a verified certificate in
+/// the inbound side's `source_*` metric labels.
+#[derive(Debug)]
+pub struct Peer {
+    /// The SPIFFE ID its sidecars present.
+    pub identity: String,
+    /// The owning workload's name.
+    pub workload: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its `app` label.
+    pub app: String,
+    /// Its `version` label.
+    pub version: String,
+    /// Istio's canonical service (empty: none of the labels names it).
+    pub canonical_service: String,
+    /// Istio's canonical revision (empty: none names it).
+    pub canonical_revision: String,
+    /// Its pods' addresses.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// A Service as this sidecar sees it.
@@ -298,8 +322,10 @@ pub struct Endpoint {
     pub app_port: u16,
     /// The identity its sidecar must present; `None` = no sidecar.
     pub identity: Option<SpiffeId>,
-    /// `ns/pod` for metrics.
+    /// `ns/pod`, for the config dump and the namespace label.
     pub workload: String,
+    /// The owning workload's name, for metrics (empty: the pod's).
+    pub workload_name: String,
     /// The pod's `app` label (empty when it has none), for metrics.
     pub app: String,
     /// The pod's `version` label (empty when it has none), for metrics.
@@ -394,6 +420,7 @@ impl RouteTable {
             cluster_list: Vec::new(),
             inbound: InboundPolicy::default(),
             tracing: Tracing::default(),
+            peers: Vec::new(),
         }
     }
 
@@ -447,6 +474,11 @@ impl RouteTable {
     /// Every cluster, in [`Cluster::index`] order.
     pub fn clusters(&self) -> &[Arc<Cluster>] {
         &self.cluster_list
+    }
+
+    /// The mesh's workloads as callers.
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
     }
 }
 

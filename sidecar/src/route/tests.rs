@@ -11,6 +11,7 @@ fn endpoint(ip: &str, sa: &str) -> pb::Endpoint {
         identity: format!("spiffe://cluster.local/ns/default/sa/{sa}"),
         labels: Map::new(),
         workload: format!("default/{sa}"),
+        workload_name: sa.into(),
     }
 }
 
@@ -81,6 +82,7 @@ fn config(routes: Vec<pb::HttpRoute>) -> pb::ProxyConfig {
         ],
         inbound: None,
         tracing: None,
+        peers: Vec::new(),
     }
 }
 
@@ -457,7 +459,8 @@ mod every_pushed_field_is_read {
                     ("app".into(), "httpbin".into()),
                     ("version".into(), subset.into()),
                 ]),
-                workload: format!("default/httpbin-{subset}"),
+                workload: format!("default/httpbin-{subset}-abc12"),
+                workload_name: format!("httpbin-{subset}"),
                 ..Default::default()
             }],
             lb_policy: pb::LbPolicy::RoundRobin as i32,
@@ -605,6 +608,17 @@ mod every_pushed_field_is_read {
                 service_name: "httpbin".into(),
                 ..Default::default()
             }),
+            peers: vec![pb::Peer {
+                identity: "spiffe://cluster.local/ns/default/sa/sleep".into(),
+                workload: "sleep".into(),
+                namespace: "default".into(),
+                labels: Map::from([
+                    ("app".into(), "sleep".into()),
+                    ("version".into(), "v1".into()),
+                ]),
+                addresses: vec!["10.0.0.7".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -613,7 +627,7 @@ mod every_pushed_field_is_read {
     fn valid_strings(type_field: &str) -> &'static [&'static str] {
         match type_field {
             "OutboundService.vip" => &["10.96.0.99"],
-            "Endpoint.address" => &["10.0.0.99"],
+            "Endpoint.address" | "Peer.addresses" => &["10.0.0.99"],
             "Endpoint.identity" => &["spiffe://cluster.local/ns/default/sa/other"],
             "WeightedCluster.cluster" | "Mirror.cluster" => &[V1, V2],
             "RetryPolicy.retry_on" => &["reset", "gateway-error"],

@@ -625,6 +625,63 @@ mod tests {
         assert_eq!(&got, b"headpayload");
     }
 
+    #[test]
+    fn a_caller_is_the_workload_of_its_identity_at_its_address_else_the_only_one() {
+        use weft_proto::discovery as pb;
+        let peer = |workload: &str, sa: &str, version: &str, ips: &[&str]| pb::Peer {
+            identity: format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+            workload: workload.into(),
+            namespace: "default".into(),
+            labels: [("app", "httpbin"), ("version", version)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            addresses: ips.iter().map(|ip| (*ip).to_string()).collect(),
+        };
+        let table = RouteTable::try_from(pb::ProxyConfig {
+            mesh: Some(pb::MeshSettings {
+                trust_domain: "cluster.local".into(),
+                ..Default::default()
+            }),
+            peers: vec![
+                peer("httpbin-v1", "httpbin", "v1", &["10.0.0.1", "10.0.0.2"]),
+                peer("httpbin-v2", "httpbin", "v2", &["10.0.0.3"]),
+                peer("sleep", "sleep", "", &["10.0.0.9"]),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let labels = TableLabels::build(&table);
+        let httpbin = "spiffe://cluster.local/ns/default/sa/httpbin";
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let v2 = labels.caller(httpbin, ip("10.0.0.3")).unwrap().to_string();
+        assert!(v2.contains("source_workload=\"httpbin-v2\""), "{v2}");
+        assert!(v2.contains("source_version=\"v2\""), "{v2}");
+        assert!(v2.contains("source_app=\"httpbin\""), "{v2}");
+        assert!(
+            v2.contains(&format!("source_principal=\"{httpbin}\"")),
+            "{v2}"
+        );
+        let v1 = labels.caller(httpbin, ip("10.0.0.2")).unwrap().to_string();
+        assert!(v1.contains("source_workload=\"httpbin-v1\""), "{v1}");
+        // Two workloads share the identity and the address names neither: no workload.
+        assert_eq!(labels.caller(httpbin, ip("127.0.0.1")), None);
+        // The only workload of an identity, from wherever it connects (explicit mode: loopback).
+        let sleep = labels
+            .caller(
+                "spiffe://cluster.local/ns/default/sa/sleep",
+                ip("127.0.0.1"),
+            )
+            .unwrap()
+            .to_string();
+        assert!(sleep.contains("source_workload=\"sleep\""), "{sleep}");
+        // An address never lends a workload to another identity.
+        assert_eq!(
+            labels.caller("spiffe://cluster.local/ns/default/sa/other", ip("10.0.0.3")),
+            None
+        );
+    }
+
     fn labels<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v)
     }
@@ -866,7 +923,12 @@ pub struct TableLabels {
     services: Box<[Labels]>,
     clusters: Box<[Labels]>,
     endpoints: Box<[Box<[Labels]>]>,
+    /// Callers by identity: each workload with that identity, its addresses and `source_*` labels.
+    callers: foldhash::HashMap<String, Vec<CallerLabels>>,
 }
+
+/// One workload as a caller: its pods' addresses and its `source_*` labels.
+type CallerLabels = (Box<[std::net::IpAddr]>, Labels);
 
 impl TableLabels {
     /// Labels for every Service, cluster and endpoint of `table`.
@@ -895,7 +957,11 @@ impl TableLabels {
                         workload_labels(
                             "destination",
                             &Workload {
-                                name: pod,
+                                name: if e.workload_name.is_empty() {
+                                    pod
+                                } else {
+                                    &e.workload_name
+                                },
                                 namespace: ns,
                                 principal: e
                                     .identity
@@ -912,11 +978,47 @@ impl TableLabels {
                     .collect()
             })
             .collect();
+        let mut callers: foldhash::HashMap<String, Vec<_>> = foldhash::HashMap::default();
+        for p in table.peers() {
+            let labels = workload_labels(
+                "source",
+                &Workload {
+                    name: &p.workload,
+                    namespace: &p.namespace,
+                    principal: &p.identity,
+                    app: &p.app,
+                    version: &p.version,
+                    canonical_service: &p.canonical_service,
+                    canonical_revision: &p.canonical_revision,
+                },
+            );
+            callers
+                .entry(p.identity.clone())
+                .or_default()
+                .push((p.addresses.clone().into_boxed_slice(), labels));
+        }
         Self {
             services,
             clusters,
             endpoints,
+            callers,
         }
+    }
+
+    /// The `source_*` labels of a caller whose sidecar proved `identity`, connecting from
+    /// `address`: the workload with that identity whose pods include the address, else the only
+    /// workload with that identity. `None` when pilot knows no such workload, or several and the
+    /// address tells none apart (the caller is then named by its certificate alone).
+    pub fn caller(&self, identity: &str, address: std::net::IpAddr) -> Option<&Labels> {
+        let candidates = self.callers.get(identity)?;
+        candidates
+            .iter()
+            .find(|(addresses, _)| addresses.contains(&address))
+            .or(match candidates.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            })
+            .map(|(_, labels)| labels)
     }
 
     /// A Service's `destination_service*` labels, by `Service::index`.

@@ -101,6 +101,7 @@ mod tests {
                     app_port: 80,
                     identity: None,
                     workload: format!("ns/p{i}"),
+                    workload_name: String::new(),
                     app: String::new(),
                     version: String::new(),
                     canonical_service: String::new(),

@@ -150,6 +150,7 @@ fn endpoints(
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 workload: w.key(),
+                workload_name: w.owner().to_string(),
             }
         })
         .collect();

@@ -30,7 +30,14 @@ pub fn fingerprint(config: &pb::ProxyConfig) -> u64 {
 pub fn fingerprint_outbound(outbound: &Outbound) -> u64 {
     let Outbound { services, clusters } = outbound;
     let mut h = Fnv::new();
-    feed_proxy_config(&mut h, None, services, clusters, None, None);
+    feed_proxy_config(&mut h, None, services, clusters, None, None, &[]);
+    h.finish()
+}
+
+/// The fingerprint of a config holding only these peers (`ProxyConfig.peers`).
+pub fn fingerprint_peers(peers: &[pb::Peer]) -> u64 {
+    let mut h = Fnv::new();
+    feed_proxy_config(&mut h, None, &[], &[], None, None, peers);
     h.finish()
 }
 
@@ -151,6 +158,7 @@ impl Feed for pb::ProxyConfig {
             clusters,
             inbound,
             tracing,
+            peers,
         } = self;
         feed_proxy_config(
             h,
@@ -159,6 +167,7 @@ impl Feed for pb::ProxyConfig {
             clusters,
             inbound.as_ref(),
             tracing.as_ref(),
+            peers,
         );
     }
 }
@@ -171,12 +180,31 @@ fn feed_proxy_config(
     clusters: &[pb::Cluster],
     inbound: Option<&pb::Inbound>,
     tracing: Option<&pb::Tracing>,
+    peers: &[pb::Peer],
 ) {
     h.opt(mesh);
     h.list(services);
     h.list(clusters);
     h.opt(inbound);
     h.opt(tracing);
+    h.list(peers);
+}
+
+impl Feed for pb::Peer {
+    fn feed(&self, h: &mut Fnv) {
+        let pb::Peer {
+            identity,
+            workload,
+            namespace,
+            labels,
+            addresses,
+        } = self;
+        h.str(identity);
+        h.str(workload);
+        h.str(namespace);
+        h.string_map(labels);
+        h.strs(addresses);
+    }
 }
 
 impl Feed for pb::MeshSettings {
@@ -420,6 +448,7 @@ impl Feed for pb::Endpoint {
             identity,
             labels,
             workload,
+            workload_name,
         } = self;
         h.str(address);
         h.u32(*port);
@@ -427,6 +456,7 @@ impl Feed for pb::Endpoint {
         h.str(identity);
         h.string_map(labels);
         h.str(workload);
+        h.str(workload_name);
     }
 }
 

@@ -20,6 +20,7 @@ pub fn to_json(config: &pb::ProxyConfig) -> Value {
         clusters,
         inbound,
         tracing,
+        peers,
     } = config;
     Obj::default()
         .msg("mesh", mesh.as_ref().map(mesh_settings))
@@ -27,6 +28,30 @@ pub fn to_json(config: &pb::ProxyConfig) -> Value {
         .list("clusters", clusters.iter().map(cluster))
         .msg("inbound", inbound.as_ref().map(inbound_json))
         .msg("tracing", tracing.as_ref().map(tracing_json))
+        .list("peers", peers.iter().map(peer))
+        .into()
+}
+
+fn peer(p: &pb::Peer) -> Value {
+    let pb::Peer {
+        identity,
+        workload,
+        namespace,
+        labels,
+        addresses,
+    } = p;
+    Obj::default()
+        .str("identity", identity)
+        .str("workload", workload)
+        .str("namespace", namespace)
+        .map(
+            "labels",
+            labels.iter().map(|(k, v)| (k, Value::from(v.as_str()))),
+        )
+        .list(
+            "addresses",
+            addresses.iter().map(|a| Value::from(a.as_str())),
+        )
         .into()
 }
 
@@ -291,9 +316,11 @@ fn endpoint(e: &pb::Endpoint) -> Value {
         identity,
         labels,
         workload,
+        workload_name,
     } = e;
     Obj::default()
         .str("workload", workload)
+        .str("workload_name", workload_name)
         .str("address", address)
         .num("port", u64::from(*port))
         .num("dial_port", u64::from(*dial_port))

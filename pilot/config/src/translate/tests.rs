@@ -28,6 +28,7 @@ fn workload(namespace: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> W
         ports: vec![],
         inbound_port: 15006,
         captured: true,
+        workload_name: String::new(),
         no_sidecar: false,
     }
 }
@@ -609,9 +610,10 @@ spec:
             pb::ProxyConfig {
                 services: outbound.services.clone(),
                 clusters: outbound.clusters.clone(),
+                peers: super::peers::build(&workloads, &mesh.trust_domain),
                 ..local
             },
-            "{} = outbound + local",
+            "{} = outbound + local + peers",
             a.key()
         );
         for b in &nodes {

@@ -83,6 +83,7 @@ fn load(dir: &Path) -> Case {
                 .and_then(Value::as_u64)
                 .map_or(15006, |p| p as u32),
             captured: w.get("captured").and_then(Value::as_bool).unwrap_or(true),
+            workload_name: String::new(),
             no_sidecar: false,
         })
         .collect();
@@ -115,6 +116,14 @@ fn load(dir: &Path) -> Case {
 }
 
 /// The message as the bytes that go on the wire.
+/// The mesh's peers as pilot sends them with every response.
+fn peers_of(workloads: &[Workload], mesh: &MeshOptions) -> Bytes {
+    encode_peers(&weft_pilot_config::translate::peers::build(
+        workloads,
+        &mesh.trust_domain,
+    ))
+}
+
 fn concat(message: &Message) -> Vec<u8> {
     message
         .pieces
@@ -138,7 +147,14 @@ fn assembled_responses_decode_into_what_translate_returns() {
         let outbound = translate_outbound(&case.resources, &case.workloads, &case.node, &case.mesh);
         let local = translate_local(&case.resources, &case.node, &case.mesh);
         let shared = encode_outbound(&outbound);
-        let message = Message::response("42", "7-3", &local, &shared).unwrap();
+        let message = Message::response(
+            "42",
+            "7-3",
+            &local,
+            &shared,
+            &peers_of(&case.workloads, &case.mesh),
+        )
+        .unwrap();
         let wire = concat(&message);
         assert_eq!(message.len(), wire.len());
         let decoded = pb::DiscoveryResponse::decode(payload(&wire)).unwrap();
@@ -200,6 +216,7 @@ spec:
         ip: "10.0.0.1".into(),
         inbound_port: 15006,
         captured: true,
+        workload_name: String::new(),
         no_sidecar: false,
         ..Workload::default()
     };
@@ -212,7 +229,8 @@ spec:
     };
     let shared = encode_outbound(&translate_outbound(&resources, &workloads, &node, &mesh));
     let local = translate_local(&resources, &node, &mesh);
-    let message = Message::response("3", "1-1", &local, &shared).unwrap();
+    let message =
+        Message::response("3", "1-1", &local, &shared, &peers_of(&workloads, &mesh)).unwrap();
     assert_eq!(payload(&concat(&message)), expected.encode_to_vec());
 }
 
@@ -222,8 +240,8 @@ fn every_response_refers_to_the_same_shared_bytes() {
     let outbound = translate_outbound(&case.resources, &case.workloads, &case.node, &case.mesh);
     let shared = encode_outbound(&outbound);
     let local = translate_local(&case.resources, &case.node, &case.mesh);
-    let a = Message::response("1", "1-1", &local, &shared).unwrap();
-    let b = Message::response("1", "2-1", &local, &shared).unwrap();
+    let a = Message::response("1", "1-1", &local, &shared, &Bytes::new()).unwrap();
+    let b = Message::response("1", "2-1", &local, &shared, &Bytes::new()).unwrap();
     assert_eq!(a.pieces[1].as_ptr(), shared.as_ptr());
     assert_eq!(b.pieces[1].as_ptr(), shared.as_ptr());
 }
@@ -263,8 +281,8 @@ fn two_messages() -> (Message, Message) {
     ));
     let local = translate_local(&case.resources, &case.node, &case.mesh);
     (
-        Message::response("1", "1-1", &local, &shared).unwrap(),
-        Message::response("2", "1-2", &local, &shared).unwrap(),
+        Message::response("1", "1-1", &local, &shared, &Bytes::new()).unwrap(),
+        Message::response("2", "1-2", &local, &shared, &Bytes::new()).unwrap(),
     )
 }
 
