@@ -368,6 +368,18 @@ impl Authority {
         &self.root_pem
     }
 
+    /// When the root certificate expires (`None` if its PEM does not parse, which loading checked).
+    pub fn root_not_after(&self) -> Option<SystemTime> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.root_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        Some(SystemTime::from(cert.validity().not_after.to_datetime()))
+    }
+
+    /// When the first certificate of the signing chain expires: no certificate is issued past it.
+    pub fn chain_not_after(&self) -> SystemTime {
+        self.issuer_not_after
+    }
+
     /// Verifies a bootstrap token and returns the SPIFFE ID it vouches for.
     pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<SpiffeId, TokenError> {
         let TokenIdentity {

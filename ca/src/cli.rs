@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:15010 (port 0 picks a free port).
     #[arg(long, env = "WEFT_CA_LISTEN")]
     pub listen: String,
+    /// Serve `/metrics` (Prometheus text: Istio's `citadel_server_*` families), `/ready` and
+    /// `/healthz` over plain HTTP on this address, e.g. 0.0.0.0:15014. Prints `monitoring listening
+    /// on ADDR` once bound. Off by default.
+    #[arg(long, env = "WEFT_CA_MONITORING_LISTEN")]
+    pub monitoring_listen: Option<String>,
     /// Trust domain of issued SPIFFE IDs.
     #[arg(long, default_value = "cluster.local", env = "WEFT_TRUST_DOMAIN")]
     pub trust_domain: String,
@@ -308,7 +313,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let authenticator = Arc::new(authenticator(&args, &authority).await?);
+        let service = crate::server::CaService::with_authenticator(Arc::new(authority), authenticator.clone());
         let shutdown = shutdown_signal();
+        // Bound before the CA's own `listening on` line: scripts reading that line may scrape at once.
+        let monitoring = match &args.monitoring_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--monitoring-listen)"))?;
+                let bound = listener.local_addr().context("no local address")?;
+                println!("monitoring listening on {bound}");
+                Some(listener)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -317,10 +335,21 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
         tracing::info!(%addr, trust_domain = %args.trust_domain, auth = authenticator.mode(), "CA serving");
+        let stop_monitoring = tokio_util::sync::CancellationToken::new();
+        if let Some(listener) = monitoring {
+            let metrics = service.metrics();
+            tokio::spawn(crate::monitoring::serve(
+                listener,
+                Arc::new(move || metrics.render(std::time::SystemTime::now())),
+                // Ready once serving: the authority is loaded before anything is bound.
+                Arc::new(|| true),
+                stop_monitoring.clone(),
+            ));
+        }
+        let _stop_monitoring = stop_monitoring.drop_guard();
         crate::server::serve_with(
             listener,
-            Arc::new(authority),
-            authenticator,
+            service,
             shutdown,
             args.drain_duration,
         )

@@ -4,7 +4,8 @@
 //! implementation: [`spiffe`] parses IDs, [`authority`] and [`server`] are the CA, [`auth`] decides who
 //! a caller is (weft tokens, TokenReview, JWKS), [`token`] its bootstrap credentials, [`dns`] who may have DNS names in a certificate, [`csr`] and [`client`] what a workload uses to get a certificate ([`files`]: its token and root
 //! files, read again as they rotate), [`tls`]
-//! the rustls configs and SPIFFE verifiers, [`grpc`] gRPC over those configs.
+//! the rustls configs and SPIFFE verifiers, [`grpc`] gRPC over those configs; [`monitoring`] the
+//! plain-HTTP /metrics endpoint the CA and pilot serve.
 
 pub mod auth;
 pub mod authority;
@@ -17,6 +18,7 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
+pub mod monitoring;
 pub mod server;
 pub mod spiffe;
 pub mod tls;

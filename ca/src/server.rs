@@ -17,6 +17,9 @@ use crate::authority::{Authority, SignError};
 use crate::spiffe::SpiffeId;
 use crate::tls::{self, ClientAuth, CredentialStore, Credentials, SvidError, TrustBundle};
 
+pub mod metrics;
+pub use metrics::CaMetrics;
+
 /// Namespace of the CA's own identity.
 pub const CA_NAMESPACE: &str = "weft-system";
 /// Service account of the CA's own identity.
@@ -92,6 +95,7 @@ pub enum ServeError {
 pub struct CaService {
     authority: Arc<Authority>,
     authenticator: Arc<Authenticator>,
+    metrics: Arc<CaMetrics>,
 }
 
 impl CaService {
@@ -106,10 +110,29 @@ impl CaService {
         authority: Arc<Authority>,
         authenticator: Arc<Authenticator>,
     ) -> Self {
+        let metrics = Arc::new(CaMetrics::new(&authority));
         Self {
             authority,
             authenticator,
+            metrics,
         }
+    }
+
+    /// What this service counts (for `--monitoring-listen`).
+    pub fn metrics(&self) -> Arc<CaMetrics> {
+        self.metrics.clone()
+    }
+
+    /// [`Self::create`], counted: every request, and each issuance or refusal with its reason.
+    pub async fn create_counted(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        req: &IstioCertificateRequest,
+    ) -> Result<Vec<String>, CaError> {
+        self.metrics.request();
+        let result = self.create(metadata, req).await;
+        self.metrics.outcome(result.as_ref().map(|_| ()));
+        result
     }
 
     /// Authenticates the caller from `metadata` and signs its CSR: the whole `CreateCertificate`.
@@ -154,7 +177,10 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        match self.create(request.metadata(), request.get_ref()).await {
+        match self
+            .create_counted(request.metadata(), request.get_ref())
+            .await
+        {
             Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
             Err(e) => {
                 tracing::info!(error = %e, "certificate request refused");
@@ -199,23 +225,22 @@ pub async fn serve_draining(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), ServeError> {
-    let authenticator = Arc::new(weft_tokens(&authority));
-    serve_with(listener, authority, authenticator, shutdown, drain).await
+    let service = CaService::new(authority);
+    serve_with(listener, service, shutdown, drain).await
 }
 
-/// Serves the CA on `listener` over TLS until `shutdown` completes, then drains: the listener stops
+/// Serves `service` (its authority's CA) on `listener` over TLS until `shutdown` completes, then drains: the listener stops
 /// accepting, open HTTP/2 connections get GOAWAY (tonic's graceful shutdown) so clients reconnect
 /// elsewhere, and in-flight requests get `drain` to finish. Idle clients keep HTTP/2 connections
 /// open indefinitely, so a purely graceful stop could wait forever: at the deadline the rest close.
 pub async fn serve_with(
     listener: TcpListener,
-    authority: Arc<Authority>,
-    authenticator: Arc<Authenticator>,
+    service: CaService,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), ServeError> {
-    let creds = serving_credentials(&authority)?;
-    let bundle = TrustBundle::from_pem(authority.root_pem())?;
+    let creds = serving_credentials(&service.authority)?;
+    let bundle = TrustBundle::from_pem(service.authority.root_pem())?;
     let config = tls::server_config(
         CredentialStore::new(creds),
         &bundle,
@@ -224,8 +249,7 @@ pub async fn serve_with(
     )?;
     let incoming = crate::grpc::tls_incoming(listener, Arc::new(config));
     let service =
-        IstioCertificateServiceServer::new(CaService::with_authenticator(authority, authenticator))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(service)

@@ -160,6 +160,62 @@ impl Backend {
 /// Istio's analyzer code for an object that fails schema validation.
 pub use weft_pilot_config::analyze::SCHEMA_VALIDATION_ERROR;
 
+/// What the config API counts: applies refused (`pilot serve --monitoring-listen`).
+///
+/// `weft_pilot_config_rejected_total{reason}`: `pilot apply` calls refused, dry runs included (an
+/// apply is all or nothing, so a call, not a document, is what is refused): `invalid` (a document
+/// did not parse or validate; every problem is in the answer), `conflict` (the store refused it: a
+/// Service's cluster IP taken, out of range, immutable or exhausted), `empty` (no objects),
+/// `read_only` (the config comes from the cluster). Istio has no counter of this: its nearest is the
+/// validation webhook's `galley_validation_failed`, which counts objects kubectl sends; objects of
+/// the cluster pilot refuses are `weft_pilot_invalid_objects{kind}`.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    rejected: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ApiMetrics {
+    /// The reasons, each rendered even at zero (so a rate over them is defined from the start).
+    const REASONS: [&'static str; 4] = ["conflict", "empty", "invalid", "read_only"];
+
+    /// Counts a refused apply (errors that are pilot's, not the request's, are not counted).
+    fn apply_refused(&self, error: &ApiError) {
+        let reason = match error {
+            ApiError::Invalid(_) => "invalid",
+            ApiError::BadRequest(_) => "empty",
+            ApiError::ReadOnly => "read_only",
+            ApiError::Store(
+                StoreError::ClusterIpOutOfRange { .. }
+                | StoreError::ClusterIpTaken { .. }
+                | StoreError::ClusterIpImmutable { .. }
+                | StoreError::ClusterIpsExhausted(_),
+            ) => "conflict",
+            _ => return,
+        };
+        let mut rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        *rejected.entry(reason).or_default() += 1;
+    }
+
+    /// Applies refused for `reason` so far.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        let rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        rejected.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Writes the family.
+    pub fn render(&self, out: &mut weft_ca::monitoring::Exposition) {
+        let name = "weft_pilot_config_rejected_total";
+        out.family(
+            name,
+            weft_ca::monitoring::Kind::Counter,
+            "pilot apply calls refused (nothing of them stored), by reason.",
+        );
+        for reason in Self::REASONS {
+            out.sample(name, &[("reason", reason)], self.rejected(reason) as f64);
+        }
+    }
+}
+
 /// The ConfigService implementation over a [`Backend`].
 ///
 /// Every call that parses, validates, analyzes or encodes objects runs on the blocking pool, so a
@@ -173,20 +229,23 @@ pub struct ConfigApi {
     proxies: Option<Arc<crate::discovery::ProxyTable>>,
     /// Cancelled when in-flight calls must stop (the drain deadline of a shutdown).
     abort: CancellationToken,
+    metrics: Arc<ApiMetrics>,
 }
 
 impl ConfigApi {
     /// A server for `backend`, with message limits set for whole YAML files. Calls still running when
-    /// `abort` is cancelled stop, storing nothing.
+    /// `abort` is cancelled stop, storing nothing. Refused applies are counted in `metrics`.
     pub fn server(
         backend: Backend,
         proxies: Option<Arc<crate::discovery::ProxyTable>>,
         abort: CancellationToken,
+        metrics: Arc<ApiMetrics>,
     ) -> ConfigServiceServer<ConfigApi> {
         ConfigServiceServer::new(ConfigApi {
             backend,
             proxies,
             abort,
+            metrics,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -220,10 +279,15 @@ impl ConfigApi {
     }
 
     async fn apply(&self, request: pb::ApplyRequest) -> Result<pb::ApplyResponse, ApiError> {
-        self.blocking("apply", |backend, cancel| {
-            apply_blocking(backend.store()?, request, cancel)
-        })
-        .await
+        let result = self
+            .blocking("apply", |backend, cancel| {
+                apply_blocking(backend.store()?, request, cancel)
+            })
+            .await;
+        if let Err(e) = &result {
+            self.metrics.apply_refused(e);
+        }
+        result
     }
 
     async fn get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
@@ -562,6 +626,7 @@ mod tests {
                 backend: Backend::Store(store),
                 proxies: None,
                 abort: CancellationToken::new(),
+                metrics: Arc::default(),
             },
         )
     }
@@ -594,6 +659,27 @@ mod tests {
         let status = Status::from(api.apply(apply_request(&taken, false)).await.unwrap_err());
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("already allocated"), "{status:?}");
+        assert_eq!(
+            (
+                api.metrics.rejected("invalid"),
+                api.metrics.rejected("conflict")
+            ),
+            (1, 1)
+        );
+        let status = Status::from(api.apply(apply_request("", false)).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let mut out = weft_ca::monitoring::Exposition::default();
+        api.metrics.render(&mut out);
+        let text = out.finish();
+        for line in [
+            "# TYPE weft_pilot_config_rejected_total counter\n",
+            "weft_pilot_config_rejected_total{reason=\"invalid\"} 1\n",
+            "weft_pilot_config_rejected_total{reason=\"conflict\"} 1\n",
+            "weft_pilot_config_rejected_total{reason=\"empty\"} 1\n",
+            "weft_pilot_config_rejected_total{reason=\"read_only\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
 
         let get = pb::GetRequest {
             kind: "vs".into(),
@@ -799,10 +885,12 @@ mod tests {
             backend: Backend::Cluster(cluster),
             proxies: None,
             abort: CancellationToken::new(),
+            metrics: Arc::default(),
         };
 
         let status = Status::from(api.apply(apply_request(SERVICE, false)).await.unwrap_err());
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(api.metrics.rejected("read_only"), 1);
         assert!(
             status.message().contains("kubectl apply"),
             "{}",

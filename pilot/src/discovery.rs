@@ -26,6 +26,7 @@
 //! [`CONCURRENT_PUSHES`] responses are in flight at once ([`PushSlots`]), so streams finish one
 //! after another instead of all at the end.
 
+pub mod metrics;
 mod translator;
 mod wire;
 
@@ -54,6 +55,7 @@ use weft_proto::discovery as pb;
 use crate::registry::admit::{self, Refusal};
 use crate::registry::{Registration, Registry, WorkloadSource};
 use crate::store::Snapshot;
+pub use metrics::DiscoveryMetrics;
 
 /// How long a new stream has to send its node.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,6 +114,9 @@ pub struct PushContext {
     pub objects: Arc<Objects>,
     /// All live workloads.
     pub workloads: Arc<Vec<Workload>>,
+    /// When the first of the changes this context was debounced from arrived (`None` for the
+    /// first context): where `pilot_proxy_convergence_time` starts.
+    pub changed_at: Option<tokio::time::Instant>,
     /// Outbound parts translated (or queued for translation) from this context, by key: sidecars
     /// whose nodes have the same key (typically: the same namespace) share one translation and one
     /// fingerprint.
@@ -150,6 +155,7 @@ impl PushContext {
             revision,
             objects,
             workloads,
+            changed_at: None,
             outbound: Mutex::default(),
             peers: std::sync::OnceLock::new(),
         }
@@ -247,7 +253,7 @@ fn spawn_debouncer(
     let mut last: Option<(u64, Arc<Objects>)> = None;
     let mut build = {
         let registry = registry.clone();
-        move |epoch: u64, snapshot: &Snapshot| {
+        move |epoch: u64, snapshot: &Snapshot, changed_at: Option<tokio::time::Instant>| {
             let objects = match &last {
                 Some((revision, objects)) if *revision == snapshot.revision() => objects.clone(),
                 _ => {
@@ -264,17 +270,19 @@ fn spawn_debouncer(
                     objects
                 }
             };
-            let ctx = Arc::new(PushContext::new(
+            let mut ctx = PushContext::new(
                 epoch,
                 snapshot.revision(),
                 objects,
                 registry.workloads(snapshot),
-            ));
+            );
+            ctx.changed_at = changed_at;
+            let ctx = Arc::new(ctx);
             ctx.start_translations(&translator);
             ctx
         }
     };
-    let first = build(1, &store.borrow_and_update());
+    let first = build(1, &store.borrow_and_update(), None);
     let (tx, rx) = watch::channel(first);
     let mut workloads = registry.subscribe();
     tokio::spawn(async move {
@@ -302,7 +310,7 @@ fn spawn_debouncer(
                 }
             }
             epoch += 1;
-            let ctx = build(epoch, &store.borrow_and_update());
+            let ctx = build(epoch, &store.borrow_and_update(), Some(started));
             workloads.mark_unchanged();
             tracing::debug!(
                 epoch,
@@ -359,6 +367,8 @@ impl ProxyStatus {
 #[derive(Debug, Default)]
 pub struct ProxyTable {
     entries: Mutex<BTreeMap<u64, ProxyStatus>>,
+    /// What the sessions count (pushes, NACKs, times); the connected count is `entries`.
+    metrics: DiscoveryMetrics,
     next: Mutex<u64>,
     refusals: Mutex<BTreeMap<(String, String), (ProxyStatus, std::time::Instant)>>,
 }
@@ -417,6 +427,17 @@ impl ProxyTable {
         if let Some(entry) = self.lock().get_mut(&id) {
             f(entry);
         }
+    }
+
+    /// What discovery counted.
+    pub fn metrics(&self) -> &DiscoveryMetrics {
+        &self.metrics
+    }
+
+    /// Writes discovery's metric families (see [`metrics`]).
+    pub fn render_metrics(&self, out: &mut weft_ca::monitoring::Exposition) {
+        let connected = self.lock().len();
+        self.metrics.render(out, connected);
     }
 
     /// The connected sidecars and the recently refused ones, sorted by namespace and name.
@@ -668,7 +689,7 @@ impl Session {
         // The context is dropped right after the push: a session that kept it (for as long as it
         // lives) would keep that push's objects and shared bytes alive too.
         let ctx = self.contexts.borrow_and_update().clone();
-        let first = self.push(&ctx).await;
+        let first = self.push(&ctx, false).await;
         drop(ctx);
         if first.is_err() {
             return self.end();
@@ -685,7 +706,7 @@ impl Session {
                 r = self.contexts.changed() => {
                     if r.is_err() { break; }
                     let ctx = self.contexts.borrow_and_update().clone();
-                    if self.push(&ctx).await.is_err() { break; }
+                    if self.push(&ctx, true).await.is_err() { break; }
                 }
             }
         }
@@ -699,8 +720,10 @@ impl Session {
 
     /// Computes this sidecar's view and sends it if it differs from the last one sent. The view is
     /// what `translate` gives, assembled from the outbound part shared with same-key sidecars and
-    /// this node's own part; its fingerprint combines the two parts' fingerprints.
-    async fn push(&mut self, ctx: &Arc<PushContext>) -> Result<(), ()> {
+    /// this node's own part; its fingerprint combines the two parts' fingerprints. `converging`: the
+    /// push follows a change of context (not the stream's first), so its convergence time counts.
+    async fn push(&mut self, ctx: &Arc<PushContext>, converging: bool) -> Result<(), ()> {
+        let started = tokio::time::Instant::now();
         let shared = match ctx.outbound_for(&self.node, &self.translator).await {
             Ok(shared) => shared,
             Err(e) => {
@@ -725,7 +748,9 @@ impl Session {
         // A newer view supersedes the one in flight: give its slot back before waiting for one, or
         // sessions holding slots could all wait for each other.
         self.in_flight = None;
+        let waiting = tokio::time::Instant::now();
         let slot = self.pushes.take().await.ok_or(())?;
+        let waited = waiting.elapsed();
         self.nonce += 1;
         let version = ctx.epoch.to_string();
         let nonce = format!("{}-{}", self.id, self.nonce);
@@ -737,7 +762,14 @@ impl Session {
             return Err(());
         };
         drop(shared);
-        self.outbox.post(response).map_err(|_| ())?;
+        if self.outbox.post(response).is_err() {
+            self.proxies.metrics.send_failed();
+            return Err(());
+        }
+        self.proxies.metrics.pushed(
+            started.elapsed().saturating_sub(waited),
+            ctx.changed_at.filter(|_| converging).map(|at| at.elapsed()),
+        );
         self.in_flight = Some(slot);
         self.last_fingerprint = Some(fp);
         self.last_nonce = nonce;
@@ -759,6 +791,7 @@ impl Session {
         match req.error_detail {
             Some(err) => {
                 tracing::warn!(pod = %format!("{}/{}", self.node.namespace, self.node.name), error = %err.message, "config NACKed");
+                self.proxies.metrics.rejected();
                 self.proxies.update(self.id, |p| {
                     p.nack = Some(err.message);
                     p.version_acked = req.version_info;

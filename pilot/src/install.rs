@@ -369,7 +369,10 @@ fn ca_service(options: &Options) -> Service {
     service(
         options,
         CA_SERVICE,
-        vec![port("grpc-ca", ports::CA, ports::CA)],
+        vec![
+            port("grpc-ca", ports::CA, ports::CA),
+            port("http-monitoring", ports::MONITORING, ports::MONITORING),
+        ],
     )
 }
 

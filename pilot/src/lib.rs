@@ -8,7 +8,6 @@ pub mod inject;
 pub mod install;
 pub mod kube;
 pub mod mesh_config;
-pub mod monitoring;
 pub mod proxy_config;
 pub mod registry;
 pub mod serve;

@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Backend, ConfigApi};
+use crate::api::{ApiMetrics, Backend, ConfigApi};
 use crate::discovery::{Debounce, DiscoveryOptions, ProxyTable};
 use crate::kube::{KubeOptions, KubeRegistry};
 use crate::store::{Store, StoreError};
@@ -359,6 +359,8 @@ pub struct ServeContext {
     pub drain: Duration,
     /// Sidecars connected to discovery (`None` without `--listen`).
     pub proxies: Option<Arc<ProxyTable>>,
+    /// What the config API counts.
+    pub api_metrics: Arc<ApiMetrics>,
 }
 
 /// Runs `pilot serve` until SIGTERM/SIGINT. Prints `listening on unix:<socket>` once the config API
@@ -428,23 +430,57 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         objects = backend.snapshot().len(),
         "config API serving"
     );
+    let proxies = discovery_listener
+        .is_some()
+        .then(|| Arc::new(ProxyTable::default()));
+    let api_metrics = Arc::new(ApiMetrics::default());
     if let Some(listener) = monitoring {
-        let metrics = match &backend {
+        let kube = match &backend {
             Backend::Cluster(cluster) => Some(cluster.metrics()),
             Backend::Store(_) => None,
         };
+        let (proxies, api_metrics) = (proxies.clone(), api_metrics.clone());
+        let started = std::time::Instant::now();
+        // Each component renders what it owns; this only puts them together.
+        let render = move || {
+            let mut out = weft_ca::monitoring::Exposition::default();
+            out.family(
+                "pilot_info",
+                weft_ca::monitoring::Kind::Gauge,
+                "Pilot version and build information.",
+            )
+            .sample("pilot_info", &[("version", env!("CARGO_PKG_VERSION"))], 1.0);
+            out.family(
+                "istiod_uptime_seconds",
+                weft_ca::monitoring::Kind::Gauge,
+                "Current pilot server uptime in seconds.",
+            )
+            .sample(
+                "istiod_uptime_seconds",
+                &[],
+                started.elapsed().as_secs_f64().floor(),
+            );
+            if let Some(proxies) = &proxies {
+                proxies.render_metrics(&mut out);
+            }
+            api_metrics.render(&mut out);
+            if let Some(kube) = &kube {
+                out.append(&kube.render());
+            }
+            out.finish()
+        };
         // Ready when discovery can serve: at once with the local store (everything is bound
         // by now), once every watch has listed with the cluster's.
-        let ready: crate::monitoring::Ready = match &backend {
+        let ready: weft_ca::monitoring::Ready = match &backend {
             Backend::Cluster(cluster) => {
                 let cluster = cluster.clone();
                 Arc::new(move || cluster.is_synced())
             }
             Backend::Store(_) => Arc::new(|| true),
         };
-        tokio::spawn(crate::monitoring::serve(
+        tokio::spawn(weft_ca::monitoring::serve(
             listener,
-            Arc::new(move || metrics.as_ref().map(|m| m.render()).unwrap_or_default()),
+            Arc::new(render),
             ready,
             shutdown.clone(),
         ));
@@ -455,9 +491,8 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         shutdown,
         abort: CancellationToken::new(),
         drain: args.drain_duration,
-        proxies: discovery_listener
-            .is_some()
-            .then(|| Arc::new(ProxyTable::default())),
+        proxies,
+        api_metrics,
     };
     let signal = context.shutdown.clone();
     tokio::spawn(async move {
@@ -533,6 +568,7 @@ pub async fn serve_config_api(
             context.backend,
             context.proxies,
             context.abort.clone(),
+            context.api_metrics.clone(),
         ))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener),

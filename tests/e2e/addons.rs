@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use weft_tests::prometheus::{Prometheus, query, sample_value, tool as prometheus_tool};
 use weft_tests::seed::EXAMPLES;
 use weft_tests::{ControlPlane, Httpbin, Proc, Sidecar, run, venv};
 
@@ -65,17 +66,6 @@ fn addon_manifests_pass_kubernetes_validate_strict() {
             file.display()
         );
     }
-}
-
-/// Debian's `prometheus` package (deploy/local/install-deps.sh installs it).
-fn prometheus_tool(name: &str) -> std::path::PathBuf {
-    let path = std::path::PathBuf::from("/usr/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run ./deploy/local/install-deps.sh (Debian's prometheus package)",
-        path.display()
-    );
-    path
 }
 
 /// The shipped config with the pod-discovery jobs fed from `targets_file` instead of Kubernetes;
@@ -152,33 +142,6 @@ fn pod_target(
     }
     // The pod role's address is the container port's; the relabelling must replace it.
     json!({"targets": ["127.0.0.1:9"], "labels": l})
-}
-
-/// A Prometheus HTTP API query (instant); the `data.result` array.
-fn query(base: &str, promql: &str) -> Result<Vec<Value>, String> {
-    let (ok, out, err) = run(Command::new("curl")
-        .args(["-sS", "-m", "10", "-G", &format!("{base}/api/v1/query")])
-        .args(["--data-urlencode", &format!("query={promql}")]))
-    .map_err(|e| e.to_string())?;
-    if !ok {
-        return Err(format!("curl: {err}"));
-    }
-    let body: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
-    if body["status"] != "success" {
-        return Err(format!("{}: {}", body["errorType"], body["error"]));
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
-}
-
-/// A sample's value as a number (instant vectors and scalars).
-fn sample_value(series: &Value) -> f64 {
-    series["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 /// Grafana's built-in interval variables, as a dashboard at its defaults would expand them.
@@ -418,7 +381,6 @@ fn traffic(m: &Mesh, n: usize) {
 #[test]
 fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheus() {
     let promtool = prometheus_tool("promtool");
-    let prometheus = prometheus_tool("prometheus");
     let shipped = config_map("prometheus.yaml", "prometheus", "prometheus.yml");
     let dir = tempfile::tempdir().unwrap();
 
@@ -548,27 +510,10 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
     let config = derived_config(&shipped, targets_file.to_str().unwrap());
     let config_file = dir.path().join("prometheus.yml");
     std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let (ok, out, err) = run(Command::new(&promtool)
-        .args(["check", "config"])
-        .arg(&config_file))
-    .unwrap();
-    assert!(ok, "promtool check config (derived):\n{out}{err}");
-
-    // Prometheus itself: data in the temp dir, a port nothing holds, killed on drop.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", r#"echo "listening on $0"; exec "$1" --config.file="$2" --storage.tsdb.path="$3" --web.listen-address="$0" --log.level=warn"#])
-        .arg(&listen)
-        .arg(&prometheus)
-        .arg(&config_file)
-        .arg(dir.path().join("tsdb"));
-    let (_prom, _) = Proc::spawn_listening("prometheus", cmd, dir.path()).unwrap();
-    let base = format!("http://{listen}");
+    // Prometheus itself (promtool checks the derived config first): data in the temp dir, a port
+    // nothing holds, killed on drop.
+    let prom = Prometheus::start(&config_file, dir.path()).unwrap();
+    let base = prom.base.clone();
 
     // All three pods scraped through their sidecar's port and path, the other two dropped.
     let deadline = Instant::now() + Duration::from_secs(30);

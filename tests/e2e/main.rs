@@ -7,6 +7,7 @@ mod addons;
 mod ca;
 mod chaos;
 mod cli;
+mod control_metrics;
 mod discovery;
 mod drain;
 mod fidelity;

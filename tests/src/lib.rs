@@ -16,6 +16,7 @@ pub mod fake_pilot;
 pub mod kube_fake;
 pub mod local;
 pub mod netns;
+pub mod prometheus;
 pub mod raw_http;
 pub mod seed;
 
@@ -284,7 +285,16 @@ impl ControlPlane {
         pilot_args: &[&str],
         token_ttl: Option<&str>,
     ) -> Result<Self> {
-        Self::start_full(dir, host, pilot_args, token_ttl, &[])
+        Self::start_full(dir, host, &[], pilot_args, token_ttl, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with `ca_args` added to `ca serve` (e.g. `--monitoring-listen`).
+    pub fn start_with_ca_args(
+        dir: &std::path::Path,
+        ca_args: &[&str],
+        pilot_args: &[&str],
+    ) -> Result<Self> {
+        Self::start_full(dir, None, ca_args, pilot_args, None, &[])
     }
 
     /// Like [`ControlPlane::start`], with environment variables for pilot (e.g. `KUBECONFIG`).
@@ -293,12 +303,13 @@ impl ControlPlane {
         pilot_args: &[&str],
         pilot_env: &[(&str, &std::path::Path)],
     ) -> Result<Self> {
-        Self::start_full(dir, None, pilot_args, None, pilot_env)
+        Self::start_full(dir, None, &[], pilot_args, None, pilot_env)
     }
 
     fn start_full(
         dir: &std::path::Path,
         host: Option<&netns::Host>,
+        ca_args: &[&str],
         pilot_args: &[&str],
         token_ttl: Option<&str>,
         pilot_env: &[(&str, &std::path::Path)],
@@ -310,7 +321,8 @@ impl ControlPlane {
         };
         let mut cmd = command(bin("ca"));
         cmd.args(["serve", "--listen", &listen, "--data-dir"])
-            .arg(dir.join("ca"));
+            .arg(dir.join("ca"))
+            .args(ca_args);
         let (ca, ca_addr) = Proc::spawn_listening("ca", cmd, dir)?;
         let root = dir.join("mesh-root.pem");
         std::fs::copy(dir.join("ca").join("root-cert.pem"), &root).context("copy the CA root")?;

@@ -40,8 +40,7 @@ async fn start(authenticator: Authenticator) -> Running {
     tokio::spawn(async move {
         serve_with(
             listener,
-            a,
-            Arc::new(authenticator),
+            CaService::with_authenticator(a, Arc::new(authenticator)),
             async {
                 let _ = rx.await;
             },

@@ -174,8 +174,14 @@ pub(super) fn ca_deployment(options: &Options) -> Deployment {
             &listen,
             "--trust-domain",
             &options.trust_domain,
+            // citadel_server_* for Prometheus, on istiod's monitoring port (the CA's own pod).
+            "--monitoring-listen",
+            &format!("0.0.0.0:{}", ports::MONITORING),
         ])),
-        ports: Some(vec![container_port("grpc-ca", ports::CA)]),
+        ports: Some(vec![
+            container_port("grpc-ca", ports::CA),
+            container_port("http-monitoring", ports::MONITORING),
+        ]),
         // `ca serve` loads and checks the Secret before it binds, so an open port means it serves.
         readiness_probe: Some(tcp_probe(ports::CA, 5, 3)),
         liveness_probe: Some(tcp_probe(ports::CA, 15, 4)),

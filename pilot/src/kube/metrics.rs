@@ -1,6 +1,6 @@
 //! The Kubernetes registry's counters, rendered in Prometheus' text format for
-//! `pilot serve --monitoring-listen` (pilot's full metrics are another issue's; these few are
-//! plain atomics and maps under a short lock, taken once per watch event).
+//! `pilot serve --monitoring-listen` (discovery, the config API and pilot itself render theirs; these
+//! are plain atomics and maps under a short lock, taken once per watch event).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
