@@ -338,6 +338,7 @@ fn invalid_pushes_are_rejected_with_a_reason() {
                 r.mirrors.push(pb::Mirror {
                     cluster: V2.into(),
                     percent: 150.0,
+                    compare: None,
                 });
                 config(vec![r])
             },
