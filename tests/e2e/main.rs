@@ -24,5 +24,6 @@ mod multinode;
 mod pilot;
 mod resilience;
 mod runtime;
+mod shadow_diff;
 mod traffic_policy;
 mod transparent;

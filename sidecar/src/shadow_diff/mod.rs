@@ -165,7 +165,7 @@ impl ShadowDiff {
                 span: span_rx,
                 tracer: tracer.clone(),
                 copy_timeout,
-                _permit: permit,
+                permit: Some(permit),
             },
         ))
     }
@@ -364,7 +364,8 @@ pub struct Comparing {
     span: Option<oneshot::Receiver<Span>>,
     tracer: Tracer,
     copy_timeout: Duration,
-    _permit: OwnedSemaphorePermit,
+    /// The pending table's entry; given back as the comparison is counted.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Comparing {
@@ -397,6 +398,8 @@ impl Comparing {
             return;
         };
         let primary_latency = primary.as_ref().map(|p| p.latency);
+        // No longer pending once counted: a report never shows a concluded comparison as pending.
+        drop(self.permit.take());
         let verdict = self.shadow.with_route(&target.route, &target.service, |r| {
             r.conclude(&self.spec, &target.facts, primary, &copy)
         });
@@ -419,6 +422,7 @@ impl Drop for Comparing {
         {
             self.tracer.record(span);
         }
+        drop(self.permit.take());
         if let Some(target) = self.target.take() {
             self.shadow.with_route(&target.route, &target.service, |r| {
                 r.skipped(&target.facts.shape)
