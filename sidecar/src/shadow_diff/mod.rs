@@ -629,6 +629,30 @@ mod tests {
         assert_eq!(shadow.report().routes[0].outcomes["match"], 1);
     }
 
+    #[tokio::test]
+    async fn a_mesh_error_answer_is_a_mirror_error_and_an_app_error_an_answer() {
+        let answer = |mesh: bool| {
+            let mut r = http::Response::new(body("upstream connect error"));
+            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            if mesh {
+                r.headers_mut().insert(
+                    crate::errors::ERROR_HEADER,
+                    http::HeaderValue::from_static("no healthy endpoint"),
+                );
+            }
+            r
+        };
+        let got = observe_copy(spec(), answer(true), Instant::now()).await;
+        assert!(matches!(got, Copied::Failed(Some(503))), "{got:?}");
+        let got = observe_copy(spec(), answer(false), Instant::now()).await;
+        match got {
+            Copied::Answered(o) => {
+                assert_eq!((o.status, o.body_len), (503, 22));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn the_divergence_event_names_what_differed() {
         let v = Verdict {

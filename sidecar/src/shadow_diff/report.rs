@@ -104,7 +104,11 @@ impl RouteState {
         } else {
             OTHER
         };
-        let shape = shapes.entry(key.to_owned()).or_default();
+        // The key is copied only for a shape seen for the first time.
+        let shape = match shapes.get_mut(key) {
+            Some(s) => s,
+            None => shapes.entry(key.to_owned()).or_default(),
+        };
         if let (Some(prev), Some(cur)) = (&shape.last_primary, &primary) {
             noise.whole_body = shape.whole_body_noisy;
             noise.learn(prev, cur);
