@@ -85,7 +85,7 @@ fn config(v1: u16, v2: u16, ignore_json: &[&str], timeout_ms: u64) -> pb::ProxyC
 struct Mesh {
     pilot: FakePilot,
     client: Sidecar,
-    _plane: ControlPlane,
+    plane: ControlPlane,
 }
 
 /// A ca, a fake pilot pushing `config`, and the client sidecar ("sleep"), ready.
@@ -109,7 +109,7 @@ fn mesh(dir: &std::path::Path, config: pb::ProxyConfig, otlp: Option<&OtlpSink>)
     Mesh {
         pilot,
         client,
-        _plane: plane,
+        plane: plane,
     }
 }
 
@@ -551,4 +551,138 @@ fn a_v2_that_never_answers_keeps_the_pending_table_bounded() {
         rounds * 500
     );
     drop(silent);
+}
+
+/// `/config_dump`'s version.
+fn version(s: &Sidecar) -> String {
+    let dump: serde_json::Value = serde_json::from_str(&s.config_dump().unwrap()).unwrap();
+    dump["version"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn through_mtls_sidecars_a_copy_is_compared_and_a_mesh_error_is_a_mirror_error() {
+    weft_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = Httpbin::start_app(
+        dir.path(),
+        "v1",
+        "shadow_app:app",
+        &[("SHADOW_VARIANT", "v1")],
+    )
+    .unwrap();
+    let v2 = Httpbin::start_app(
+        dir.path(),
+        "v2",
+        "shadow_app:app",
+        &[("SHADOW_VARIANT", "v2")],
+    )
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // First a config without endpoints, so that every sidecar becomes ready and shows its ports.
+    let m = mesh(
+        dir.path(),
+        config(v1.port, v2.port, &["$.served_by"], 0),
+        None,
+    );
+    let plane = &m.plane;
+    let pod = |name: &str, app: u16| {
+        Sidecar::explicit_with_pilot(
+            plane,
+            &m.pilot.addr.to_string(),
+            name,
+            "httpbin",
+            "app=httpbin",
+            Some(app),
+            &[],
+        )
+        .unwrap()
+    };
+    let pod_v1 = pod("httpbin-v1", v1.port);
+    let pod_v2 = pod("httpbin-v2", v2.port);
+    // Its app is down: its sidecar answers copies 503 with `x-weft-error` (flag UF).
+    let pod_v3 = pod("httpbin-v3", closed);
+    let port_of = |s: &Sidecar| -> u16 { s.inbound.rsplit(':').next().unwrap().parse().unwrap() };
+    let mtls = |c: &mut pb::Cluster, app: u16, sidecar: &Sidecar| {
+        c.endpoints[0].port = u32::from(app);
+        c.endpoints[0].dial_port = u32::from(port_of(sidecar));
+        c.endpoints[0].identity = "spiffe://cluster.local/ns/default/sa/httpbin".into();
+        c.tls_mode = pb::TlsMode::IstioMutual as i32;
+    };
+    let mut cfg = config(v1.port, v2.port, &["$.served_by"], 0);
+    mtls(&mut cfg.clusters[0], v1.port, &pod_v1);
+    mtls(&mut cfg.clusters[1], v2.port, &pod_v2);
+    let down = "outbound|8000|v3|httpbin.default.svc.cluster.local";
+    let mut c3 = cluster(down, closed);
+    mtls(&mut c3, closed, &pod_v3);
+    cfg.clusters.push(c3);
+    let mut to_down = cfg.services[0].ports[0].routes[0].clone();
+    to_down.name = "default/httpbin/down".into();
+    to_down.matches = vec![pb::HttpMatch {
+        uri: Some(pb::StringMatch {
+            kind: Some(pb::string_match::Kind::Prefix("/down".into())),
+        }),
+        ..Default::default()
+    }];
+    to_down.mirrors[0].cluster = down.into();
+    cfg.services[0].ports[0].routes.insert(0, to_down);
+    m.pilot.push("2", cfg);
+    let deadline = Instant::now() + WAIT;
+    while version(&m.client) != "2" {
+        assert!(Instant::now() < deadline, "the client never took version 2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    for (glob, n) in [
+        ("http://httpbin:8000/flaky?i=[1-3]", 3),
+        ("http://httpbin:8000/json/diff?i=[1-2]", 2),
+        ("http://httpbin:8000/json/ignored?i=[1-4]", 4),
+        ("http://httpbin:8000/down?i=[1-2]", 2),
+    ] {
+        assert_eq!(burst(&m.client, glob), vec![200; n], "{glob}");
+    }
+    let r = wait_concluded(&m.client, 11);
+    let route = |name: &str| {
+        r["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["route"] == name)
+            .unwrap()
+            .clone()
+    };
+    let main = route("default/httpbin/0");
+    assert_eq!(
+        path(&main, "GET /flaky")["outcomes"],
+        serde_json::json!({"status": 3})
+    );
+    assert_eq!(
+        path(&main, "GET /json/diff")["outcomes"],
+        serde_json::json!({"body": 2})
+    );
+    assert_eq!(
+        path(&main, "GET /json/ignored")["outcomes"],
+        serde_json::json!({"match": 4}),
+        "the hop through two sidecars adds nothing that differs: {main:#}"
+    );
+    let to_down = route("default/httpbin/down");
+    assert_eq!(
+        path(&to_down, "GET /down")["outcomes"],
+        serde_json::json!({"mirror_error": 2})
+    );
+    assert_eq!(path(&to_down, "GET /down")["sample"]["mirror_status"], 503);
+    // The copies reached v2 (through its sidecar: the endpoints are mTLS only).
+    assert!(
+        v2.log_lines()
+            .iter()
+            .filter(|l| l.contains("GET /flaky"))
+            .count()
+            >= 3,
+        "{:?}",
+        v2.log_lines()
+    );
+    drop((pod_v1, pod_v2, pod_v3));
 }
