@@ -109,7 +109,7 @@ fn mesh(dir: &std::path::Path, config: pb::ProxyConfig, otlp: Option<&OtlpSink>)
     Mesh {
         pilot,
         client,
-        plane: plane,
+        plane,
     }
 }
 
