@@ -132,6 +132,13 @@ impl Admin {
                             "mirrors": r.mirrors.iter().map(|m| serde_json::json!({
                                 "cluster": m.cluster.name,
                                 "percent": m.percent,
+                                "compare": m.compare.as_ref().map(|c| serde_json::json!({
+                                    "status": c.status,
+                                    "headers": c.headers,
+                                    "body": c.body,
+                                    "ignore_headers": c.ignore_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                                    "ignore_json": c.ignore_json.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                                })),
                             })).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),

@@ -219,6 +219,11 @@ fn identical_versions_match_on_every_request_date_and_trace_headers_aside() {
     let v1 = Httpbin::start(dir.path(), "v1").unwrap();
     let v2 = Httpbin::start(dir.path(), "v2").unwrap();
     let m = mesh(dir.path(), config(v1.port, v2.port, &[], 0), None);
+    // `/config_dump` shows what the route compares.
+    let dump: serde_json::Value = serde_json::from_str(&m.client.config_dump().unwrap()).unwrap();
+    let compare = &dump["services"][0]["ports"][0]["routes"][0]["mirrors"][0]["compare"];
+    assert_eq!(compare["body"], true, "{dump:#}");
+    assert_eq!(compare["ignore_headers"][0], "date", "{dump:#}");
     // 300 requests over three shapes, long enough that gunicorn's `Date` ticks over between
     // primaries and copies; the copies carry other span ids in their trace headers.
     let started = Instant::now();
