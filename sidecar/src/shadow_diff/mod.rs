@@ -27,7 +27,9 @@
 //! its permits; over it the copy is still sent, fire and forget, and counted `skipped`); JSON bodies
 //! kept only up to [`observe::JSON_PREFIX_MAX`] each (longer ones are hashed as they stream);
 //! [`report::MAX_SHAPES`] request shapes per route (then `{other}`), [`noise::MAX_NOISY`] noisy
-//! headers and JSON paths per route. A comparison lives at most twice its copy timeout.
+//! headers and JSON paths per route, [`MAX_ROUTES`] routes. A comparison lives at most twice its
+//! copy timeout. Latencies run from the start of each request (the copy's starts once the primary's
+//! request body has passed, so for large uploads the delta leans negative).
 //! Headers never compared: the route's `ignore_headers` (pilot adds `date`, `server`,
 //! `x-request-id` and the trace headers) and the framing and hop-by-hop ones (`content-length`,
 //! `transfer-encoding`, `connection`, …: they describe a hop, and the copy's hop differs).
@@ -58,11 +60,14 @@ use crate::http::body::{Body, BodyError};
 use crate::route::compare::Compare;
 use crate::telemetry::trace::{Event, Span, Tracer};
 use compare::{Copied, Verdict};
-use observe::{Observation, Observer};
+use observe::Observer;
 use report::{RequestFacts, RouteState};
 
 /// Comparisons in flight per sidecar.
 pub const MAX_PENDING: usize = 1024;
+/// Routes counted per sidecar (route names change with config over the sidecar's life); the
+/// comparisons of further routes are not counted.
+pub const MAX_ROUTES: usize = 256;
 /// The copy timeout of a route without a timeout of its own.
 pub const DEFAULT_COPY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -108,12 +113,12 @@ impl ShadowDiff {
 
     fn with_route<T>(&self, route: &str, service: &str, f: impl FnOnce(&mut RouteState) -> T) -> T {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let state = match routes.get_mut(route) {
-            Some(s) => s,
-            None => routes
-                .entry(route.to_owned())
-                .or_insert_with(|| RouteState::new(service.to_owned())),
-        };
+        if !routes.contains_key(route) && routes.len() < MAX_ROUTES {
+            routes.insert(route.to_owned(), RouteState::new(service.to_owned()));
+        }
+        // Over the bound: compared, not kept (allocates nothing until used).
+        let mut uncounted = RouteState::new(String::new());
+        let state = routes.get_mut(route).unwrap_or(&mut uncounted);
         let out = f(state);
         drop(routes);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -267,7 +272,7 @@ pub struct Target {
 #[derive(Debug)]
 pub struct PrimaryProbe {
     spec: Arc<Compare>,
-    tx: oneshot::Sender<Observation>,
+    tx: oneshot::Sender<Finished>,
     start: Instant,
     span: Option<oneshot::Sender<Span>>,
 }
@@ -296,18 +301,24 @@ impl PrimaryProbe {
     }
 }
 
+/// A primary's answer, observed to its end `.1` after the request started.
+#[derive(Debug)]
+struct Finished(Observer, Duration);
+
 /// The primary's response body, passed through unchanged, hashed on the way.
 struct ObservedBody {
     inner: Body,
     observer: Option<Observer>,
-    tx: Option<oneshot::Sender<Observation>>,
+    tx: Option<oneshot::Sender<Finished>>,
     start: Instant,
 }
 
 impl ObservedBody {
     fn done(&mut self) {
         if let (Some(o), Some(tx)) = (self.observer.take(), self.tx.take()) {
-            let _ = tx.send(o.finish(self.start.elapsed()));
+            // Only the clock is read here: parsing a kept JSON body is the comparison task's work,
+            // off the primary's path.
+            let _ = tx.send(Finished(o, self.start.elapsed()));
         }
     }
 }
@@ -360,7 +371,7 @@ pub struct Comparing {
     shadow: Arc<ShadowDiff>,
     spec: Arc<Compare>,
     target: Option<Target>,
-    primary: oneshot::Receiver<Observation>,
+    primary: oneshot::Receiver<Finished>,
     span: Option<oneshot::Receiver<Span>>,
     tracer: Tracer,
     copy_timeout: Duration,
@@ -383,7 +394,7 @@ impl Comparing {
     /// counts, and adds the divergence event to the held client span.
     pub async fn conclude(mut self, copy: Copied) {
         let primary = match tokio::time::timeout(self.copy_timeout, &mut self.primary).await {
-            Ok(Ok(p)) => Some(p),
+            Ok(Ok(Finished(o, latency))) => Some(o.finish(latency)),
             _ => None,
         };
         let span = match self.span.take() {
@@ -651,6 +662,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn routes_beyond_the_bound_are_not_kept() {
+        let shadow = Arc::new(ShadowDiff::new("sleep"));
+        for i in 0..MAX_ROUTES + 5 {
+            let mut t = target("r");
+            t.route = format!("route-{i}");
+            shadow.skip(&t);
+        }
+        assert_eq!(shadow.report().routes.len(), MAX_ROUTES);
     }
 
     #[test]
