@@ -125,7 +125,8 @@ impl ShadowDiff {
         out
     }
 
-    /// Counts a request whose copy was not sent (too many copies in flight) as `skipped`.
+    /// Counts a request that is not compared (the pending table is full, or too many copies are in
+    /// flight to send this one) as `skipped`.
     pub fn skip(&self, target: &Target) {
         self.with_route(&target.route, &target.service, |r| {
             r.skipped(&target.facts.shape)
@@ -133,7 +134,7 @@ impl ShadowDiff {
     }
 
     /// Starts a comparison of one request, or counts it `skipped` when the table is full.
-    /// `primary_span`: whether the request's client span should be held until it concludes.
+    /// `hold_span`: whether the request's client span is held until the comparison concludes.
     pub fn begin(
         self: &Arc<Self>,
         spec: &Arc<Compare>,
@@ -143,9 +144,7 @@ impl ShadowDiff {
         tracer: &Tracer,
     ) -> Option<(PrimaryProbe, Comparing)> {
         let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            self.with_route(&target.route, &target.service, |r| {
-                r.skipped(&target.facts.shape)
-            });
+            self.skip(&target);
             return None;
         };
         let (tx, rx) = oneshot::channel();
