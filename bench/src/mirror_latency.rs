@@ -8,7 +8,10 @@
 //! time, so a stall is not hidden by the load tool slowing down); every run is bounded in count and
 //! time. Scenarios are interleaved per round. Build first: `cargo build --release --bins`.
 //!
-//! Usage: `cargo run --release -p weft-bench --bin mirror-latency [-- --rate 1000 --secs 5 --rounds 3]`
+//! Usage: `cargo run --release -p weft-bench --bin mirror-latency [-- --rate 1000 --secs 5 --rounds 3]
+//! [--compare 1]`. With `--compare 1` each round also runs 100% mirroring with shadow-diff on (the
+//! VirtualService's `weft.io/mirror-compare: status,headers,body`; issue 20), divided by the same
+//! round's run without mirroring; it needs pilot to translate the annotation.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,7 +27,19 @@ use weft_tests::{ControlPlane, Sidecar};
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: bench\nspec:\n  selector:\n    app: bench\n  ports:\n  - name: http\n    port: 8000\n    targetPort: 80\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: bench\nspec:\n  host: bench\n  subsets:\n  - name: v1\n    labels:\n      version: v1\n  - name: v2\n    labels:\n      version: v2\n";
 
 fn virtual_service(mirror: bool) -> String {
-    let mut vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bench\nspec:\n  hosts:\n  - bench\n  http:\n  - route:\n    - destination:\n        host: bench\n        subset: v1\n".to_owned();
+    virtual_service_with(mirror, false)
+}
+
+/// The VirtualService, with shadow-diff's annotation when `compare`.
+fn virtual_service_with(mirror: bool, compare: bool) -> String {
+    let annotation = if compare {
+        "\n  annotations:\n    weft.io/mirror-compare: status,headers,body"
+    } else {
+        ""
+    };
+    let mut vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bench{annotation}\nspec:\n  hosts:\n  - bench\n  http:\n  - route:\n    - destination:\n        host: bench\n        subset: v1\n"
+    );
     if mirror {
         vs.push_str("    mirror:\n      host: bench\n      subset: v2\n");
     }
@@ -35,6 +50,7 @@ struct Args {
     rate: u64,
     secs: u64,
     rounds: usize,
+    compare: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -42,6 +58,7 @@ fn parse_args() -> Result<Args> {
         rate: 1000,
         secs: 5,
         rounds: 3,
+        compare: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +67,7 @@ fn parse_args() -> Result<Args> {
             "--rate" => a.rate = v.parse()?,
             "--secs" => a.secs = v.parse()?,
             "--rounds" => a.rounds = v.parse()?,
+            "--compare" => a.compare = v == "1" || v == "true",
             other => bail!("unknown flag {other}"),
         }
     }
@@ -204,6 +222,7 @@ fn main() -> Result<()> {
         ("100% mirror", vec![]),
         ("no mirror (2)", vec![]),
         ("dead mirror target", vec![]),
+        ("100% mirror, compare", vec![]),
     ];
     let run = |idx: usize, results: &mut Vec<(&str, Vec<Run>)>| -> Result<()> {
         let (lat, failed) = rt.block_on(load(proxy, args.rate, args.secs))?;
@@ -225,6 +244,11 @@ fn main() -> Result<()> {
         wait_config(&client, "|v2|bench", None)?;
         wait_config(&client, "\"percent\": 100.0", None)?;
         run(1, &mut results)?;
+        if args.compare {
+            apply(&plane, "vs.yaml", &virtual_service_with(true, true))?;
+            wait_config(&client, "\"compare\": {", None)?;
+            run(4, &mut results)?;
+        }
     }
     // The mirror target dies (its sidecar is killed; pilot keeps the endpoint: connections refused).
     v2.proc.kill()?;
@@ -260,6 +284,7 @@ fn main() -> Result<()> {
         )
     };
     let r1 = paired(0, 1);
+    let r3 = args.compare.then(|| paired(0, 4));
     let r2 = paired(2, 3);
     let base1 = summary[0].2;
     let base2 = summary[2].2;
@@ -270,7 +295,10 @@ fn main() -> Result<()> {
     println!("| scenario | p50 ms | p99 ms | failed | median p99 / median no-mirror p99 |");
     println!("|---|---|---|---|---|");
     for (i, (name, p50, p99, failed)) in summary.iter().enumerate() {
-        let base = if i < 2 { base1 } else { base2 };
+        if i == 4 && !args.compare {
+            continue;
+        }
+        let base = if i < 2 || i == 4 { base1 } else { base2 };
         println!(
             "| {name} | {p50:.2} | {p99:.2} | {failed} | {:.2} |",
             p99 / base
@@ -284,5 +312,12 @@ fn main() -> Result<()> {
         r2,
         if r2 <= 1.1 { "met" } else { "NOT met" }
     );
+    if let Some(r3) = r3 {
+        println!(
+            "goal: median per-round p99 ratio <= 1.1: 100% mirror with compare {:.2} ({})",
+            r3,
+            if r3 <= 1.1 { "met" } else { "NOT met" }
+        );
+    }
     Ok(())
 }

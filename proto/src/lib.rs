@@ -7,14 +7,32 @@ pub mod ca {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// The generated code nested as the packages are, so that a message of one package naming one of
+/// another (`weft.config.v1` using `weft.discovery.v1.MirrorReport`) resolves: prost writes such
+/// references as `super::super::discovery::v1::…`.
+mod packages {
+    pub mod weft {
+        pub mod discovery {
+            pub mod v1 {
+                tonic::include_proto!("weft.discovery.v1");
+            }
+        }
+        pub mod config {
+            pub mod v1 {
+                tonic::include_proto!("weft.config.v1");
+            }
+        }
+    }
+}
+
 /// The discovery service pilot serves to sidecars.
 pub mod discovery {
-    tonic::include_proto!("weft.discovery.v1");
+    pub use crate::packages::weft::discovery::v1::*;
 }
 
 /// The config API `pilot apply|get|delete|analyze` call on pilot's unix socket.
 pub mod config {
-    tonic::include_proto!("weft.config.v1");
+    pub use crate::packages::weft::config::v1::*;
 }
 
 /// Every `.proto` above as an encoded `google.protobuf.FileDescriptorSet`: the schema, for code

@@ -33,6 +33,8 @@ pub struct Admin {
     pub control: Arc<ControlStats>,
     /// Mirroring counters.
     pub mirror: Arc<crate::outbound::mirror::MirrorStats>,
+    /// Shadow-diff comparisons (`/mirror_report`, `weft_mirror_compare_*`).
+    pub shadow: Arc<crate::shadow_diff::ShadowDiff>,
     /// Span export counters.
     pub trace: Arc<crate::telemetry::trace::TraceStats>,
     /// Istio metrics.
@@ -86,9 +88,20 @@ impl Admin {
             },
             "/config_dump" => self.config_dump(),
             "/stats/prometheus" | "/stats" => text(StatusCode::OK, self.stats()),
+            "/mirror_report" => {
+                let mut resp = text(
+                    StatusCode::OK,
+                    serde_json::to_string_pretty(&self.shadow.report_json()).unwrap_or_default(),
+                );
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: /ready /config_dump /stats/prometheus\n".into(),
+                "endpoints: /ready /config_dump /stats/prometheus /mirror_report\n".into(),
             ),
         }
     }
@@ -119,6 +132,13 @@ impl Admin {
                             "mirrors": r.mirrors.iter().map(|m| serde_json::json!({
                                 "cluster": m.cluster.name,
                                 "percent": m.percent,
+                                "compare": m.compare.as_ref().map(|c| serde_json::json!({
+                                    "status": c.status,
+                                    "headers": c.headers,
+                                    "body": c.body,
+                                    "ignore_headers": c.ignore_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                                    "ignore_json": c.ignore_json.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                                })),
                             })).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
@@ -191,6 +211,7 @@ impl Admin {
                 v.load(Ordering::Relaxed)
             );
         }
+        self.shadow.render(&mut out);
         family(
             &mut out,
             "weft_spans_total",

@@ -2,12 +2,19 @@
 //! publishes it; ACKs what converts, NACKs what does not (keeping the last good table), and reconnects
 //! with jittered, capped exponential backoff when the stream ends. While pilot is away the sidecar keeps
 //! serving with what it has.
+//!
+//! Every [`REPORT_EVERY`], when a comparison concluded since the last one, the sidecar's shadow-diff
+//! report ([`crate::shadow_diff`]) goes to pilot on the same stream: a request carrying
+//! `mirror_report` and no `response_nonce` (neither an ACK nor a NACK; pilot matches answers by
+//! nonce). Only after this stream has delivered a config, so that pilot never sees it before the
+//! stream's first push (when an empty nonce would match its empty last nonce).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use weft_ca::SpiffeId;
@@ -16,11 +23,14 @@ use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
 
 use crate::route::RouteTable;
+use crate::shadow_diff::ShadowDiff;
 use crate::snapshot::Snapshot;
 
 /// Backoff bounds (ztunnel's xDS client: 10 ms doubling to 15 s; we start at 100 ms).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// How often a changed shadow-diff report is sent.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Where and who: everything the discovery client needs.
 #[derive(Debug, Clone)]
@@ -56,13 +66,14 @@ pub async fn run(
     creds: Arc<CredentialStore>,
     tables: watch::Sender<Arc<Snapshot>>,
     stats: Arc<ControlStats>,
+    shadow: Arc<ShadowDiff>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&cfg, &creds, &tables, &stats) => r,
+            r = session(&cfg, &creds, &tables, &stats, &shadow) => r,
         };
         stats.connected.store(0, Ordering::Relaxed);
         match outcome {
@@ -103,6 +114,7 @@ async fn session(
     creds: &Arc<CredentialStore>,
     tables: &watch::Sender<Arc<Snapshot>>,
     stats: &ControlStats,
+    shadow: &ShadowDiff,
 ) -> Result<bool, ControlError> {
     let tls = tls::client_config(
         Some(creds.clone()),
@@ -129,8 +141,31 @@ async fn session(
     stats.connected.store(1, Ordering::Relaxed);
     tracing::info!(pilot = %cfg.pilot, "discovery stream open");
     let mut got_config = false;
+    // A new stream reports again (pilot may have restarted and lost the last one).
+    let mut reported: Option<u64> = None;
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let response = match inbound.message().await {
+        let next = tokio::select! {
+            // `next` on the stream is cancel-safe: a message half-read stays in the stream.
+            m = inbound.next() => m,
+            _ = tick.tick() => {
+                let generation = shadow.generation();
+                if got_config && generation > 0 && reported != Some(generation) {
+                    reported = Some(generation);
+                    let report = pb::DiscoveryRequest {
+                        version_info: tables.borrow().routes.version.clone(),
+                        mirror_report: Some(shadow.report()),
+                        ..Default::default()
+                    };
+                    if tx.send(report).await.is_err() {
+                        return Ok(got_config);
+                    }
+                }
+                continue;
+            }
+        };
+        let response = match next.transpose() {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(got_config),
             Err(status) if got_config => {

@@ -21,6 +21,7 @@ pub mod listener;
 pub mod outbound;
 pub mod route;
 pub mod run;
+pub mod shadow_diff;
 pub mod snapshot;
 pub mod stream;
 pub mod telemetry;

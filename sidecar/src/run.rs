@@ -271,11 +271,13 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         sinks.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
+    let shadow = Arc::new(crate::shadow_diff::ShadowDiff::new(&cfg.name));
     let mirrors = Arc::new(crate::outbound::mirror::Mirrors::new(
         upstreams.clone(),
         cfg.ip.to_string(),
         cfg.mirror_max_body,
         crate::outbound::mirror::DEFAULT_MAX_IN_FLIGHT,
+        shadow.clone(),
     ));
     let outbound = Arc::new(Outbound {
         snapshots: tables.clone(),
@@ -301,6 +303,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         bundle: bundle.clone(),
         control: stats.clone(),
         mirror: mirrors.stats.clone(),
+        shadow: shadow.clone(),
         trace: tracer.stats.clone(),
         metrics: metrics.clone(),
         app_metrics: cfg
@@ -345,6 +348,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
             creds.clone(),
             tables_tx,
             stats,
+            shadow,
             stopped.clone(),
         )),
         tokio::spawn(crate::outbound::serve(

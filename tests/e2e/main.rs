@@ -25,5 +25,6 @@ mod multinode;
 mod pilot;
 mod resilience;
 mod runtime;
+mod shadow_diff;
 mod traffic_policy;
 mod transparent;

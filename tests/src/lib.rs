@@ -495,15 +495,32 @@ pub struct Httpbin {
 impl Httpbin {
     /// Starts gunicorn on 127.0.0.1 (a free port) and waits until it answers.
     pub fn start(dir: &std::path::Path, name: &str) -> Result<Self> {
-        Self::spawn(dir, name, None)
+        Self::spawn(dir, name, None, None)
+    }
+
+    /// Starts another WSGI app of `tests/python` (`module:app`, with `env`) under gunicorn the same
+    /// way, with 16 threads (an app that sleeps must not hold the others up). It must answer
+    /// `GET /get` with a 2xx.
+    pub fn start_app(
+        dir: &std::path::Path,
+        name: &str,
+        module: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::spawn(dir, name, None, Some((module, env)))
     }
 
     /// Starts gunicorn in pod `host` exactly as the seed's Deployment does (`-b 0.0.0.0:80`).
     pub fn start_in(dir: &std::path::Path, name: &str, host: &netns::Host) -> Result<Self> {
-        Self::spawn(dir, name, Some(host))
+        Self::spawn(dir, name, Some(host), None)
     }
 
-    fn spawn(dir: &std::path::Path, name: &str, host: Option<&netns::Host>) -> Result<Self> {
+    fn spawn(
+        dir: &std::path::Path,
+        name: &str,
+        host: Option<&netns::Host>,
+        app: Option<(&str, &[(&str, &str)])>,
+    ) -> Result<Self> {
         let gunicorn = venv().join("bin/gunicorn");
         if !gunicorn.exists() {
             bail!(
@@ -517,6 +534,12 @@ impl Httpbin {
             Some(h) => (h.command(&gunicorn), "0.0.0.0:80"),
             None => (Command::new(&gunicorn), "127.0.0.1:0"),
         };
+        if let Some((_, env)) = app {
+            let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+            cmd.arg("--chdir").arg(python).args(["--threads", "16"]);
+            cmd.envs(env.iter().copied());
+        }
+        let module = app.map_or("httpbin:app", |(m, _)| m);
         let mut proc = cmd
             // --no-control-socket: gunicorn 27 otherwise shares ~/.gunicorn/gunicorn.ctl between
             // every instance, which breaks parallel tests.
@@ -526,7 +549,7 @@ impl Httpbin {
                 "--no-control-socket",
                 "-b",
                 bind,
-                "httpbin:app",
+                module,
             ])
             // gunicorn's default format plus the Host header, so tests can see the mirror's
             // `-shadow` host in v2's log.

@@ -12,12 +12,16 @@
 //! chunks it forwards anyway, and takes a permit without waiting; copies beyond the in-flight bound
 //! are dropped and counted; the copy's response is read and discarded in its own task, and its
 //! failures are counted, never returned.
+//!
+//! A mirror with `compare` (shadow-diff, [`crate::shadow_diff`]) reads the copy's answer into an
+//! observation instead of dropping it, under the copy timeout, and concludes the comparison with
+//! the primary's answer, which [`start`] hands back as a [`PrimaryProbe`] for the send stage.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -26,6 +30,9 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::http::body::{Body, BodyError};
 use crate::route::{Cluster, Route, shadow_authority};
+use crate::shadow_diff::compare::Copied;
+use crate::shadow_diff::report::RequestFacts;
+use crate::shadow_diff::{Comparing, PrimaryProbe, ShadowDiff, Target};
 use crate::snapshot::Snapshot;
 use crate::telemetry::trace::{Hop, Kind, Span, Tracer};
 use crate::upstream::Upstreams;
@@ -63,6 +70,8 @@ pub struct Mirrors {
     node_ip: String,
     /// Counters.
     pub stats: Arc<MirrorStats>,
+    /// Shadow-diff: comparisons of copies with their primaries.
+    pub shadow: Arc<ShadowDiff>,
 }
 
 /// One copy, ready to go once its body is known.
@@ -75,6 +84,8 @@ pub struct Copy {
     path: String,
     hop: Hop,
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// The comparison this copy's answer concludes (shadow-diff), if its mirror compares.
+    compare: Option<Comparing>,
 }
 
 impl Mirrors {
@@ -84,6 +95,7 @@ impl Mirrors {
         node_ip: String,
         max_body: usize,
         max_in_flight: usize,
+        shadow: Arc<ShadowDiff>,
     ) -> Self {
         Self {
             upstreams,
@@ -91,22 +103,28 @@ impl Mirrors {
             max_body,
             node_ip,
             stats: Arc::new(MirrorStats::default()),
+            shadow,
         }
     }
 
     /// The copies `route` wants for this request (each rolled against its percentage), built from the
-    /// primary's final head. Empty for most requests, so it allocates nothing then.
+    /// primary's final head. Empty for most requests, so it allocates nothing then. The first copy
+    /// whose mirror compares starts a comparison; its primary side goes to `probe`.
     pub fn prepare(
         &self,
         snapshot: &Snapshot,
         route: &Route,
         head: &http::request::Parts,
         primary: Primary<'_>,
+        tracer: &Tracer,
+        probe: &mut Option<PrimaryProbe>,
     ) -> Vec<Copy> {
         let Primary {
             authority,
             path,
             hop: parent,
+            service,
+            hold_span,
         } = primary;
         let shadow_suffix = snapshot.routes.mirror_shadow_suffix;
         let mut copies = Vec::new();
@@ -117,9 +135,51 @@ impl Mirrors {
             let Some(state) = snapshot.upstream.cluster(m.cluster.index) else {
                 continue;
             };
+            // Only built for a mirror that compares (never on other routes' requests).
+            let target = match &m.compare {
+                Some(_) if probe.is_none() => Some(Target {
+                    route: route.name.clone(),
+                    service: service.to_owned(),
+                    facts: RequestFacts {
+                        request_id: head
+                            .headers
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned(),
+                        shape: format!(
+                            "{} {}",
+                            head.method,
+                            crate::shadow_diff::noise::template(path)
+                        ),
+                    },
+                }),
+                _ => None,
+            };
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
+                if let Some(target) = &target {
+                    self.shadow.skip(target);
+                }
                 continue;
+            };
+            let compare = match (&m.compare, target) {
+                (Some(spec), Some(target)) => {
+                    // The route's timeout bounds the copy too: an answer later than the primary
+                    // could ever be is a timeout, not a result.
+                    let timeout = route
+                        .timeout
+                        .unwrap_or(crate::shadow_diff::DEFAULT_COPY_TIMEOUT)
+                        .min(COPY_TIMEOUT);
+                    match self.shadow.begin(spec, target, timeout, hold_span, tracer) {
+                        Some((p, c)) => {
+                            *probe = Some(p);
+                            Some(c)
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
             };
             let mut copy = http::Request::new(());
             *copy.method_mut() = head.method.clone();
@@ -153,6 +213,7 @@ impl Mirrors {
                 path: path.to_owned(),
                 hop,
                 permit,
+                compare,
             });
         }
         copies
@@ -160,7 +221,7 @@ impl Mirrors {
 
     /// Sends `copies` with `body`, each in its own task.
     pub fn send(&self, copies: Vec<Copy>, body: Bytes, tracer: &Tracer, service: &Arc<str>) {
-        for copy in copies {
+        for mut copy in copies {
             let upstreams = self.upstreams.clone();
             let stats = self.stats.clone();
             let tracer = tracer.clone();
@@ -172,9 +233,33 @@ impl Mirrors {
                     "mirror {}:{}/*",
                     copy.cluster.service_hostname, copy.cluster.port
                 );
-                let status = tokio::time::timeout(COPY_TIMEOUT, send_copy(&upstreams, &copy, body))
-                    .await
-                    .unwrap_or(None);
+                let status = match copy.compare.take() {
+                    None => tokio::time::timeout(COPY_TIMEOUT, send_copy(&upstreams, &copy, body))
+                        .await
+                        .unwrap_or(None),
+                    Some(comparing) => {
+                        let began = Instant::now();
+                        let spec = comparing.spec().clone();
+                        let answer = async {
+                            match request_copy(&upstreams, &copy, body).await {
+                                Some(resp) => {
+                                    crate::shadow_diff::observe_copy(spec, resp, began).await
+                                }
+                                None => Copied::Failed(None),
+                            }
+                        };
+                        let copied = tokio::time::timeout(comparing.copy_timeout(), answer)
+                            .await
+                            .unwrap_or(Copied::TimedOut);
+                        let status = match &copied {
+                            Copied::Answered(o) => Some(o.status),
+                            Copied::Failed(s) => *s,
+                            Copied::TimedOut => None,
+                        };
+                        comparing.conclude(copied).await;
+                        status
+                    }
+                };
                 match status {
                     Some(_) => stats.sent.fetch_add(1, Ordering::Relaxed),
                     None => stats.failed.fetch_add(1, Ordering::Relaxed),
@@ -195,6 +280,7 @@ impl Mirrors {
                             ("url.path", copy.path.clone()),
                             ("server.address", copy.authority.clone()),
                         ],
+                        events: Vec::new(),
                     });
                 }
                 drop(copy.permit);
@@ -220,6 +306,7 @@ impl Mirrors {
             max_body: self.max_body,
             node_ip: self.node_ip.clone(),
             stats: self.stats.clone(),
+            shadow: self.shadow.clone(),
         };
         let tracer = tracer.clone();
         let service = service.clone();
@@ -241,6 +328,19 @@ impl Mirrors {
 }
 
 async fn send_copy(upstreams: &Arc<Upstreams>, copy: &Copy, body: Bytes) -> Option<u16> {
+    let resp = request_copy(upstreams, copy, body).await?;
+    let status = resp.status().as_u16();
+    // Read and drop the response, so the connection is reusable; its content never matters.
+    let _ = resp.into_body().collect().await;
+    Some(status)
+}
+
+/// Sends a copy; its answer's head (`None`: no endpoint, or the send failed).
+async fn request_copy(
+    upstreams: &Arc<Upstreams>,
+    copy: &Copy,
+    body: Bytes,
+) -> Option<http::Response<Body>> {
     let (_, endpoint) = balance::pick(&copy.cluster, &copy.state, None)?;
     let identity = copy.cluster.peer_identity(endpoint);
     let mut req = http::Request::new(Full::new(body).map_err(|never| match never {}).boxed());
@@ -282,10 +382,7 @@ async fn send_copy(upstreams: &Arc<Upstreams>, copy: &Copy, body: Bytes) -> Opti
                 .ok()?
         }
     };
-    let status = resp.status().as_u16();
-    // Read and drop the response, so the connection is reusable; its content never matters.
-    let _ = resp.into_body().collect().await;
-    Some(status)
+    Some(resp)
 }
 
 /// Passes a body through unchanged while keeping a copy of up to `limit` bytes; reports the copy
@@ -357,10 +454,15 @@ pub struct Primary<'a> {
     pub path: &'a str,
     /// The primary's trace context; each copy is a child span.
     pub hop: &'a Hop,
+    /// The primary's destination service FQDN (shadow-diff's `destination_service`).
+    pub service: &'a str,
+    /// Whether the request's client span is recorded (shadow-diff then holds it).
+    pub hold_span: bool,
 }
 
 /// Stage 4: rolls `route`'s mirrors for this request and starts the copies: at once for a request
-/// without a body, else once the primary's body has passed (the returned body tees it).
+/// without a body, else once the primary's body has passed (the returned body tees it). When one of
+/// the copies is compared, `probe` receives the primary's side of the comparison.
 #[allow(clippy::too_many_arguments)] // the stage's inputs, each from a different owner
 pub fn start(
     mirrors: &Mirrors,
@@ -371,8 +473,9 @@ pub fn start(
     primary: Primary<'_>,
     tracer: &Tracer,
     service: &Arc<str>,
+    probe: &mut Option<PrimaryProbe>,
 ) -> Body {
-    let copies = mirrors.prepare(snapshot, route, head, primary);
+    let copies = mirrors.prepare(snapshot, route, head, primary, tracer, probe);
     if copies.is_empty() {
         return body;
     }

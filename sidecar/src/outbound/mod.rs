@@ -268,7 +268,11 @@ impl Outbound {
                 ],
             }));
         }
+        // Shadow-diff's primary side, when a mirror of the route compares (None otherwise: nothing
+        // is allocated for it).
+        let mut probe = None;
         if !target.route.mirrors.is_empty() {
+            let hold_span = record.span.is_some();
             body = mirror::start(
                 &self.mirrors,
                 snapshot,
@@ -279,10 +283,16 @@ impl Outbound {
                     authority: &authority,
                     path: path.as_str(),
                     hop: &hop,
+                    service: &dest.cluster.service_hostname,
+                    hold_span,
                 },
                 &self.sinks.tracer,
                 &service_name,
+                &mut probe,
             );
+            if let Some(p) = &mut probe {
+                record.span_hold = p.take_span_hold();
+            }
         }
         if target.port.protocol == "grpc" || target.port.protocol == "http2" {
             // The peer's sidecar talks to its app in HTTP/1.1 unless told the app speaks HTTP/2
@@ -317,6 +327,11 @@ impl Outbound {
         };
         outcome.report(snapshot, &dest.cluster, record);
         let mut resp = outcome.result?;
+        if let Some(probe) = probe {
+            // The answer as the upstream gave it, before this route's response header operations
+            // (the copy's answer never gets them).
+            resp = probe.observe(resp);
+        }
         strip_hop_by_hop(resp.headers_mut());
         rewrite::response_headers(target.route, dest, resp.headers_mut());
         Ok(resp)

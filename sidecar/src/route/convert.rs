@@ -86,6 +86,14 @@ pub enum InvalidConfig {
         /// What is wrong.
         reason: retry::RetryOnError,
     },
+    /// A mirror's shadow-diff settings are not usable.
+    #[error("route {route}: mirror compare: {reason}")]
+    MirrorCompare {
+        /// Route name.
+        route: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Something required is missing.
     #[error("{0} is missing")]
     Missing(&'static str),
@@ -388,9 +396,19 @@ fn convert_route(
                 value: m.percent,
             });
         }
+        let compare = match m.compare {
+            Some(c) => Some(Arc::new(convert_compare(c).map_err(|reason| {
+                InvalidConfig::MirrorCompare {
+                    route: name.clone(),
+                    reason,
+                }
+            })?)),
+            None => None,
+        };
         mirrors.push(MirrorPolicy {
             cluster: cluster(&m.cluster)?,
             percent: m.percent,
+            compare,
         });
     }
     let matches = r
@@ -443,6 +461,36 @@ fn convert_route(
         matches,
         action,
         mirrors,
+    })
+}
+
+/// A mirror's compare settings: at least one aspect, lowercase header names (pilot lowercases
+/// them; anything else means a pilot bug or a hand-made push), JSON paths of the supported subset.
+fn convert_compare(c: pb::MirrorCompare) -> Result<compare::Compare, String> {
+    if !(c.status || c.headers || c.body) {
+        return Err("nothing to compare (none of status, headers, body)".into());
+    }
+    let mut ignore_headers = Vec::with_capacity(c.ignore_headers.len());
+    for h in c.ignore_headers {
+        if h.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(format!("ignored header {h:?} is not lowercase"));
+        }
+        ignore_headers.push(
+            HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| format!("invalid ignored header {h:?}"))?,
+        );
+    }
+    let ignore_json = c
+        .ignore_json
+        .iter()
+        .map(|p| compare::JsonPath::parse(p).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(compare::Compare {
+        status: c.status,
+        headers: c.headers,
+        body: c.body,
+        ignore_headers,
+        ignore_json,
     })
 }
 

@@ -7,6 +7,7 @@
 //! as an `Arc`, so requests read it without locks and finish on the table they started with.
 //! Matching (`matching`) picks the route and the weighted destination.
 
+pub mod compare;
 mod convert;
 mod matching;
 pub mod policy;
@@ -158,6 +159,9 @@ pub struct MirrorPolicy {
     pub cluster: Arc<Cluster>,
     /// Share of requests mirrored, 0..=100.
     pub percent: f64,
+    /// Shadow-diff: compare the copy's answer with the primary's (`None`: the answer is dropped).
+    /// Shared, so a comparison in flight holds it without copying.
+    pub compare: Option<Arc<compare::Compare>>,
 }
 
 /// Fault injection.

@@ -340,10 +340,55 @@ fn invalid_pushes_are_rejected_with_a_reason() {
                 r.mirrors.push(pb::Mirror {
                     cluster: V2.into(),
                     percent: 150.0,
+                    compare: None,
                 });
                 config(vec![r])
             },
             "mirror percentage 150",
+        ),
+        (
+            {
+                let mut r = route("r", vec![], vec![dest(V1, 1)]);
+                r.mirrors.push(pb::Mirror {
+                    cluster: V2.into(),
+                    percent: 100.0,
+                    compare: Some(pb::MirrorCompare::default()),
+                });
+                config(vec![r])
+            },
+            "nothing to compare",
+        ),
+        (
+            {
+                let mut r = route("r", vec![], vec![dest(V1, 1)]);
+                r.mirrors.push(pb::Mirror {
+                    cluster: V2.into(),
+                    percent: 100.0,
+                    compare: Some(pb::MirrorCompare {
+                        status: true,
+                        ignore_headers: vec!["Date".into()],
+                        ..Default::default()
+                    }),
+                });
+                config(vec![r])
+            },
+            "ignored header \"Date\" is not lowercase",
+        ),
+        (
+            {
+                let mut r = route("r", vec![], vec![dest(V1, 1)]);
+                r.mirrors.push(pb::Mirror {
+                    cluster: V2.into(),
+                    percent: 100.0,
+                    compare: Some(pb::MirrorCompare {
+                        body: true,
+                        ignore_json: vec!["$.a[*]".into()],
+                        ..Default::default()
+                    }),
+                });
+                config(vec![r])
+            },
+            "invalid JSON path \"$.a[*]\"",
         ),
         (
             {
@@ -529,6 +574,14 @@ mod every_pushed_field_is_read {
             mirrors: vec![pb::Mirror {
                 cluster: V2.into(),
                 percent: 50.0,
+                compare: Some(pb::MirrorCompare {
+                    status: true,
+                    headers: true,
+                    body: true,
+                    ignore_headers: vec!["date".into()],
+                    ignore_json: vec!["$.headers.Host".into()],
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             timeout_ms: 3000,
@@ -631,6 +684,7 @@ mod every_pushed_field_is_read {
             "Endpoint.identity" => &["spiffe://cluster.local/ns/default/sa/other"],
             "WeightedCluster.cluster" | "Mirror.cluster" => &[V1, V2],
             "RetryPolicy.retry_on" => &["reset", "gateway-error"],
+            "MirrorCompare.ignore_json" => &["$.mutated[0]"],
             // A valid header name, query parameter, label, host, path and regex alike.
             _ => &["mutated"],
         }

@@ -201,6 +201,9 @@ pub struct Record<'a> {
     grpc_status: Option<u16>,
     /// The span, when sampled and a tracer is on.
     pub span: Option<Box<SpanFacts>>,
+    /// Where the finished span goes instead of the tracer: shadow-diff holds a compared request's
+    /// client span until the comparison concludes (and records it then, with its event).
+    pub span_hold: Option<tokio::sync::oneshot::Sender<Span>>,
 }
 
 impl<'a> Record<'a> {
@@ -250,6 +253,7 @@ impl<'a> Record<'a> {
             grpc: is_grpc(&parts.headers),
             grpc_status: None,
             span: None,
+            span_hold: None,
         }
     }
 
@@ -358,7 +362,7 @@ impl<'a> Record<'a> {
             };
             span.attributes
                 .push(("weft.response_flags", self.flags.to_string()));
-            sinks.tracer.record(Span {
+            let span = Span {
                 hop: span.hop,
                 name: span.name,
                 kind,
@@ -367,7 +371,17 @@ impl<'a> Record<'a> {
                 end: SystemTime::now(),
                 status: code,
                 attributes: span.attributes,
-            });
+                events: Vec::new(),
+            };
+            match self.span_hold.take() {
+                Some(hold) => {
+                    // The comparison is gone already: record it as usual.
+                    if let Err(span) = hold.send(span) {
+                        sinks.tracer.record(span);
+                    }
+                }
+                None => sinks.tracer.record(span),
+            }
         }
     }
 }

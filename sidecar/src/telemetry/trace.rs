@@ -355,6 +355,19 @@ pub struct Span {
     pub status: u16,
     /// Attributes (OTel HTTP semantic conventions plus `weft.*`).
     pub attributes: Vec<(&'static str, String)>,
+    /// Timed events (shadow-diff's `weft.mirror.divergence`); empty for nearly every span.
+    pub events: Vec<Event>,
+}
+
+/// A span event: something that happened at a point of the span's life.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Event name.
+    pub name: &'static str,
+    /// When.
+    pub time: SystemTime,
+    /// Attributes.
+    pub attributes: Vec<(&'static str, String)>,
 }
 
 /// Export statistics.
@@ -496,6 +509,16 @@ fn to_otlp(span: Span) -> otlp::Span {
         start_time_unix_nano: nanos(span.start),
         end_time_unix_nano: nanos(span.end),
         attributes,
+        events: span
+            .events
+            .into_iter()
+            .map(|e| otlp::span::Event {
+                time_unix_nano: nanos(e.time),
+                name: e.name.to_owned(),
+                attributes: e.attributes.into_iter().map(|(k, v)| kv(k, v)).collect(),
+                ..Default::default()
+            })
+            .collect(),
         status: Some(otlp::Status {
             code: if error {
                 otlp::status::StatusCode::Error as i32

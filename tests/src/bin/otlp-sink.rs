@@ -60,6 +60,10 @@ fn emit(req: &ExportTraceServiceRequest) {
                     "service": resource.get("service.name").cloned().unwrap_or_default(),
                     "resource": resource,
                     "attributes": attrs(&s.attributes),
+                    "events": s.events.iter().map(|e| serde_json::json!({
+                        "name": e.name,
+                        "attributes": attrs(&e.attributes),
+                    })).collect::<Vec<_>>(),
                     "duration_us": s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano) / 1000,
                 });
                 let _ = writeln!(out, "{line}");

@@ -344,9 +344,31 @@ impl Feed for pb::WeightedCluster {
 
 impl Feed for pb::Mirror {
     fn feed(&self, h: &mut Fnv) {
-        let pb::Mirror { cluster, percent } = self;
+        let pb::Mirror {
+            cluster,
+            percent,
+            compare,
+        } = self;
         h.str(cluster);
         h.f64(*percent);
+        h.opt(compare.as_ref());
+    }
+}
+
+impl Feed for pb::MirrorCompare {
+    fn feed(&self, h: &mut Fnv) {
+        let pb::MirrorCompare {
+            status,
+            headers,
+            body,
+            ignore_headers,
+            ignore_json,
+        } = self;
+        h.bool(*status);
+        h.bool(*headers);
+        h.bool(*body);
+        h.strs(ignore_headers);
+        h.strs(ignore_json);
     }
 }
 

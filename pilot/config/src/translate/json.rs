@@ -199,10 +199,38 @@ fn weighted_cluster(w: &pb::WeightedCluster) -> Value {
 }
 
 fn mirror(m: &pb::Mirror) -> Value {
-    let pb::Mirror { cluster, percent } = m;
+    let pb::Mirror {
+        cluster,
+        percent,
+        compare,
+    } = m;
     Obj::default()
         .str("cluster", cluster)
         .float("percent", *percent)
+        .msg("compare", compare.as_ref().map(mirror_compare))
+        .into()
+}
+
+fn mirror_compare(c: &pb::MirrorCompare) -> Value {
+    let pb::MirrorCompare {
+        status,
+        headers,
+        body,
+        ignore_headers,
+        ignore_json,
+    } = c;
+    Obj::default()
+        .bool("status", *status)
+        .bool("headers", *headers)
+        .bool("body", *body)
+        .list(
+            "ignore_headers",
+            ignore_headers.iter().map(|s| Value::from(s.as_str())),
+        )
+        .list(
+            "ignore_json",
+            ignore_json.iter().map(|s| Value::from(s.as_str())),
+        )
         .into()
 }
 

@@ -164,6 +164,7 @@ fn compile_rule(
             mirrors.push(pb::Mirror {
                 cluster: target(mirror),
                 percent,
+                compare: None,
             });
         }
     }
@@ -176,6 +177,7 @@ fn compile_rule(
             mirrors.push(pb::Mirror {
                 cluster: target(destination),
                 percent,
+                compare: None,
             });
         }
     }
