@@ -271,7 +271,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         sinks.clone(),
     ));
     let upstreams = Arc::new(Upstreams::new(creds.clone(), bundle.clone()));
-    let shadow = Arc::new(crate::shadow_diff::ShadowDiff::new(&cfg.name));
+    let shadow = Arc::new(crate::shadow_diff::ShadowDiff::new(&cfg.workload_name));
     let mirrors = Arc::new(crate::outbound::mirror::Mirrors::new(
         upstreams.clone(),
         cfg.ip.to_string(),
