@@ -175,7 +175,7 @@ impl Admin {
             },
             "tracing": {
                 "sampling_percent": table.tracing.sampling_percent,
-                "service_name": table.tracing.service_name,
+                "service_name": table.tracing.service_name.as_deref().unwrap_or_default(),
             },
         });
         let mut resp = text(

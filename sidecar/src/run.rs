@@ -236,7 +236,6 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         }
         None => crate::telemetry::trace::Tracer::disabled(),
     };
-    let pod_name: Arc<str> = Arc::from(cfg.name.as_str());
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
     let get = |k: &str| cfg.labels.get(k).map(String::as_str);
     let me = crate::telemetry::Workload {
@@ -248,13 +247,36 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         canonical_service: crate::telemetry::canonical_service(get),
         canonical_revision: crate::telemetry::canonical_revision(get),
     };
+    // Istio's names for this workload on its spans (pilot's pushed `service.name` is the same
+    // `<canonical service>.<namespace>`, from the Pod's labels; this one serves until it arrives).
+    let canonical_service = match me.canonical_service {
+        "" => cfg.workload_name.as_str(),
+        c => c,
+    };
+    let canonical_revision = match me.canonical_revision {
+        "" => "latest",
+        r => r,
+    };
+    let service_name: Arc<str> = Arc::from(crate::telemetry::span_tags::service_name(
+        canonical_service,
+        &cfg.namespace,
+    ));
+    let span_tags = crate::telemetry::span_tags::Static::new(&crate::telemetry::span_tags::Node {
+        ip: cfg.ip,
+        pod: &cfg.name,
+        namespace: &cfg.namespace,
+        canonical_service,
+        canonical_revision,
+        mesh_id: &cfg.trust_domain,
+    });
+    let tracer = tracer.with_tags(span_tags);
     let metrics = Arc::new(crate::telemetry::Metrics::new(
         crate::telemetry::workload_labels("source", &me),
         crate::telemetry::workload_labels("destination", &me),
     ));
     let sinks = crate::telemetry::record::Sinks {
         tracer: tracer.clone(),
-        pod_name,
+        service_name,
         metrics: metrics.clone(),
         access_log: cfg.access_log,
         unknown: crate::telemetry::record::Unknown::default(),

@@ -156,15 +156,48 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
             .unwrap_or_else(|| panic!("span missing in {of_trace:#?}"))
     };
     let client = find(&|s| s["span_id"] == client_span.as_str());
+    // Istio's `service.name` (`<canonical service>.<namespace>`), operation name and tags.
     assert_eq!(
         (client["kind"].as_str(), client["service"].as_str()),
-        (Some("client"), Some("sleep"))
+        (Some("client"), Some("sleep.default"))
     );
     assert_eq!(client["name"], "httpbin.default.svc.cluster.local:8000/*");
     assert_eq!(client["attributes"]["http.response.status_code"], 200);
     assert_eq!(client["attributes"]["weft.subset"], "v1");
-    assert_eq!(client["attributes"]["weft.response_flags"], "-");
-    assert_eq!(client["attributes"]["weft.source.workload"], "sleep");
+    let tags = &client["attributes"];
+    for (tag, want) in [
+        ("http.status_code", "200"),
+        ("http.method", "GET"),
+        ("http.url", "http://httpbin:8000/headers"),
+        ("http.protocol", "HTTP/1.1"),
+        ("response_flags", "-"),
+        ("component", "proxy"),
+        ("istio.mesh_id", "cluster.local"),
+        ("istio.canonical_service", "sleep"),
+        ("istio.canonical_revision", "v1"),
+        ("istio.namespace", "default"),
+        (
+            "upstream_cluster",
+            "outbound|8000|v1|httpbin.default.svc.cluster.local",
+        ),
+        ("request_size", "0"),
+        ("peer.address", "127.0.0.1"),
+        ("guid:x-request-id", rid.as_str()),
+    ] {
+        assert_eq!(tags[tag], want, "{tag}: {client:#}");
+    }
+    assert!(
+        tags["node_id"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("sidecar~127.0.0.1~sleep.default~")),
+        "{client:#}"
+    );
+    assert!(
+        tags["user_agent"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("curl/"))
+    );
+    assert!(tags["response_size"].as_str().is_some_and(|n| n != "0"));
     assert_eq!(
         client["attributes"]["weft.destination.workload"],
         "default/httpbin-v1"
@@ -172,8 +205,19 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
     let server = find(&|s| s["span_id"] == server_span.as_str());
     assert_eq!(
         (server["kind"].as_str(), server["service"].as_str()),
-        (Some("server"), Some("httpbin"))
+        (Some("server"), Some("httpbin.default"))
     );
+    // The callee names the span as Istio's inbound side does, after the Service called.
+    assert_eq!(server["name"], "httpbin.default.svc.cluster.local:8000/*");
+    // (Envoy's inbound cluster name; the app's port is picked per test here.)
+    assert!(
+        server["attributes"]["upstream_cluster"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("inbound|") && c.ends_with("||")),
+        "{server:#}"
+    );
+    assert_eq!(server["attributes"]["istio.canonical_service"], "httpbin");
+    assert_eq!(server["attributes"]["istio.canonical_revision"], "v1");
     assert_eq!(
         server["parent_span_id"],
         client_span.as_str(),
@@ -234,6 +278,9 @@ fn incoming_b3_and_traceparent_are_continued() {
         ),
     ] {
         let mut extra = vec!["-H", header.as_str()];
+        if what == "traceparent" {
+            extra.extend(["-H", "tracestate: congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]);
+        }
         if what == "multi" {
             extra.extend([
                 "-H",
@@ -246,7 +293,46 @@ fn incoming_b3_and_traceparent_are_continued() {
         assert_eq!(code, 200, "{what}");
         let h = json(&body)["headers"].clone();
         assert_eq!(h["X-B3-Traceid"], trace, "{what}: {h}");
+        if what == "traceparent" {
+            // W3C: the vendors' state goes on untouched, and the app sees this hop's span as
+            // the parent in `traceparent`.
+            assert_eq!(
+                h["Tracestate"], "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+                "{h}"
+            );
+            assert!(
+                h["Traceparent"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with(&format!("00-{trace}-"))
+                        && !t.contains("b7ad6b7169203331")),
+                "{h}"
+            );
+        }
     }
+    // Both sidecars' spans of the traceparent request carry the caller's tracestate.
+    let spans = m
+        .otlp
+        .wait("spans carrying the tracestate", |spans| {
+            spans
+                .iter()
+                .filter(|s| {
+                    s["trace_id"] == trace
+                        && s["trace_state"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+                })
+                .count()
+                >= 2
+        })
+        .unwrap();
+    let kinds: std::collections::BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s["trace_state"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        .filter_map(|s| s["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["client", "server"].into_iter().collect(),
+        "{spans:#?}"
+    );
     // A malformed context starts a new trace instead of failing.
     let (code, body) = m
         .sleep

@@ -269,7 +269,7 @@ fn local(catalog: &Catalog<'_>, node: &Workload) -> pb::ProxyConfig {
         inbound: Some(inbound::build(catalog, node)),
         tracing: Some(pb::Tracing {
             sampling_percent: mesh.sampling_percent.clamp(0.0, 100.0),
-            service_name: tracing_service_name(catalog, node),
+            service_name: tracing_service_name(node),
         }),
         peers: Vec::new(),
     }
@@ -352,22 +352,17 @@ fn known_protocol(value: &str) -> Option<&'static str> {
     })
 }
 
-/// OTLP `service.name` (issue 5): the first Service (by name) in the node's namespace whose selector
-/// picks the node, else the node's `app` label, else the pod name.
-fn tracing_service_name(catalog: &Catalog<'_>, node: &Workload) -> String {
-    let mut selecting: Vec<&str> = catalog
-        .services()
-        .iter()
-        .filter(|svc| catalog::selects(svc, node))
-        .map(|svc| svc.name)
-        .collect();
-    selecting.sort_unstable();
-    if let Some(name) = selecting.first() {
-        return (*name).to_string();
-    }
-    node.labels
-        .get("app")
-        .filter(|app| !app.is_empty())
-        .cloned()
-        .unwrap_or_else(|| node.name.clone())
+/// `service.name` of the node's spans as Istio sets it: `<canonical service>.<namespace>`, the
+/// canonical service being the first of the `service.istio.io/canonical-name`,
+/// `app.kubernetes.io/name` and `app` labels, else the workload's name.
+fn tracing_service_name(node: &Workload) -> String {
+    let canonical = [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .into_iter()
+    .find_map(|k| node.labels.get(k).filter(|v| !v.is_empty()))
+    .map_or_else(|| node.owner(), String::as_str);
+    format!("{canonical}.{}", node.namespace)
 }

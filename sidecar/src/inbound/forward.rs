@@ -16,6 +16,7 @@ use crate::inbound::identity::Caller;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Reporter;
 use crate::telemetry::record::{Record, SpanFacts};
+use crate::telemetry::span_tags;
 use crate::telemetry::trace::{Hop, ensure_request_id};
 
 impl Inbound {
@@ -125,29 +126,25 @@ impl Inbound {
         record.note_request_id(&parts.headers);
         hop.inject(&mut parts.headers);
         if self.sinks.tracer.enabled() && hop.sampled {
-            let service = if snapshot.routes.tracing.service_name.is_empty() {
-                self.sinks.pod_name.clone()
-            } else {
-                std::sync::Arc::from(snapshot.routes.tracing.service_name.as_str())
-            };
-            let mut attributes = vec![
-                ("http.request.method", parts.method.to_string()),
-                ("url.path", parts.uri.path().to_owned()),
-                (
-                    "server.address",
-                    record.authority.clone().unwrap_or_default(),
-                ),
-                ("server.port", app_port.to_string()),
-                ("weft.destination.workload", self.sinks.pod_name.to_string()),
-            ];
+            let service = snapshot
+                .routes
+                .tracing
+                .service_name
+                .clone()
+                .unwrap_or_else(|| self.sinks.service_name.clone());
+            let authority = record.authority.as_deref().unwrap_or_default();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut attributes = span_tags::request(&parts, authority, path);
+            attributes.push(("server.port", app_port.to_string()));
             if let Some(c) = &conn.identity {
                 attributes.push(("weft.peer.identity", c.to_string()));
             }
             record.span = Some(Box::new(SpanFacts {
                 hop,
-                name: format!("inbound|{app_port}"),
+                name: inbound_span_name(&snapshot.routes, authority, app_port),
                 service,
                 attributes,
+                trace_state: span_tags::trace_state(&parts.headers),
             }));
         }
         let mut uri = http::uri::Parts::default();
@@ -248,5 +245,18 @@ fn app_error(e: AppError) -> ProxyError {
         AppError::Exchange { addr, reason, .. } => ProxyError::UpstreamClosed(
             crate::upstream::UpstreamError::Closed { addr, reason }.to_string(),
         ),
+    }
+}
+
+/// The server span's name as Istio's: `<Service FQDN>:<port>/*` for the Service the caller
+/// addressed (its Host), else `<authority>/*`, else `inbound|<app port>`.
+fn inbound_span_name(routes: &crate::route::RouteTable, authority: &str, app_port: u16) -> String {
+    if authority.is_empty() {
+        return format!("inbound|{app_port}");
+    }
+    let (host, port) = crate::route::split_authority(authority, 80);
+    match routes.service_by_host(&host.to_ascii_lowercase()) {
+        Some(svc) => format!("{}:{port}/*", svc.hostname),
+        None => format!("{authority}/*"),
     }
 }

@@ -34,6 +34,8 @@ use crate::shadow_diff::compare::Copied;
 use crate::shadow_diff::report::RequestFacts;
 use crate::shadow_diff::{Comparing, PrimaryProbe, ShadowDiff, Target};
 use crate::snapshot::Snapshot;
+use crate::telemetry::record::Flags;
+use crate::telemetry::span_tags;
 use crate::telemetry::trace::{Hop, Kind, Span, Tracer};
 use crate::upstream::Upstreams;
 use crate::upstream::balance;
@@ -227,6 +229,7 @@ impl Mirrors {
             let tracer = tracer.clone();
             let service = service.clone();
             let body = body.clone();
+            let body_len = body.len() as u64;
             tokio::spawn(async move {
                 let start = SystemTime::now();
                 let name = format!(
@@ -273,14 +276,25 @@ impl Mirrors {
                         start,
                         end: SystemTime::now(),
                         status: status.unwrap_or(0),
-                        attributes: vec![
-                            ("weft.mirror", "true".into()),
-                            ("weft.upstream_cluster", copy.cluster.name.clone()),
-                            ("http.request.method", copy.head.method.to_string()),
-                            ("url.path", copy.path.clone()),
-                            ("server.address", copy.authority.clone()),
-                        ],
+                        attributes: {
+                            let mut tags =
+                                span_tags::request(&copy.head, &copy.authority, &copy.path);
+                            span_tags::outcome(
+                                &mut tags,
+                                &span_tags::Outcome {
+                                    code: status.unwrap_or(0),
+                                    flags: Flags::default(),
+                                    request_size: body_len,
+                                    response_size: 0,
+                                    cluster: Some(&copy.cluster.name),
+                                    peer: None,
+                                },
+                            );
+                            tags.push(("weft.mirror", "true".into()));
+                            tags
+                        },
                         events: Vec::new(),
+                        trace_state: span_tags::trace_state(&copy.head.headers),
                     });
                 }
                 drop(copy.permit);

@@ -40,6 +40,7 @@ use crate::outbound::mirror::Mirrors;
 use crate::snapshot::{Snapshot, Snapshots};
 use crate::telemetry::Reporter;
 use crate::telemetry::record::{Flags, Record, Sinks, SpanFacts};
+use crate::telemetry::span_tags;
 use crate::telemetry::trace::{Hop, ensure_request_id};
 use crate::upstream::Upstreams;
 
@@ -253,19 +254,15 @@ impl Outbound {
         record.note_request_id(&parts.headers);
         let service_name = self.service_name(&snapshot.routes);
         if self.sinks.tracer.enabled() && hop.sampled {
+            let mut attributes = span_tags::request(&parts, &authority, path.as_str());
+            attributes.push(("weft.route", target.route.name.clone()));
+            attributes.push(("weft.subset", dest.cluster.subset.clone()));
             record.span = Some(Box::new(SpanFacts {
                 hop,
                 name: format!("{}:{}/*", target.service.hostname, target.port.port),
                 service: service_name.clone(),
-                attributes: vec![
-                    ("http.request.method", parts.method.to_string()),
-                    ("url.path", path.as_str().to_owned()),
-                    ("server.address", authority.clone()),
-                    ("weft.route", target.route.name.clone()),
-                    ("weft.upstream_cluster", dest.cluster.name.clone()),
-                    ("weft.subset", dest.cluster.subset.clone()),
-                    ("weft.source.workload", self.sinks.pod_name.to_string()),
-                ],
+                attributes,
+                trace_state: span_tags::trace_state(&parts.headers),
             }));
         }
         // Shadow-diff's primary side, when a mirror of the route compares (None otherwise: nothing
@@ -338,10 +335,10 @@ impl Outbound {
     }
 
     fn service_name(&self, table: &crate::route::RouteTable) -> Arc<str> {
-        if table.tracing.service_name.is_empty() {
-            self.sinks.pod_name.clone()
-        } else {
-            Arc::from(table.tracing.service_name.as_str())
-        }
+        table
+            .tracing
+            .service_name
+            .clone()
+            .unwrap_or_else(|| self.sinks.service_name.clone())
     }
 }

@@ -200,7 +200,8 @@ impl RouteTable {
             },
             tracing: Tracing {
                 sampling_percent: tracing.sampling_percent,
-                service_name: tracing.service_name,
+                service_name: (!tracing.service_name.is_empty())
+                    .then(|| Arc::from(tracing.service_name.as_str())),
             },
             peers: config
                 .peers

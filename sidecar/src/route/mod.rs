@@ -397,8 +397,8 @@ pub enum MtlsMode {
 pub struct Tracing {
     /// Share of new traces sampled, 0..=100.
     pub sampling_percent: f64,
-    /// OTLP `service.name`.
-    pub service_name: String,
+    /// OTLP `service.name` (shared, so a span takes it without copying the text).
+    pub service_name: Option<Arc<str>>,
 }
 
 // === lookups ===

@@ -18,6 +18,7 @@ pub mod access_log;
 pub mod appmetrics;
 pub mod metrics;
 pub mod record;
+pub mod span_tags;
 pub mod trace;
 
 pub use access_log::{AccessLog, LogEntry};

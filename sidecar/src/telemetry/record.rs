@@ -113,8 +113,9 @@ pub struct Sinks {
     pub metrics: Arc<Metrics>,
     /// Access-log format.
     pub access_log: AccessLog,
-    /// This workload's pod name: `service.name` until pilot names the workload's service.
-    pub pod_name: Arc<str>,
+    /// `service.name` until pilot's first push names it (`<canonical service>.<namespace>`, as
+    /// pilot does; see `span_tags::service_name`).
+    pub service_name: Arc<str>,
     /// Labels for a side nobody could name (no endpoint reached, a caller outside the mesh).
     pub unknown: Unknown,
 }
@@ -159,6 +160,8 @@ pub struct SpanFacts {
     pub service: Arc<str>,
     /// Attributes the stages add.
     pub attributes: Vec<(&'static str, String)>,
+    /// The caller's `tracestate`.
+    pub trace_state: Option<String>,
 }
 
 /// The facts of one request. Finished exactly once: by [`Record::finish`] with the response, or,
@@ -360,8 +363,17 @@ impl<'a> Record<'a> {
                 Reporter::Source => Kind::Client,
                 Reporter::Destination => Kind::Server,
             };
-            span.attributes
-                .push(("weft.response_flags", self.flags.to_string()));
+            super::span_tags::outcome(
+                &mut span.attributes,
+                &super::span_tags::Outcome {
+                    code,
+                    flags: self.flags,
+                    request_size: self.request_bytes,
+                    response_size: response_bytes,
+                    cluster: self.cluster,
+                    peer: self.downstream,
+                },
+            );
             let span = Span {
                 hop: span.hop,
                 name: span.name,
@@ -372,6 +384,7 @@ impl<'a> Record<'a> {
                 status: code,
                 attributes: span.attributes,
                 events: Vec::new(),
+                trace_state: span.trace_state,
             };
             match self.span_hold.take() {
                 Some(hold) => {
@@ -458,7 +471,7 @@ mod tests {
                 super::super::workload_labels("destination", &super::super::Workload::default()),
             )),
             access_log: AccessLog::Off,
-            pod_name: Arc::from("a"),
+            service_name: Arc::from("a"),
             unknown: Unknown::default(),
         };
         let req = http::Request::builder()
@@ -517,7 +530,7 @@ mod tests {
                 super::super::workload_labels("destination", &sleep),
             )),
             access_log: AccessLog::Off,
-            pod_name: Arc::from("sleep"),
+            service_name: Arc::from("sleep"),
             unknown: Unknown::default(),
         };
         let (parts, ()) = http::Request::new(()).into_parts();

@@ -357,6 +357,8 @@ pub struct Span {
     pub attributes: Vec<(&'static str, String)>,
     /// Timed events (shadow-diff's `weft.mirror.divergence`); empty for nearly every span.
     pub events: Vec<Event>,
+    /// The caller's W3C `tracestate`, carried onto the span (the header itself goes on untouched).
+    pub trace_state: Option<String>,
 }
 
 /// A span event: something that happened at a point of the span's life.
@@ -385,6 +387,8 @@ pub struct Tracer {
     tx: Option<mpsc::Sender<Span>>,
     /// Counters.
     pub stats: Arc<TraceStats>,
+    /// Istio's per-proxy tags, added to every span recorded.
+    tags: super::span_tags::Static,
 }
 
 /// Where spans go.
@@ -429,6 +433,7 @@ impl Tracer {
     pub fn disabled() -> Self {
         Self {
             tx: None,
+            tags: Default::default(),
             stats: Arc::new(TraceStats::default()),
         }
     }
@@ -444,8 +449,16 @@ impl Tracer {
         tokio::spawn(export_loop(endpoint, resource, rx, stats.clone(), shutdown));
         Self {
             tx: Some(tx),
+            tags: Default::default(),
             stats,
         }
+    }
+
+    /// The tracer with Istio's per-proxy span tags (`span_tags::Static`) on every span.
+    #[must_use]
+    pub fn with_tags(mut self, tags: super::span_tags::Static) -> Self {
+        self.tags = tags;
+        self
     }
 
     /// Whether spans go anywhere (callers skip building them otherwise).
@@ -454,10 +467,12 @@ impl Tracer {
     }
 
     /// Queues a finished span; never waits.
-    pub fn record(&self, span: Span) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(span).is_err()
-        {
+    pub fn record(&self, mut span: Span) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        span.attributes.extend(self.tags.tags().iter().cloned());
+        if tx.try_send(span).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -527,6 +542,7 @@ fn to_otlp(span: Span) -> otlp::Span {
             },
             message: String::new(),
         }),
+        trace_state: span.trace_state.unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -56,6 +56,7 @@ fn emit(req: &ExportTraceServiceRequest) {
                     "span_id": hex(&s.span_id),
                     "parent_span_id": hex(&s.parent_span_id),
                     "name": s.name,
+                    "trace_state": s.trace_state,
                     "kind": match s.kind { 2 => "server", 3 => "client", _ => "other" },
                     "service": resource.get("service.name").cloned().unwrap_or_default(),
                     "resource": resource,

@@ -492,24 +492,40 @@ fn mesh_options_reach_the_view() {
 }
 
 #[test]
-fn tracing_service_name_falls_back_to_app_label_then_pod_name() {
+fn tracing_service_name_is_the_canonical_service_dot_namespace_as_istios() {
     let node = httpbin("v1", "10.0.0.11");
     let name = |yaml: &str, node: &Workload| {
         translate(&parse(yaml), &[], node, &MeshOptions::default())
             .tracing
             .map(|t| t.service_name)
     };
-    assert_eq!(name(HTTPBIN_SERVICE, &node).as_deref(), Some("httpbin"));
+    assert_eq!(
+        name(HTTPBIN_SERVICE, &node).as_deref(),
+        Some("httpbin.default")
+    );
+    // No label names it: the owning workload, else the pod.
     let mut unlabelled = node.clone();
     unlabelled.labels.clear();
     assert_eq!(
         name(HTTPBIN_SERVICE, &unlabelled).as_deref(),
-        Some("httpbin-v1")
+        Some("httpbin-v1.default")
     );
+    unlabelled.workload_name = "httpbin".into();
+    assert_eq!(
+        name(HTTPBIN_SERVICE, &unlabelled).as_deref(),
+        Some("httpbin.default")
+    );
+    // The canonical-name label wins over `app`, as Istio's canonical service.
     let mut other_app = node;
     other_app.labels.insert("app".into(), "api".into());
+    other_app
+        .labels
+        .insert("service.istio.io/canonical-name".into(), "api-canon".into());
     other_app.namespace = "prod".into();
-    assert_eq!(name(HTTPBIN_SERVICE, &other_app).as_deref(), Some("api"));
+    assert_eq!(
+        name(HTTPBIN_SERVICE, &other_app).as_deref(),
+        Some("api-canon.prod")
+    );
 }
 
 #[test]
@@ -696,8 +712,10 @@ spec:
                 .tracing
                 .map(|t| t.service_name)
         };
-        assert_eq!(name(&versioned).as_deref(), Some("a-both"));
-        assert_eq!(name(&plain).as_deref(), Some(plain_name));
+        // Istio's `service.name` comes from the pod's labels, whichever Services select it.
+        let _ = plain_name;
+        assert_eq!(name(&versioned).as_deref(), Some("sleep.default"));
+        assert_eq!(name(&plain).as_deref(), Some("sleep.default"));
     }
 }
 
