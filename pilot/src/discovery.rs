@@ -26,6 +26,7 @@
 //! [`CONCURRENT_PUSHES`] responses are in flight at once ([`PushSlots`]), so streams finish one
 //! after another instead of all at the end.
 
+pub mod reports;
 mod translator;
 mod wire;
 
@@ -339,6 +340,8 @@ pub struct ProxyTable {
     entries: Mutex<BTreeMap<u64, ProxyStatus>>,
     next: Mutex<u64>,
     refusals: Mutex<BTreeMap<(String, String), (ProxyStatus, std::time::Instant)>>,
+    /// The sidecars' latest shadow-diff reports (`pilot mirror-report`).
+    reports: reports::MirrorReports,
 }
 
 /// How many refused pods `proxy-status` remembers (a flood of refused streams must not grow pilot).
@@ -395,6 +398,11 @@ impl ProxyTable {
         if let Some(entry) = self.lock().get_mut(&id) {
             f(entry);
         }
+    }
+
+    /// The latest shadow-diff report of each sidecar (connected or recently gone), by pod.
+    pub fn mirror_reports(&self) -> Vec<reports::StoredReport> {
+        self.reports.list()
     }
 
     /// The connected sidecars and the recently refused ones, sorted by namespace and name.
@@ -672,6 +680,9 @@ impl Session {
 
     fn end(self) {
         self.proxies.lock().remove(&self.id);
+        self.proxies
+            .reports
+            .disconnected(&self.node.namespace, &self.node.name);
         tracing::info!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "sidecar disconnected");
     }
 
@@ -724,7 +735,23 @@ impl Session {
 
     /// Records an ACK or NACK of the last response; answers to older responses are ignored (the
     /// sidecar will answer the newer one too).
+    ///
+    /// A request carrying a shadow-diff report is a report only (the contract gives it no nonce):
+    /// it is stored for `pilot mirror-report` and changes nothing else, neither the push slot nor
+    /// what `proxy-status` shows nor what is pushed next.
     fn answer(&mut self, req: pb::DiscoveryRequest) {
+        if let Some(report) = req.mirror_report {
+            let workload = reports::workload_of(&self.node.name, &self.node.labels);
+            if let Err(e) = self.proxies.reports.record(
+                &self.node.namespace,
+                &self.node.name,
+                &workload,
+                report,
+            ) {
+                tracing::warn!(pod = %format!("{}/{}", self.node.namespace, self.node.name), error = %e, "mirror report dropped");
+            }
+            return;
+        }
         if req.response_nonce != self.last_nonce {
             return;
         }

@@ -277,6 +277,10 @@ fn check_json_path(path: &str) -> Result<(), String> {
             if end == 0 || !after[end..].starts_with(']') {
                 return fail("an index is [digits]");
             }
+            // The sidecar reads it as a usize (and NACKs the push if it cannot).
+            if after[..end].parse::<usize>().is_err() {
+                return fail("index out of range");
+            }
             rest = &after[end + 1..];
         } else {
             return fail("expected . or [ after a step");
@@ -397,6 +401,7 @@ mod tests {
             ("$.", "a . must be followed by a name"),
             ("$.a[x]", "an index is [digits]"),
             ("$.a[1", "an index is [digits]"),
+            ("$.a[99999999999999999999999]", "index out of range"),
             (r#"$["a"#, "unterminated quoted key"),
             (r#"$["a\"b"]"#, "escapes in quoted keys are not supported"),
             (r#"$["a"x"#, "a quoted key must be closed by \"]"),
