@@ -355,7 +355,7 @@ impl ConfigService for ConfigApi {
                 report.routes.retain(|r| {
                     route_selected(&r.route, &request.namespace, &request.virtual_service)
                 });
-                (!report.routes.is_empty()).then(|| pb::ProxyMirrorReport {
+                (!report.routes.is_empty()).then_some(pb::ProxyMirrorReport {
                     name: stored.name,
                     namespace: stored.namespace,
                     workload: stored.workload,

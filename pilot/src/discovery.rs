@@ -7,6 +7,8 @@
 //! wait) into a new [`PushContext`]; every stream then recomputes its view and pushes only if the view
 //! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
 //! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
+//! A request carrying a shadow-diff report (`mirror_report`, no nonce) is neither: it is kept in
+//! [`reports`] for `pilot mirror-report` and touches nothing a push depends on.
 //!
 //! Cost per push: sidecars whose nodes share an [`OutboundKey`] share the outbound part of their
 //! views (services and clusters, nearly all of a view). It is translated, fingerprinted and encoded

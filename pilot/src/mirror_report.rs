@@ -304,7 +304,7 @@ pub fn render(report: &MergedReport, wide: bool) -> String {
                     row.extend([
                         dash(s.request_id.clone()),
                         format!("{}->{}", s.primary_status, mirror_status(s.mirror_status)),
-                        differs(s),
+                        differs(s, wide),
                         latency(s.latency_delta_us),
                     ]);
                     if wide {
@@ -341,14 +341,21 @@ fn divergences(outcomes: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-/// What differed in a sample: the headers and JSON paths by name, else the outcome itself.
-fn differs(s: &Sample) -> String {
+/// What differed in a sample: the status, the headers and JSON paths (by name when `all` or when
+/// there is one, else counted, so the table stays readable), else the outcome itself.
+fn differs(s: &Sample, all: bool) -> String {
     let mut parts: Vec<String> = Vec::new();
-    if s.outcome == "status" || s.primary_status != s.mirror_status && s.mirror_status != 0 {
+    if s.outcome == "status" || (s.primary_status != s.mirror_status && s.mirror_status != 0) {
         parts.push("status".into());
     }
-    parts.extend(s.headers.iter().map(|h| format!("header {h}")));
-    parts.extend(s.json_paths.iter().map(|p| format!("body {p}")));
+    let mut named = |names: &[String], one: &str, many: &str| match names {
+        [] => {}
+        [name] => parts.push(format!("{one} {name}")),
+        _ if all => parts.extend(names.iter().map(|n| format!("{one} {n}"))),
+        _ => parts.push(format!("{} {many}", names.len())),
+    };
+    named(&s.headers, "header", "headers");
+    named(&s.json_paths, "body", "JSON paths");
     if parts.is_empty() {
         parts.push(s.outcome.clone());
     }
@@ -551,16 +558,18 @@ GET /status/{id}   35         15         status 15   a-1              200->418  
             ..Sample::default()
         };
         assert_eq!(
-            differs(&s("headers", 200, 200, &["x-version"], &[])),
+            differs(&s("headers", 200, 200, &["x-version"], &[]), false),
             "header x-version"
         );
+        let many = s("status", 200, 500, &["a", "b"], &["$.origin", "$.args[0]"]);
+        assert_eq!(differs(&many, false), "status, 2 headers, 2 JSON paths");
         assert_eq!(
-            differs(&s("body", 200, 200, &[], &["$.origin", "$.args[0]"])),
-            "body $.origin, body $.args[0]"
+            differs(&many, true),
+            "status, header a, header b, body $.origin, body $.args[0]"
         );
-        assert_eq!(differs(&s("timeout", 200, 0, &[], &[])), "timeout");
+        assert_eq!(differs(&s("timeout", 200, 0, &[], &[]), false), "timeout");
         assert_eq!(
-            differs(&s("mirror_error", 200, 0, &[], &[])),
+            differs(&s("mirror_error", 200, 0, &[], &[]), true),
             "mirror_error"
         );
         assert_eq!(latency(-350), "-350us");
