@@ -684,7 +684,7 @@ impl Session {
         self.proxies.lock().remove(&self.id);
         self.proxies
             .reports
-            .disconnected(&self.node.namespace, &self.node.name);
+            .disconnected(self.id, &self.node.namespace, &self.node.name);
         tracing::info!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "sidecar disconnected");
     }
 
@@ -745,6 +745,7 @@ impl Session {
         if let Some(report) = req.mirror_report {
             let workload = reports::workload_of(&self.node.name, &self.node.labels);
             if let Err(e) = self.proxies.reports.record(
+                self.id,
                 &self.node.namespace,
                 &self.node.name,
                 &workload,

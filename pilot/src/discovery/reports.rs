@@ -49,7 +49,9 @@ pub struct StoredReport {
     pub workload: String,
     /// The report, bounded.
     pub report: pb::MirrorReport,
-    /// When the stream that sent it ended (`None`: still connected).
+    /// The stream that sent it (a reconnecting sidecar's old stream may end after the new one sent).
+    stream: u64,
+    /// When that stream ended (`None`: still connected).
     disconnected: Option<Instant>,
 }
 
@@ -75,9 +77,10 @@ impl MirrorReports {
         self.reports.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `report` as the latest of the pod `namespace/name` (whose stream is open).
+    /// Keeps `report` as the latest of the pod `namespace/name`, sent on its open stream `stream`.
     pub fn record(
         &self,
+        stream: u64,
         namespace: &str,
         name: &str,
         workload: &str,
@@ -95,20 +98,24 @@ impl MirrorReports {
                 namespace: namespace.to_string(),
                 workload: workload.to_string(),
                 report,
+                stream,
                 disconnected: None,
             },
         );
         Ok(())
     }
 
-    /// The stream of pod `namespace/name` ended: its report is kept for [`REPORT_MEMORY`].
-    pub fn disconnected(&self, namespace: &str, name: &str) {
-        self.disconnected_at(namespace, name, Instant::now());
+    /// Stream `stream` of pod `namespace/name` ended: the report it sent is kept for
+    /// [`REPORT_MEMORY`]. One a newer stream of the pod sent stays a connected one's.
+    pub fn disconnected(&self, stream: u64, namespace: &str, name: &str) {
+        self.disconnected_at(stream, namespace, name, Instant::now());
     }
 
-    fn disconnected_at(&self, namespace: &str, name: &str, now: Instant) {
+    fn disconnected_at(&self, stream: u64, namespace: &str, name: &str, now: Instant) {
         let mut reports = self.lock();
-        if let Some(stored) = reports.get_mut(&(namespace.to_string(), name.to_string())) {
+        if let Some(stored) = reports.get_mut(&(namespace.to_string(), name.to_string()))
+            && stored.stream == stream
+        {
             stored.disconnected = Some(now);
         }
         forget_old(&mut reports, now);
@@ -241,13 +248,13 @@ mod tests {
     fn latest_report_per_pod_replaces_the_previous() {
         let reports = MirrorReports::default();
         reports
-            .record("default", "sleep-1", "sleep", report(1, 1))
+            .record(1, "default", "sleep-1", "sleep", report(1, 1))
             .unwrap();
         reports
-            .record("default", "sleep-1", "sleep", report(2, 1))
+            .record(1, "default", "sleep-1", "sleep", report(2, 1))
             .unwrap();
         reports
-            .record("other", "sleep-1", "sleep", report(1, 1))
+            .record(2, "other", "sleep-1", "sleep", report(1, 1))
             .unwrap();
         let list = reports.list();
         assert_eq!(list.len(), 2);
@@ -267,7 +274,7 @@ mod tests {
         big.routes[0].outcomes = (0..MAX_OUTCOMES + 3)
             .map(|i| (format!("o{i}"), 1))
             .collect();
-        reports.record("default", "a", "a", big).unwrap();
+        reports.record(1, "default", "a", "a", big).unwrap();
         let kept = &reports.list()[0].report;
         assert_eq!(kept.routes.len(), MAX_ROUTES);
         assert!(kept.routes.iter().all(|r| r.paths.len() == MAX_PATHS));
@@ -279,7 +286,7 @@ mod tests {
         let mut huge = report(1, 1);
         huge.routes[0].noisy_json = vec!["y".repeat(1024); MAX_REPORT_BYTES / 1024 + 1];
         assert!(matches!(
-            reports.record("default", "b", "b", huge),
+            reports.record(2, "default", "b", "b", huge),
             Err(ReportError::TooLarge { .. })
         ));
         assert_eq!(reports.list().len(), 1, "the oversized report is not kept");
@@ -290,12 +297,12 @@ mod tests {
         let reports = MirrorReports::default();
         let t0 = Instant::now();
         reports
-            .record("default", "gone", "sleep", report(1, 1))
+            .record(1, "default", "gone", "sleep", report(1, 1))
             .unwrap();
         reports
-            .record("default", "here", "sleep", report(1, 1))
+            .record(2, "default", "here", "sleep", report(1, 1))
             .unwrap();
-        reports.disconnected_at("default", "gone", t0);
+        reports.disconnected_at(1, "default", "gone", t0);
         assert_eq!(
             reports.list_at(t0 + REPORT_MEMORY / 2).len(),
             2,
@@ -310,8 +317,15 @@ mod tests {
 
         for i in 0..MAX_DISCONNECTED + 2 {
             let name = format!("p{i}");
-            reports.record("default", &name, "w", report(0, 0)).unwrap();
-            reports.disconnected_at("default", &name, t0 + Duration::from_millis(i as u64));
+            reports
+                .record(100 + i as u64, "default", &name, "w", report(0, 0))
+                .unwrap();
+            reports.disconnected_at(
+                100 + i as u64,
+                "default",
+                &name,
+                t0 + Duration::from_millis(i as u64),
+            );
         }
         let list = reports.list_at(t0 + Duration::from_secs(1));
         assert_eq!(
@@ -323,6 +337,25 @@ mod tests {
             !list.iter().any(|r| r.name == "p0" || r.name == "p1"),
             "oldest dropped"
         );
+    }
+
+    #[test]
+    fn an_old_stream_ending_leaves_the_new_streams_report_connected() {
+        let reports = MirrorReports::default();
+        let t0 = Instant::now();
+        reports
+            .record(1, "default", "sleep-1", "sleep", report(1, 1))
+            .unwrap();
+        // The sidecar reconnected (stream 2) and reported before pilot saw stream 1 end.
+        reports
+            .record(2, "default", "sleep-1", "sleep", report(2, 1))
+            .unwrap();
+        reports.disconnected_at(1, "default", "sleep-1", t0);
+        let list = reports.list_at(t0 + REPORT_MEMORY * 2);
+        assert_eq!(list.len(), 1, "never expires while stream 2 is open");
+        assert_eq!(list[0].report.routes.len(), 2);
+        reports.disconnected_at(2, "default", "sleep-1", t0);
+        assert!(reports.list_at(t0 + REPORT_MEMORY).is_empty());
     }
 
     #[test]
