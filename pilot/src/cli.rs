@@ -841,10 +841,16 @@ fn analyzer_json(warning: &pb::Warning) -> serde_json::Value {
         "level": warning_level(warning).as_str(),
         "origin": warning_origin(warning),
         "message": warning_detail(warning),
-        "documentationUrl": format!(
-            "https://istio.io/latest/docs/reference/config/analysis/{}/",
-            warning.code.to_ascii_lowercase()
-        ),
+        // Istio documents its IST codes; weft's own (WFT0001) are in pilot/config/README.md, which
+        // has no stable URL, so they get none rather than a dead istio.io link.
+        "documentationUrl": if warning.code.starts_with("IST") {
+            format!(
+                "https://istio.io/latest/docs/reference/config/analysis/{}/",
+                warning.code.to_ascii_lowercase()
+            )
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -1441,6 +1447,15 @@ mod tests {
         assert_eq!(
             json["documentationUrl"],
             "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+        );
+        let weft = pb::Warning {
+            code: "WFT0001".into(),
+            level: "Warning".into(),
+            ..w.clone()
+        };
+        assert_eq!(analyzer_json(&weft)["documentationUrl"], "");
+        assert!(
+            analyzer_line(&weft).starts_with("Warning [WFT0001] (VirtualService default/httpbin)")
         );
     }
 
