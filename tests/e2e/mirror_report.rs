@@ -137,6 +137,32 @@ async fn reports_on_the_config_stream_reach_mirror_report_and_never_disturb_acks
         .apply(&format!("{EXAMPLES}/httpbin-service.yaml"))
         .unwrap();
     plane.apply(&format!("{EXAMPLES}/all-v1.yaml")).unwrap();
+    // An invalid annotation is refused at apply time with its field path; one that does nothing is
+    // an analyzer warning.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, mirror_vs("status,x")).unwrap();
+    let (ok, out, err) = plane
+        .pilot_cmd(&["apply", "-f", &bad.to_string_lossy()])
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains(r#"metadata.annotations[weft.io/mirror-compare]: unknown aspect "x", expected status, headers or body"#),
+        "{err}"
+    );
+    let no_mirror = dir.path().join("no-mirror.yaml");
+    std::fs::write(
+        &no_mirror,
+        mirror_vs("status").replace("    mirror: {host: httpbin, subset: v2}\n", ""),
+    )
+    .unwrap();
+    let (ok, out, err) = plane
+        .pilot_cmd(&["analyze", "-f", &no_mirror.to_string_lossy()])
+        .unwrap();
+    assert!(ok, "a warning is below the failure threshold: {out}{err}");
+    assert!(
+        out.contains("Warning [WFT0001] (VirtualService default/httpbin) annotation weft.io/mirror-compare has no effect"),
+        "{out}{err}"
+    );
     plane
         .apply_yaml("mirror.yaml", &mirror_vs("status,headers,body"))
         .unwrap();
