@@ -4,7 +4,7 @@
 //! on a stale table with no way for the operator to tell which object is to blame).
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Some(config) = weft_pilot_config::fuzzing::apply_yaml(data)
-        && let Err(e) = weft_sidecar::config::RouteTable::convert(String::new(), config)
+        && let Err(e) = weft_sidecar::route::RouteTable::convert(String::new(), config)
     {
         panic!("pilot accepted objects the sidecar NACKs: {e}");
     }

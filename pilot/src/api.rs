@@ -402,6 +402,48 @@ impl ConfigService for ConfigApi {
             discovery_enabled: self.proxies.is_some(),
         }))
     }
+
+    async fn mirror_report(
+        &self,
+        request: Request<pb::MirrorReportRequest>,
+    ) -> Result<Response<pb::MirrorReportResponse>, Status> {
+        let request = request.into_inner();
+        let proxies = self
+            .proxies
+            .as_ref()
+            .map(|t| t.mirror_reports())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|stored| {
+                let mut report = stored.report;
+                report.routes.retain(|r| {
+                    route_selected(&r.route, &request.namespace, &request.virtual_service)
+                });
+                (!report.routes.is_empty()).then_some(pb::ProxyMirrorReport {
+                    name: stored.name,
+                    namespace: stored.namespace,
+                    workload: stored.workload,
+                    report: Some(report),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::MirrorReportResponse { proxies }))
+    }
+}
+
+/// Whether the route named `route` ("<namespace>/<virtualservice>/<rule>", as translation names
+/// routes) belongs to VirtualService `virtual_service` of `namespace`; an empty filter matches
+/// all. Routes not named that way (none should be) match only when both filters are empty.
+fn route_selected(route: &str, namespace: &str, virtual_service: &str) -> bool {
+    if namespace.is_empty() && virtual_service.is_empty() {
+        return true;
+    }
+    let mut parts = route.splitn(3, '/');
+    let (Some(ns), Some(vs), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    (namespace.is_empty() || ns == namespace)
+        && (virtual_service.is_empty() || vs == virtual_service)
 }
 
 fn get_blocking(
@@ -640,6 +682,21 @@ mod tests {
             default_namespace: String::new(),
             dry_run,
         }
+    }
+
+    #[test]
+    fn mirror_report_routes_are_selected_by_virtual_service_and_namespace() {
+        let route = "shop/httpbin/v1-with-mirror";
+        assert!(route_selected(route, "", ""));
+        assert!(route_selected(route, "shop", ""));
+        assert!(route_selected(route, "shop", "httpbin"));
+        assert!(route_selected(route, "", "httpbin"));
+        assert!(!route_selected(route, "default", "httpbin"));
+        assert!(!route_selected(route, "shop", "reviews"));
+        // A rule name may hold '/': only the first two parts are namespace and VirtualService.
+        assert!(route_selected("shop/httpbin/a/b", "shop", "httpbin"));
+        assert!(!route_selected("default", "", "httpbin"));
+        assert!(route_selected("default", "", ""));
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.96.0.7\n  ports: [{port: 80}]\n";

@@ -52,6 +52,9 @@ pub enum Command {
     Completion(CompletionArgs),
     /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED.
     ProxyStatus(ServerArgs),
+    /// Shadow-diff: how each mirrored route's copies compared with the primary's answers
+    /// (`weft.io/mirror-compare`), merged over every sidecar, with the most diverging paths.
+    MirrorReport(MirrorReportArgs),
     /// Add the sidecar to workloads in YAML (offline, like `istioctl kube-inject`); writes to stdout.
     Inject(InjectArgs),
     /// Print every manifest a cluster needs (like `istioctl manifest generate`), for
@@ -221,6 +224,34 @@ pub enum Output {
     /// with the server-set metadata; `pilot apply` takes it back.
     Yaml,
     /// The same as JSON.
+    Json,
+}
+
+/// `pilot mirror-report` flags.
+#[derive(Debug, Args)]
+pub struct MirrorReportArgs {
+    /// Only the routes of this VirtualService (default: every VirtualService of the namespace).
+    pub virtual_service: Option<String>,
+    /// The VirtualServices' namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// VirtualServices of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    /// Output format (default: a table): `wide` adds columns and every diverging path, `json`
+    /// prints the merged report.
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<MirrorReportOutput>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Output formats of `pilot mirror-report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MirrorReportOutput {
+    /// More columns, and every diverging path with its sample's sidecar.
+    Wide,
+    /// The merged report (routes, outcome counts, paths, samples) as JSON.
     Json,
 }
 
@@ -398,6 +429,7 @@ fn execute(cli: Cli) -> Result<()> {
             Command::Delete(args) => delete(args).await,
             Command::Analyze(args) => analyze(args).await,
             Command::ProxyStatus(args) => proxy_status(args).await,
+            Command::MirrorReport(args) => mirror_report(args).await,
         }
     })
 }
@@ -809,10 +841,16 @@ fn analyzer_json(warning: &pb::Warning) -> serde_json::Value {
         "level": warning_level(warning).as_str(),
         "origin": warning_origin(warning),
         "message": warning_detail(warning),
-        "documentationUrl": format!(
-            "https://istio.io/latest/docs/reference/config/analysis/{}/",
-            warning.code.to_ascii_lowercase()
-        ),
+        // Istio documents its IST codes; weft's own (WFT0001) are in pilot/config/README.md, which
+        // has no stable URL, so they get none rather than a dead istio.io link.
+        "documentationUrl": if warning.code.starts_with("IST") {
+            format!(
+                "https://istio.io/latest/docs/reference/config/analysis/{}/",
+                warning.code.to_ascii_lowercase()
+            )
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -932,6 +970,45 @@ async fn proxy_status(args: ServerArgs) -> Result<()> {
             .collect();
         println!("{}", line.join("   ").trim_end());
     }
+    Ok(())
+}
+
+async fn mirror_report(args: MirrorReportArgs) -> Result<()> {
+    let mut client = connect(&args.server).await?;
+    let namespace = if args.all_namespaces {
+        String::new()
+    } else {
+        args.namespace.clone()
+    };
+    let response = client
+        .mirror_report(pb::MirrorReportRequest {
+            virtual_service: args.virtual_service.clone().unwrap_or_default(),
+            namespace,
+        })
+        .await?
+        .into_inner();
+    let merged = crate::mirror_report::merge(&response.proxies);
+    if args.output == Some(MirrorReportOutput::Json) {
+        println!("{}", serde_json::to_string_pretty(&merged)?);
+        return Ok(());
+    }
+    if merged.routes.is_empty() {
+        // kubectl's "No resources found" goes to stderr, so scripts reading stdout see nothing.
+        let scope = match (&args.virtual_service, args.all_namespaces) {
+            (Some(vs), true) => format!("VirtualService {vs} in any namespace"),
+            (Some(vs), false) => format!("VirtualService {}/{vs}", args.namespace),
+            (None, true) => "any namespace".to_string(),
+            (None, false) => format!("namespace {}", args.namespace),
+        };
+        eprintln!(
+            "No mirror reports for {scope}: no sidecar has compared a mirrored request yet (is weft.io/mirror-compare set on the VirtualService, and has traffic been mirrored?)."
+        );
+        return Ok(());
+    }
+    print!(
+        "{}",
+        crate::mirror_report::render(&merged, args.output == Some(MirrorReportOutput::Wide))
+    );
     Ok(())
 }
 
@@ -1370,6 +1447,15 @@ mod tests {
         assert_eq!(
             json["documentationUrl"],
             "https://istio.io/latest/docs/reference/config/analysis/ist0101/"
+        );
+        let weft = pb::Warning {
+            code: "WFT0001".into(),
+            level: "Warning".into(),
+            ..w.clone()
+        };
+        assert_eq!(analyzer_json(&weft)["documentationUrl"], "");
+        assert!(
+            analyzer_line(&weft).starts_with("Warning [WFT0001] (VirtualService default/httpbin)")
         );
     }
 

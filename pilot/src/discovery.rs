@@ -7,6 +7,8 @@
 //! wait) into a new [`PushContext`]; every stream then recomputes its view and pushes only if the view
 //! changed. Each response has a version and a nonce; the sidecar ACKs or NACKs it, and the outcome is
 //! recorded for `proxy-status`. A NACKed version is never re-sent (the next push is a different view).
+//! A request carrying a shadow-diff report (`mirror_report`, no nonce) is neither: it is kept in
+//! [`reports`] for `pilot mirror-report` and touches nothing a push depends on.
 //!
 //! Cost per push: sidecars whose nodes share an [`OutboundKey`] share the outbound part of their
 //! views (services and clusters, nearly all of a view). It is translated, fingerprinted and encoded
@@ -27,6 +29,7 @@
 //! after another instead of all at the end.
 
 pub mod metrics;
+pub mod reports;
 mod translator;
 mod wire;
 
@@ -371,6 +374,8 @@ pub struct ProxyTable {
     metrics: DiscoveryMetrics,
     next: Mutex<u64>,
     refusals: Mutex<BTreeMap<(String, String), (ProxyStatus, std::time::Instant)>>,
+    /// The sidecars' latest shadow-diff reports (`pilot mirror-report`).
+    reports: reports::MirrorReports,
 }
 
 /// How many refused pods `proxy-status` remembers (a flood of refused streams must not grow pilot).
@@ -438,6 +443,11 @@ impl ProxyTable {
     pub fn render_metrics(&self, out: &mut weft_ca::monitoring::Exposition) {
         let connected = self.lock().len();
         self.metrics.render(out, connected);
+    }
+
+    /// The latest shadow-diff report of each sidecar (connected or recently gone), by pod.
+    pub fn mirror_reports(&self) -> Vec<reports::StoredReport> {
+        self.reports.list()
     }
 
     /// The connected sidecars and the recently refused ones, sorted by namespace and name.
@@ -715,6 +725,9 @@ impl Session {
 
     fn end(self) {
         self.proxies.lock().remove(&self.id);
+        self.proxies
+            .reports
+            .disconnected(self.id, &self.node.namespace, &self.node.name);
         tracing::info!(pod = %format!("{}/{}", self.node.namespace, self.node.name), "sidecar disconnected");
     }
 
@@ -783,7 +796,24 @@ impl Session {
 
     /// Records an ACK or NACK of the last response; answers to older responses are ignored (the
     /// sidecar will answer the newer one too).
+    ///
+    /// A request carrying a shadow-diff report is a report only (the contract gives it no nonce):
+    /// it is stored for `pilot mirror-report` and changes nothing else, neither the push slot nor
+    /// what `proxy-status` shows nor what is pushed next.
     fn answer(&mut self, req: pb::DiscoveryRequest) {
+        if let Some(report) = req.mirror_report {
+            let workload = reports::workload_of(&self.node.name, &self.node.labels);
+            if let Err(e) = self.proxies.reports.record(
+                self.id,
+                &self.node.namespace,
+                &self.node.name,
+                &workload,
+                report,
+            ) {
+                tracing::warn!(pod = %format!("{}/{}", self.node.namespace, self.node.name), error = %e, "mirror report dropped");
+            }
+            return;
+        }
         if req.response_nonce != self.last_nonce {
             return;
         }

@@ -8,6 +8,7 @@ pub mod inject;
 pub mod install;
 pub mod kube;
 pub mod mesh_config;
+pub mod mirror_report;
 pub mod proxy_config;
 pub mod registry;
 pub mod serve;

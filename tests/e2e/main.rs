@@ -21,6 +21,7 @@ mod kube;
 mod lifetime;
 mod mesh;
 mod mirror;
+mod mirror_report;
 mod multinode;
 mod pilot;
 mod resilience;

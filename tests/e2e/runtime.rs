@@ -86,6 +86,16 @@ fn demo_runs_end_to_end_and_leaves_nothing() {
     assert!(out.contains("weft.mirror=true"), "{shown}");
     assert!(out.contains("in pod httpbin-v2"), "{shown}");
     assert!(out.contains("SYNCED"), "{shown}");
+    // Shadow-diff: v2's new revision differs on /json only (the report itself is checked by the
+    // demo, when the sidecar compares).
+    assert!(
+        out.contains("GET /json straight to each app: v1 200, v2 500"),
+        "{shown}"
+    );
+    assert!(
+        out.contains("GET /xml straight to each app: v1 200, v2 200"),
+        "{shown}"
+    );
     assert!(out.contains("demo finished"), "{shown}");
 
     let left = local.leftovers().unwrap();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 pub mod chaos;
+pub mod discovery_client;
 pub mod fake_pilot;
 pub mod kube_fake;
 pub mod local;

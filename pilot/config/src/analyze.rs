@@ -17,6 +17,12 @@ pub const DESTINATION_PORT_SELECTOR_REQUIRED: &str = "IST0112";
 /// Istio's code for an object that fails schema validation.
 pub const SCHEMA_VALIDATION_ERROR: &str = "IST0106";
 
+/// weft's own code (istioctl style, `WFT` for weft): a shadow-diff annotation that does nothing,
+/// i.e. `weft.io/mirror-compare-ignore-*` without `weft.io/mirror-compare`, or
+/// `weft.io/mirror-compare` on a VirtualService none of whose rules mirrors. A warning, not a
+/// refusal: the object routes exactly as written, and a user may annotate before adding the mirror.
+pub const MIRROR_COMPARE_WITHOUT_EFFECT: &str = "WFT0001";
+
 /// A finding's severity, Istio's analyzer levels (`--failure-threshold`, `--output-threshold`),
 /// ordered from least to most severe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,6 +172,7 @@ fn check_virtual_service(
     vs: &VirtualService,
     warnings: &mut BTreeSet<Warning>,
 ) {
+    check_mirror_compare(resource, vs, warnings);
     let namespace = resource.namespace();
     for route in &vs.spec.http {
         let routes = route.route.iter().map(|r| ("route to", &r.destination));
@@ -178,6 +185,37 @@ fn check_virtual_service(
         for (what, destination) in routes.chain(mirror).chain(mirrors) {
             check_destination(index, resource, namespace, what, destination, warnings);
         }
+    }
+}
+
+fn check_mirror_compare(
+    resource: &Resource,
+    vs: &VirtualService,
+    warnings: &mut BTreeSet<Warning>,
+) {
+    use crate::virtual_service::mirror_compare::{self, MIRROR_COMPARE};
+    let annotations = mirror_compare::read(&vs.metadata.annotations);
+    let mut warn = |detail: String| {
+        warnings.insert(Warning {
+            code: MIRROR_COMPARE_WITHOUT_EFFECT,
+            object: resource.key(),
+            detail,
+        });
+    };
+    if annotations.has_ignore && !vs.metadata.annotations.contains_key(MIRROR_COMPARE) {
+        warn(format!(
+            "weft.io/mirror-compare-ignore-* has no effect without annotation {MIRROR_COMPARE}"
+        ));
+    }
+    let mirrors = vs
+        .spec
+        .http
+        .iter()
+        .any(|route| route.mirror.is_some() || !route.mirrors.is_empty());
+    if annotations.compare.is_some() && !mirrors {
+        warn(format!(
+            "annotation {MIRROR_COMPARE} has no effect: no http route of this VirtualService has a mirror"
+        ));
     }
 }
 

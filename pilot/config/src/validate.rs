@@ -13,6 +13,13 @@ use crate::resource::{Kind, ObjectMeta, Resource};
 pub fn validate(resource: &Resource) -> Vec<FieldError> {
     let mut report = Report::default();
     validate_metadata(&mut report, resource.kind(), resource.metadata());
+    if let Resource::VirtualService(vs) = resource {
+        crate::virtual_service::mirror_compare::validate(
+            &vs.metadata.annotations,
+            &mut report,
+            &FieldPath::root().field("metadata").field("annotations"),
+        );
+    }
     let spec = FieldPath::root().field("spec");
     match resource {
         Resource::VirtualService(o) => o.spec.validate(&mut report, &spec),

@@ -10,6 +10,8 @@ use crate::host;
 use crate::resource::{IgnoredStatus, ObjectMeta};
 use crate::validate::Report;
 
+pub mod mirror_compare;
+
 type Unimplemented = Option<serde_json::Value>;
 
 /// A VirtualService object.

@@ -626,6 +626,78 @@ fn analyzer_warns_about_missing_subsets_and_services() {
     );
 }
 
+/// The seed's mirror VirtualService with `annotations` (YAML lines under `annotations:`) and, when
+/// `mirror` is false, without its mirror.
+fn annotated_mirror(annotations: &str, mirror: bool) -> String {
+    let mirror = if mirror {
+        "    mirror: {host: httpbin, subset: v2}\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: httpbin\n  annotations:\n{annotations}spec:\n  hosts: [httpbin]\n  http:\n  - route:\n    - destination: {{host: httpbin, subset: v1}}\n{mirror}"
+    )
+}
+
+#[test]
+fn shadow_diff_annotations_are_checked_at_apply_time() {
+    let ok = annotated_mirror(
+        "    weft.io/mirror-compare: \"status, headers,body\"\n    weft.io/mirror-compare-ignore-json: '$.headers.Host'\n    weft.io/other: anything\n",
+        true,
+    );
+    assert_eq!(parse_ok("vs.yaml", &ok).len(), 1);
+    let got = errors_of(&annotated_mirror(
+        "    weft.io/mirror-compare: status,x\n    weft.io/mirror-compare-ignore-headers: 'a b'\n",
+        true,
+    ));
+    assert_eq!(
+        got,
+        vec![
+            r#"vs.yaml:6:5: document 1 (VirtualService default/httpbin): metadata.annotations[weft.io/mirror-compare]: unknown aspect "x", expected status, headers or body"#,
+            r#"vs.yaml:7:5: document 1 (VirtualService default/httpbin): metadata.annotations[weft.io/mirror-compare-ignore-headers]: "a b" is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"#,
+        ]
+    );
+    let typo = errors_of(&annotated_mirror(
+        "    weft.io/mirror-compre: status\n",
+        true,
+    ));
+    assert_eq!(typo.len(), 1, "{typo:?}");
+    assert!(typo[0].contains(
+        "metadata.annotations[weft.io/mirror-compre]: unknown weft shadow-diff annotation"
+    ));
+}
+
+#[test]
+fn analyzer_warns_about_shadow_diff_annotations_without_effect() {
+    let codes = |text: &str| -> Vec<String> {
+        let mut all = parse_ok("vs.yaml", text);
+        all.extend(seed("httpbin-service.yaml"));
+        all.extend(parse_ok(
+            "dr.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin}\nspec:\n  host: httpbin\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+        ));
+        analyze(&all).iter().map(ToString::to_string).collect()
+    };
+    let compare = "    weft.io/mirror-compare: status\n";
+    let ignore = "    weft.io/mirror-compare-ignore-headers: etag\n";
+    assert_eq!(
+        codes(&annotated_mirror(compare, true)),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        codes(&annotated_mirror(compare, false)),
+        vec![
+            "Warning [WFT0001] VirtualService default/httpbin: annotation weft.io/mirror-compare has no effect: no http route of this VirtualService has a mirror"
+        ]
+    );
+    assert_eq!(
+        codes(&annotated_mirror(ignore, true)),
+        vec![
+            "Warning [WFT0001] VirtualService default/httpbin: weft.io/mirror-compare-ignore-* has no effect without annotation weft.io/mirror-compare"
+        ]
+    );
+}
+
 #[test]
 fn analyzer_wants_a_port_for_multi_port_services() {
     let text = "\

@@ -29,6 +29,8 @@ pub(super) struct RuleView<'a, S> {
     pub(super) namespace: &'a str,
     pub(super) name: &'a str,
     pub(super) spec: &'a S,
+    /// The object's annotations (a VirtualService's shadow-diff ones are read by translation).
+    pub(super) annotations: &'a BTreeMap<String, String>,
     /// Expanded hosts (`host::expand` in the rule's namespace, §1.1).
     pub(super) hosts: Vec<String>,
 }
@@ -131,6 +133,7 @@ impl<'a> Catalog<'a> {
                     namespace,
                     name,
                     spec: &vs.spec,
+                    annotations: &vs.metadata.annotations,
                     hosts: vs
                         .spec
                         .hosts
@@ -142,12 +145,14 @@ impl<'a> Catalog<'a> {
                     namespace,
                     name,
                     spec: &dr.spec,
+                    annotations: &dr.metadata.annotations,
                     hosts: vec![host::expand(&dr.spec.host, namespace)],
                 }),
                 Resource::PeerAuthentication(pa) => peer_authentications.push(RuleView {
                     namespace,
                     name,
                     spec: &pa.spec,
+                    annotations: &pa.metadata.annotations,
                     hosts: Vec::new(),
                 }),
                 // Pods reach translation as workloads (discovery resolves them), not as objects.
@@ -238,6 +243,7 @@ impl<'a> Catalog<'a> {
                     namespace: resource.namespace(),
                     name: resource.name(),
                     spec: &pa.spec,
+                    annotations: &pa.metadata.annotations,
                     hosts: Vec::new(),
                 }),
                 _ => None,

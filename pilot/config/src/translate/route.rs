@@ -75,6 +75,19 @@ pub(super) fn for_port(
     vec![route]
 }
 
+/// The compare `weft.io/mirror-compare*` asks for, with pilot's default ignored headers added;
+/// `None` without the annotation (or with an invalid one stored before validation refused it).
+fn mirror_compare(annotations: &BTreeMap<String, String>) -> Option<pb::MirrorCompare> {
+    let compare = crate::virtual_service::mirror_compare::read(annotations).compare?;
+    Some(pb::MirrorCompare {
+        status: compare.status,
+        headers: compare.headers,
+        body: compare.body,
+        ignore_headers: compare.all_ignored_headers(),
+        ignore_json: compare.ignore_json,
+    })
+}
+
 /// Istio's `BuildDefaultHTTPOutboundRoute`: match everything, one destination, the default retry
 /// policy, no timeout.
 fn default_route(cluster: String) -> pb::HttpRoute {
@@ -152,6 +165,8 @@ fn compile_rule(
 
     // Mirrors (§1.4, `MirrorPercent`/`MirrorPercentByPolicy`): no percentage = 100, the deprecated
     // integer `mirrorPercent` when `mirrorPercentage` is absent, and 0 = no mirror at all.
+    // Shadow-diff: every mirror of every rule of the VirtualService gets the same compare.
+    let compare = mirror_compare(vs.annotations);
     let mut mirrors = Vec::new();
     if let Some(mirror) = &rule.mirror {
         let percent = rule
@@ -164,7 +179,7 @@ fn compile_rule(
             mirrors.push(pb::Mirror {
                 cluster: target(mirror),
                 percent,
-                compare: None,
+                compare: compare.clone(),
             });
         }
     }
@@ -177,7 +192,7 @@ fn compile_rule(
             mirrors.push(pb::Mirror {
                 cluster: target(destination),
                 percent,
-                compare: None,
+                compare: compare.clone(),
             });
         }
     }

@@ -337,6 +337,63 @@ fn mirror_percentages() {
 }
 
 #[test]
+fn mirror_compare_annotations_reach_every_mirror() {
+    let vs = |annotations: &str| {
+        format!(
+            "{HTTPBIN_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+  annotations: {{{annotations}}}
+spec:
+  hosts: [httpbin]
+  http:
+  - match: [{{uri: {{prefix: /a}}}}]
+    route: [{{destination: {{host: httpbin, subset: v1}}}}]
+    mirror: {{host: httpbin, subset: v2}}
+  - route: [{{destination: {{host: httpbin, subset: v1}}}}]
+    mirrors: [{{destination: {{host: httpbin, subset: v2}}, percentage: {{value: 10}}}}, {{destination: {{host: httpbin}}}}]
+"
+        )
+    };
+    let compares = |annotations: &str| -> Vec<Option<pb::MirrorCompare>> {
+        let config = view(&vs(annotations), &sleep());
+        routes(&config)
+            .iter()
+            .flat_map(|r| r.mirrors.iter().map(|m| m.compare.clone()))
+            .collect()
+    };
+    assert_eq!(
+        compares(""),
+        vec![None, None, None],
+        "no annotation: no compare"
+    );
+    let found = compares(
+        r#""weft.io/mirror-compare": "status, body", "weft.io/mirror-compare-ignore-headers": "ETag", "weft.io/mirror-compare-ignore-json": "$.headers.Host""#,
+    );
+    let mut ignore_headers: Vec<String> =
+        crate::virtual_service::mirror_compare::DEFAULT_IGNORED_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+    ignore_headers.push("etag".to_string());
+    let expected = pb::MirrorCompare {
+        status: true,
+        headers: false,
+        body: true,
+        ignore_headers,
+        ignore_json: vec!["$.headers.Host".to_string()],
+    };
+    assert_eq!(found, vec![Some(expected); 3]);
+    // The compare is part of what sidecars are told, so a change must change the fingerprint.
+    let plain = view(&vs(""), &sleep());
+    let compared = view(&vs(r#""weft.io/mirror-compare": "status""#), &sleep());
+    assert_ne!(fingerprint(&plain), fingerprint(&compared));
+    assert!(to_json(&compared).to_string().contains("\"compare\""));
+}
+
+#[test]
 fn retries_default_disabled_and_custom() {
     let route = "route: [{destination: {host: httpbin}}]";
     let default = single_rule(route).retries.unwrap_or_default();
