@@ -24,14 +24,19 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail};
 use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanId, SpanKind, Status, TraceId, Tracer as _, TracerProvider as _,
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
+    TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry::{KeyValue, Value};
+use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
 };
 use weft_sidecar::telemetry::trace::{Hop, Kind, Span, Tracer};
+
+// The sidecar's allocator: allocation is most of either way's cost, so it must be the same one.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// What a request contributes to its span: the values the sidecar reads from the request.
 struct Facts {
@@ -99,13 +104,21 @@ fn sdk_span(tracer: &SdkTracer, f: &Facts, hop: Hop, start: SystemTime) {
         .into_iter()
         .map(|(k, v)| KeyValue::new(k, Value::from(v)))
         .collect();
+    // The caller's B3 context as the SDK's remote parent (0.33 takes no explicit ids: the span's
+    // own id comes from the SDK's id generator).
+    let parent = SpanContext::new(
+        TraceId::from(hop.trace_id),
+        SpanId::from(hop.parent.unwrap_or(hop.span_id)),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let cx = Context::new().with_remote_span_context(parent);
     let mut span = SpanBuilder::from_name(Cow::Owned(format!("{}:{}/*", f.host, f.port)))
         .with_kind(SpanKind::Client)
-        .with_trace_id(TraceId::from(hop.trace_id))
-        .with_span_id(SpanId::from(hop.span_id))
         .with_start_time(start)
         .with_attributes(attributes)
-        .start(tracer);
+        .start_with_context(tracer, &cx);
     span.set_status(Status::Unset);
     span.end();
 }
@@ -162,8 +175,11 @@ fn sdk() -> (SdkTracerProvider, SdkTracer) {
     (provider, tracer)
 }
 
+/// A hop that continues a caller's sampled trace (as a server span or the next hop would).
 fn hop() -> Hop {
-    Hop::from_request(&Default::default(), 100.0)
+    let mut hop = Hop::from_request(&Default::default(), 100.0);
+    hop.parent = Some(hop.span_id.wrapping_add(1).max(1));
+    hop
 }
 
 /// The CPU time of this thread (the request path's; the consumers run on their own threads).
