@@ -20,6 +20,7 @@ mod kube;
 mod lifetime;
 mod mesh;
 mod mirror;
+mod otlp;
 mod multinode;
 mod pilot;
 mod resilience;
