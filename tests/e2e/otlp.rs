@@ -75,9 +75,7 @@ fn assert_both_spans(spans: &[serde_json::Value], trace: &str) {
 }
 
 fn of_trace(trace: &str) -> impl Fn(&[serde_json::Value]) -> bool + '_ {
-    move |spans| {
-        spans.iter().filter(|s| s["trace_id"] == trace).count() >= 2
-    }
+    move |spans| spans.iter().filter(|s| s["trace_id"] == trace).count() >= 2
 }
 
 #[test]
@@ -221,14 +219,22 @@ fn tls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succe
 
     let exports = rx.exports();
     assert!(
-        exports.iter().all(|e| e["authorized"] == true && e["path"] == "/v1/traces"),
+        exports
+            .iter()
+            .all(|e| e["authorized"] == true && e["path"] == "/v1/traces"),
         "{exports:#?}"
     );
-    assert!(exports.iter().any(|e| e["content_type"] == "application/x-protobuf"
-        && e["content_encoding"] == "gzip"));
-    assert!(exports
-        .iter()
-        .any(|e| e["content_type"] == "application/json" && e["content_encoding"] == ""));
+    assert!(
+        exports
+            .iter()
+            .any(|e| e["content_type"] == "application/x-protobuf"
+                && e["content_encoding"] == "gzip")
+    );
+    assert!(
+        exports
+            .iter()
+            .any(|e| e["content_type"] == "application/json" && e["content_encoding"] == "")
+    );
     // Every reply rejected one span: each sidecar counted it, over both encodings.
     for s in [&p.client, &p.server, &json_client] {
         assert!(spans_total(s, "rejected") >= 1.0);
@@ -244,7 +250,14 @@ fn a_grpc_partial_success_is_counted_and_a_wrong_key_drops_the_batch() {
     let rx = Receiver::start(
         dir.path(),
         "otlp-grpc",
-        &["--transport", "grpc", "--require-header", KEY, "--partial", "1"],
+        &[
+            "--transport",
+            "grpc",
+            "--require-header",
+            KEY,
+            "--partial",
+            "1",
+        ],
     )
     .unwrap();
     let mut plane = ControlPlane::start(dir.path(), &[]).unwrap();
@@ -253,7 +266,10 @@ fn a_grpc_partial_success_is_counted_and_a_wrong_key_drops_the_batch() {
     plane.otlp_env = vec![
         ("OTEL_EXPORTER_OTLP_TRACES_HEADERS".into(), KEY.into()),
         // The generic headers are overridden by the traces-specific ones.
-        ("OTEL_EXPORTER_OTLP_HEADERS".into(), "x-api-key=wrong".into()),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS".into(),
+            "x-api-key=wrong".into(),
+        ),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
     ];
     let p = pair(&plane, dir.path());
@@ -268,11 +284,16 @@ fn a_grpc_partial_success_is_counted_and_a_wrong_key_drops_the_batch() {
     // With the generic (wrong) key the receiver answers UNAUTHENTICATED: not retryable, the batch is dropped
     // and counted, nothing retried.
     plane.otlp_env.remove(0);
-    let keyless = Sidecar::explicit(&plane, "sleep-nokey", "sleep", "app=sleep", None, &[]).unwrap();
+    let keyless =
+        Sidecar::explicit(&plane, "sleep-nokey", "sleep", "app=sleep", None, &[]).unwrap();
     let _ = one_request(&keyless);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while spans_total(&keyless, "failed_non_retryable") < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "{}", keyless.stats().unwrap());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            keyless.stats().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(keyless.stat("weft_span_export_retries_total").unwrap(), 0.0);

@@ -93,7 +93,9 @@ pub struct TestTls {
 
 /// Writes a fresh test CA and a 127.0.0.1/localhost server certificate into `dir`.
 pub fn test_tls(dir: &Path) -> Result<TestTls> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

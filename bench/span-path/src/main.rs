@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail};
 use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
-    TraceId, TraceState, TracerProvider as _,
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
+    TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -73,12 +73,18 @@ fn attributes(f: &Facts, status: u16) -> [(&'static str, String); 12] {
         ("server.address", f.authority.to_owned()),
         ("server.port", f.port.to_string()),
         ("weft.route", "default".to_owned()),
-        ("weft.upstream_cluster", format!("outbound|{}||{}", f.port, f.host)),
+        (
+            "weft.upstream_cluster",
+            format!("outbound|{}||{}", f.port, f.host),
+        ),
         ("weft.subset", "v1".to_owned()),
         ("weft.source.workload", f.pod.to_string()),
         ("weft.peer.identity", f.peer.to_owned()),
         ("weft.response_flags", f.flags.to_owned()),
-        ("guid:x-request-id", "3f2c9a1e-5b7d-4c1e-9a2b-6d8e0f1a2b3c".to_owned()),
+        (
+            "guid:x-request-id",
+            "3f2c9a1e-5b7d-4c1e-9a2b-6d8e0f1a2b3c".to_owned(),
+        ),
         ("http.response.status_code", status.to_string()),
     ]
 }
@@ -169,7 +175,11 @@ fn sdk() -> (SdkTracerProvider, SdkTracer) {
         .with_scheduled_delay(Duration::from_secs(1))
         .build();
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(BatchSpanProcessor::builder(Discard).with_batch_config(config).build())
+        .with_span_processor(
+            BatchSpanProcessor::builder(Discard)
+                .with_batch_config(config)
+                .build(),
+        )
         .build();
     let tracer = provider.tracer("weft-sidecar");
     (provider, tracer)

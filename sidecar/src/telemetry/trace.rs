@@ -403,7 +403,10 @@ fn to_otlp(span: Span) -> otlp::Span {
 }
 
 /// Groups a batch by `service.name` into one export request.
-pub(crate) fn request(batch: Vec<Span>, resource: &[(&'static str, String)]) -> ExportTraceServiceRequest {
+pub(crate) fn request(
+    batch: Vec<Span>,
+    resource: &[(&'static str, String)],
+) -> ExportTraceServiceRequest {
     let mut by_service: std::collections::BTreeMap<Arc<str>, Vec<otlp::Span>> = Default::default();
     for span in batch {
         by_service

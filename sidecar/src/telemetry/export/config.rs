@@ -177,7 +177,9 @@ pub fn key_values(s: &str) -> Vec<Result<(String, String), String>> {
     s.split(',')
         .filter(|e| !e.trim().is_empty())
         .map(|entry| {
-            let (k, v) = entry.split_once('=').ok_or_else(|| entry.trim().to_owned())?;
+            let (k, v) = entry
+                .split_once('=')
+                .ok_or_else(|| entry.trim().to_owned())?;
             match (decode(k), decode(v)) {
                 (Some(k), Some(v)) if !k.is_empty() => Ok((k, v)),
                 _ => Err(entry.trim().to_owned()),

@@ -54,7 +54,10 @@ fn no_endpoint_or_switched_off_means_no_export() {
 #[test]
 fn endpoint_protocol_and_precedence() {
     let c = ok(&[EP]);
-    assert_eq!((c.endpoint.as_str(), c.protocol), ("http://c:4317", Protocol::Grpc));
+    assert_eq!(
+        (c.endpoint.as_str(), c.protocol),
+        ("http://c:4317", Protocol::Grpc)
+    );
     let c = ok(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]);
     assert_eq!(
         (c.endpoint.as_str(), c.protocol),
@@ -63,7 +66,10 @@ fn endpoint_protocol_and_precedence() {
     // The traces URL is used as is, and wins over the generic one.
     let c = ok(&[
         EP,
-        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://t:443/custom/path"),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "https://t:443/custom/path",
+        ),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
     ]);
     assert_eq!(
@@ -76,7 +82,10 @@ fn endpoint_protocol_and_precedence() {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
     ]);
-    assert_eq!((c.endpoint.as_str(), c.protocol), ("https://c:9999", Protocol::Grpc));
+    assert_eq!(
+        (c.endpoint.as_str(), c.protocol),
+        ("https://c:9999", Protocol::Grpc)
+    );
     // A bad protocol: warned, then the port decides.
     let (c, w) = parse(&[EP, ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")]);
     assert_eq!(c.unwrap().protocol, Protocol::Grpc);
@@ -98,7 +107,10 @@ fn endpoint_protocol_and_precedence() {
 fn headers_timeout_compression_tls_files() {
     let c = ok(&[
         EP,
-        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=secret, x-tenant = a%20b%2Cc ,"),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "api-key=secret, x-tenant = a%20b%2Cc ,",
+        ),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
         ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/generic.pem"),
@@ -139,7 +151,10 @@ fn headers_timeout_compression_tls_files() {
 fn bad_values_warn_and_fall_back_to_defaults() {
     let (c, w) = parse(&[
         EP,
-        ("OTEL_EXPORTER_OTLP_HEADERS", "good=1,novalue,=x,bad name=2,ok=%zz"),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "good=1,novalue,=x,bad name=2,ok=%zz",
+        ),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "-5"),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd"),
         ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
@@ -155,7 +170,10 @@ fn bad_values_warn_and_fall_back_to_defaults() {
     assert!(!c.gzip);
     assert_eq!(c.client_identity, None);
     assert_eq!(c.batch, Batch::default());
-    assert!(c.resource.is_empty(), "a bad entry discards the whole variable");
+    assert!(
+        c.resource.is_empty(),
+        "a bad entry discards the whole variable"
+    );
     // One warning per bad value; a header value never appears in one.
     assert_eq!(w.len(), 9, "{w:#?}");
     assert!(w.iter().all(|w| !w.contains("secret")));
@@ -165,7 +183,10 @@ fn bad_values_warn_and_fall_back_to_defaults() {
 fn resource_attributes_and_service_name() {
     let c = ok(&[
         EP,
-        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=from-attrs,team=a%2Cb"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=prod,service.name=from-attrs,team=a%2Cb",
+        ),
     ]);
     assert_eq!(c.service_name.as_deref(), Some("from-attrs"));
     assert_eq!(
@@ -180,11 +201,18 @@ fn resource_attributes_and_service_name() {
         ("OTEL_SERVICE_NAME", "from-env"),
         ("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs"),
     ]);
-    assert_eq!(c.service_name.as_deref(), Some("from-env"), "OTEL_SERVICE_NAME wins");
+    assert_eq!(
+        c.service_name.as_deref(),
+        Some("from-env"),
+        "OTEL_SERVICE_NAME wins"
+    );
     assert_eq!(ok(&[EP]).service_name, None, "the mesh's own name stays");
     let merged = merge_resource(
         vec![("k8s.pod.name", "p".into()), ("weft.identity", "i".into())],
-        &[("k8s.pod.name".into(), "q".into()), ("team".into(), "a".into())],
+        &[
+            ("k8s.pod.name".into(), "q".into()),
+            ("team".into(), "a".into()),
+        ],
     );
     assert_eq!(
         merged,
@@ -219,7 +247,11 @@ fn batch_processor_settings() {
         ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
         ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1000"),
     ]);
-    assert_eq!(c.unwrap().batch.size, 100, "a batch never exceeds the queue");
+    assert_eq!(
+        c.unwrap().batch.size,
+        100,
+        "a batch never exceeds the queue"
+    );
     assert_eq!(w.len(), 1);
 }
 
@@ -290,9 +322,17 @@ fn json_bodies_follow_the_otlp_json_mapping() {
     assert_eq!(s["spanId"], "b7ad6b7169203331");
     assert_eq!(s["parentSpanId"], "00f067aa0ba902b7");
     assert_eq!(s["kind"], 2, "enums as integers");
-    assert_eq!(s["startTimeUnixNano"], "1000000000", "64-bit integers as strings");
+    assert_eq!(
+        s["startTimeUnixNano"], "1000000000",
+        "64-bit integers as strings"
+    );
     let attrs = s["attributes"].as_array().unwrap();
-    assert!(attrs.contains(&serde_json::json!({"key": "http.request.method", "value": {"stringValue": "GET"}})), "{attrs:?}");
+    assert!(
+        attrs.contains(
+            &serde_json::json!({"key": "http.request.method", "value": {"stringValue": "GET"}})
+        ),
+        "{attrs:?}"
+    );
     assert_eq!(
         v["resourceSpans"][0]["resource"]["attributes"][0],
         serde_json::json!({"key": "service.name", "value": {"stringValue": "svc"}})

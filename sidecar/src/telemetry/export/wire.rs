@@ -82,6 +82,8 @@ pub struct Wire {
     gzip: bool,
 }
 
+// One per sidecar, made once: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Transport {
     Grpc(TraceServiceClient<Channel>),
     Http {
@@ -155,7 +157,10 @@ fn grpc_tls(cfg: &Config) -> Result<ClientTlsConfig, WireError> {
         None => tls.with_native_roots(),
     };
     if let Some((cert, key)) = &cfg.client_identity {
-        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
     }
     Ok(tls)
 }
@@ -476,7 +481,10 @@ mod tests {
             DataLoss,
         ] {
             assert!(
-                matches!(grpc_verdict(&tonic::Status::new(code, "x")), Sent::Retry { after: None, .. }),
+                matches!(
+                    grpc_verdict(&tonic::Status::new(code, "x")),
+                    Sent::Retry { after: None, .. }
+                ),
                 "{code:?}"
             );
         }
@@ -493,7 +501,10 @@ mod tests {
             ResourceExhausted,
         ] {
             assert!(
-                matches!(grpc_verdict(&tonic::Status::new(code, "x")), Sent::Failed(_)),
+                matches!(
+                    grpc_verdict(&tonic::Status::new(code, "x")),
+                    Sent::Failed(_)
+                ),
                 "{code:?}"
             );
         }
@@ -518,29 +529,38 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         for code in [429, 502, 503, 504] {
             let s = StatusCode::from_u16(code).unwrap();
-            assert!(matches!(http_verdict(s, None, now), Sent::Retry { after: None, .. }));
+            assert!(matches!(
+                http_verdict(s, None, now),
+                Sent::Retry { after: None, .. }
+            ));
         }
         for code in [400, 401, 403, 404, 413, 500, 501] {
             let s = StatusCode::from_u16(code).unwrap();
-            assert!(matches!(http_verdict(s, None, now), Sent::Failed(_)), "{code}");
+            assert!(
+                matches!(http_verdict(s, None, now), Sent::Failed(_)),
+                "{code}"
+            );
         }
         let secs = HeaderValue::from_static("7");
         assert!(matches!(
             http_verdict(StatusCode::TOO_MANY_REQUESTS, Some(&secs), now),
             Sent::Retry { after: Some(d), .. } if d == Duration::from_secs(7)
         ));
-        let date = HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(30)))
-            .unwrap();
+        let date =
+            HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(30))).unwrap();
         assert!(matches!(
             http_verdict(StatusCode::SERVICE_UNAVAILABLE, Some(&date), now),
             Sent::Retry { after: Some(d), .. } if d == Duration::from_secs(30)
         ));
         // A date in the past: retry now; garbage: the exporter's own backoff.
-        let past = HeaderValue::from_str(&httpdate::fmt_http_date(now - Duration::from_secs(30)))
-            .unwrap();
+        let past =
+            HeaderValue::from_str(&httpdate::fmt_http_date(now - Duration::from_secs(30))).unwrap();
         assert!(matches!(
             http_verdict(StatusCode::SERVICE_UNAVAILABLE, Some(&past), now),
-            Sent::Retry { after: Some(Duration::ZERO), .. }
+            Sent::Retry {
+                after: Some(Duration::ZERO),
+                ..
+            }
         ));
         let junk = HeaderValue::from_static("soon");
         assert!(matches!(
