@@ -159,7 +159,7 @@ fn a_tls_grpc_collector_that_wants_a_key_and_is_unavailable_twice_loses_nothing(
 }
 
 #[test]
-fn tls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_success_is_counted() {
+fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_success_is_counted() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
     let tls = test_tls(dir.path()).unwrap();
@@ -173,6 +173,8 @@ fn tls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succe
             tls.cert.to_str().unwrap(),
             "--key",
             tls.key.to_str().unwrap(),
+            "--client-ca",
+            tls.ca.to_str().unwrap(),
             "--require-header",
             "x-api-key=s3cret key",
             "--partial",
@@ -194,6 +196,15 @@ fn tls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succe
             "x-api-key=s3cret%20key".to_owned(),
         ),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+        // The receiver wants a client certificate (mTLS to the collector).
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE".to_owned(),
+            tls.client_cert.display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY".to_owned(),
+            tls.client_key.display().to_string(),
+        ),
     ];
     plane.otlp_env = common.clone();
     plane

@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--cert", help="server certificate (PEM); TLS when given")
     ap.add_argument("--key", help="server key (PEM)")
+    ap.add_argument("--client-ca", help="require a client certificate signed by this root (PEM)")
     ap.add_argument("--require-header", default="", help="NAME=VALUE every export must carry")
     ap.add_argument("--unavailable", type=int, default=0, help="fail this many exports first")
     ap.add_argument("--partial", type=int, default=0, help="reject this many spans of each export")
@@ -123,7 +124,14 @@ def main():
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
         if args.cert:
             with open(args.key, "rb") as k, open(args.cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                pair = [(k.read(), c.read())]
+            if args.client_ca:
+                with open(args.client_ca, "rb") as ca:
+                    creds = grpc.ssl_server_credentials(
+                        pair, root_certificates=ca.read(), require_client_auth=True
+                    )
+            else:
+                creds = grpc.ssl_server_credentials(pair)
             bound = server.add_secure_port(f"{host}:{port}", creds)
         else:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -198,6 +206,9 @@ def main():
     if args.cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.cert, args.key)
+        if args.client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(args.client_ca)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(f"listening on {host}:{server.server_address[1]}", flush=True)
     server.serve_forever()

@@ -89,9 +89,14 @@ pub struct TestTls {
     pub cert: PathBuf,
     /// The server's key.
     pub key: PathBuf,
+    /// A client certificate signed by the same CA (mTLS to the collector).
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
 }
 
-/// Writes a fresh test CA and a 127.0.0.1/localhost server certificate into `dir`.
+/// Writes a fresh test CA, a 127.0.0.1/localhost server certificate and a client certificate into
+/// `dir`.
 pub fn test_tls(dir: &Path) -> Result<TestTls> {
     use rcgen::{
         BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -110,11 +115,19 @@ pub fn test_tls(dir: &Path) -> Result<TestTls> {
         .subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
     let cert = server.signed_by(&key, &issuer)?;
+    let client_key = KeyPair::generate()?;
+    let mut client = CertificateParams::new(vec!["weft-sidecar".to_owned()])?;
+    client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client.signed_by(&client_key, &issuer)?;
     let out = TestTls {
         ca: dir.join("collector-ca.pem"),
         cert: dir.join("collector.pem"),
         key: dir.join("collector-key.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client-key.pem"),
     };
+    std::fs::write(&out.client_cert, client_cert.pem()).context("write the client certificate")?;
+    std::fs::write(&out.client_key, client_key.serialize_pem()).context("write the client key")?;
     std::fs::write(&out.ca, ca_cert.pem()).context("write the CA")?;
     std::fs::write(&out.cert, cert.pem()).context("write the certificate")?;
     std::fs::write(&out.key, key.serialize_pem()).context("write the key")?;

@@ -252,7 +252,16 @@ impl Exporter {
         let give_up = Instant::now() + self.batch.export_timeout;
         let mut attempt = 1;
         loop {
-            match self.wire.send(req).await {
+            // Each attempt within `_TIMEOUT` (the wire's) and within what is left of the batch's
+            // `OTEL_BSP_EXPORT_TIMEOUT`.
+            let left = give_up.saturating_duration_since(Instant::now());
+            let sent = tokio::time::timeout(left, self.wire.send(req))
+                .await
+                .unwrap_or_else(|_| Sent::Retry {
+                    after: None,
+                    why: "OTEL_BSP_EXPORT_TIMEOUT reached".into(),
+                });
+            match sent {
                 Sent::Accepted(partial) => {
                     let rejected = partial
                         .as_ref()
