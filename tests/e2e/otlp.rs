@@ -282,6 +282,8 @@ fn a_grpc_partial_success_is_counted_and_a_wrong_key_drops_the_batch() {
             "x-api-key=wrong".into(),
         ),
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+        // gRPC message compression: exercised (grpcio decodes it; it does not tell the handler).
+        ("OTEL_EXPORTER_OTLP_COMPRESSION".into(), "gzip".into()),
     ];
     let p = pair(&plane, dir.path());
     let trace = one_request(&p.client);

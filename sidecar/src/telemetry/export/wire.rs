@@ -569,6 +569,50 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn unreadable_or_empty_tls_files_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no PEM here").unwrap();
+        let mut warnings = Vec::new();
+        for protocol in ["grpc", "http/protobuf"] {
+            let env = |k: &str| match k {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("https://127.0.0.1:4317".to_owned()),
+                "OTEL_EXPORTER_OTLP_PROTOCOL" => Some(protocol.to_owned()),
+                _ => None,
+            };
+            let cfg = Config::from_env(env, &mut warnings).unwrap();
+            assert!(Wire::new(&cfg).is_ok(), "system roots: {protocol}");
+            let missing = Config {
+                certificate: Some(dir.path().join("missing.pem")),
+                ..cfg.clone()
+            };
+            assert!(matches!(Wire::new(&missing), Err(WireError::Read { .. })));
+            let no_key = Config {
+                client_identity: Some((empty.clone(), dir.path().join("missing-key.pem"))),
+                ..cfg.clone()
+            };
+            assert!(Wire::new(&no_key).is_err(), "{protocol}");
+        }
+        // The HTTP side parses the PEM itself (tonic hands it to rustls at the first handshake).
+        let http = Config::from_env(
+            |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "https://c:4318".to_owned()),
+            &mut warnings,
+        )
+        .unwrap();
+        let empty_roots = Config {
+            certificate: Some(empty.clone()),
+            ..http.clone()
+        };
+        assert!(matches!(Wire::new(&empty_roots), Err(WireError::Pem(_))));
+        let empty_client = Config {
+            client_identity: Some((empty.clone(), empty.clone())),
+            ..http
+        };
+        assert!(matches!(Wire::new(&empty_client), Err(WireError::Pem(_))));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
     #[test]
     fn http_partial_success_in_protobuf_and_json_replies() {
         let resp = ExportTraceServiceResponse {
