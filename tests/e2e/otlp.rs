@@ -66,12 +66,17 @@ fn spans_total(s: &Sidecar, result: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
 }
 
-/// Both sidecars' spans of `trace` (a client and a server span, one the other's parent).
-fn assert_both_spans(spans: &[serde_json::Value], trace: &str) {
+/// Both sidecars' spans of `trace` (a client and a server span, one the other's parent); returns
+/// them (client, server).
+fn assert_both_spans(
+    spans: &[serde_json::Value],
+    trace: &str,
+) -> (serde_json::Value, serde_json::Value) {
     let of: Vec<&serde_json::Value> = spans.iter().filter(|s| s["trace_id"] == trace).collect();
     let client = of.iter().find(|s| s["kind"] == 3).expect("client span");
     let server = of.iter().find(|s| s["kind"] == 2).expect("server span");
     assert_eq!(server["parent"], client["span_id"], "{of:#?}");
+    ((*client).clone(), (*server).clone())
 }
 
 fn of_trace(trace: &str) -> impl Fn(&[serde_json::Value]) -> bool + '_ {
@@ -217,16 +222,32 @@ fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succ
         .unwrap();
     assert_both_spans(&spans, &trace);
 
-    // A second client exports OTLP/JSON, uncompressed.
+    // A second client exports OTLP/JSON, uncompressed, under a service name of the environment's
+    // (OTEL_SERVICE_NAME wins over service.name in OTEL_RESOURCE_ATTRIBUTES).
     plane.otlp_protocol = "http/json";
     plane.otlp_env = common;
+    plane.otlp_env.extend([
+        ("OTEL_SERVICE_NAME".to_owned(), "sleep-json-svc".to_owned()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES".to_owned(),
+            "service.name=not-this,team=mesh%20core".to_owned(),
+        ),
+    ]);
     let json_client =
         Sidecar::explicit(&plane, "sleep-json", "sleep", "app=sleep", None, &[]).unwrap();
     let trace2 = one_request(&json_client);
     let spans = rx
         .wait_spans("the spans of the JSON client's request", of_trace(&trace2))
         .unwrap();
-    assert_both_spans(&spans, &trace2);
+    let (client, server) = assert_both_spans(&spans, &trace2);
+    assert_eq!(client["service"], "sleep-json-svc", "{client}");
+    assert_eq!(client["resource"]["team"], "mesh core", "{client}");
+    assert_eq!(client["resource"]["k8s.pod.name"], "sleep-json", "{client}");
+    // The server sidecar keeps the mesh's own name for its workload.
+    let (_, first_server) = assert_both_spans(&spans, &trace);
+    assert_eq!(server["service"], first_server["service"]);
+    assert_ne!(server["service"], "sleep-json-svc");
+    assert!(server["resource"].get("team").is_none(), "{server}");
 
     let exports = rx.exports();
     assert!(

@@ -8,7 +8,7 @@ with a retryable answer (gRPC UNAVAILABLE / HTTP 503) and keeps nothing of them,
 partial success (`--partial N`: N spans rejected, with a message).
 
 Prints `listening on HOST:PORT`, then one JSON line per export request ({"export": {...}}) and one per
-span kept ({"trace_id": hex, "span_id": hex, "parent": hex, "name", "kind", "service"}).
+span kept ({"trace_id": hex, "span_id": hex, "parent": hex, "name", "kind", "service", "resource"}).
 """
 
 import argparse
@@ -40,9 +40,8 @@ def next_export():
 
 def spans_of_proto(req):
     for rs in req.resource_spans:
-        service = next(
-            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
-        )
+        resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+        service = resource.get("service.name", "")
         for ss in rs.scope_spans:
             for s in ss.spans:
                 yield {
@@ -52,6 +51,7 @@ def spans_of_proto(req):
                     "name": s.name,
                     "kind": s.kind,
                     "service": service,
+                    "resource": resource,
                 }
 
 
@@ -60,9 +60,8 @@ def spans_of_json(doc):
     integers): protobuf's own JSON parser would read the ids as base64, so it is walked by hand."""
     for rs in doc.get("resourceSpans", []):
         attrs = rs.get("resource", {}).get("attributes", [])
-        service = next(
-            (a["value"].get("stringValue", "") for a in attrs if a.get("key") == "service.name"), ""
-        )
+        resource = {a.get("key"): a.get("value", {}).get("stringValue", "") for a in attrs}
+        service = resource.get("service.name", "")
         for ss in rs.get("scopeSpans", []):
             for s in ss.get("spans", []):
                 ids = (s.get("traceId", ""), s.get("spanId", ""))
@@ -76,6 +75,7 @@ def spans_of_json(doc):
                     "name": s.get("name", ""),
                     "kind": s["kind"],
                     "service": service,
+                    "resource": resource,
                 }
 
 
