@@ -164,7 +164,8 @@ fn a_tls_grpc_collector_that_wants_a_key_and_is_unavailable_twice_loses_nothing(
 }
 
 #[test]
-fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_success_is_counted() {
+fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_retry_after_and_partial_success_counted()
+ {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
     let tls = test_tls(dir.path()).unwrap();
@@ -183,6 +184,8 @@ fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succ
             "--require-header",
             "x-api-key=s3cret key",
             "--partial",
+            "1",
+            "--unavailable",
             "1",
         ],
     )
@@ -267,7 +270,14 @@ fn mtls_http_collectors_get_protobuf_gzip_and_json_with_the_key_and_partial_succ
             .iter()
             .any(|e| e["content_type"] == "application/json" && e["content_encoding"] == "")
     );
-    // Every reply rejected one span: each sidecar counted it, over both encodings.
+    // The first export was answered 503 with Retry-After: retried once, after the second asked for.
+    let retries: f64 = [&p.client, &p.server, &json_client]
+        .iter()
+        .map(|s| s.stat("weft_span_export_retries_total").unwrap())
+        .sum();
+    assert_eq!(retries, 1.0);
+    assert_eq!(exports[0]["n"], 1);
+    // Every accepted reply rejected one span: each sidecar counted it, over both encodings.
     for s in [&p.client, &p.server, &json_client] {
         assert!(spans_total(s, "rejected") >= 1.0);
         assert!(s.stat("weft_span_export_partial_success_total").unwrap() >= 1.0);

@@ -4,7 +4,7 @@
 
 It behaves as a demanding collector: it requires a header (`--require-header NAME=VALUE`: missing or
 wrong -> gRPC UNAUTHENTICATED / HTTP 401, spans not kept), fails the first `--unavailable N` exports
-with a retryable answer (gRPC UNAVAILABLE / HTTP 503) and keeps nothing of them, and can answer a
+with a retryable answer (gRPC UNAVAILABLE / HTTP 503 with `Retry-After: 1`) and keeps nothing of them, and can answer a
 partial success (`--partial N`: N spans rejected, with a message).
 
 Prints `listening on HOST:PORT`, then one JSON line per export request ({"export": {...}}) and one per
@@ -146,8 +146,10 @@ def main():
         def log_message(self, fmt, *a):
             sys.stderr.write(fmt % a + "\n")
 
-        def reply(self, code, body=b"", ctype="application/x-protobuf"):
+        def reply(self, code, body=b"", ctype="application/x-protobuf", headers=()):
             self.send_response(code)
+            for k, v in headers:
+                self.send_header(k, v)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -176,7 +178,7 @@ def main():
             if not ok:
                 return self.reply(401)
             if n <= args.unavailable:
-                return self.reply(503)
+                return self.reply(503, headers=[("Retry-After", "1")])
             if encoding == "gzip":
                 body = gzip.decompress(body)
             json_body = ctype.startswith("application/json")
