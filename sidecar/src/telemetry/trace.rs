@@ -6,7 +6,7 @@
 //! span (Istio's `shared_span_context: false`) and hands the next hop `X-B3-TraceId`, `X-B3-SpanId`,
 //! `X-B3-ParentSpanId`, `X-B3-Sampled` (Envoy's multi-header form) plus `traceparent`.
 //!
-//! Export: finished spans go to `Tracer::record` (`export.rs`: a bounded queue, batching, OTLP with the
+//! Export: finished spans go to `Tracer::record` (`export/`: a bounded queue, batching, OTLP with the
 //! OpenTelemetry environment contract); `request` here turns a batch into the OTLP request.
 
 use std::sync::Arc;
