@@ -6,7 +6,7 @@
 #         add-ons' scrape config and dashboard queries; run directly, never as the systemd service)
 #   PyPI: httpbin + gunicorn (+ PyYAML, weft-local's manifest reader) in a venv ($WEFT_VENV; default /opt/weft-venv as root, so that the
 #         uid-1337 sidecar and the test apps can read it; ~/.cache/weft/venv otherwise), plus the
-#         test-only kubernetes-validate (requirements-test.txt, ~108 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
+#         test-only kubernetes-validate, grpcio, opentelemetry-proto (requirements-test.txt, ~120 MB; WEFT_SKIP_TEST_DEPS=1 skips it,
 #         e.g. for the demo alone)
 # As non-root it cannot apt-get: it says what is missing and goes on (root-only tests skip then).
 set -euo pipefail
@@ -47,8 +47,9 @@ if [ ! -x "$venv/bin/gunicorn" ] || ! "$venv/bin/python" -c 'import httpbin, yam
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
   chmod -R a+rX "$venv"
 fi
-if [ "${WEFT_SKIP_TEST_DEPS:-0}" != 1 ] && [ ! -x "$venv/bin/kubernetes-validate" ]; then
-  echo "install-deps: adding the test requirements (kubernetes-validate) to $venv"
+if [ "${WEFT_SKIP_TEST_DEPS:-0}" != 1 ] &&
+  ! "$venv/bin/python" -c 'import kubernetes_validate, grpc, opentelemetry.proto.collector.trace.v1' 2>/dev/null; then
+  echo "install-deps: adding the test requirements (kubernetes-validate, grpcio, opentelemetry-proto) to $venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-test.txt"
   chmod -R a+rX "$venv"
 fi

@@ -216,14 +216,35 @@ impl Admin {
             &mut out,
             "weft_spans_total",
             "counter",
-            "Spans, exported or dropped.",
+            "Spans by how their export ended: exported, dropped (queue full), rejected (the collector's partial success), failed (by reason).",
         );
-        for (result, v) in [("exported", &t.exported), ("dropped", &t.dropped)] {
+        for (result, v) in [
+            ("exported", &t.exported),
+            ("dropped", &t.dropped),
+            ("rejected", &t.rejected),
+            ("failed_non_retryable", &t.failed_non_retryable),
+            ("failed_retries_exhausted", &t.failed_retries_exhausted),
+        ] {
             let _ = writeln!(
                 out,
                 "weft_spans_total{{result=\"{result}\"}} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+        for (name, help, v) in [
+            (
+                "weft_span_export_retries_total",
+                "Span export attempts repeated after a retryable failure.",
+                &t.retries,
+            ),
+            (
+                "weft_span_export_partial_success_total",
+                "Export replies that accepted the spans only in part (or carried a warning).",
+                &t.partial_successes,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
         out.push_str(&self.control_stats());
         out.push_str(&self.cluster_stats());

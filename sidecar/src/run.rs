@@ -221,21 +221,16 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         Mode::Transparent => AppTarget::OriginalPort,
         Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),
     };
-    let tracer = match crate::telemetry::trace::Endpoint::from_env(|k| std::env::var(k).ok()) {
-        Some(endpoint) => {
-            tracing::info!(?endpoint, "exporting spans over OTLP");
-            crate::telemetry::trace::Tracer::start(
-                endpoint,
-                vec![
-                    ("k8s.pod.name", cfg.name.clone()),
-                    ("k8s.namespace.name", cfg.namespace.clone()),
-                    ("weft.identity", identity.to_string()),
-                ],
-                stopped.clone(),
-            )
-        }
-        None => crate::telemetry::trace::Tracer::disabled(),
-    };
+    // The OpenTelemetry environment contract (`OTEL_EXPORTER_OTLP_*`, `OTEL_*`): telemetry/export.
+    let tracer = crate::telemetry::trace::Tracer::from_env(
+        |k| std::env::var(k).ok(),
+        vec![
+            ("k8s.pod.name", cfg.name.clone()),
+            ("k8s.namespace.name", cfg.namespace.clone()),
+            ("weft.identity", identity.to_string()),
+        ],
+        stopped.clone(),
+    );
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
     let get = |k: &str| cfg.labels.get(k).map(String::as_str);
     let me = crate::telemetry::Workload {

@@ -23,6 +23,7 @@ mod mesh;
 mod mirror;
 mod mirror_report;
 mod multinode;
+mod otlp;
 mod pilot;
 mod resilience;
 mod runtime;

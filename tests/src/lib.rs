@@ -17,6 +17,7 @@ pub mod fake_pilot;
 pub mod kube_fake;
 pub mod local;
 pub mod netns;
+pub mod otlp;
 pub mod prometheus;
 pub mod raw_http;
 pub mod seed;
@@ -257,6 +258,8 @@ pub struct ControlPlane {
     pub otlp: Option<String>,
     /// `grpc` (default) or `http/protobuf`.
     pub otlp_protocol: &'static str,
+    /// More `OTEL_*` variables for the sidecars started for this plane (TLS files, headers, ...).
+    pub otlp_env: Vec<(String, String)>,
     /// Lifetime of the bootstrap tokens [`ControlPlane::token`] mints (`ca token --ttl`); the CA's
     /// default when `None`.
     pub token_ttl: Option<String>,
@@ -352,6 +355,7 @@ impl ControlPlane {
             discovery_addr,
             otlp: None,
             otlp_protocol: "grpc",
+            otlp_env: Vec::new(),
             token_ttl: token_ttl.map(str::to_owned),
         })
     }
@@ -998,8 +1002,15 @@ fn run_flags(
 
 fn otlp_env(cmd: &mut Command, plane: &ControlPlane) {
     if let Some(addr) = &plane.otlp {
-        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"))
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", plane.otlp_protocol);
+        // A bare address is a plaintext collector; a URL (`https://...`) is used as given.
+        let url = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", url)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", plane.otlp_protocol)
+            .envs(plane.otlp_env.iter().map(|(k, v)| (k, v)));
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod access_log;
 pub mod appmetrics;
+pub mod export;
 pub mod metrics;
 pub mod record;
 pub mod span_tags;

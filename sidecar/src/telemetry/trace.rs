@@ -6,33 +6,20 @@
 //! span (Istio's `shared_span_context: false`) and hands the next hop `X-B3-TraceId`, `X-B3-SpanId`,
 //! `X-B3-ParentSpanId`, `X-B3-Sampled` (Envoy's multi-header form) plus `traceparent`.
 //!
-//! Export: weft records finished spans into a bounded queue; one task batches them (512 spans or 1 s)
-//! and sends them to the OTLP endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT` / `..._TRACES_ENDPOINT` over
-//! gRPC or HTTP/protobuf (`OTEL_EXPORTER_OTLP_PROTOCOL`; without it, gRPC when the port is 4317, else
-//! HTTP). A full queue or a dead collector loses spans (counted), never slows a request. This is a
-//! small exporter of our own over the official `opentelemetry-proto` types rather than the OTel SDK:
-//! the request path then pays one channel send per sampled span and nothing else.
+//! Export: finished spans go to `Tracer::record` (`export/`: a bounded queue, batching, OTLP with the
+//! OpenTelemetry environment contract); `request` here turns a batch into the OTLP request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1 as otlp;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-/// Spans waiting for export beyond this are dropped (and counted).
-const QUEUE: usize = 4096;
-/// Spans per export request.
-const BATCH: usize = 512;
-/// Longest a span waits in the batch.
-const BATCH_DELAY: Duration = Duration::from_secs(1);
+pub use super::export::{TraceStats, Tracer};
 
 // Header names, parsed once: a `&str` name is parsed and validated again on every lookup, and these
 // are looked up on every request.
@@ -372,112 +359,6 @@ pub struct Event {
     pub attributes: Vec<(&'static str, String)>,
 }
 
-/// Export statistics.
-#[derive(Debug, Default)]
-pub struct TraceStats {
-    /// Spans sent to the collector.
-    pub exported: AtomicU64,
-    /// Spans lost (queue full, or the collector failed).
-    pub dropped: AtomicU64,
-}
-
-/// Records spans for export.
-#[derive(Debug, Clone)]
-pub struct Tracer {
-    tx: Option<mpsc::Sender<Span>>,
-    /// Counters.
-    pub stats: Arc<TraceStats>,
-    /// Istio's per-proxy tags, added to every span recorded.
-    tags: super::span_tags::Static,
-}
-
-/// Where spans go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// OTLP/gRPC: the collector's base URL.
-    Grpc(String),
-    /// OTLP/HTTP protobuf: the full traces URL.
-    Http(String),
-}
-
-impl Endpoint {
-    /// From the standard OTel environment variables; `None` when tracing export is not configured.
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
-        let protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
-        let (url, full) = match get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            Some(u) => (u, true),
-            None => (get("OTEL_EXPORTER_OTLP_ENDPOINT")?, false),
-        };
-        let url = url.trim().trim_end_matches('/').to_owned();
-        if url.is_empty() {
-            return None;
-        }
-        let grpc = match protocol.as_deref() {
-            Some("grpc") => true,
-            Some(_) => false,
-            None => url.ends_with(":4317"),
-        };
-        Some(if grpc {
-            Endpoint::Grpc(url)
-        } else if full {
-            Endpoint::Http(url)
-        } else {
-            Endpoint::Http(format!("{url}/v1/traces"))
-        })
-    }
-}
-
-impl Tracer {
-    /// A tracer that records nothing (no endpoint configured).
-    pub fn disabled() -> Self {
-        Self {
-            tx: None,
-            tags: Default::default(),
-            stats: Arc::new(TraceStats::default()),
-        }
-    }
-
-    /// Starts the export task for `endpoint`; `resource` attributes describe this workload.
-    pub fn start(
-        endpoint: Endpoint,
-        resource: Vec<(&'static str, String)>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let stats = Arc::new(TraceStats::default());
-        tokio::spawn(export_loop(endpoint, resource, rx, stats.clone(), shutdown));
-        Self {
-            tx: Some(tx),
-            tags: Default::default(),
-            stats,
-        }
-    }
-
-    /// The tracer with Istio's per-proxy span tags (`span_tags::Static`) on every span.
-    #[must_use]
-    pub fn with_tags(mut self, tags: super::span_tags::Static) -> Self {
-        self.tags = tags;
-        self
-    }
-
-    /// Whether spans go anywhere (callers skip building them otherwise).
-    pub fn enabled(&self) -> bool {
-        self.tx.is_some()
-    }
-
-    /// Queues a finished span; never waits.
-    pub fn record(&self, mut span: Span) {
-        let Some(tx) = &self.tx else {
-            return;
-        };
-        span.attributes.extend(self.tags.tags().iter().cloned());
-        if tx.try_send(span).is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 fn kv(key: &str, value: String) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
@@ -548,7 +429,10 @@ fn to_otlp(span: Span) -> otlp::Span {
 }
 
 /// Groups a batch by `service.name` into one export request.
-fn request(batch: Vec<Span>, resource: &[(&'static str, String)]) -> ExportTraceServiceRequest {
+pub(crate) fn request(
+    batch: Vec<Span>,
+    resource: &[(&'static str, String)],
+) -> ExportTraceServiceRequest {
     let mut by_service: std::collections::BTreeMap<Arc<str>, Vec<otlp::Span>> = Default::default();
     for span in batch {
         by_service
@@ -580,77 +464,6 @@ fn request(batch: Vec<Span>, resource: &[(&'static str, String)]) -> ExportTrace
                 }
             })
             .collect(),
-    }
-}
-
-async fn export_loop(
-    endpoint: Endpoint,
-    resource: Vec<(&'static str, String)>,
-    mut rx: mpsc::Receiver<Span>,
-    stats: Arc<TraceStats>,
-    shutdown: CancellationToken,
-) {
-    let grpc = match &endpoint {
-        Endpoint::Grpc(url) => tonic::transport::Endpoint::from_shared(url.clone())
-            .ok()
-            .map(|e| {
-                TraceServiceClient::new(e.connect_timeout(Duration::from_secs(2)).connect_lazy())
-            }),
-        Endpoint::Http(_) => None,
-    };
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<Bytes>>();
-    let mut done = false;
-    while !done {
-        let mut batch = Vec::with_capacity(BATCH);
-        let deadline = tokio::time::sleep(BATCH_DELAY);
-        tokio::pin!(deadline);
-        while batch.len() < BATCH {
-            tokio::select! {
-                span = rx.recv() => match span {
-                    Some(s) => batch.push(s),
-                    None => { done = true; break; }
-                },
-                () = &mut deadline => break,
-                () = shutdown.cancelled() => {
-                    // Flush what is queued, then stop.
-                    while let Ok(s) = rx.try_recv() {
-                        batch.push(s);
-                    }
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let n = batch.len() as u64;
-        let req = request(batch, &resource);
-        let sent = tokio::time::timeout(Duration::from_secs(5), async {
-            match (&endpoint, &grpc) {
-                (Endpoint::Grpc(_), Some(client)) => client.clone().export(req).await.is_ok(),
-                (Endpoint::Http(url), _) => {
-                    let body = prost::Message::encode_to_vec(&req);
-                    let Ok(r) = http::Request::post(url.as_str())
-                        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                        .body(http_body_util::Full::new(Bytes::from(body)))
-                    else {
-                        return false;
-                    };
-                    matches!(http.request(r).await, Ok(resp) if resp.status().is_success())
-                }
-                _ => false,
-            }
-        })
-        .await
-        .unwrap_or(false);
-        if sent {
-            stats.exported.fetch_add(n, Ordering::Relaxed);
-        } else {
-            stats.dropped.fetch_add(n, Ordering::Relaxed);
-            tracing::debug!(spans = n, "span export failed; spans dropped");
-        }
     }
 }
 
@@ -866,39 +679,5 @@ mod tests {
                 format!("{:016x}", v as u64)
             );
         }
-    }
-
-    #[test]
-    fn endpoint_from_the_otel_environment() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
-        assert_eq!(Endpoint::from_env(env(&[])), None);
-        assert_eq!(
-            Endpoint::from_env(env(&[(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "http://jaeger:4317"
-            )])),
-            Some(Endpoint::Grpc("http://jaeger:4317".into()))
-        );
-        assert_eq!(
-            Endpoint::from_env(env(&[(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "http://jaeger:4318/"
-            )])),
-            Some(Endpoint::Http("http://jaeger:4318/v1/traces".into()))
-        );
-        assert_eq!(
-            Endpoint::from_env(env(&[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:9999"),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            ])),
-            Some(Endpoint::Grpc("http://c:9999".into()))
-        );
     }
 }
