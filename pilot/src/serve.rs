@@ -78,8 +78,9 @@ pub struct ServeArgs {
     /// `--mirror-shadow-suffix false` sends them with the original host, as Istio 1.28+ does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, conflicts_with = "mesh_config")]
     pub mirror_shadow_suffix: bool,
-    /// Percentage of new traces sampled by sidecars (Istio's default is 1; weft's demo wants all).
-    #[arg(long, default_value_t = 100.0, conflicts_with = "mesh_config")]
+    /// Percentage of new traces sampled by sidecars: Istio's default, 1 (the local runtime and
+    /// its demo run with 100).
+    #[arg(long, default_value_t = 1.0, conflicts_with = "mesh_config")]
     pub trace_sampling: f64,
     /// INSECURE, for setups without a platform (explicit mode on a laptop): admit a sidecar as
     /// the pod it names with the labels and address it declares, checking only that its namespace
@@ -847,7 +848,7 @@ mod tests {
         assert_eq!(webhook.trust_domain, "example.org");
         // Without the file, the flags' defaults.
         let plain = serve_args(&[]).unwrap().with_mesh_config().unwrap();
-        assert!((plain.trace_sampling - 100.0).abs() < f64::EPSILON);
+        assert!((plain.trace_sampling - 1.0).abs() < f64::EPSILON);
         assert_eq!(plain.otlp_endpoint, None);
         for flag in [
             ["--trace-sampling", "5"],

@@ -110,8 +110,8 @@ fn grpc_calls_and_error_trailers_cross_the_mesh() {
         assert_eq!(status.message(), "no such thing, said the app");
     });
 
-    // Istio's metrics name the calls gRPC on both sides; the error answered in the head
-    // (trailers-only) carries its grpc-status, the others' arrive in trailers and stay empty.
+    // Istio's metrics name the calls gRPC on both sides, each with its grpc-status: the error's
+    // answered in the head (trailers-only), the others' read from their trailers.
     let requests = |text: &str, must: &[&str]| -> u64 {
         text.lines()
             .filter(|l| {
@@ -128,6 +128,11 @@ fn grpc_calls_and_error_trailers_cross_the_mesh() {
         assert_eq!(
             requests(&text, &[grpc[0], grpc[1], "grpc_response_status=\"5\""]),
             1,
+            "{text}"
+        );
+        assert_eq!(
+            requests(&text, &[grpc[0], grpc[1], "grpc_response_status=\"0\""]),
+            5,
             "{text}"
         );
         assert_eq!(

@@ -102,6 +102,7 @@ pub fn restart_pilot(
         "--ca",
         &plane.ca_addr,
     ])
+    .args(crate::sampling_all(pilot_args))
     .arg("--data-dir")
     .arg(plane.dir.join("pilot"))
     .arg("--ca-root")

@@ -334,6 +334,7 @@ impl ControlPlane {
         let ca_addr = ca_addr.to_string();
         let mut cmd = command(bin("pilot"));
         cmd.args(["serve", "--listen", &listen, "--ca", &ca_addr])
+            .args(sampling_all(pilot_args))
             .arg("--data-dir")
             .arg(dir.join("pilot"))
             .arg("--ca-root")
@@ -1166,4 +1167,17 @@ pub fn https_post(
         body: raw[split + 4..].to_vec(),
         alpn,
     })
+}
+
+/// `--trace-sampling 100` unless `pilot_args` set the sampling (or a mesh config, which does): the
+/// tests follow every trace, where pilot's default is Istio's 1%.
+pub fn sampling_all(pilot_args: &[&str]) -> &'static [&'static str] {
+    if pilot_args
+        .iter()
+        .any(|a| *a == "--trace-sampling" || *a == "--mesh-config")
+    {
+        &[]
+    } else {
+        &["--trace-sampling", "100"]
+    }
 }

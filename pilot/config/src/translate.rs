@@ -118,7 +118,8 @@ pub struct MeshOptions {
     pub trust_domain: String,
     /// Append `-shadow` to mirrored requests' host (Istio ≤ 1.27, the seed); default true.
     pub mirror_shadow_suffix: bool,
-    /// Trace sampling, 0..=100; default 100 (this product's demo; Istio's default is 1).
+    /// Trace sampling, 0..=100; default 100 here (translation tests see every span); `pilot serve`
+    /// defaults to Istio's 1.
     pub sampling_percent: f64,
     /// Where selector-less PeerAuthentication is mesh-wide; default `istio-system`.
     pub root_namespace: String,

@@ -54,8 +54,7 @@ impl Inbound {
             }
         };
         record.cluster = Some(&conn.cluster);
-        record.answered(&resp);
-        resp
+        record.answer(resp)
     }
 
     async fn forward<'s>(

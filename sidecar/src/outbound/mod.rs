@@ -205,8 +205,7 @@ impl Outbound {
                 http::HeaderValue::from_static("true"),
             );
         }
-        record.answered(&resp);
-        resp
+        record.answer(resp)
     }
 
     /// The stages, in order.

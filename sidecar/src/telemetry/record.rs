@@ -12,6 +12,8 @@ use std::time::SystemTime;
 use super::access_log::{AccessLog, LogEntry};
 use super::metrics::{Labels, Metrics, Reporter, RequestMetric};
 use super::trace::{Hop, Kind, Span, Tracer};
+use crate::http::body::Body;
+use http_body::Body as _;
 
 /// Envoy's response flags, as a set (`%RESPONSE_FLAGS%` and Istio's `response_flags` label).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -302,19 +304,49 @@ impl<'a> Record<'a> {
 
     /// Finishes the record with the answer the caller gets.
     pub fn answered<B>(mut self, resp: &http::Response<B>) {
-        // A gRPC error answered at once ("trailers-only") carries its status in the head; a
-        // status sent in trailers arrives after the record is finished, and stays empty.
+        // A gRPC error answered at once ("trailers-only") carries its status in the head.
         self.grpc_status = grpc_status(resp.headers());
         let bytes = super::content_length(resp.headers());
         self.finish(resp.status().as_u16(), bytes);
     }
 
+    /// [`Record::answered`] for an answer whose body is about to go to the caller. A gRPC answer
+    /// whose status is still to come, in its trailers (every call that does not fail at once), gets
+    /// its body wrapped, and its metric sample waits for the trailers (or the body's end), so that
+    /// `grpc_response_status` is the call's; the access log and span are written now, with the
+    /// head, as for any answer. Other answers pass through untouched.
+    pub fn answer(mut self, resp: http::Response<Body>) -> http::Response<Body> {
+        self.grpc_status = grpc_status(resp.headers());
+        let code = resp.status().as_u16();
+        let bytes = super::content_length(resp.headers());
+        if !self.grpc || self.grpc_status.is_some() || resp.body().is_end_stream() {
+            self.finish(code, bytes);
+            return resp;
+        }
+        let metric = self.metric(code, bytes);
+        self.log_and_span(code, bytes);
+        let metrics = self.sinks.metrics.clone();
+        resp.map(|inner| {
+            Body::new(GrpcStatusBody {
+                inner,
+                pending: Some((metrics, metric)),
+            })
+        })
+    }
+
     fn emit(&mut self, code: u16, response_bytes: u64) {
+        let metric = self.metric(code, response_bytes);
+        self.sinks.metrics.record(metric);
+        self.log_and_span(code, response_bytes);
+    }
+
+    /// The request's metric sample (marks the record finished).
+    fn metric(&mut self, code: u16, response_bytes: u64) -> RequestMetric {
         self.done = true;
         let sinks = self.sinks;
         let elapsed = self.start.elapsed().unwrap_or_default();
         let unknown = &sinks.unknown;
-        sinks.metrics.record(RequestMetric {
+        RequestMetric {
             reporter: self.reporter,
             source: self.source.take().unwrap_or_else(|| unknown.source.clone()),
             destination: self
@@ -333,7 +365,13 @@ impl<'a> Record<'a> {
             duration: elapsed,
             request_bytes: self.request_bytes,
             response_bytes,
-        });
+        }
+    }
+
+    /// The access-log line and the span of the finished request.
+    fn log_and_span(&mut self, code: u16, response_bytes: u64) {
+        let sinks = self.sinks;
+        let elapsed = self.start.elapsed().unwrap_or_default();
         if let Some(log) = &self.log {
             let mut flags = String::new();
             self.flags.write(&mut flags);
@@ -396,6 +434,60 @@ impl<'a> Record<'a> {
                 None => sinks.tracer.record(span),
             }
         }
+    }
+}
+
+/// A gRPC answer's body on its way to the caller, holding the call's metric sample until the
+/// trailers say its `grpc-status` (recorded without one if the body ends, fails or is dropped
+/// first).
+struct GrpcStatusBody {
+    inner: Body,
+    pending: Option<(Arc<Metrics>, RequestMetric)>,
+}
+
+impl GrpcStatusBody {
+    fn record(&mut self, status: Option<u16>) {
+        if let Some((metrics, mut metric)) = self.pending.take() {
+            metric.grpc_status = status;
+            metrics.record(metric);
+        }
+    }
+}
+
+impl http_body::Body for GrpcStatusBody {
+    type Data = bytes::Bytes;
+    type Error = crate::http::body::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let status = grpc_status(trailers);
+                    self.record(status);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_)) | None) => self.record(None),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcStatusBody {
+    fn drop(&mut self) {
+        self.record(None);
     }
 }
 
@@ -500,6 +592,76 @@ mod tests {
             lines.iter().any(|l| l.contains("request_protocol=\"http\"")
                 && l.contains("grpc_response_status=\"\"")),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grpc_status_in_trailers_is_the_calls_and_is_counted_once_the_trailers_pass() {
+        use http_body_util::BodyExt;
+        let sinks = Sinks {
+            tracer: Tracer::disabled(),
+            metrics: Arc::new(Metrics::new(
+                super::super::workload_labels("source", &super::super::Workload::default()),
+                super::super::workload_labels("destination", &super::super::Workload::default()),
+            )),
+            access_log: AccessLog::Off,
+            service_name: Arc::from("a"),
+            unknown: Unknown::default(),
+        };
+        let (parts, ()) = http::Request::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let count = |status: &str| {
+            sinks
+                .metrics
+                .render()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("istio_requests_total{")
+                        && l.contains(&format!("grpc_response_status=\"{status}\""))
+                })
+                .count()
+        };
+        // A call whose status comes in its trailers: counted when they pass, with their status.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("7"));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+            Ok::<_, crate::http::body::BodyError>(http_body::Frame::data(
+                bytes::Bytes::from_static(b"msg"),
+            )),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]));
+        let resp = http::Response::new(Body::new(body));
+        let resp = Record::start(Reporter::Source, &sinks, &parts).answer(resp);
+        assert_eq!(count("7"), 0, "not before the trailers");
+        let collected = resp.into_body().collect().await.unwrap();
+        assert!(collected.trailers().is_some());
+        assert_eq!(count("7"), 1);
+        // A call whose body goes away without trailers: counted once, with no status.
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(vec![Ok::<
+            _,
+            crate::http::body::BodyError,
+        >(
+            http_body::Frame::data(bytes::Bytes::from_static(b"msg")),
+        )]));
+        let resp = Record::start(Reporter::Source, &sinks, &parts)
+            .answer(http::Response::new(Body::new(body)));
+        drop(resp);
+        assert_eq!(count(""), 1);
+        // Not gRPC: finished at once.
+        let (plain, ()) = http::Request::new(()).into_parts();
+        let _resp = Record::start(Reporter::Source, &sinks, &plain)
+            .answer(http::Response::new(crate::http::body::empty_body()));
+        assert_eq!(
+            sinks
+                .metrics
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .count(),
+            3
         );
     }
 
