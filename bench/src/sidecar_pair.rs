@@ -9,6 +9,9 @@
 //! discovery server (the e2e suite's fake pilot), because the load tool addresses the proxy itself
 //! (`Host: 127.0.0.1:PORT`), a name no Kubernetes Service can have. Access logs are off, as HAProxy's.
 //!
+//! `WEFT_BENCH_TRACE_SAMPLING=PCT` turns tracing on: both sidecars export to an OTLP sink and the
+//! pushed config samples PCT% of new traces (Istio's default is 1; the demo's 100).
+//!
 //! Usage (root; installs the recipe's tools with apt): `cargo build --release --bins && cargo run
 //! --release -p weft-bench --bin sidecar-pair [-- RECIPE_DIR [REPEATS]]`; RECIPE_DIR defaults to
 //! `../shared/bench` next to the repository; env knobs of the recipe (DUR, SCENARIOS...) pass through.
@@ -57,7 +60,19 @@ fn main() -> Result<()> {
 
     weft_tests::init();
     let dir = tempfile::tempdir()?;
-    let plane = ControlPlane::start(dir.path(), &[])?;
+    let mut plane = ControlPlane::start(dir.path(), &[])?;
+    let sampling: Option<f64> = match std::env::var("WEFT_BENCH_TRACE_SAMPLING") {
+        Ok(v) => Some(v.parse().context("WEFT_BENCH_TRACE_SAMPLING: a percentage")?),
+        Err(_) => None,
+    };
+    let _sink = match sampling {
+        Some(_) => {
+            let sink = weft_tests::OtlpSink::start(dir.path(), None)?;
+            plane.otlp = Some(sink.grpc.clone());
+            Some(sink)
+        }
+        None => None,
+    };
     let pilot = FakePilot::start(&plane)?;
     // A first, empty config lets the sidecars become ready; the real one needs their ports.
     pilot.push("1", simple_config("unused", 1, &[]));
@@ -91,7 +106,7 @@ fn main() -> Result<()> {
         .and_then(|(_, p)| p.parse().ok())
         .context("server port")?;
     // The load tool's Host is 127.0.0.1:<client port>: make that the Service's name and port.
-    let config = simple_config(
+    let mut config = simple_config(
         "127.0.0.1",
         out_port,
         &[(
@@ -100,6 +115,12 @@ fn main() -> Result<()> {
             "spiffe://cluster.local/ns/default/sa/server",
         )],
     );
+    if let Some(pct) = sampling {
+        config.tracing = Some(weft_proto::discovery::Tracing {
+            sampling_percent: pct,
+            service_name: "client.default".into(),
+        });
+    }
     let nonce = pilot.push("2", config);
     let reply = pilot.reply_to(&nonce, Duration::from_secs(20))?;
     if reply.is_nack() {
