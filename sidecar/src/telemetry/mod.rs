@@ -8,8 +8,10 @@
 //! principal, app, version, destination service, response code, connection security policy).
 //! Decisions: the duration is measured to the response head (Envoy measures to the last byte); request
 //! and response sizes come from Content-Length (0 when the body is streamed without one); an inbound
-//! caller's workload is `unknown` (Istio learns it by metadata exchange, weft knows the caller's
-//! principal and namespace from its certificate); TCP metrics are per listener connection.
+//! caller's workload comes from its verified certificate and the pods pilot knows with that
+//! identity (`TableLabels::caller`; Istio learns it by a metadata exchange the caller fills in,
+//! weft never takes it from the caller); a gRPC call's sample waits for its trailers'
+//! `grpc-status`; TCP metrics are per listener connection.
 //!
 //! Label sets are built once (per workload, cluster, endpoint or connection) as preformatted label
 //! fragments shared by `Arc`, so recording a request is a hash-map update under a short lock.
