@@ -76,6 +76,38 @@ fn assert_both_spans(
     let client = of.iter().find(|s| s["kind"] == 3).expect("client span");
     let server = of.iter().find(|s| s["kind"] == 2).expect("server span");
     assert_eq!(server["parent"], client["span_id"], "{of:#?}");
+    // What reaches the collector carries Istio's tags (a string attribute each).
+    for span in [client, server] {
+        let tags = &span["attributes"];
+        for tag in [
+            "istio.mesh_id",
+            "istio.canonical_service",
+            "istio.canonical_revision",
+            "istio.namespace",
+            "node_id",
+            "upstream_cluster",
+            "http.url",
+            "http.method",
+            "http.status_code",
+            "response_flags",
+            "guid:x-request-id",
+            "component",
+            "request_size",
+            "response_size",
+            "user_agent",
+        ] {
+            assert!(
+                tags[tag].as_str().is_some_and(|v| !v.is_empty()),
+                "{tag} missing: {span:#}"
+            );
+        }
+        assert_eq!(tags["http.status_code"], "200", "{span:#}");
+        assert_eq!(tags["component"], "proxy", "{span:#}");
+    }
+    assert_eq!(
+        client["attributes"]["guid:x-request-id"], server["attributes"]["guid:x-request-id"],
+        "one request id on both sides"
+    );
     ((*client).clone(), (*server).clone())
 }
 

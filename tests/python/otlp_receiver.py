@@ -52,6 +52,7 @@ def spans_of_proto(req):
                     "kind": s.kind,
                     "service": service,
                     "resource": resource,
+                    "attributes": {a.key: a.value.string_value for a in s.attributes},
                 }
 
 
@@ -76,6 +77,10 @@ def spans_of_json(doc):
                     "kind": s["kind"],
                     "service": service,
                     "resource": resource,
+                    "attributes": {
+                        a.get("key"): a.get("value", {}).get("stringValue", "")
+                        for a in s.get("attributes", [])
+                    },
                 }
 
 
