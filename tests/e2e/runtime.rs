@@ -86,14 +86,19 @@ fn demo_runs_end_to_end_and_leaves_nothing() {
     assert!(out.contains("weft.mirror=true"), "{shown}");
     assert!(out.contains("in pod httpbin-v2"), "{shown}");
     assert!(out.contains("SYNCED"), "{shown}");
-    // Shadow-diff: v2's new revision differs on /json only (the report itself is checked by the
-    // demo, when the sidecar compares).
+    // Shadow-diff: v2's new revision differs on /json only, and the report names that path alone
+    // (the demo fails otherwise; the line is checked here too).
     assert!(
         out.contains("GET /json straight to each app: v1 200, v2 500"),
         "{shown}"
     );
     assert!(
         out.contains("GET /xml straight to each app: v1 200, v2 200"),
+        "{shown}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("GET /json") && l.contains("200->500")),
         "{shown}"
     );
     assert!(out.contains("demo finished"), "{shown}");
