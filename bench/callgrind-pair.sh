@@ -53,6 +53,8 @@ exec valgrind $VG_OPTS --callgrind-out-file=$OUT/cg.%p $REL/sidecar "\$@"
 EOF
 chmod +x "$OUT/bin/sidecar"
 ln -sf "$REL/ca" "$OUT/bin/ca"; ln -sf "$REL/pilot" "$OUT/bin/pilot"
+# The OTLP sink the sidecars export to when WEFT_BENCH_TRACE_SAMPLING is set (sidecar-pair).
+[ ! -x "$REL/otlp-sink" ] || ln -sf "$REL/otlp-sink" "$OUT/bin/otlp-sink"
 # sidecar-pair runs "run.sh" from the recipe directory it is given, with OURS_URL and OURS_PIDS.
 cat > "$OUT/recipe/run.sh" <<EOF
 #!/usr/bin/env bash

@@ -62,7 +62,10 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut plane = ControlPlane::start(dir.path(), &[])?;
     let sampling: Option<f64> = match std::env::var("WEFT_BENCH_TRACE_SAMPLING") {
-        Ok(v) => Some(v.parse().context("WEFT_BENCH_TRACE_SAMPLING: a percentage")?),
+        Ok(v) => Some(
+            v.parse()
+                .context("WEFT_BENCH_TRACE_SAMPLING: a percentage")?,
+        ),
         Err(_) => None,
     };
     let _sink = match sampling {

@@ -323,8 +323,9 @@ impl<'a> Record<'a> {
             self.finish(code, bytes);
             return resp;
         }
-        let metric = self.metric(code, bytes);
-        self.log_and_span(code, bytes);
+        let elapsed = self.start.elapsed().unwrap_or_default();
+        let metric = self.metric(code, bytes, elapsed);
+        self.log_and_span(code, bytes, elapsed);
         let metrics = self.sinks.metrics.clone();
         resp.map(|inner| {
             Body::new(GrpcStatusBody {
@@ -335,16 +336,21 @@ impl<'a> Record<'a> {
     }
 
     fn emit(&mut self, code: u16, response_bytes: u64) {
-        let metric = self.metric(code, response_bytes);
+        let elapsed = self.start.elapsed().unwrap_or_default();
+        let metric = self.metric(code, response_bytes, elapsed);
         self.sinks.metrics.record(metric);
-        self.log_and_span(code, response_bytes);
+        self.log_and_span(code, response_bytes, elapsed);
     }
 
     /// The request's metric sample (marks the record finished).
-    fn metric(&mut self, code: u16, response_bytes: u64) -> RequestMetric {
+    fn metric(
+        &mut self,
+        code: u16,
+        response_bytes: u64,
+        elapsed: std::time::Duration,
+    ) -> RequestMetric {
         self.done = true;
         let sinks = self.sinks;
-        let elapsed = self.start.elapsed().unwrap_or_default();
         let unknown = &sinks.unknown;
         RequestMetric {
             reporter: self.reporter,
@@ -369,9 +375,8 @@ impl<'a> Record<'a> {
     }
 
     /// The access-log line and the span of the finished request.
-    fn log_and_span(&mut self, code: u16, response_bytes: u64) {
+    fn log_and_span(&mut self, code: u16, response_bytes: u64, elapsed: std::time::Duration) {
         let sinks = self.sinks;
-        let elapsed = self.start.elapsed().unwrap_or_default();
         if let Some(log) = &self.log {
             let mut flags = String::new();
             self.flags.write(&mut flags);
