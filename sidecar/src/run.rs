@@ -221,16 +221,6 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         Mode::Transparent => AppTarget::OriginalPort,
         Mode::Explicit => cfg.app_port.map_or(AppTarget::None, AppTarget::Port),
     };
-    // The OpenTelemetry environment contract (`OTEL_EXPORTER_OTLP_*`, `OTEL_*`): telemetry/export.
-    let tracer = crate::telemetry::trace::Tracer::from_env(
-        |k| std::env::var(k).ok(),
-        vec![
-            ("k8s.pod.name", cfg.name.clone()),
-            ("k8s.namespace.name", cfg.namespace.clone()),
-            ("weft.identity", identity.to_string()),
-        ],
-        stopped.clone(),
-    );
     let label = |k: &str| cfg.labels.get(k).map(String::as_str).unwrap_or_default();
     let get = |k: &str| cfg.labels.get(k).map(String::as_str);
     let me = crate::telemetry::Workload {
@@ -264,7 +254,20 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         canonical_revision,
         mesh_id: &cfg.trust_domain,
     });
-    let tracer = tracer.with_tags(span_tags);
+    // The OpenTelemetry environment contract (`OTEL_EXPORTER_OTLP_*`, `OTEL_*`): telemetry/export.
+    // Istio's per-proxy span tags are the same on every span: they travel once per export, as
+    // resource attributes (Jaeger shows them as the process's tags, and its tag search finds them).
+    let mut resource = vec![
+        ("k8s.pod.name", cfg.name.clone()),
+        ("k8s.namespace.name", cfg.namespace.clone()),
+        ("weft.identity", identity.to_string()),
+    ];
+    resource.extend(span_tags.tags().iter().cloned());
+    let tracer = crate::telemetry::trace::Tracer::from_env(
+        |k| std::env::var(k).ok(),
+        resource,
+        stopped.clone(),
+    );
     let metrics = Arc::new(crate::telemetry::Metrics::new(
         crate::telemetry::workload_labels("source", &me),
         crate::telemetry::workload_labels("destination", &me),

@@ -171,11 +171,6 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
         ("http.url", "http://httpbin:8000/headers"),
         ("http.protocol", "HTTP/1.1"),
         ("response_flags", "-"),
-        ("component", "proxy"),
-        ("istio.mesh_id", "cluster.local"),
-        ("istio.canonical_service", "sleep"),
-        ("istio.canonical_revision", "v1"),
-        ("istio.namespace", "default"),
         (
             "upstream_cluster",
             "outbound|8000|v1|httpbin.default.svc.cluster.local",
@@ -186,8 +181,19 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
     ] {
         assert_eq!(tags[tag], want, "{tag}: {client:#}");
     }
+    // The proxy's own tags travel once per export, as the resource's attributes.
+    let resource = &client["resource"];
+    for (tag, want) in [
+        ("component", "proxy"),
+        ("istio.mesh_id", "cluster.local"),
+        ("istio.canonical_service", "sleep"),
+        ("istio.canonical_revision", "v1"),
+        ("istio.namespace", "default"),
+    ] {
+        assert_eq!(resource[tag], want, "{tag}: {client:#}");
+    }
     assert!(
-        tags["node_id"]
+        resource["node_id"]
             .as_str()
             .is_some_and(|n| n.starts_with("sidecar~127.0.0.1~sleep.default~")),
         "{client:#}"
@@ -216,8 +222,8 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
             .is_some_and(|c| c.starts_with("inbound|") && c.ends_with("||")),
         "{server:#}"
     );
-    assert_eq!(server["attributes"]["istio.canonical_service"], "httpbin");
-    assert_eq!(server["attributes"]["istio.canonical_revision"], "v1");
+    assert_eq!(server["resource"]["istio.canonical_service"], "httpbin");
+    assert_eq!(server["resource"]["istio.canonical_revision"], "v1");
     assert_eq!(
         server["parent_span_id"],
         client_span.as_str(),
@@ -234,14 +240,14 @@ fn the_seed_mirror_step_with_shadow_host_and_one_trace() {
         "the mirror is a child of the client span"
     );
     assert_eq!(
-        mirror["attributes"]["server.address"],
-        "httpbin-shadow:8000"
+        mirror["attributes"]["http.url"],
+        "http://httpbin-shadow:8000/headers"
     );
     let shadow_server =
         find(&|s| s["kind"] == "server" && s["parent_span_id"] == mirror["span_id"]);
     assert_eq!(
-        shadow_server["attributes"]["server.address"],
-        "httpbin-shadow:8000"
+        shadow_server["attributes"]["http.url"],
+        "http://httpbin-shadow:8000/headers"
     );
     // Two requests were mirrored: /headers and /headers?show_env=1 (counted once answered).
     let deadline = Instant::now() + Duration::from_secs(10);

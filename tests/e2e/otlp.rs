@@ -85,13 +85,23 @@ fn assert_both_spans(
             "istio.canonical_revision",
             "istio.namespace",
             "node_id",
+            "component",
+        ] {
+            // The proxy's own tags: once per export, on the resource.
+            assert!(
+                span["resource"][tag]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty()),
+                "{tag} missing: {span:#}"
+            );
+        }
+        for tag in [
             "upstream_cluster",
             "http.url",
             "http.method",
             "http.status_code",
             "response_flags",
             "guid:x-request-id",
-            "component",
             "request_size",
             "response_size",
             "user_agent",
@@ -102,7 +112,7 @@ fn assert_both_spans(
             );
         }
         assert_eq!(tags["http.status_code"], "200", "{span:#}");
-        assert_eq!(tags["component"], "proxy", "{span:#}");
+        assert_eq!(span["resource"]["component"], "proxy", "{span:#}");
     }
     assert_eq!(
         client["attributes"]["guid:x-request-id"], server["attributes"]["guid:x-request-id"],

@@ -436,9 +436,9 @@ fn divergences_are_named_by_path_and_noise_and_ignored_paths_are_not() {
                 .iter()
                 .filter(|s| {
                     s["kind"] == "client"
-                        && s["attributes"]["url.path"]
+                        && s["attributes"]["http.url"]
                             .as_str()
-                            .is_some_and(|p| p.starts_with("/flaky"))
+                            .is_some_and(|p| p.contains("/flaky"))
                         && s["events"][0]["name"] == "weft.mirror.divergence"
                 })
                 .count()
@@ -451,9 +451,9 @@ fn divergences_are_named_by_path_and_noise_and_ignored_paths_are_not() {
             .find(|s| {
                 s["kind"] == "client"
                     && s["attributes"]["weft.mirror"].is_null()
-                    && s["attributes"]["url.path"]
+                    && s["attributes"]["http.url"]
                         .as_str()
-                        .is_some_and(|p| p.starts_with(prefix))
+                        .is_some_and(|p| p.contains(prefix))
             })
             .unwrap_or_else(|| panic!("no client span for {prefix}"))
             .clone()
@@ -466,9 +466,9 @@ fn divergences_are_named_by_path_and_noise_and_ignored_paths_are_not() {
     let spans = sink
         .wait("the /json/diff and /json/ignored spans", |spans| {
             spans.iter().any(|s| {
-                s["attributes"]["url.path"]
+                s["attributes"]["http.url"]
                     .as_str()
-                    .is_some_and(|p| p.starts_with("/json/ignored"))
+                    .is_some_and(|p| p.contains("/json/ignored"))
             })
         })
         .unwrap();

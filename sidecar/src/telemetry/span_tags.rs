@@ -2,11 +2,13 @@
 //! Istio trace: searches on `istio.canonical_service`, `upstream_cluster`, `response_flags` or
 //! `guid:x-request-id` find weft's spans too. Values are strings, as Envoy writes them.
 //!
-//! Three groups, built where their facts are known: the sidecar's own ([`Static`], once at start),
-//! the request's head ([`request`], by the stage that starts the span), and the outcome
-//! ([`outcome`], when the record is finished). Only sampled requests pay for any of them. The OTel
-//! HTTP conventions (`http.request.method`, `url.path`, `server.address`,
-//! `http.response.status_code`) are kept beside Istio's names for OTel-native backends.
+//! Three groups, built where their facts are known: the sidecar's own ([`Static`], once at start,
+//! sent once per export as resource attributes rather than on every span: they never change, and
+//! a copy per span cost a traced request more than the rest of its span), the request's head
+//! ([`request`], by the stage that starts the span), and the outcome ([`outcome`], when the record
+//! is finished). Only sampled requests pay for any of them. OTel's HTTP conventions add only
+//! `http.response.status_code` (an integer); Istio's names carry the rest (`http.method`,
+//! `http.url`), as Istio's own spans do.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -95,7 +97,7 @@ pub fn request(
             .map(str::to_owned)
     };
     let method = parts.method.as_str();
-    let mut tags = Vec::with_capacity(20);
+    let mut tags = Vec::with_capacity(12);
     tags.push(("http.method", method.to_owned()));
     tags.push(("http.url", format!("http://{authority}{path}")));
     tags.push((
@@ -113,12 +115,6 @@ pub fn request(
     if let Some(id) = header("x-request-id") {
         tags.push(("guid:x-request-id", id));
     }
-    tags.push(("http.request.method", method.to_owned()));
-    tags.push((
-        "url.path",
-        path.split('?').next().unwrap_or(path).to_owned(),
-    ));
-    tags.push(("server.address", authority.to_owned()));
     tags
 }
 
@@ -162,7 +158,6 @@ pub fn outcome(tags: &mut Vec<(&'static str, String)>, o: &Outcome<'_>) {
     tags.push(("response_size", o.response_size.to_string()));
     if let Some(cluster) = o.cluster {
         tags.push(("upstream_cluster", cluster.to_owned()));
-        tags.push(("upstream_cluster.name", cluster.to_owned()));
     }
     tags.push(("downstream_cluster", "-".to_owned()));
     if let Some(peer) = o.peer {
@@ -197,7 +192,6 @@ mod tests {
             get(&tags, "http.url"),
             Some("http://httpbin:8000/headers?show_env=1")
         );
-        assert_eq!(get(&tags, "url.path"), Some("/headers"));
         assert_eq!(get(&tags, "http.protocol"), Some("HTTP/1.1"));
         assert_eq!(get(&tags, "user_agent"), Some("curl/8"));
         assert_eq!(get(&tags, "guid:x-request-id"), Some("abc"));

@@ -53,8 +53,6 @@ pub struct Tracer {
     tx: Option<mpsc::Sender<Span>>,
     /// Counters.
     pub stats: Arc<TraceStats>,
-    /// Istio's per-proxy tags, added to every span recorded.
-    tags: super::span_tags::Static,
 }
 
 impl Tracer {
@@ -63,7 +61,6 @@ impl Tracer {
         Self {
             tx: None,
             stats: Arc::new(TraceStats::default()),
-            tags: Default::default(),
         }
     }
 
@@ -75,7 +72,6 @@ impl Tracer {
             Self {
                 tx: Some(tx),
                 stats: Arc::new(TraceStats::default()),
-                tags: Default::default(),
             },
             rx,
         )
@@ -131,24 +127,16 @@ impl Tracer {
         tracer
     }
 
-    /// The tracer with Istio's per-proxy span tags (`span_tags::Static`) on every span.
-    #[must_use]
-    pub fn with_tags(mut self, tags: super::span_tags::Static) -> Self {
-        self.tags = tags;
-        self
-    }
-
     /// Whether spans go anywhere (callers skip building them otherwise).
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
     }
 
     /// Queues a finished span; never waits.
-    pub fn record(&self, mut span: Span) {
+    pub fn record(&self, span: Span) {
         let Some(tx) = &self.tx else {
             return;
         };
-        span.attributes.extend(self.tags.tags().iter().cloned());
         if tx.try_send(span).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
