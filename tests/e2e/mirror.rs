@@ -379,12 +379,34 @@ fn mirror_percentage_is_honoured() {
             .unwrap();
         }
         let before = m.v2.log_lines().len();
+        let copied = |m: &Seed| {
+            m.sleep_stat("weft_mirror_requests_total{result=\"sent\"}")
+                .unwrap()
+                + m.sleep_stat("weft_mirror_requests_total{result=\"failed\"}")
+                    .unwrap()
+        };
+        let copied_before = copied(&m);
         assert_eq!(m.send(100, &[]).unwrap().0, 100, "every primary goes to v1");
         let copies = if *range.end() == 0 {
             std::thread::sleep(Duration::from_millis(300));
             m.v2.log_lines().len() - before
         } else {
-            wait_v2_lines(&m, before + range.start()).len() - before
+            // The copies are sent as the primaries finish: wait (bounded) until the sidecar's
+            // count of finished copies stops moving, then until v2 has logged that many (on a
+            // loaded machine the first copies alone can take longer than any fixed wait).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut last = copied(&m);
+            let mut still_since = Instant::now();
+            while Instant::now() < deadline && still_since.elapsed() < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = copied(&m);
+                if now != last {
+                    last = now;
+                    still_since = Instant::now();
+                }
+            }
+            let sent = usize::try_from(last - copied_before).unwrap_or(0);
+            wait_v2_lines(&m, before + sent.max(*range.start())).len() - before
         };
         assert!(
             range.contains(&copies),
