@@ -251,12 +251,24 @@ impl Exporter {
     /// it ended.
     async fn export(&mut self, req: &ExportTraceServiceRequest, n: u64) {
         let give_up = Instant::now() + self.batch.export_timeout;
+        let payload = match self.wire.prepare(req) {
+            Ok(p) => p,
+            Err(why) => {
+                self.stats
+                    .failed_non_retryable
+                    .fetch_add(n, Ordering::Relaxed);
+                if let Some(suppressed) = self.log.allow(Instant::now()) {
+                    tracing::warn!(spans = n, %why, suppressed, "span export failed (not retryable); spans dropped");
+                }
+                return;
+            }
+        };
         let mut attempt = 1;
         loop {
             // Each attempt within `_TIMEOUT` (the wire's) and within what is left of the batch's
             // `OTEL_BSP_EXPORT_TIMEOUT`.
             let left = give_up.saturating_duration_since(Instant::now());
-            let sent = tokio::time::timeout(left, self.wire.send(req))
+            let sent = tokio::time::timeout(left, self.wire.send(&payload))
                 .await
                 .unwrap_or_else(|_| Sent::Retry {
                     after: None,

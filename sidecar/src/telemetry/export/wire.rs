@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -85,7 +84,7 @@ pub struct Wire {
 // One per sidecar, made once: the size difference between the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
 enum Transport {
-    Grpc(TraceServiceClient<Channel>),
+    Grpc(tonic::client::Grpc<Channel>),
     Http {
         client: HttpClient,
         url: http::Uri,
@@ -177,7 +176,7 @@ impl Wire {
                 if https {
                     endpoint = endpoint.tls_config(grpc_tls(cfg)?)?;
                 }
-                let mut client = TraceServiceClient::new(endpoint.connect_lazy())
+                let mut client = tonic::client::Grpc::new(endpoint.connect_lazy())
                     .accept_compressed(CompressionEncoding::Gzip);
                 if cfg.gzip {
                     client = client.send_compressed(CompressionEncoding::Gzip);
@@ -218,9 +217,26 @@ impl Wire {
         })
     }
 
-    /// One attempt, bounded by the per-attempt timeout.
-    pub async fn send(&self, req: &ExportTraceServiceRequest) -> Sent {
-        match tokio::time::timeout(self.timeout, self.attempt(req)).await {
+    /// The batch as the bytes every attempt sends: encoded (and compressed, over HTTP) once, so
+    /// that a retry costs no copy of the batch.
+    pub fn prepare(&self, req: &ExportTraceServiceRequest) -> Result<Bytes, String> {
+        let body = match &self.transport {
+            Transport::Http { json: true, .. } => {
+                serde_json::to_vec(req).map_err(|e| format!("JSON encoding: {e}"))?
+            }
+            _ => prost::Message::encode_to_vec(req),
+        };
+        match &self.transport {
+            Transport::Http { .. } if self.gzip => gzip(&body)
+                .map(Bytes::from)
+                .map_err(|e| format!("gzip: {e}")),
+            _ => Ok(Bytes::from(body)),
+        }
+    }
+
+    /// One attempt with a [`Wire::prepare`]d batch, bounded by the per-attempt timeout.
+    pub async fn send(&self, payload: &Bytes) -> Sent {
+        match tokio::time::timeout(self.timeout, self.attempt(payload)).await {
             Ok(sent) => sent,
             Err(_) => Sent::Retry {
                 after: None,
@@ -229,37 +245,31 @@ impl Wire {
         }
     }
 
-    async fn attempt(&self, req: &ExportTraceServiceRequest) -> Sent {
+    async fn attempt(&self, payload: &Bytes) -> Sent {
         match &self.transport {
             Transport::Grpc(client) => {
                 let mut request = tonic::Request::from_parts(
                     tonic::metadata::MetadataMap::from_headers(self.headers.clone()),
                     Default::default(),
-                    req.clone(),
+                    Encoded(payload.clone()),
                 );
                 request.set_timeout(self.timeout);
-                match client.clone().export(request).await {
+                let mut client = client.clone();
+                if let Err(e) = client.ready().await {
+                    return Sent::Retry {
+                        after: None,
+                        why: format!("connection: {e}"),
+                    };
+                }
+                let codec =
+                    tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default();
+                let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                match client.unary(request, path, codec).await {
                     Ok(resp) => Sent::Accepted(resp.into_inner().partial_success),
                     Err(status) => grpc_verdict(&status),
                 }
             }
             Transport::Http { client, url, json } => {
-                let body = if *json {
-                    match serde_json::to_vec(req) {
-                        Ok(b) => b,
-                        Err(e) => return Sent::Failed(format!("JSON encoding: {e}")),
-                    }
-                } else {
-                    prost::Message::encode_to_vec(req)
-                };
-                let body = if self.gzip {
-                    match gzip(&body) {
-                        Ok(b) => b,
-                        Err(e) => return Sent::Failed(format!("gzip: {e}")),
-                    }
-                } else {
-                    body
-                };
                 let mut r = http::Request::post(url.clone());
                 if let Some(h) = r.headers_mut() {
                     h.clone_from(&self.headers);
@@ -285,7 +295,7 @@ impl Wire {
                         )),
                     );
                 }
-                let r = match r.body(Full::new(Bytes::from(body))) {
+                let r = match r.body(Full::new(payload.clone())) {
                     Ok(r) => r,
                     Err(e) => return Sent::Failed(format!("request: {e}")),
                 };
@@ -316,6 +326,39 @@ impl Wire {
                 }
             }
         }
+    }
+}
+
+/// The OTLP/gRPC method.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// An `ExportTraceServiceRequest` already encoded: tonic's prost codec writes its bytes as they
+/// are, so a retried batch is sent again without being copied or encoded again.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Encoded(Bytes);
+
+impl prost::Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Never decoded (it is only sent); skipping keeps the trait's contract.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -449,6 +492,30 @@ pub fn http_verdict(status: StatusCode, after: Option<&HeaderValue>, now: System
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_batch_goes_out_as_the_request_it_was() {
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        name: "n".into(),
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let bytes = Bytes::from(prost::Message::encode_to_vec(&req));
+        let sent = prost::Message::encode_to_vec(&Encoded(bytes.clone()));
+        assert_eq!(sent, bytes.as_ref());
+        let back: ExportTraceServiceRequest = prost::Message::decode(sent.as_slice()).unwrap();
+        assert_eq!(back, req);
+    }
 
     fn status_with_retry_info(code: tonic::Code, delay: Option<(i64, i32)>) -> tonic::Status {
         let details = delay.map(|(seconds, nanos)| Any {
