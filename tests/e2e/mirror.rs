@@ -410,7 +410,14 @@ fn mirror_percentage_is_honoured() {
         };
         assert!(
             range.contains(&copies),
-            "mirrorPercentage {pct}: {copies} of 100 copies"
+            "mirrorPercentage {pct}: {copies} of 100 copies; the sidecar's mirror counters:\n{}",
+            m.sleep
+                .stats()
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("weft_mirror"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 }
