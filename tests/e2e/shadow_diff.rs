@@ -300,26 +300,9 @@ fn identical_versions_match_on_every_request_date_and_trace_headers_aside() {
 fn divergences_are_named_by_path_and_noise_and_ignored_paths_are_not() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let v1 = Httpbin::start_app(
-        dir.path(),
-        "v1",
-        "shadow_app:app",
-        &[("SHADOW_VARIANT", "v1")],
-    )
-    .unwrap();
-    let v2 = Httpbin::start_app(
-        dir.path(),
-        "v2",
-        "shadow_app:app",
-        &[("SHADOW_VARIANT", "v2")],
-    )
-    .unwrap();
+    let (v1, v2) = shadow_apps(dir.path());
     // A port nothing listens on: "v2 down".
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let down = closed_port();
     // Route timeout 1 s: the copy timeout too (v2's /slow takes 3 s).
     let mut cfg = config(v1.port, v2.port, &["$.served_by"], 1000);
     let down_cluster = "outbound|8000|down|httpbin.default.svc.cluster.local";
@@ -568,25 +551,8 @@ fn version(s: &Sidecar) -> String {
 fn through_mtls_sidecars_a_copy_is_compared_and_a_mesh_error_is_a_mirror_error() {
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
-    let v1 = Httpbin::start_app(
-        dir.path(),
-        "v1",
-        "shadow_app:app",
-        &[("SHADOW_VARIANT", "v1")],
-    )
-    .unwrap();
-    let v2 = Httpbin::start_app(
-        dir.path(),
-        "v2",
-        "shadow_app:app",
-        &[("SHADOW_VARIANT", "v2")],
-    )
-    .unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (v1, v2) = shadow_apps(dir.path());
+    let closed = closed_port();
     // First a config without endpoints, so that every sidecar becomes ready and shows its ports.
     let m = mesh(
         dir.path(),
@@ -817,4 +783,27 @@ async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
     status("SYNCED").await;
     let (_, out, _) = plane.pilot_cmd(&["proxy-status"]).unwrap();
     assert!(!out.contains("NACKED"), "{out}");
+}
+
+/// v1 and v2 of `tests/python/shadow_app.py` under gunicorn (v2 differs on the paths it names).
+fn shadow_apps(dir: &std::path::Path) -> (Httpbin, Httpbin) {
+    let app = |variant: &str| {
+        Httpbin::start_app(
+            dir,
+            variant,
+            "shadow_app:app",
+            &[("SHADOW_VARIANT", variant)],
+        )
+        .unwrap()
+    };
+    (app("v1"), app("v2"))
+}
+
+/// A loopback port nothing listens on (a copy target that is down).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -21,6 +21,20 @@ pub struct Compare {
     pub ignore_json: Vec<JsonPath>,
 }
 
+#[cfg(test)]
+impl Compare {
+    /// Status, headers and body, nothing ignored: the tests' usual setting.
+    pub(crate) fn everything() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            status: true,
+            headers: true,
+            body: true,
+            ignore_headers: vec![],
+            ignore_json: vec![],
+        })
+    }
+}
+
 /// One step of a [`JsonPath`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Step {

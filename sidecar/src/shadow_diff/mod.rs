@@ -501,13 +501,7 @@ mod tests {
     use http_body_util::Full;
 
     fn spec() -> Arc<Compare> {
-        Arc::new(Compare {
-            status: true,
-            headers: true,
-            body: true,
-            ignore_headers: vec![],
-            ignore_json: vec![],
-        })
+        Compare::everything()
     }
 
     fn target(rid: &str) -> Target {

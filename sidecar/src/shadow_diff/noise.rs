@@ -141,13 +141,7 @@ mod tests {
     }
 
     fn spec() -> Arc<Compare> {
-        Arc::new(Compare {
-            status: true,
-            headers: true,
-            body: true,
-            ignore_headers: vec![],
-            ignore_json: vec![],
-        })
+        Compare::everything()
     }
 
     fn obs(status: u16, headers: &[(&str, &str)], ct: &str, body: &str) -> Observation {

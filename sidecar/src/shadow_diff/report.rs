@@ -228,13 +228,7 @@ mod tests {
     use std::time::Duration;
 
     fn spec() -> Arc<Compare> {
-        Arc::new(Compare {
-            status: true,
-            headers: true,
-            body: true,
-            ignore_headers: vec![],
-            ignore_json: vec![],
-        })
+        Compare::everything()
     }
 
     fn obs(status: u16, rid_header: &str, body: &str, ms: u64) -> Observation {

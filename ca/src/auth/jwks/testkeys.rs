@@ -38,9 +38,9 @@ pub struct TestIssuer {
 }
 
 fn pkcs8(pem: &str) -> Vec<u8> {
-    match PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("test key PEM") {
-        // ok: a checked-in test key
-        // ok: fixed test keys checked in (built for tests and fuzzing only)
+    // ok: fixed test keys checked in (this module is built for tests and fuzzing only)
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("test key PEM"); // ok: see above
+    match key {
         PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
         _ => panic!("test key is not PKCS#8"),
     }
