@@ -91,7 +91,10 @@ fn attributes(f: &Facts, status: u16) -> [(&'static str, String); 12] {
 
 #[inline(never)]
 fn weft_span(tracer: &Tracer, f: &Facts, hop: Hop, start: SystemTime) {
-    let attributes = attributes(f, 200).into_iter().collect();
+    let attributes = attributes(f, 200)
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
     tracer.record(Span {
         hop,
         name: format!("{}:{}/*", f.host, f.port),

@@ -15,6 +15,7 @@ use crate::http::headers::{check_framing, strip_hop_by_hop};
 use crate::inbound::identity::Caller;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Reporter;
+use crate::telemetry::attribute::Value;
 use crate::telemetry::record::{Record, SpanFacts};
 use crate::telemetry::span_tags;
 use crate::telemetry::trace::{Hop, ensure_request_id};
@@ -134,9 +135,9 @@ impl Inbound {
             let authority = record.authority.as_deref().unwrap_or_default();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let mut attributes = span_tags::request(&parts, authority, path);
-            attributes.push(("server.port", app_port.to_string()));
+            attributes.push(("server.port", Value::Number(u64::from(app_port))));
             if let Some(c) = &conn.identity {
-                attributes.push(("weft.peer.identity", c.to_string()));
+                attributes.push(("weft.peer.identity", Value::Text(c.to_string())));
             }
             record.span = Some(Box::new(SpanFacts {
                 hop,
@@ -254,8 +255,54 @@ fn inbound_span_name(routes: &crate::route::RouteTable, authority: &str, app_por
         return format!("inbound|{app_port}");
     }
     let (host, port) = crate::route::split_authority(authority, 80);
-    match routes.service_by_host(&host.to_ascii_lowercase()) {
-        Some(svc) => format!("{}:{port}/*", svc.hostname),
-        None => format!("{authority}/*"),
+    let svc = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        routes.service_by_host(&host.to_ascii_lowercase())
+    } else {
+        routes.service_by_host(host)
+    };
+    match svc {
+        Some(svc) => span_tags::operation(&svc.hostname, port),
+        None => {
+            let mut name = String::with_capacity(authority.len() + 2);
+            name.push_str(authority);
+            name.push_str("/*");
+            name
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::discovery as pb;
+
+    #[test]
+    fn the_server_span_is_named_for_the_service_the_caller_addressed() {
+        let routes = crate::route::RouteTable::try_from(pb::ProxyConfig {
+            mesh: Some(pb::MeshSettings {
+                trust_domain: "cluster.local".into(),
+                mirror_shadow_suffix: true,
+            }),
+            services: vec![pb::OutboundService {
+                hostname: "httpbin.default.svc.cluster.local".into(),
+                aliases: vec!["httpbin".into(), "httpbin.default".into()],
+                namespace: "default".into(),
+                name: "httpbin".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let name = |authority| inbound_span_name(&routes, authority, 80);
+        let fqdn = "httpbin.default.svc.cluster.local:8000/*";
+        assert_eq!(name("httpbin:8000"), fqdn);
+        assert_eq!(name("HTTPBin.Default:8000"), fqdn, "hosts are case-blind");
+        assert_eq!(
+            name("httpbin"),
+            "httpbin.default.svc.cluster.local:80/*",
+            "the default port"
+        );
+        assert_eq!(name("elsewhere:9000"), "elsewhere:9000/*");
+        assert_eq!(name(""), "inbound|80");
     }
 }

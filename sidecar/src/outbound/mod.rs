@@ -254,11 +254,11 @@ impl Outbound {
         let service_name = self.service_name(&snapshot.routes);
         if self.sinks.tracer.enabled() && hop.sampled {
             let mut attributes = span_tags::request(&parts, &authority, path.as_str());
-            attributes.push(("weft.route", target.route.name.clone()));
-            attributes.push(("weft.subset", dest.cluster.subset.clone()));
+            attributes.push(("weft.route", target.route.name.clone().into()));
+            attributes.push(("weft.subset", dest.cluster.subset.clone().into()));
             record.span = Some(Box::new(SpanFacts {
                 hop,
-                name: format!("{}:{}/*", target.service.hostname, target.port.port),
+                name: span_tags::operation(&target.service.hostname, target.port.port),
                 service: service_name.clone(),
                 attributes,
                 trace_state: span_tags::trace_state(&parts.headers),

@@ -73,7 +73,7 @@ impl Outcome {
             record.upstream_host = cluster.endpoints.get(idx).map(|e| e.dial);
             record.destination = snapshot.labels.endpoint(cluster.index, idx).cloned();
             if let Some(e) = cluster.endpoints.get(idx) {
-                record.attribute("weft.destination.workload", || e.workload.clone());
+                record.attribute("weft.destination.workload", || e.workload.clone().into());
             }
         }
     }

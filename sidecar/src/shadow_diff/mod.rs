@@ -58,7 +58,7 @@ use weft_proto::discovery as pb;
 
 use crate::http::body::{Body, BodyError};
 use crate::route::compare::Compare;
-use crate::telemetry::trace::{Event, Span, Tracer};
+use crate::telemetry::trace::{Event, Span, Tracer, Value};
 use compare::{Copied, Verdict};
 use observe::Observer;
 use report::{RequestFacts, RouteState};
@@ -418,7 +418,7 @@ impl Comparing {
                 span.events
                     .push(divergence_event(&verdict, &copy, primary_latency));
                 span.attributes
-                    .push(("weft.mirror.compare", verdict.outcome.as_str().to_owned()));
+                    .push(("weft.mirror.compare", verdict.outcome.as_str().into()));
             }
             self.tracer.record(span);
         }
@@ -443,22 +443,24 @@ impl Drop for Comparing {
 
 /// The `weft.mirror.divergence` span event: what differed.
 fn divergence_event(verdict: &Verdict, copy: &Copied, primary: Option<Duration>) -> Event {
-    let mut attributes = vec![("outcome", verdict.outcome.as_str().to_owned())];
+    let mut attributes = vec![("outcome", Value::from(verdict.outcome.as_str()))];
     if !verdict.headers.is_empty() {
-        attributes.push(("headers", verdict.headers.join(",")));
+        attributes.push(("headers", verdict.headers.join(",").into()));
     }
     if !verdict.json_paths.is_empty() {
-        attributes.push(("json_paths", verdict.json_paths.join(",")));
+        attributes.push(("json_paths", verdict.json_paths.join(",").into()));
     }
     match copy {
         Copied::Answered(m) => {
-            attributes.push(("mirror_status", m.status.to_string()));
+            attributes.push(("mirror_status", Value::Number(u64::from(m.status))));
             if let Some(p) = primary {
                 let delta = m.latency.as_micros() as i128 - p.as_micros() as i128;
-                attributes.push(("latency_delta_us", delta.to_string()));
+                let delta =
+                    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
+                attributes.push(("latency_delta_us", Value::Signed(delta)));
             }
         }
-        Copied::Failed(Some(s)) => attributes.push(("mirror_status", s.to_string())),
+        Copied::Failed(Some(s)) => attributes.push(("mirror_status", Value::Number(u64::from(*s)))),
         Copied::Failed(None) | Copied::TimedOut => {}
     }
     Event {
@@ -684,11 +686,11 @@ mod tests {
             e.attributes
                 .iter()
                 .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| v.to_text())
         };
-        assert_eq!(get("outcome"), Some("body"));
-        assert_eq!(get("json_paths"), Some("$.a,$.b[0]"));
-        assert_eq!(get("latency_delta_us"), Some("20000"));
+        assert_eq!(get("outcome").as_deref(), Some("body"));
+        assert_eq!(get("json_paths").as_deref(), Some("$.a,$.b[0]"));
+        assert_eq!(get("latency_delta_us").as_deref(), Some("20000"));
         assert_eq!(get("headers"), None);
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod access_log;
 pub mod appmetrics;
+pub mod attribute;
 pub mod export;
 pub mod metrics;
 pub mod record;

@@ -79,19 +79,20 @@ impl Flags {
         self.0 == 0
     }
 
-    /// Writes the flags as Envoy prints them: `-` for none, else comma-separated.
-    pub fn write(self, out: &mut String) {
+    /// Writes the flags as Envoy prints them: `-` for none, else comma-separated. (Into a `String`
+    /// or export's fixed scratch buffer, which fits all of them at once: neither fails.)
+    pub fn write(self, out: &mut impl std::fmt::Write) {
         if self.0 == 0 {
-            out.push('-');
+            let _ = out.write_str("-"); // ok: see above
             return;
         }
         let mut first = true;
         for (flag, name) in Self::NAMES {
             if self.0 & flag.0 != 0 {
                 if !first {
-                    out.push(',');
+                    let _ = out.write_str(","); // ok: see above
                 }
-                out.push_str(name);
+                let _ = out.write_str(name); // ok: see above
                 first = false;
             }
         }
@@ -161,7 +162,7 @@ pub struct SpanFacts {
     /// `service.name`.
     pub service: Arc<str>,
     /// Attributes the stages add.
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: super::attribute::Attributes,
     /// The caller's `tracestate`.
     pub trace_state: Option<String>,
 }
@@ -290,7 +291,11 @@ impl<'a> Record<'a> {
     }
 
     /// Adds a span attribute, if the request is traced (the value is built only then).
-    pub fn attribute(&mut self, key: &'static str, value: impl FnOnce() -> String) {
+    pub fn attribute(
+        &mut self,
+        key: &'static str,
+        value: impl FnOnce() -> super::attribute::Value,
+    ) {
         if let Some(span) = &mut self.span {
             span.attributes.push((key, value()));
         }

@@ -13,6 +13,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use super::attribute::{self, Attributes, Value};
 use super::record::Flags;
 
 /// `W3C tracestate`: carried to the app untouched, and onto the span.
@@ -77,6 +78,16 @@ impl Static {
     }
 }
 
+/// A span name as Istio's: `<host>:<port>/*`.
+pub fn operation(host: &str, port: u16) -> String {
+    let mut name = String::with_capacity(host.len() + ":65535/*".len());
+    name.push_str(host);
+    name.push(':');
+    attribute::push_decimal(&mut name, u64::from(port));
+    name.push_str("/*");
+    name
+}
+
 /// `service.name` as Istio sets it: `<canonical service>.<namespace>`.
 pub fn service_name(canonical_service: &str, namespace: &str) -> String {
     format!("{canonical_service}.{namespace}")
@@ -84,35 +95,33 @@ pub fn service_name(canonical_service: &str, namespace: &str) -> String {
 
 /// The request's tags, from its head as this hop sends it on: `authority` and `path` after any
 /// rewrite.
-pub fn request(
-    parts: &http::request::Parts,
-    authority: &str,
-    path: &str,
-) -> Vec<(&'static str, String)> {
-    let header = |name: &str| {
+pub fn request(parts: &http::request::Parts, authority: &str, path: &str) -> Attributes {
+    let header = |name: http::HeaderName| {
         parts
             .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
+            .map(|v| Value::Text(v.to_owned()))
     };
-    let method = parts.method.as_str();
-    let mut tags = Vec::with_capacity(12);
-    tags.push(("http.method", method.to_owned()));
-    tags.push(("http.url", format!("http://{authority}{path}")));
+    let mut tags = Vec::with_capacity(16);
+    tags.push(("http.method", attribute::method(&parts.method)));
+    let mut url = String::with_capacity("http://".len() + authority.len() + path.len());
+    url.push_str("http://");
+    url.push_str(authority);
+    url.push_str(path);
+    tags.push(("http.url", Value::Text(url)));
     tags.push((
         "http.protocol",
-        match parts.version {
+        Value::Static(match parts.version {
             http::Version::HTTP_2 => "HTTP/2",
             http::Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
-        }
-        .to_owned(),
+        }),
     ));
-    if let Some(ua) = header("user-agent") {
+    if let Some(ua) = header(http::header::USER_AGENT) {
         tags.push(("user_agent", ua));
     }
-    if let Some(id) = header("x-request-id") {
+    if let Some(id) = header(super::trace::X_REQUEST_ID) {
         tags.push(("guid:x-request-id", id));
     }
     tags
@@ -151,20 +160,20 @@ pub struct Outcome<'a> {
 }
 
 /// Appends [`Outcome`]'s tags to `tags`.
-pub fn outcome(tags: &mut Vec<(&'static str, String)>, o: &Outcome<'_>) {
-    tags.push(("http.status_code", o.code.to_string()));
-    tags.push(("response_flags", o.flags.to_string()));
-    tags.push(("request_size", o.request_size.to_string()));
-    tags.push(("response_size", o.response_size.to_string()));
+pub fn outcome(tags: &mut Attributes, o: &Outcome<'_>) {
+    tags.push(("http.status_code", Value::Number(u64::from(o.code))));
+    tags.push(("response_flags", Value::Flags(o.flags)));
+    tags.push(("request_size", Value::Number(o.request_size)));
+    tags.push(("response_size", Value::Number(o.response_size)));
     if let Some(cluster) = o.cluster {
-        tags.push(("upstream_cluster", cluster.to_owned()));
+        tags.push(("upstream_cluster", Value::Text(cluster.to_owned())));
     }
-    tags.push(("downstream_cluster", "-".to_owned()));
+    tags.push(("downstream_cluster", Value::Static("-")));
     if let Some(peer) = o.peer {
-        tags.push(("peer.address", peer.ip().to_string()));
+        tags.push(("peer.address", Value::Ip(peer.ip())));
     }
-    if o.code == 0 || o.code >= 500 {
-        tags.push(("error", "true".to_owned()));
+    if super::trace::is_error(o.code) {
+        tags.push(("error", Value::Static("true")));
     }
 }
 
@@ -178,6 +187,12 @@ mod tests {
             .map(|(_, v)| v.as_str())
     }
 
+    fn tag(tags: &Attributes, key: &str) -> Option<String> {
+        tags.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_text())
+    }
+
     #[test]
     fn a_request_and_its_outcome_carry_istios_tags() {
         let (parts, ()) = http::Request::get("/headers")
@@ -187,14 +202,14 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut tags = request(&parts, "httpbin:8000", "/headers?show_env=1");
-        assert_eq!(get(&tags, "http.method"), Some("GET"));
+        assert_eq!(tag(&tags, "http.method").as_deref(), Some("GET"));
         assert_eq!(
-            get(&tags, "http.url"),
+            tag(&tags, "http.url").as_deref(),
             Some("http://httpbin:8000/headers?show_env=1")
         );
-        assert_eq!(get(&tags, "http.protocol"), Some("HTTP/1.1"));
-        assert_eq!(get(&tags, "user_agent"), Some("curl/8"));
-        assert_eq!(get(&tags, "guid:x-request-id"), Some("abc"));
+        assert_eq!(tag(&tags, "http.protocol").as_deref(), Some("HTTP/1.1"));
+        assert_eq!(tag(&tags, "user_agent").as_deref(), Some("curl/8"));
+        assert_eq!(tag(&tags, "guid:x-request-id").as_deref(), Some("abc"));
         let mut flags = Flags::default();
         flags.set(Flags::UF);
         outcome(
@@ -208,16 +223,16 @@ mod tests {
                 peer: Some("10.0.0.7:40000".parse().unwrap()),
             },
         );
-        assert_eq!(get(&tags, "http.status_code"), Some("503"));
-        assert_eq!(get(&tags, "response_flags"), Some("UF"));
-        assert_eq!(get(&tags, "request_size"), Some("3"));
-        assert_eq!(get(&tags, "response_size"), Some("19"));
+        assert_eq!(tag(&tags, "http.status_code").as_deref(), Some("503"));
+        assert_eq!(tag(&tags, "response_flags").as_deref(), Some("UF"));
+        assert_eq!(tag(&tags, "request_size").as_deref(), Some("3"));
+        assert_eq!(tag(&tags, "response_size").as_deref(), Some("19"));
         assert_eq!(
-            get(&tags, "upstream_cluster"),
+            tag(&tags, "upstream_cluster").as_deref(),
             Some("outbound|8000|v1|httpbin.default.svc.cluster.local")
         );
-        assert_eq!(get(&tags, "peer.address"), Some("10.0.0.7"));
-        assert_eq!(get(&tags, "error"), Some("true"));
+        assert_eq!(tag(&tags, "peer.address").as_deref(), Some("10.0.0.7"));
+        assert_eq!(tag(&tags, "error").as_deref(), Some("true"));
     }
 
     #[test]
@@ -238,6 +253,12 @@ mod tests {
         assert_eq!(get(s.tags(), "istio.namespace"), Some("default"));
         assert_eq!(get(s.tags(), "component"), Some("proxy"));
         assert_eq!(service_name("httpbin", "default"), "httpbin.default");
+        assert_eq!(
+            operation("httpbin.default.svc.cluster.local", 8000),
+            "httpbin.default.svc.cluster.local:8000/*"
+        );
+        assert_eq!(operation("a", 0), "a:0/*");
+        assert_eq!(operation("a", 65535), "a:65535/*");
     }
 
     #[test]

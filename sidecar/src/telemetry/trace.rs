@@ -7,7 +7,8 @@
 //! `X-B3-ParentSpanId`, `X-B3-Sampled` (Envoy's multi-header form) plus `traceparent`.
 //!
 //! Export: finished spans go to `Tracer::record` (`export/`: a bounded queue, batching, OTLP with the
-//! OpenTelemetry environment contract); `request` here turns a batch into the OTLP request.
+//! OpenTelemetry environment contract); `request` here turns a batch into the OTLP request's types,
+//! for OTLP/JSON (protobuf is written without them: `export::protobuf`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,6 +20,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, Key
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1 as otlp;
 
+pub use super::attribute::{Attributes, Value};
 pub use super::export::{TraceStats, Tracer};
 
 // Header names, parsed once: a `&str` name is parsed and validated again on every lookup, and these
@@ -340,8 +342,8 @@ pub struct Span {
     pub end: SystemTime,
     /// HTTP status (0 = no response).
     pub status: u16,
-    /// Attributes (OTel HTTP semantic conventions plus `weft.*`).
-    pub attributes: Vec<(&'static str, String)>,
+    /// Attributes (Istio's tags, OTel's `http.response.status_code` and `weft.*`).
+    pub attributes: Attributes,
     /// Timed events (shadow-diff's `weft.mirror.divergence`); empty for nearly every span.
     pub events: Vec<Event>,
     /// The caller's W3C `tracestate`, carried onto the span (the header itself goes on untouched).
@@ -356,7 +358,7 @@ pub struct Event {
     /// When.
     pub time: SystemTime,
     /// Attributes.
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: Attributes,
 }
 
 fn kv(key: &str, value: String) -> KeyValue {
@@ -369,15 +371,24 @@ fn kv(key: &str, value: String) -> KeyValue {
     }
 }
 
-fn nanos(t: SystemTime) -> u64 {
+pub(crate) fn nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-fn to_otlp(span: Span) -> otlp::Span {
-    let mut attributes: Vec<KeyValue> =
-        span.attributes.into_iter().map(|(k, v)| kv(k, v)).collect();
+fn attributes(attributes: &Attributes) -> Vec<KeyValue> {
+    attributes.iter().map(|(k, v)| kv(k, v.to_text())).collect()
+}
+
+/// Whether a span's `status` makes it an error: 5xx or no response, on both sides (OTel's HTTP
+/// conventions).
+pub(crate) fn is_error(status: u16) -> bool {
+    status == 0 || status >= 500
+}
+
+fn to_otlp(span: &Span) -> otlp::Span {
+    let mut attributes = attributes(&span.attributes);
     if span.status != 0 {
         attributes.push(KeyValue {
             key: "http.response.status_code".into(),
@@ -387,8 +398,6 @@ fn to_otlp(span: Span) -> otlp::Span {
             ..Default::default()
         });
     }
-    // OTel HTTP conventions: 5xx (or no response) is an error on both sides.
-    let error = span.status == 0 || span.status >= 500;
     otlp::Span {
         trace_id: span.hop.trace_id.to_be_bytes().to_vec(),
         span_id: span.hop.span_id.to_be_bytes().to_vec(),
@@ -397,7 +406,7 @@ fn to_otlp(span: Span) -> otlp::Span {
             .parent
             .map(|p| p.to_be_bytes().to_vec())
             .unwrap_or_default(),
-        name: span.name,
+        name: span.name.clone(),
         kind: match span.kind {
             Kind::Client => otlp::span::SpanKind::Client as i32,
             Kind::Server => otlp::span::SpanKind::Server as i32,
@@ -407,43 +416,51 @@ fn to_otlp(span: Span) -> otlp::Span {
         attributes,
         events: span
             .events
-            .into_iter()
+            .iter()
             .map(|e| otlp::span::Event {
                 time_unix_nano: nanos(e.time),
                 name: e.name.to_owned(),
-                attributes: e.attributes.into_iter().map(|(k, v)| kv(k, v)).collect(),
+                attributes: self::attributes(&e.attributes),
                 ..Default::default()
             })
             .collect(),
         status: Some(otlp::Status {
-            code: if error {
+            code: if is_error(span.status) {
                 otlp::status::StatusCode::Error as i32
             } else {
                 otlp::status::StatusCode::Unset as i32
             },
             message: String::new(),
         }),
-        trace_state: span.trace_state.unwrap_or_default(),
+        trace_state: span.trace_state.clone().unwrap_or_default(),
         ..Default::default()
     }
 }
 
-/// Groups a batch by `service.name` into one export request.
+/// The batch's `service.name`s, in the order they first appear: one `ResourceSpans` each.
+pub(crate) fn services(batch: &[Span]) -> Vec<&Arc<str>> {
+    let mut services: Vec<&Arc<str>> = Vec::with_capacity(1);
+    for span in batch {
+        if !services
+            .iter()
+            .any(|s| Arc::ptr_eq(s, &span.service) || ***s == *span.service)
+        {
+            services.push(&span.service);
+        }
+    }
+    services
+}
+
+/// The OTLP request of a batch: one `ResourceSpans` per `service.name` (the service's spans in
+/// batch order), whose resource is `service.name` and then `resource`.
 pub(crate) fn request(
-    batch: Vec<Span>,
+    batch: &[Span],
     resource: &[(&'static str, String)],
 ) -> ExportTraceServiceRequest {
-    let mut by_service: std::collections::BTreeMap<Arc<str>, Vec<otlp::Span>> = Default::default();
-    for span in batch {
-        by_service
-            .entry(span.service.clone())
-            .or_default()
-            .push(to_otlp(span));
-    }
     ExportTraceServiceRequest {
-        resource_spans: by_service
+        resource_spans: services(batch)
             .into_iter()
-            .map(|(service, spans)| {
+            .map(|service| {
                 let mut attributes = vec![kv("service.name", service.to_string())];
                 attributes.extend(resource.iter().map(|(k, v)| kv(k, v.clone())));
                 otlp::ResourceSpans {
@@ -453,11 +470,15 @@ pub(crate) fn request(
                     }),
                     scope_spans: vec![otlp::ScopeSpans {
                         scope: Some(InstrumentationScope {
-                            name: "weft-sidecar".into(),
-                            version: env!("CARGO_PKG_VERSION").into(),
+                            name: SCOPE_NAME.into(),
+                            version: SCOPE_VERSION.into(),
                             ..Default::default()
                         }),
-                        spans,
+                        spans: batch
+                            .iter()
+                            .filter(|s| *s.service == **service)
+                            .map(to_otlp)
+                            .collect(),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -466,6 +487,11 @@ pub(crate) fn request(
             .collect(),
     }
 }
+
+/// The instrumentation scope weft's spans name.
+pub(crate) const SCOPE_NAME: &str = "weft-sidecar";
+/// Its version.
+pub(crate) const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[cfg(test)]
 mod tests {

@@ -13,13 +13,13 @@
 //! success), or failed (by reason).
 
 pub mod config;
+pub mod protobuf;
 pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -241,17 +241,16 @@ impl Exporter {
                     s.service = service.clone();
                 }
             }
-            let n = batch.len() as u64;
-            let req = super::trace::request(batch, &self.resource);
-            self.export(&req, n).await;
+            self.export(&batch).await;
         }
     }
 
     /// Sends one batch, retrying within `OTEL_BSP_EXPORT_TIMEOUT` and `MAX_ATTEMPTS`; counts how
     /// it ended.
-    async fn export(&mut self, req: &ExportTraceServiceRequest, n: u64) {
+    async fn export(&mut self, batch: &[Span]) {
+        let n = batch.len() as u64;
         let give_up = Instant::now() + self.batch.export_timeout;
-        let payload = match self.wire.prepare(req) {
+        let payload = match self.wire.prepare(batch, &self.resource) {
             Ok(p) => p,
             Err(why) => {
                 self.stats

@@ -317,7 +317,7 @@ fn json_bodies_follow_the_otlp_json_mapping() {
         events: Vec::new(),
         trace_state: Some("rojo=00f067aa0ba902b7".into()),
     };
-    let req = crate::telemetry::trace::request(vec![span], &[]);
+    let req = crate::telemetry::trace::request(&[span], &[]);
     let v: serde_json::Value = serde_json::to_value(&req).unwrap();
     let s = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
     assert_eq!(s["traceId"], "0af7651916cd43dd8448eb211c80319c");

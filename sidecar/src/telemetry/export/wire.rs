@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,6 +26,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::config::{Config, Protocol};
+use crate::telemetry::trace::{self, Span};
 
 /// Why the exporter could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -218,13 +219,19 @@ impl Wire {
     }
 
     /// The batch as the bytes every attempt sends: encoded (and compressed, over HTTP) once, so
-    /// that a retry costs no copy of the batch.
-    pub fn prepare(&self, req: &ExportTraceServiceRequest) -> Result<Bytes, String> {
+    /// that a retry costs no copy of the batch. Protobuf is written directly (`protobuf`); JSON
+    /// goes through the OTLP types' serde form.
+    pub fn prepare(
+        &self,
+        batch: &[Span],
+        resource: &[(&'static str, String)],
+    ) -> Result<Bytes, String> {
         let body = match &self.transport {
             Transport::Http { json: true, .. } => {
-                serde_json::to_vec(req).map_err(|e| format!("JSON encoding: {e}"))?
+                serde_json::to_vec(&trace::request(batch, resource))
+                    .map_err(|e| format!("JSON encoding: {e}"))?
             }
-            _ => prost::Message::encode_to_vec(req),
+            _ => super::protobuf::request(batch, resource),
         };
         match &self.transport {
             Transport::Http { .. } if self.gzip => gzip(&body)
@@ -492,6 +499,7 @@ pub fn http_verdict(status: StatusCode, after: Option<&HeaderValue>, now: System
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
     #[test]
     fn an_encoded_batch_goes_out_as_the_request_it_was() {
