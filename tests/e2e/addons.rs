@@ -68,9 +68,10 @@ fn addon_manifests_pass_kubernetes_validate_strict() {
     }
 }
 
-/// The shipped config with the pod-discovery jobs fed from `targets_file` instead of Kubernetes;
-/// every other job (Prometheus scraping itself) is left out, as nothing here serves it.
-fn derived_config(shipped: &str, targets_file: &str) -> Value {
+/// The shipped config with the Kubernetes-discovery jobs fed from files instead: the pod role's
+/// from `pods_file`, the endpoints role's from `endpoints_file`. Every other job (Prometheus
+/// scraping itself) is left out, as nothing here serves it.
+fn derived_config(shipped: &str, pods_file: &str, endpoints_file: &str) -> Value {
     let mut config: Value = serde_saphyr::from_str(shipped).unwrap();
     let jobs = config["scrape_configs"].as_array().unwrap().clone();
     let mut derived = Vec::new();
@@ -78,9 +79,15 @@ fn derived_config(shipped: &str, targets_file: &str) -> Value {
         let Some(sd) = job.as_object_mut().unwrap().remove("kubernetes_sd_configs") else {
             continue;
         };
-        // The pod role is what the relabelling below was written for.
-        assert_eq!(sd, json!([{"role": "pod"}]), "{}", job["job_name"]);
-        job["file_sd_configs"] = json!([{"files": [targets_file], "refresh_interval": "1s"}]);
+        // The roles the files below stand in for, each with the labels Kubernetes gives it.
+        let file = if sd == json!([{"role": "pod"}]) {
+            pods_file
+        } else if sd == json!([{"role": "endpoints", "namespaces": {"names": ["weft-system"]}}]) {
+            endpoints_file
+        } else {
+            panic!("{}: no stand-in for {sd}", job["job_name"]);
+        };
+        job["file_sd_configs"] = json!([{"files": [file], "refresh_interval": "1s"}]);
         job["scrape_interval"] = json!("1s");
         job["scrape_timeout"] = json!("1s");
         derived.push(job);
@@ -90,6 +97,21 @@ fn derived_config(shipped: &str, targets_file: &str) -> Value {
     config["global"]["scrape_interval"] = json!("1s");
     config["global"]["scrape_timeout"] = json!("1s");
     config
+}
+
+/// The `__meta_kubernetes_*` labels Kubernetes' endpoints role gives one port of a ready endpoint
+/// of a Service in weft-system, backed by pod `pod`.
+fn endpoint_target(service: &str, port_name: &str, address: &str, pod: &str) -> Value {
+    json!({
+        "targets": [address],
+        "labels": {
+            "__meta_kubernetes_namespace": "weft-system",
+            "__meta_kubernetes_service_name": service,
+            "__meta_kubernetes_endpoint_port_name": port_name,
+            "__meta_kubernetes_endpoint_ready": "true",
+            "__meta_kubernetes_pod_name": pod,
+        },
+    })
 }
 
 /// The `__meta_kubernetes_*` labels Kubernetes' pod role gives a pod whose sidecar's Prometheus
@@ -313,13 +335,14 @@ struct Mesh {
     sidecars: Vec<Sidecar>,
     sleep: Sidecar,
     _apps: (Httpbin, Httpbin),
-    _plane: ControlPlane,
+    plane: ControlPlane,
 }
 
 impl Mesh {
     fn start(dir: &std::path::Path, annotations: &str) -> Self {
         weft_tests::init();
-        let plane = ControlPlane::start(dir, &[]).unwrap();
+        let monitoring = ["--monitoring-listen", "127.0.0.1:0"];
+        let plane = ControlPlane::start_with_ca_args(dir, &monitoring, &monitoring).unwrap();
         plane
             .apply(&format!("{EXAMPLES}/httpbin-service.yaml"))
             .unwrap();
@@ -357,7 +380,7 @@ impl Mesh {
             sidecars: vec![s1, s2],
             sleep,
             _apps: (v1, v2),
-            _plane: plane,
+            plane,
         }
     }
 }
@@ -385,18 +408,20 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
     let dir = tempfile::tempdir().unwrap();
 
     // promtool on the config as shipped. Debian builds Prometheus without Kubernetes discovery,
-    // so there the one error allowed is that it does not know `kubernetes_sd_configs`.
+    // so there the only errors allowed are that it does not know `kubernetes_sd_configs`.
     let shipped_file = dir.path().join("shipped.yml");
     std::fs::write(&shipped_file, &shipped).unwrap();
     let (ok, out, err) = run(Command::new(&promtool)
         .args(["check", "config"])
         .arg(&shipped_file))
     .unwrap();
+    // One such error per job that discovers through Kubernetes (pods, and the control plane's
+    // endpoints), and no other.
     let no_k8s_sd = "field kubernetes_sd_configs not found";
+    let report = format!("{out}{err}");
     assert!(
-        ok || (format!("{out}{err}").contains(no_k8s_sd)
-            && format!("{out}{err}").matches("not found").count() == 1),
-        "promtool check config (shipped):\n{out}{err}"
+        ok || (report.matches(no_k8s_sd).count() == 2 && report.matches("not found").count() == 2),
+        "promtool check config (shipped):\n{report}"
     );
 
     // The app whose metrics the sidecars merge, and the seed's mesh with it annotated.
@@ -507,7 +532,37 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
     )
     .unwrap();
 
-    let config = derived_config(&shipped, targets_file.to_str().unwrap());
+    // The control plane's Services: the monitoring ports of pilot and the CA, and pilot's discovery
+    // port, which the relabelling must drop.
+    let monitoring = |p: &Proc| p.announced("monitoring").expect("monitoring announced");
+    let endpoints = json!([
+        endpoint_target(
+            "weft-pilot",
+            "http-monitoring",
+            &monitoring(&m.plane.pilot),
+            "weft-pilot-0"
+        ),
+        endpoint_target(
+            "weft-ca",
+            "http-monitoring",
+            &monitoring(&m.plane.ca),
+            "weft-ca-0"
+        ),
+        endpoint_target(
+            "weft-pilot",
+            "grpc-xds",
+            &m.plane.discovery_addr,
+            "weft-pilot-0"
+        ),
+    ]);
+    let endpoints_file = dir.path().join("endpoints.json");
+    std::fs::write(&endpoints_file, serde_json::to_vec(&endpoints).unwrap()).unwrap();
+
+    let config = derived_config(
+        &shipped,
+        targets_file.to_str().unwrap(),
+        endpoints_file.to_str().unwrap(),
+    );
     let config_file = dir.path().join("prometheus.yml");
     std::fs::write(&config_file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     // Prometheus itself (promtool checks the derived config first): data in the temp dir, a port
@@ -534,12 +589,51 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let all_up = query(&base, "up").unwrap();
+    let all_up = query(&base, r#"up{job="kubernetes-pods"}"#).unwrap();
     assert_eq!(
         all_up.len(),
         3,
         "the unannotated and finished pods must be dropped: {all_up:?}"
     );
+
+    // The control plane: pilot and the CA scraped at their monitoring ports, the discovery port
+    // dropped, and their own metric names there under the Service's name.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = query(&base, r#"up{job="weft-control-plane"} == 1"#).unwrap_or_default();
+        let mut apps: Vec<_> = up
+            .iter()
+            .filter_map(|s| s["metric"]["app"].as_str())
+            .collect();
+        apps.sort_unstable();
+        if apps == ["weft-ca", "weft-pilot"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "control plane targets up: {apps:?}; all: {:?}",
+            query(&base, r#"up{job="weft-control-plane"}"#)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let control = query(&base, r#"up{job="weft-control-plane"}"#).unwrap();
+    assert_eq!(
+        control.len(),
+        2,
+        "the discovery port must be dropped: {control:?}"
+    );
+    let pushes = query(
+        &base,
+        r#"pilot_xds_pushes{app="weft-pilot",pod="weft-pilot-0",namespace="weft-system"}"#,
+    )
+    .unwrap();
+    assert!(!pushes.is_empty(), "pilot's pushes, relabelled");
+    let signed = query(
+        &base,
+        r#"citadel_server_success_cert_issuance_count{app="weft-ca"}"#,
+    )
+    .unwrap();
+    assert!(!signed.is_empty(), "the CA's signings");
     let v1 = query(&base, r#"istio_requests_total{pod="httpbin-v1",namespace="default",app="httpbin",version="v1",reporter="destination"}"#).unwrap();
     assert!(!v1.is_empty(), "relabelled pod labels missing");
     let merged = query(&base, r#"demo_app_scrapes_total{pod="httpbin-v1"}"#).unwrap();
