@@ -326,6 +326,7 @@ fn node(i: usize) -> pb::Node {
         ports: vec![8080],
         inbound_port: 15006,
         captured: true,
+        proxy_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 

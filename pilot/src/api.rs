@@ -395,6 +395,7 @@ impl ConfigService for ConfigApi {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
                     .unwrap_or(0),
+                proxy_version: p.proxy_version,
             })
             .collect();
         Ok(Response::new(pb::ProxyStatusResponse {

@@ -50,7 +50,8 @@ pub enum Command {
     Version(VersionArgs),
     /// Print a shell completion script: `source <(pilot completion bash)`.
     Completion(CompletionArgs),
-    /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED.
+    /// One line per connected sidecar: identity, config version sent and acked, SYNCED/STALE/NACKED,
+    /// and the sidecar's own version.
     ProxyStatus(ServerArgs),
     /// Shadow-diff: how each mirrored route's copies compared with the primary's answers
     /// (`weft.io/mirror-compare`), merged over every sidecar, with the most diverging paths.
@@ -942,6 +943,7 @@ async fn proxy_status(args: ServerArgs) -> Result<()> {
         "ACKED".into(),
         "STATUS".into(),
         "LAST PUSH".into(),
+        "VERSION".into(),
     ]];
     for p in &response.proxies {
         let status = if p.error.is_empty() {
@@ -957,9 +959,10 @@ async fn proxy_status(args: ServerArgs) -> Result<()> {
             p.version_acked.clone(),
             status,
             format!("{}s ago", (now - p.last_push).max(0)),
+            p.proxy_version.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     for row in &rows {

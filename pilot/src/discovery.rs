@@ -348,6 +348,25 @@ pub struct ProxyStatus {
     pub refused: Option<String>,
     /// When the last push was sent.
     pub last_push: SystemTime,
+    /// The version the sidecar reported (see [`proxy_version`]).
+    pub proxy_version: String,
+}
+
+/// The version a sidecar reported, for `pilot_xds{version}` and proxy-status: kept when it is at
+/// most 64 bytes of letters, digits and `.+-_` (a version, not a payload a hostile pod sends to
+/// bloat pilot's metrics or its operator's terminal), else `unknown`, as for a sidecar that reported
+/// none.
+pub fn proxy_version(node: &pb::Node) -> String {
+    let v = node.proxy_version.as_str();
+    let plain = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-' | b'_'));
+    if plain {
+        v.to_owned()
+    } else {
+        metrics::UNKNOWN_VERSION.to_owned()
+    }
 }
 
 impl ProxyStatus {
@@ -408,6 +427,7 @@ impl ProxyTable {
             nack: None,
             refused: Some(refusal.reason.clone()),
             last_push: SystemTime::now(),
+            proxy_version: proxy_version(node),
         };
         refusals.insert(key, (status, now));
     }
@@ -441,8 +461,11 @@ impl ProxyTable {
 
     /// Writes discovery's metric families (see [`metrics`]).
     pub fn render_metrics(&self, out: &mut weft_ca::monitoring::Exposition) {
-        let connected = self.lock().len();
-        self.metrics.render(out, connected);
+        let mut connected: BTreeMap<String, usize> = BTreeMap::new();
+        for status in self.lock().values() {
+            *connected.entry(status.proxy_version.clone()).or_default() += 1;
+        }
+        self.metrics.render(out, &connected);
     }
 
     /// The latest shadow-diff report of each sidecar (connected or recently gone), by pod.
@@ -623,6 +646,7 @@ impl Discovery {
                 nack: None,
                 refused: None,
                 last_push: SystemTime::now(),
+                proxy_version: proxy_version(&node),
             },
         );
         self.proxies.admitted(&workload);
@@ -1084,6 +1108,27 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_reported_version_is_kept_only_when_plain() {
+        let version = |v: &str| {
+            proxy_version(&pb::Node {
+                proxy_version: v.into(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(version("0.1.0"), "0.1.0");
+        assert_eq!(version("1.24.0-rc.1+build_7"), "1.24.0-rc.1+build_7");
+        for odd in [
+            "",
+            "1.0\"} 1e9\npilot_xds{version=\"x",
+            "v 1",
+            &"9".repeat(65),
+            "é",
+        ] {
+            assert_eq!(version(odd), "unknown", "{odd:?}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn push_slots_are_bounded_first_come_first_served_and_timed() {

@@ -341,6 +341,7 @@ pub async fn run(cfg: RunConfig, shutdown: CancellationToken) -> Result<(), RunE
         ports: cfg.app_port.map(u32::from).into_iter().collect(),
         inbound_port: u32::from(local(&inbound_l)),
         captured: cfg.mode == Mode::Transparent,
+        proxy_version: env!("CARGO_PKG_VERSION").into(),
     };
     let pilot_identity = SpiffeId::new(&cfg.trust_domain, PILOT_NAMESPACE, PILOT_SERVICE_ACCOUNT)
         .map_err(|e| RunError::Identity(e.to_string()))?;

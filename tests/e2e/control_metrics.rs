@@ -124,6 +124,8 @@ async fn nack_first_push(plane: &ControlPlane) -> mpsc::Sender<pb::DiscoveryRequ
         ports: vec![80],
         inbound_port: 15006,
         captured: true,
+        // A sidecar that reports no version.
+        proxy_version: String::new(),
     };
     tx.send(pb::DiscoveryRequest {
         node: Some(node),
@@ -187,10 +189,12 @@ async fn pilot_and_ca_metrics_count_what_happened_pass_promtool_and_are_scraped_
         .unwrap();
     assert!(!ok, "the bad VirtualService was accepted: {out}{err}");
 
-    // A real sidecar: its certificate from the CA, its config from pilot (ready = first push).
+    // A real sidecar: its certificate from the CA, its config from pilot (ready = first push); it
+    // reports its own version.
     let sleep = Sidecar::explicit(&plane, "sleep", "sleep", "app=sleep", None, &[]).unwrap();
+    let sidecar_version = format!(r#"pilot_xds{{version="{}"}}"#, env!("CARGO_PKG_VERSION"));
     let text = scrape_until(&pilot_mon, "one sidecar connected and pushed", |t| {
-        value(t, r#"pilot_xds{version="unknown"}"#) == Some(1.0)
+        value(t, &sidecar_version) == Some(1.0)
             && value(t, r#"pilot_xds_pushes{type="proxyconfig"}"#).is_some_and(|v| v >= 1.0)
     });
     assert_eq!(
@@ -231,9 +235,11 @@ async fn pilot_and_ca_metrics_count_what_happened_pass_promtool_and_are_scraped_
     let pilot_text = scrape_until(&pilot_mon, "one NACK", |t| {
         value(t, r#"pilot_total_xds_rejects{type="proxyconfig"}"#) == Some(1.0)
     });
+    assert_eq!(value(&pilot_text, &sidecar_version), Some(1.0));
     assert_eq!(
         value(&pilot_text, r#"pilot_xds{version="unknown"}"#),
-        Some(2.0)
+        Some(1.0),
+        "the stream that reported no version"
     );
     assert_eq!(
         value(&pilot_text, r#"pilot_info{version="0.1.0"}"#),

@@ -36,6 +36,7 @@ fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node {
         ports: vec![80],
         inbound_port: 15006,
         captured: true,
+        proxy_version: "0.0.0-test".into(),
     }
 }
 
@@ -256,6 +257,20 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
     let status = proxy_status_until(&plane, |o| o.contains("NACKED")).await;
     assert!(
         status.contains("NACKED (test rejects this config)"),
+        "{status}"
+    );
+    // The version the sidecar reported is its last column, as istioctl's VERSION.
+    assert!(
+        status
+            .lines()
+            .next()
+            .is_some_and(|h| h.ends_with("VERSION")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("NACKED") && l.ends_with("0.0.0-test")),
         "{status}"
     );
 

@@ -721,6 +721,7 @@ async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
             ports: vec![80],
             inbound_port: 15006,
             captured: true,
+            proxy_version: env!("CARGO_PKG_VERSION").into(),
         }),
         ..Default::default()
     })

@@ -37,6 +37,7 @@ pub fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node
         ports: vec![80],
         inbound_port: 15006,
         captured: true,
+        proxy_version: "0.0.0-test".into(),
     }
 }
 

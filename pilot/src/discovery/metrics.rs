@@ -1,9 +1,9 @@
 //! What discovery counts, with istiod's names (`pilot/pkg/xds/monitoring.go`), owned by the
 //! [`super::ProxyTable`] every session shares and rendered by `pilot serve --monitoring-listen`.
 //!
-//! - `pilot_xds{version}` (gauge): sidecars connected now. Istio labels it with the proxy's Istio
-//!   version; weft's sidecars report none (the discovery `Node` has no version field), so the value
-//!   is `unknown`.
+//! - `pilot_xds{version}` (gauge): sidecars connected now, by the version each reported in its
+//!   `Node` (`unknown` for none, or one that is not plain: `super::proxy_version`), as Istio labels it
+//!   with the proxy's Istio version. With no sidecar connected, one `unknown` sample of 0.
 //! - `pilot_xds_pushes{type}` (counter, no `_total`, as Istio's): responses sent. Istio counts one per
 //!   xDS type (`cds`, `eds`, `lds`, `rds`); weft pushes one whole `ProxyConfig` (services, clusters
 //!   with their endpoints, listeners, routes) per change, counted once as `type="proxyconfig"`, and a
@@ -19,6 +19,7 @@
 //!   not counted (there was no change to converge from).
 //! - `pilot_total_xds_rejects{type}` (counter): NACKs of a response, `type="proxyconfig"`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,8 +31,8 @@ pub const PUSH_TIME_BUCKETS: [f64; 8] = [0.01, 0.1, 1.0, 3.0, 5.0, 10.0, 20.0, 3
 pub const CONVERGENCE_BUCKETS: [f64; 8] = [0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0];
 /// The `type` label of everything weft pushes: one whole `ProxyConfig`.
 pub const PUSH_TYPE: &str = "proxyconfig";
-/// The `pilot_xds{version}` of sidecars, which report no version.
-const UNKNOWN_VERSION: &str = "unknown";
+/// The `pilot_xds{version}` of sidecars that report no (plain) version.
+pub const UNKNOWN_VERSION: &str = "unknown";
 
 /// Discovery's counters and histograms.
 #[derive(Debug)]
@@ -91,18 +92,19 @@ impl DiscoveryMetrics {
         self.convergence.count()
     }
 
-    /// Writes every family, with `connected` sidecars.
-    pub fn render(&self, out: &mut Exposition, connected: usize) {
-        out.family(
+    /// Writes every family, with the sidecars `connected` by version.
+    pub fn render(&self, out: &mut Exposition, connected: &BTreeMap<String, usize>) {
+        let family = out.family(
             "pilot_xds",
             Kind::Gauge,
             "Number of endpoints connected to this pilot using XDS.",
-        )
-        .sample(
-            "pilot_xds",
-            &[("version", UNKNOWN_VERSION)],
-            connected as f64,
         );
+        if connected.is_empty() {
+            family.sample("pilot_xds", &[("version", UNKNOWN_VERSION)], 0.0);
+        }
+        for (version, n) in connected {
+            family.sample("pilot_xds", &[("version", version)], *n as f64);
+        }
         out.family(
             "pilot_xds_pushes",
             Kind::Counter,
@@ -157,11 +159,20 @@ mod tests {
         m.send_failed();
         m.rejected();
         let mut out = Exposition::default();
-        m.render(&mut out, 2);
+        let connected = BTreeMap::from([("0.1.0".to_owned(), 2), ("unknown".to_owned(), 1)]);
+        m.render(&mut out, &connected);
         let text = out.finish();
+        let mut none = Exposition::default();
+        m.render(&mut none, &BTreeMap::new());
+        assert!(
+            none.finish()
+                .contains("\npilot_xds{version=\"unknown\"} 0\n"),
+            "no sidecar: one sample of 0"
+        );
         for line in [
             "# TYPE pilot_xds gauge\n",
-            "pilot_xds{version=\"unknown\"} 2\n",
+            "pilot_xds{version=\"0.1.0\"} 2\n",
+            "pilot_xds{version=\"unknown\"} 1\n",
             "# TYPE pilot_xds_pushes counter\n",
             "pilot_xds_pushes{type=\"proxyconfig\"} 2\n",
             "pilot_xds_pushes{type=\"proxyconfig_senderr\"} 1\n",

@@ -212,6 +212,7 @@ mod tests {
             ports: vec![8000],
             inbound_port: 15006,
             captured: true,
+            proxy_version: "0.0.0-test".into(),
         }
     }
 

@@ -512,6 +512,7 @@ fn workload_from_node_and_identity() {
         ports: vec![80],
         inbound_port: 15006,
         captured: false,
+        proxy_version: String::new(),
     };
     let w = Workload::from(&node);
     assert_eq!(
