@@ -5,17 +5,15 @@
 //! metrics` (only Istio's own counter names without `_total` may be linted), and a real Prometheus
 //! (Debian's) must scrape both.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use weft_ca::SpiffeId;
 use weft_ca::client::CaClient;
-use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_ca::tls::TrustBundle;
 use weft_proto::discovery as pb;
-use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
+use weft_tests::discovery_client::{self, DiscoveryStream};
 use weft_tests::prometheus::{self, Prometheus};
 use weft_tests::{ControlPlane, Sidecar, run};
 
@@ -83,79 +81,20 @@ fn promtool_accepts(text: &str, dir: &std::path::Path, name: &str) {
     );
 }
 
-/// A test-driven discovery stream for pod `default/nacker` (registered first), with a certificate
-/// from the plane's CA: it receives its first push and NACKs it.
+/// A test-driven discovery stream for pod `default/nacker` (registered first, reporting no
+/// version), with a certificate from the plane's CA: it receives its first push and NACKs it.
 async fn nack_first_push(plane: &ControlPlane) -> mpsc::Sender<pb::DiscoveryRequest> {
-    plane
-        .register_pod("nacker", "nacker", "app=nacker", "10.9.0.1")
-        .unwrap();
-    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(&plane.root).unwrap()).unwrap();
-    let token = std::fs::read_to_string(plane.token("default", "nacker").unwrap()).unwrap();
-    let ca = CaClient::new(
-        &plane.ca_addr,
-        &bundle,
-        weft_ca::server::ca_identity("cluster.local").unwrap(),
-        &token,
-    )
-    .unwrap();
-    let me = SpiffeId::new("cluster.local", "default", "nacker").unwrap();
-    let creds = ca
-        .fetch_credentials(&me, Duration::from_secs(600))
-        .await
-        .unwrap();
-    let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
-    let cfg = tls::client_config(
-        Some(CredentialStore::new(creds)),
-        &bundle,
-        vec![pilot_id],
-        &[tls::ALPN_H2],
-    )
-    .unwrap();
-    let channel =
-        weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg), &Default::default())
-            .unwrap();
-    let (tx, rx) = mpsc::channel(4);
     let node = pb::Node {
-        name: "nacker".into(),
-        namespace: "default".into(),
-        service_account: "nacker".into(),
-        labels: [("app".to_string(), "nacker".to_string())].into(),
-        ip: "10.9.0.1".into(),
-        ports: vec![80],
-        inbound_port: 15006,
-        captured: true,
-        // A sidecar that reports no version.
         proxy_version: String::new(),
+        ..discovery_client::node("nacker", "nacker", &[("app", "nacker")], "10.9.0.1")
     };
-    tx.send(pb::DiscoveryRequest {
-        node: Some(node),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut responses = DiscoveryServiceClient::new(channel)
-        .stream_config(ReceiverStream::new(rx))
+    let mut stream = DiscoveryStream::open_registered(plane, node).await.unwrap();
+    let first = stream.next().await.unwrap();
+    stream
+        .nack(&first, "", "the test rejects this config")
         .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(20), responses.message())
-        .await
-        .expect("no push within 20 s")
-        .unwrap()
-        .expect("stream ended");
-    tx.send(pb::DiscoveryRequest {
-        version_info: String::new(),
-        response_nonce: first.nonce.clone(),
-        error_detail: Some(pb::ErrorDetail {
-            message: "the test rejects this config".into(),
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    // The stream lives as long as its sender and the response stream: keep them together.
-    tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
-    tx
+        .unwrap();
+    stream.keep_open()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,163 +7,36 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_ca::SpiffeId;
-use weft_ca::client::CaClient;
-use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_ca::tls::{self, TrustBundle};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
 use weft_tests::ControlPlane;
+use weft_tests::discovery_client::{self, DiscoveryStream, node};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
 const V1: &str = "outbound|8000|v1|httpbin.default.svc.cluster.local";
 const V2: &str = "outbound|8000|v2|httpbin.default.svc.cluster.local";
 
-/// A sidecar's discovery session, driven by the test.
-struct Session {
-    tx: mpsc::Sender<pb::DiscoveryRequest>,
-    rx: tonic::Streaming<pb::DiscoveryResponse>,
-}
-
-fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node {
-    pb::Node {
-        name: name.into(),
-        namespace: "default".into(),
-        service_account: sa.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ip: ip.into(),
-        ports: vec![80],
-        inbound_port: 15006,
-        captured: true,
-        proxy_version: "0.0.0-test".into(),
-    }
-}
-
-/// Registers the Pod `node` names, with the labels and IP it claims (the platform's part).
-fn register(plane: &ControlPlane, node: &pb::Node) {
-    let labels: Vec<String> = node
-        .labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    plane
-        .register_pod(
-            &node.name,
-            &node.service_account,
-            &labels.join(","),
-            &node.ip,
-        )
-        .unwrap();
-}
-
-/// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`, after
-/// registering its pod.
-async fn open_registered(
-    plane: &ControlPlane,
-    cert_sa: &str,
-    node: pb::Node,
-) -> Result<Session, tonic::Status> {
-    register(plane, &node);
-    open(plane, cert_sa, node).await
-}
-
-/// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`.
+/// Opens a discovery stream with a certificate for `default/<cert_sa>`, claiming `node`: pilot's
+/// refusal, if it refuses.
 async fn open(
     plane: &ControlPlane,
     cert_sa: &str,
     node: pb::Node,
-) -> Result<Session, tonic::Status> {
-    let root = std::fs::read_to_string(&plane.root).unwrap();
-    let bundle = TrustBundle::from_pem(&root).unwrap();
-    let token = std::fs::read_to_string(plane.token("default", cert_sa).unwrap()).unwrap();
-    let ca = CaClient::new(
-        &plane.ca_addr,
-        &bundle,
-        weft_ca::server::ca_identity("cluster.local").unwrap(),
-        &token,
-    )
-    .unwrap();
-    let me = SpiffeId::new("cluster.local", "default", cert_sa).unwrap();
-    let creds = ca
-        .fetch_credentials(&me, Duration::from_secs(600))
+) -> Result<DiscoveryStream, tonic::Status> {
+    DiscoveryStream::open(plane, cert_sa, node)
         .await
-        .unwrap();
-    let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
-    let cfg = tls::client_config(
-        Some(CredentialStore::new(creds)),
-        &bundle,
-        vec![pilot_id],
-        &[tls::ALPN_H2],
-    )
-    .unwrap();
-    let channel =
-        weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(cfg), &Default::default())
-            .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(pb::DiscoveryRequest {
-        node: Some(node),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let rx = DiscoveryServiceClient::new(channel)
-        .stream_config(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    Ok(Session { tx, rx })
+        .expect("the test's discovery client")
 }
 
-impl Session {
-    /// The next push, within a bounded wait.
-    async fn next(&mut self) -> pb::DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(20), self.rx.message())
-            .await
-            .expect("no push within 20 s")
-            .expect("stream failed")
-            .expect("stream ended")
-    }
-
-    /// The next push that satisfies `pred` (earlier ones are ACKed: a push may reflect a state from
-    /// before the last change, within the debounce window).
-    async fn next_until(
-        &mut self,
-        pred: impl Fn(&pb::DiscoveryResponse) -> bool,
-    ) -> pb::DiscoveryResponse {
-        for _ in 0..20 {
-            let r = self.next().await;
-            if pred(&r) {
-                return r;
-            }
-            self.ack(&r).await;
-        }
-        panic!("no matching push in 20 pushes");
-    }
-
-    async fn ack(&self, r: &pb::DiscoveryResponse) {
-        self.tx
-            .send(pb::DiscoveryRequest {
-                version_info: r.version_info.clone(),
-                response_nonce: r.nonce.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn nack(&self, r: &pb::DiscoveryResponse, last_good: &str, msg: &str) {
-        self.tx
-            .send(pb::DiscoveryRequest {
-                version_info: last_good.into(),
-                response_nonce: r.nonce.clone(),
-                error_detail: Some(pb::ErrorDetail {
-                    message: msg.into(),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+/// The same after registering the pod `node` names.
+async fn open_registered(
+    plane: &ControlPlane,
+    cert_sa: &str,
+    node: pb::Node,
+) -> Result<DiscoveryStream, tonic::Status> {
+    discovery_client::register(plane, &node).unwrap();
+    open(plane, cert_sa, node).await
 }
 
 fn cluster<'a>(r: &'a pb::DiscoveryResponse, name: &str) -> &'a pb::Cluster {
@@ -230,13 +103,13 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
                 .first()
                 .is_some_and(|route| route.destinations.first().is_some_and(|d| d.cluster == V1))
     };
-    let first = sleep.next_until(has_httpbin).await;
+    let first = sleep.next_until(has_httpbin).await.unwrap();
     let routes = httpbin_routes(&first);
     assert_eq!(routes.len(), 1);
     assert_eq!(routes[0].destinations[0].cluster, V1);
     assert!(routes[0].mirrors.is_empty());
     assert!(cluster(&first, V1).endpoints.is_empty());
-    sleep.ack(&first).await;
+    sleep.ack(&first).await.unwrap();
     let status = proxy_status_until(&plane, |o| o.contains("SYNCED")).await;
     assert!(status.starts_with("NAME"), "{status}");
     assert!(
@@ -248,12 +121,14 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
     apply(&plane, "mirror-v2.yaml");
     let second = sleep
         .next_until(|r| !httpbin_routes(r)[0].mirrors.is_empty())
-        .await;
+        .await
+        .unwrap();
     assert_eq!(httpbin_routes(&second)[0].mirrors[0].cluster, V2);
     assert!(second.version_info != first.version_info);
     sleep
         .nack(&second, &first.version_info, "test rejects this config")
-        .await;
+        .await
+        .unwrap();
     let status = proxy_status_until(&plane, |o| o.contains("NACKED")).await;
     assert!(
         status.contains("NACKED (test rejects this config)"),
@@ -289,7 +164,8 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
     .unwrap();
     let third = sleep
         .next_until(|r| !cluster(r, V1).endpoints.is_empty())
-        .await;
+        .await
+        .unwrap();
     let eps = &cluster(&third, V1).endpoints;
     assert_eq!(eps.len(), 1);
     assert_eq!(eps[0].address, "10.1.0.2");
@@ -298,13 +174,14 @@ async fn snapshot_push_ack_nack_proxy_status_and_workload_lifecycle() {
         "spiffe://cluster.local/ns/default/sa/httpbin"
     );
     assert!(cluster(&third, V2).endpoints.is_empty());
-    sleep.ack(&third).await;
+    sleep.ack(&third).await.unwrap();
 
     // Its stream ends: after the grace period the endpoint is gone.
     drop(v1);
     let fourth = sleep
         .next_until(|r| cluster(r, V1).endpoints.is_empty())
-        .await;
+        .await
+        .unwrap();
     assert!(cluster(&fourth, V1).endpoints.is_empty());
 }
 
@@ -419,13 +296,14 @@ async fn a_sidecar_claiming_another_pod_labels_or_service_account_is_refused() {
                     .any(|c| c.name == echo_cluster && !c.endpoints.is_empty())
             })
         })
-        .await;
+        .await
+        .unwrap();
     let eps = &cluster(&with_echo, echo_cluster).endpoints;
     assert_eq!(eps.len(), 1, "{eps:?}");
     assert_eq!(eps[0].address, "10.1.0.7");
     assert_eq!(eps[0].identity, "spiffe://cluster.local/ns/default/sa/echo");
     // Admitted: its refusal (none here) is gone and it is SYNCED once it ACKs.
-    echo.ack(&with_echo).await;
+    echo.ack(&with_echo).await.unwrap();
     proxy_status_until(&plane, |o| {
         o.lines()
             .any(|l| l.starts_with("echo-1") && l.contains("SYNCED"))

@@ -665,11 +665,7 @@ fn through_mtls_sidecars_a_copy_is_compared_and_a_mesh_error_is_a_mirror_error()
 /// pilot pushes no `compare` yet (so a real sidecar would not report to it).
 #[tokio::test]
 async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
-    use std::sync::Arc;
-    use tokio_stream::wrappers::ReceiverStream;
-    use weft_ca::SpiffeId;
-    use weft_ca::tls::{self, CredentialStore, TrustBundle};
-    use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
+    use weft_tests::discovery_client::{DiscoveryStream, node};
 
     weft_tests::init();
     let dir = tempfile::tempdir().unwrap();
@@ -682,70 +678,14 @@ async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
         assert!(ok, "apply {file}: {out}{err}");
     };
     apply("httpbin-service.yaml");
-    plane
-        .register_pod("sleep-1", "sleep", "app=sleep", "10.1.0.1")
-        .unwrap();
-    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(&plane.root).unwrap()).unwrap();
-    let token = std::fs::read_to_string(plane.token("default", "sleep").unwrap()).unwrap();
-    let ca = weft_ca::client::CaClient::new(
-        &plane.ca_addr,
-        &bundle,
-        weft_ca::server::ca_identity("cluster.local").unwrap(),
-        &token,
+    let mut stream = DiscoveryStream::open_registered(
+        &plane,
+        node("sleep-1", "sleep", &[("app", "sleep")], "10.1.0.1"),
     )
-    .unwrap();
-    let me = SpiffeId::new("cluster.local", "default", "sleep").unwrap();
-    let creds = ca
-        .fetch_credentials(&me, Duration::from_secs(600))
-        .await
-        .unwrap();
-    let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot").unwrap();
-    let tls = tls::client_config(
-        Some(CredentialStore::new(creds)),
-        &bundle,
-        vec![pilot_id],
-        &[tls::ALPN_H2],
-    )
-    .unwrap();
-    let channel =
-        weft_ca::grpc::tls_channel(&plane.discovery_addr, Arc::new(tls), &Default::default())
-            .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::DiscoveryRequest {
-        node: Some(pb::Node {
-            name: "sleep-1".into(),
-            namespace: "default".into(),
-            service_account: "sleep".into(),
-            labels: [("app".to_owned(), "sleep".to_owned())].into(),
-            ip: "10.1.0.1".into(),
-            ports: vec![80],
-            inbound_port: 15006,
-            captured: true,
-            proxy_version: env!("CARGO_PKG_VERSION").into(),
-        }),
-        ..Default::default()
-    })
     .await
     .unwrap();
-    let mut pushes = DiscoveryServiceClient::new(channel)
-        .stream_config(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next = async || {
-        tokio::time::timeout(WAIT, pushes.message())
-            .await
-            .expect("no push in time")
-            .expect("the stream failed")
-            .expect("the stream ended")
-    };
-    let ack = |r: &pb::DiscoveryResponse| pb::DiscoveryRequest {
-        version_info: r.version_info.clone(),
-        response_nonce: r.nonce.clone(),
-        ..Default::default()
-    };
-    let first = next().await;
-    tx.send(ack(&first)).await.unwrap();
+    let first = stream.next().await.unwrap();
+    stream.ack(&first).await.unwrap();
     let report = pb::DiscoveryRequest {
         version_info: first.version_info.clone(),
         mirror_report: Some(pb::MirrorReport {
@@ -758,7 +698,7 @@ async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
         }),
         ..Default::default()
     };
-    tx.send(report.clone()).await.unwrap();
+    stream.send(report.clone()).await.unwrap();
     let status = |want: &'static str| {
         let plane = &plane;
         async move {
@@ -777,10 +717,10 @@ async fn pilot_takes_a_nonce_less_report_for_neither_ack_nor_nack() {
     status("SYNCED").await;
     // A config change: pushed on the same stream, ACKed as usual; another report in between.
     apply("all-v1.yaml");
-    let second = next().await;
+    let second = stream.next().await.unwrap();
     assert_ne!(second.version_info, first.version_info);
-    tx.send(report).await.unwrap();
-    tx.send(ack(&second)).await.unwrap();
+    stream.send(report).await.unwrap();
+    stream.ack(&second).await.unwrap();
     status("SYNCED").await;
     let (_, out, _) = plane.pilot_cmd(&["proxy-status"]).unwrap();
     assert!(!out.contains("NACKED"), "{out}");

@@ -41,32 +41,50 @@ pub fn node(name: &str, sa: &str, labels: &[(&str, &str)], ip: &str) -> pb::Node
     }
 }
 
+/// Registers the Pod `node` names, with the labels and IP it claims (the platform's part).
+pub fn register(plane: &ControlPlane, node: &pb::Node) -> Result<()> {
+    let labels: Vec<String> = node
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    plane.register_pod(
+        &node.name,
+        &node.service_account,
+        &labels.join(","),
+        &node.ip,
+    )
+}
+
 impl DiscoveryStream {
-    /// Registers `node`'s Pod with the plane (the platform's part), then opens a stream with a
-    /// certificate for `default/<node.service_account>` claiming `node`.
+    /// Registers `node`'s Pod with the plane, then opens a stream with a certificate for
+    /// `default/<node.service_account>` claiming `node`.
     pub async fn open_registered(plane: &ControlPlane, node: pb::Node) -> Result<Self> {
-        let labels: Vec<String> = node
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        plane.register_pod(
-            &node.name,
-            &node.service_account,
-            &labels.join(","),
-            &node.ip,
-        )?;
+        register(plane, &node)?;
         let sa = node.service_account.clone();
+        Self::open(plane, &sa, node)
+            .await?
+            .map_err(|status| anyhow::anyhow!("pilot refused the stream: {status}"))
+    }
+
+    /// Opens a stream with a certificate for `default/<cert_sa>` claiming `node` (registered or
+    /// not). The outer error is the test's set-up failing; the inner one is pilot's answer when it
+    /// refuses the stream.
+    pub async fn open(
+        plane: &ControlPlane,
+        cert_sa: &str,
+        node: pb::Node,
+    ) -> Result<std::result::Result<Self, tonic::Status>> {
         let root = std::fs::read_to_string(&plane.root)?;
         let bundle = TrustBundle::from_pem(&root)?;
-        let token = std::fs::read_to_string(plane.token("default", &sa)?)?;
+        let token = std::fs::read_to_string(plane.token("default", cert_sa)?)?;
         let ca = CaClient::new(
             &plane.ca_addr,
             &bundle,
             weft_ca::server::ca_identity("cluster.local")?,
             &token,
         )?;
-        let me = SpiffeId::new("cluster.local", "default", &sa)?;
+        let me = SpiffeId::new("cluster.local", "default", cert_sa)?;
         let creds = ca.fetch_credentials(&me, Duration::from_secs(600)).await?;
         let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot")?;
         let cfg = tls::client_config(
@@ -83,11 +101,21 @@ impl DiscoveryStream {
             ..Default::default()
         })
         .await?;
-        let rx = DiscoveryServiceClient::new(channel)
+        Ok(DiscoveryServiceClient::new(channel)
             .stream_config(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Self { tx, rx })
+            .await
+            .map(|r| Self {
+                tx,
+                rx: r.into_inner(),
+            }))
+    }
+
+    /// Keeps the stream open without the test reading it: pushes are read and dropped in a task,
+    /// and the stream lives as long as the returned sender.
+    pub fn keep_open(self) -> mpsc::Sender<pb::DiscoveryRequest> {
+        let Self { tx, mut rx } = self;
+        tokio::spawn(async move { while let Ok(Some(_)) = rx.message().await {} });
+        tx
     }
 
     /// The next push, within 20 s.
@@ -124,6 +152,19 @@ impl DiscoveryStream {
         .await
     }
 
+    /// NACKs push `r`, naming `last_good` as the version still in use.
+    pub async fn nack(&self, r: &pb::DiscoveryResponse, last_good: &str, msg: &str) -> Result<()> {
+        self.send(pb::DiscoveryRequest {
+            version_info: last_good.into(),
+            response_nonce: r.nonce.clone(),
+            error_detail: Some(pb::ErrorDetail {
+                message: msg.into(),
+            }),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Sends a shadow-diff report, as the sidecar does: no nonce, neither ACK nor NACK.
     pub async fn report(&self, report: pb::MirrorReport) -> Result<()> {
         self.send(pb::DiscoveryRequest {
@@ -133,7 +174,8 @@ impl DiscoveryStream {
         .await
     }
 
-    async fn send(&self, request: pb::DiscoveryRequest) -> Result<()> {
+    /// Sends `request` as it is.
+    pub async fn send(&self, request: pb::DiscoveryRequest) -> Result<()> {
         self.tx
             .send(request)
             .await
