@@ -17,18 +17,16 @@
 //! observation instead of dropping it, under the copy timeout, and concludes the comparison with
 //! the primary's answer, which [`start`] hands back as a [`PrimaryProbe`] for the send stage.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::http::body::{Body, BodyError};
+use crate::http::body::{Body, Watch, Watched};
 use crate::route::{Cluster, Route, shadow_authority};
 use crate::shadow_diff::compare::Copied;
 use crate::shadow_diff::report::RequestFacts;
@@ -306,12 +304,14 @@ impl Mirrors {
     /// with the bytes it carried (up to the buffer limit).
     pub fn tee(&self, body: Body, copies: Vec<Copy>, tracer: &Tracer, service: &Arc<str>) -> Body {
         let (tx, rx) = oneshot::channel();
-        let this = TeeBody {
-            inner: body,
-            buf: Some(BytesMut::new()),
-            limit: self.max_body,
-            done: Some(tx),
-        };
+        let this = Watched::new(
+            body,
+            Tee {
+                buf: Some(BytesMut::new()),
+                limit: self.max_body,
+                done: Some(tx),
+            },
+        );
         let stats = self.stats.clone();
         let n = copies.len() as u64;
         let mirrors = Mirrors {
@@ -399,63 +399,44 @@ async fn request_copy(
     Some(resp)
 }
 
-/// Passes a body through unchanged while keeping a copy of up to `limit` bytes; reports the copy
-/// (or `None` if it grew too large) when the body ends.
-struct TeeBody {
-    inner: Body,
+/// Keeps a copy of up to `limit` bytes of a body passing through unchanged; reports the copy (or
+/// `None` if it grew too large) when the body ends.
+struct Tee {
     buf: Option<BytesMut>,
     limit: usize,
     done: Option<oneshot::Sender<Option<Bytes>>>,
 }
 
-impl HttpBody for TeeBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(buf)) = (frame.data_ref(), this.buf.as_mut()) {
-                    if buf.len() + data.len() > this.limit {
-                        // Too large: free what we had and stop copying.
-                        this.buf = None;
-                    } else {
-                        buf.extend_from_slice(data);
-                    }
-                }
-                // hyper stops polling once the body says it has ended, without asking for the
-                // final `None`: finish the copy here too.
-                if this.inner.is_end_stream()
-                    && let Some(done) = this.done.take()
-                {
-                    let _ = done.send(this.buf.take().map(BytesMut::freeze));
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(done) = this.done.take() {
-                    let _ = done.send(this.buf.take().map(BytesMut::freeze));
-                }
-            }
-            // An error: drop the sender, the copy is abandoned.
-            Poll::Ready(Some(Err(_))) => {
-                this.done = None;
-            }
-            Poll::Pending => {}
+impl Tee {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(self.buf.take().map(BytesMut::freeze));
         }
-        polled
+    }
+}
+
+impl Watch for Tee {
+    fn frame(&mut self, frame: &Frame<Bytes>, ended: bool) {
+        if let (Some(data), Some(buf)) = (frame.data_ref(), self.buf.as_mut()) {
+            if buf.len() + data.len() > self.limit {
+                // Too large: free what we had and stop copying.
+                self.buf = None;
+            } else {
+                buf.extend_from_slice(data);
+            }
+        }
+        if ended {
+            self.finish();
+        }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn end(&mut self) {
+        self.finish();
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// The copy is abandoned: its sender goes.
+    fn failed(&mut self) {
+        self.done = None;
     }
 }
 

@@ -44,19 +44,17 @@ pub mod observe;
 pub mod report;
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use weft_proto::discovery as pb;
 
-use crate::http::body::{Body, BodyError};
+use crate::http::body::{Body, Watch, Watched};
 use crate::route::compare::Compare;
 use crate::telemetry::trace::{Event, Span, Tracer, Value};
 use compare::{Copied, Verdict};
@@ -286,15 +284,17 @@ impl PrimaryProbe {
     pub fn observe(self, resp: http::Response<Body>) -> http::Response<Body> {
         let (parts, body) = resp.into_parts();
         let observer = Observer::new(self.spec, parts.status, &parts.headers);
-        let mut wrapped = ObservedBody {
-            inner: body,
-            observer: Some(observer),
-            tx: Some(self.tx),
-            start: self.start,
-        };
+        let mut wrapped = Watched::new(
+            body,
+            Observing {
+                observer: Some(observer),
+                tx: Some(self.tx),
+                start: self.start,
+            },
+        );
         // A body that is over before it starts (HEAD, 204, an empty body) may never be polled.
-        if wrapped.inner.is_end_stream() {
-            wrapped.done();
+        if wrapped.is_end_stream() {
+            wrapped.watch.done();
         }
         http::Response::from_parts(parts, wrapped.boxed())
     }
@@ -304,15 +304,14 @@ impl PrimaryProbe {
 #[derive(Debug)]
 struct Finished(Observer, Duration);
 
-/// The primary's response body, passed through unchanged, hashed on the way.
-struct ObservedBody {
-    inner: Body,
+/// The primary's response body on its way to the caller, hashed as it passes.
+struct Observing {
     observer: Option<Observer>,
     tx: Option<oneshot::Sender<Finished>>,
     start: Instant,
 }
 
-impl ObservedBody {
+impl Observing {
     fn done(&mut self) {
         if let (Some(o), Some(tx)) = (self.observer.take(), self.tx.take()) {
             // Only the clock is read here: parsing a kept JSON body is the comparison task's work,
@@ -322,43 +321,24 @@ impl ObservedBody {
     }
 }
 
-impl HttpBody for ObservedBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(o)) = (frame.data_ref(), this.observer.as_mut()) {
-                    o.data(data);
-                }
-                // hyper stops polling once the body says it has ended.
-                if this.inner.is_end_stream() {
-                    this.done();
-                }
-            }
-            Poll::Ready(None) => this.done(),
-            // A failed primary is not compared (its sender dropped: `skipped`).
-            Poll::Ready(Some(Err(_))) => {
-                this.tx = None;
-                this.observer = None;
-            }
-            Poll::Pending => {}
+impl Watch for Observing {
+    fn frame(&mut self, frame: &Frame<Bytes>, ended: bool) {
+        if let (Some(data), Some(o)) = (frame.data_ref(), self.observer.as_mut()) {
+            o.data(data);
         }
-        polled
+        if ended {
+            self.done();
+        }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn end(&mut self) {
+        self.done();
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// A failed primary is not compared (its sender dropped: `skipped`).
+    fn failed(&mut self) {
+        self.tx = None;
+        self.observer = None;
     }
 }
 

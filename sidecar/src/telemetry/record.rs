@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use super::access_log::{AccessLog, LogEntry};
 use super::metrics::{Labels, Metrics, Reporter, RequestMetric};
 use super::trace::{Hop, Kind, Span, Tracer};
-use crate::http::body::Body;
+use crate::http::body::{Body, Watch, Watched};
 use http_body::Body as _;
 
 /// Envoy's response flags, as a set (`%RESPONSE_FLAGS%` and Istio's `response_flags` label).
@@ -333,10 +333,12 @@ impl<'a> Record<'a> {
         self.log_and_span(code, bytes, elapsed);
         let metrics = self.sinks.metrics.clone();
         resp.map(|inner| {
-            Body::new(GrpcStatusBody {
+            Body::new(Watched::new(
                 inner,
-                pending: Some((metrics, metric)),
-            })
+                GrpcStatus {
+                    pending: Some((metrics, metric)),
+                },
+            ))
         })
     }
 
@@ -447,15 +449,14 @@ impl<'a> Record<'a> {
     }
 }
 
-/// A gRPC answer's body on its way to the caller, holding the call's metric sample until the
+/// A gRPC answer's body on its way to the caller: holds the call's metric sample until the
 /// trailers say its `grpc-status` (recorded without one if the body ends, fails or is dropped
 /// first).
-struct GrpcStatusBody {
-    inner: Body,
+struct GrpcStatus {
     pending: Option<(Arc<Metrics>, RequestMetric)>,
 }
 
-impl GrpcStatusBody {
+impl GrpcStatus {
     fn record(&mut self, status: Option<u16>) {
         if let Some((metrics, mut metric)) = self.pending.take() {
             metric.grpc_status = status;
@@ -464,38 +465,23 @@ impl GrpcStatusBody {
     }
 }
 
-impl http_body::Body for GrpcStatusBody {
-    type Data = bytes::Bytes;
-    type Error = crate::http::body::BodyError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    let status = grpc_status(trailers);
-                    self.record(status);
-                }
-            }
-            std::task::Poll::Ready(Some(Err(_)) | None) => self.record(None),
-            std::task::Poll::Pending => {}
+impl Watch for GrpcStatus {
+    fn frame(&mut self, frame: &http_body::Frame<bytes::Bytes>, _ended: bool) {
+        if let Some(trailers) = frame.trailers_ref() {
+            self.record(grpc_status(trailers));
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn end(&mut self) {
+        self.record(None);
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    fn failed(&mut self) {
+        self.record(None);
     }
 }
 
-impl Drop for GrpcStatusBody {
+impl Drop for GrpcStatus {
     fn drop(&mut self) {
         self.record(None);
     }
