@@ -6,7 +6,6 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use super::record::Flags;
 
@@ -20,8 +19,6 @@ pub enum Value {
     Static(&'static str),
     /// A text built or copied for this span.
     Text(String),
-    /// A text shared with the config.
-    Shared(Arc<str>),
     /// A number, written in decimal.
     Number(u64),
     /// A signed number, written in decimal.
@@ -125,7 +122,6 @@ impl Value {
         match self {
             Value::Static(s) => s,
             Value::Text(s) => s,
-            Value::Shared(s) => s,
             Value::Number(n) => {
                 scratch.digits(*n);
                 scratch.as_str()
@@ -210,7 +206,6 @@ mod tests {
         let cases: Vec<(Value, String)> = vec![
             (Value::Static("GET"), "GET".into()),
             (Value::Text("x".repeat(300)), "x".repeat(300)),
-            (Value::Shared(Arc::from("v1")), "v1".into()),
             (Value::Number(0), "0".into()),
             (Value::Number(u64::MAX), u64::MAX.to_string()),
             (Value::Signed(-1234), "-1234".into()),
