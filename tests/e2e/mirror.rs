@@ -379,38 +379,51 @@ fn mirror_percentage_is_honoured() {
             .unwrap();
         }
         let before = m.v2.log_lines().len();
-        let copied = |m: &Seed| {
-            m.sleep_stat("weft_mirror_requests_total{result=\"sent\"}")
-                .unwrap()
-                + m.sleep_stat("weft_mirror_requests_total{result=\"failed\"}")
-                    .unwrap()
+        let stat = |result: &str| {
+            m.sleep_stat(&format!(
+                "weft_mirror_requests_total{{result=\"{result}\"}}"
+            ))
+            .unwrap()
         };
-        let copied_before = copied(&m);
+        // A copy made is one the roll chose: sent, or failed on its way. The roll is what the
+        // percentage decides; whether a copy then reached v2 is the upstream's business (a v2
+        // connection whose on-demand PING is slow on a loaded machine is held failing for a
+        // moment, and the copies made meanwhile fail at once, by design: issue 17).
+        let (sent_before, failed_before) = (stat("sent"), stat("failed"));
         assert_eq!(m.send(100, &[]).unwrap().0, 100, "every primary goes to v1");
-        let copies = if *range.end() == 0 {
+        let (made, delivered) = if *range.end() == 0 {
             std::thread::sleep(Duration::from_millis(300));
-            m.v2.log_lines().len() - before
+            let arrived = m.v2.log_lines().len() - before;
+            (arrived, arrived)
         } else {
             // The copies are sent as the primaries finish: wait (bounded) until the sidecar's
-            // count of finished copies stops moving, then until v2 has logged that many (on a
-            // loaded machine the first copies alone can take longer than any fixed wait).
+            // counts of finished copies stop moving (on a loaded machine the first copies alone
+            // can take longer than any fixed wait).
             let deadline = Instant::now() + Duration::from_secs(20);
-            let mut last = copied(&m);
+            let mut last = (stat("sent"), stat("failed"));
             let mut still_since = Instant::now();
             while Instant::now() < deadline && still_since.elapsed() < Duration::from_secs(1) {
                 std::thread::sleep(Duration::from_millis(100));
-                let now = copied(&m);
+                let now = (stat("sent"), stat("failed"));
                 if now != last {
                     last = now;
                     still_since = Instant::now();
                 }
             }
-            let sent = usize::try_from(last - copied_before).unwrap_or(0);
-            wait_v2_lines(&m, before + sent.max(*range.start())).len() - before
+            let sent = usize::try_from(last.0 - sent_before).unwrap_or(0);
+            let failed = usize::try_from(last.1 - failed_before).unwrap_or(0);
+            // Every copy the sidecar counts as sent reached v2.
+            let arrived = wait_v2_lines(&m, before + sent).len() - before;
+            assert!(
+                arrived >= sent,
+                "mirrorPercentage {pct}: {sent} copies sent, {arrived} reached v2"
+            );
+            (sent + failed, sent)
         };
         assert!(
-            range.contains(&copies),
-            "mirrorPercentage {pct}: {copies} of 100 copies; the sidecar's mirror counters:\n{}",
+            range.contains(&made),
+            "mirrorPercentage {pct}: {made} of 100 copies made ({delivered} delivered); the \
+             sidecar's mirror counters:\n{}",
             m.sleep
                 .stats()
                 .unwrap_or_default()
