@@ -643,6 +643,23 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
         "the app's metrics through the sidecar: {merged:?}"
     );
 
+    // What the control-plane dashboard shows beyond start-up: a config change pushed to the
+    // connected sidecars (a convergence time; the load balancer only, so routing is as before)
+    // and a certificate request the CA refuses (a bad token).
+    let policy = dir.path().join("httpbin-lb.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin-lb}\n\
+         spec:\n  host: httpbin\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n",
+    )
+    .unwrap();
+    m.plane.apply(policy.to_str().unwrap()).unwrap();
+    let refused = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(m.plane.forged_token_refused())
+        .unwrap();
+    assert!(refused, "the CA signed for a forged token");
+
     // Traffic while Prometheus scrapes, so rates over the last minute are not zero.
     for _ in 0..3 {
         traffic(&m, 3);
@@ -659,7 +676,12 @@ fn prometheus_config_and_every_dashboard_query_return_data_from_a_real_prometheu
     names.sort();
     assert_eq!(
         names,
-        ["weft-mesh.json", "weft-service.json", "weft-workload.json"]
+        [
+            "weft-control-plane.json",
+            "weft-mesh.json",
+            "weft-service.json",
+            "weft-workload.json"
+        ]
     );
     let mut problems = Vec::new();
     let mut ran = 0;

@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use weft_ca::SpiffeId;
-use weft_ca::client::CaClient;
-use weft_ca::tls::TrustBundle;
 use weft_proto::discovery as pb;
 use weft_tests::discovery_client::{self, DiscoveryStream};
 use weft_tests::prometheus::{self, Prometheus};
@@ -186,21 +183,7 @@ async fn pilot_and_ca_metrics_count_what_happened_pass_promtool_and_are_scraped_
     );
 
     // A bad token at the CA.
-    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(&plane.root).unwrap()).unwrap();
-    let forged = CaClient::new(
-        &plane.ca_addr,
-        &bundle,
-        weft_ca::server::ca_identity("cluster.local").unwrap(),
-        "not-a-token",
-    )
-    .unwrap();
-    let me = SpiffeId::new("cluster.local", "default", "sleep").unwrap();
-    assert!(
-        forged
-            .fetch_credentials(&me, Duration::from_secs(600))
-            .await
-            .is_err()
-    );
+    assert!(plane.forged_token_refused().await.unwrap());
     let ca_text = scrape(&ca_mon);
     let issued = value(&ca_text, "citadel_server_success_cert_issuance_count").unwrap();
     // pilot, the sidecar and the NACKing stream, each once.

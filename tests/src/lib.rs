@@ -376,6 +376,23 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Asks the CA for a certificate for `default/sleep` with a token it cannot verify: whether it
+    /// refused, as it must (counted as an authentication failure).
+    pub async fn forged_token_refused(&self) -> Result<bool> {
+        let bundle = weft_ca::tls::TrustBundle::from_pem(&std::fs::read_to_string(&self.root)?)?;
+        let forged = weft_ca::client::CaClient::new(
+            &self.ca_addr,
+            &bundle,
+            weft_ca::server::ca_identity("cluster.local")?,
+            "not-a-token",
+        )?;
+        let me = weft_ca::SpiffeId::new("cluster.local", "default", "sleep")?;
+        Ok(forged
+            .fetch_credentials(&me, Duration::from_secs(600))
+            .await
+            .is_err())
+    }
+
     /// Writes a bootstrap token for `ns`/`sa` to a file and returns its path.
     pub fn token(&self, ns: &str, sa: &str) -> Result<PathBuf> {
         token_file(&self.dir, ns, sa, self.token_ttl.as_deref())
