@@ -30,8 +30,7 @@ use anyhow::{Context, Result, bail, ensure};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use weft_ca::SpiffeId;
-use weft_ca::client::CaClient;
-use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_ca::tls::{self, CredentialStore};
 use weft_proto::discovery as pb;
 use weft_tests::ControlPlane;
 
@@ -276,21 +275,14 @@ fn round_of(config: &[u8]) -> Option<u32> {
 
 /// One mTLS client config per namespace (identity `ns/<ns>/sa/bench`), from the real CA.
 async fn client_configs(plane: &ControlPlane) -> Result<Vec<Arc<rustls::ClientConfig>>> {
-    let root = std::fs::read_to_string(&plane.root)?;
-    let bundle = TrustBundle::from_pem(&root)?;
+    let bundle = plane.bundle()?;
     let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot")?;
     let mut configs = Vec::with_capacity(NAMESPACES);
     for n in 0..NAMESPACES {
         let ns = namespace(n);
-        let token = std::fs::read_to_string(plane.token(&ns, SERVICE_ACCOUNT)?)?;
-        let ca = CaClient::new(
-            &plane.ca_addr,
-            &bundle,
-            weft_ca::server::ca_identity("cluster.local")?,
-            &token,
-        )?;
-        let me = SpiffeId::new("cluster.local", &ns, SERVICE_ACCOUNT)?;
-        let creds = ca.fetch_credentials(&me, Duration::from_secs(3600)).await?;
+        let creds = plane
+            .credentials(&ns, SERVICE_ACCOUNT, Duration::from_secs(3600))
+            .await?;
         let cfg = tls::client_config(
             Some(CredentialStore::new(creds)),
             &bundle,

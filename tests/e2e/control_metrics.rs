@@ -54,12 +54,7 @@ fn scrape_until(addr: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
 /// (counters without `_total`, and the CA's counters ending in `_count`), kept as Istio exports
 /// them for its dashboards and alerts.
 fn promtool_accepts(text: &str, dir: &std::path::Path, name: &str) {
-    let (code, report) = prometheus::check_metrics(text, dir, name).unwrap();
-    assert!(
-        matches!(code, Some(0 | 3)),
-        "{name}: promtool check metrics ({code:?}):\n{}",
-        report.join("\n")
-    );
+    let report = prometheus::lints(text, dir, name).unwrap();
     let other: Vec<_> = report
         .iter()
         .filter(|l| {

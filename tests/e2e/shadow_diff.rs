@@ -10,6 +10,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use weft_pilot_config::virtual_service::mirror_compare::DEFAULT_IGNORED_HEADERS;
 use weft_proto::discovery as pb;
 use weft_tests::fake_pilot::{FakePilot, simple_config};
 use weft_tests::{ControlPlane, Httpbin, OtlpSink, Sidecar};
@@ -18,32 +19,34 @@ const FQDN: &str = "httpbin.default.svc.cluster.local";
 const V2: &str = "outbound|8000|v2|httpbin.default.svc.cluster.local";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The headers pilot ignores by default (`weft.io/mirror-compare-ignore-headers` adds to them).
-const PILOT_DEFAULT_IGNORED: &[&str] = &[
-    "date",
-    "server",
-    "x-request-id",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "b3",
-    "traceparent",
-    "tracestate",
-];
-
+/// A compare as pilot pushes it: pilot's default ignored headers, and `ignore_json`.
 fn compare(ignore_json: &[&str]) -> pb::MirrorCompare {
     pb::MirrorCompare {
         status: true,
         headers: true,
         body: true,
-        ignore_headers: PILOT_DEFAULT_IGNORED
+        ignore_headers: DEFAULT_IGNORED_HEADERS
             .iter()
             .map(|s| (*s).to_owned())
             .collect(),
         ignore_json: ignore_json.iter().map(|s| (*s).to_owned()).collect(),
     }
+}
+
+/// A first route `default/httpbin/down` for paths under `/down`: the existing route's copy whose
+/// mirror goes to `cluster` (a copy target that is down).
+fn mirror_down(cfg: &mut pb::ProxyConfig, cluster: &str) {
+    let routes = &mut cfg.services[0].ports[0].routes;
+    let mut to_down = routes[0].clone();
+    to_down.name = "default/httpbin/down".into();
+    to_down.matches = vec![pb::HttpMatch {
+        uri: Some(pb::StringMatch {
+            kind: Some(pb::string_match::Kind::Prefix("/down".into())),
+        }),
+        ..Default::default()
+    }];
+    to_down.mirrors[0].cluster = cluster.into();
+    routes.insert(0, to_down);
 }
 
 fn cluster(name: &str, port: u16) -> pb::Cluster {
@@ -176,40 +179,14 @@ fn path<'a>(route: &'a serde_json::Value, p: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no path {p} in {route:#}"))
 }
 
-/// `promtool check metrics` problems other than the base-unit lint that Istio's own
-/// `_milliseconds` names and ours (named by the issue) share; `None` without promtool.
-fn promtool_problems(text: &str) -> Option<Vec<String>> {
-    use std::io::Write as _;
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("promtool check skipped: promtool not installed (Debian's prometheus package)");
-        return None;
-    };
-    child
-        .stdin
-        .take()
+/// `promtool check metrics` on a sidecar's scrape: every lint but the base-unit one that Istio's
+/// `_milliseconds` names and ours (named by the issue) share.
+fn promtool_problems(text: &str, dir: &std::path::Path) -> Vec<String> {
+    weft_tests::prometheus::lints(text, dir, "sleep")
         .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "promtool check metrics failed:\n{report}"
-    );
-    Some(
-        report
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.contains("use base unit \"seconds\""))
-            .map(str::to_owned)
-            .collect(),
-    )
+        .into_iter()
+        .filter(|l| !l.contains("use base unit \"seconds\""))
+        .collect()
 }
 
 #[test]
@@ -271,9 +248,8 @@ fn identical_versions_match_on_every_request_date_and_trace_headers_aside() {
         ) && l.ends_with(" 300")),
         "{stats}"
     );
-    if let Some(problems) = promtool_problems(&stats) {
-        assert!(problems.is_empty(), "{problems:#?}");
-    }
+    let problems = promtool_problems(&stats, dir.path());
+    assert!(problems.is_empty(), "{problems:#?}");
 
     // The report reaches pilot on the config stream (within the 5 s period): no nonce, so it is
     // neither an ACK nor a NACK, and the stream goes on taking pushes.
@@ -307,16 +283,7 @@ fn divergences_are_named_by_path_and_noise_and_ignored_paths_are_not() {
     let mut cfg = config(v1.port, v2.port, &["$.served_by"], 1000);
     let down_cluster = "outbound|8000|down|httpbin.default.svc.cluster.local";
     cfg.clusters.push(cluster(down_cluster, down));
-    let mut to_down = cfg.services[0].ports[0].routes[0].clone();
-    to_down.name = "default/httpbin/down".into();
-    to_down.matches = vec![pb::HttpMatch {
-        uri: Some(pb::StringMatch {
-            kind: Some(pb::string_match::Kind::Prefix("/down".into())),
-        }),
-        ..Default::default()
-    }];
-    to_down.mirrors[0].cluster = down_cluster.into();
-    cfg.services[0].ports[0].routes.insert(0, to_down);
+    mirror_down(&mut cfg, down_cluster);
     let sink = OtlpSink::start(dir.path(), None).unwrap();
     let m = mesh(dir.path(), cfg, Some(&sink));
 
@@ -590,16 +557,7 @@ fn through_mtls_sidecars_a_copy_is_compared_and_a_mesh_error_is_a_mirror_error()
     let mut c3 = cluster(down, closed);
     mtls(&mut c3, closed, &pod_v3);
     cfg.clusters.push(c3);
-    let mut to_down = cfg.services[0].ports[0].routes[0].clone();
-    to_down.name = "default/httpbin/down".into();
-    to_down.matches = vec![pb::HttpMatch {
-        uri: Some(pb::StringMatch {
-            kind: Some(pb::string_match::Kind::Prefix("/down".into())),
-        }),
-        ..Default::default()
-    }];
-    to_down.mirrors[0].cluster = down.into();
-    cfg.services[0].ports[0].routes.insert(0, to_down);
+    mirror_down(&mut cfg, down);
     m.pilot.push("2", cfg);
     let deadline = Instant::now() + WAIT;
     while version(&m.client) != "2" {

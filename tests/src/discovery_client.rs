@@ -9,8 +9,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_ca::SpiffeId;
-use weft_ca::client::CaClient;
-use weft_ca::tls::{self, CredentialStore, TrustBundle};
+use weft_ca::tls::{self, CredentialStore};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_client::DiscoveryServiceClient;
 
@@ -75,17 +74,10 @@ impl DiscoveryStream {
         cert_sa: &str,
         node: pb::Node,
     ) -> Result<std::result::Result<Self, tonic::Status>> {
-        let root = std::fs::read_to_string(&plane.root)?;
-        let bundle = TrustBundle::from_pem(&root)?;
-        let token = std::fs::read_to_string(plane.token("default", cert_sa)?)?;
-        let ca = CaClient::new(
-            &plane.ca_addr,
-            &bundle,
-            weft_ca::server::ca_identity("cluster.local")?,
-            &token,
-        )?;
-        let me = SpiffeId::new("cluster.local", "default", cert_sa)?;
-        let creds = ca.fetch_credentials(&me, Duration::from_secs(600)).await?;
+        let creds = plane
+            .credentials("default", cert_sa, Duration::from_secs(600))
+            .await?;
+        let bundle = plane.bundle()?;
         let pilot_id = SpiffeId::new("cluster.local", "weft-system", "pilot")?;
         let cfg = tls::client_config(
             Some(CredentialStore::new(creds)),

@@ -17,9 +17,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weft_ca::SpiffeId;
-use weft_ca::client::CaClient;
-use weft_ca::tls::{self, ClientAuth, CredentialStore, TrustBundle};
+use weft_ca::tls::{self, ClientAuth, CredentialStore};
 use weft_proto::discovery as pb;
 use weft_proto::discovery::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 
@@ -133,20 +131,10 @@ impl FakePilot {
             .enable_all()
             .build()
             .context("fake pilot runtime")?;
-        // The CA client's channel spawns onto the current runtime.
         let _entered = runtime.enter();
-        let root = std::fs::read_to_string(&plane.root)?;
-        let bundle = TrustBundle::from_pem(&root)?;
-        let token = std::fs::read_to_string(plane.token("weft-system", "pilot")?)?;
-        let ca = CaClient::new(
-            &plane.ca_addr,
-            &bundle,
-            weft_ca::server::ca_identity("cluster.local")?,
-            &token,
-        )?;
-        let me = SpiffeId::new("cluster.local", "weft-system", "pilot")?;
+        let bundle = plane.bundle()?;
         let creds = runtime
-            .block_on(ca.fetch_credentials(&me, Duration::from_secs(3600)))
+            .block_on(plane.credentials("weft-system", "pilot", Duration::from_secs(3600)))
             .context("pilot certificate from the CA")?;
         let config = tls::server_config(
             CredentialStore::new(creds),

@@ -376,18 +376,46 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The plane's trust bundle (the root sidecars take as `--ca-root`).
+    pub fn bundle(&self) -> Result<weft_ca::tls::TrustBundle> {
+        Ok(weft_ca::tls::TrustBundle::from_pem(
+            &std::fs::read_to_string(&self.root)?,
+        )?)
+    }
+
+    /// A client of the plane's CA presenting `token` (inside a Tokio runtime: its channel spawns
+    /// onto the current one).
+    pub fn ca_client(&self, token: &str) -> Result<weft_ca::client::CaClient> {
+        Ok(weft_ca::client::CaClient::new(
+            &self.ca_addr,
+            &self.bundle()?,
+            weft_ca::server::ca_identity("cluster.local")?,
+            token,
+        )?)
+    }
+
+    /// Credentials for `ns`/`sa` from the plane's CA, asked for with a bootstrap token of theirs,
+    /// valid for `validity`.
+    pub async fn credentials(
+        &self,
+        ns: &str,
+        sa: &str,
+        validity: Duration,
+    ) -> Result<weft_ca::tls::Credentials> {
+        let token = std::fs::read_to_string(self.token(ns, sa)?)?;
+        let me = weft_ca::SpiffeId::new("cluster.local", ns, sa)?;
+        Ok(self
+            .ca_client(&token)?
+            .fetch_credentials(&me, validity)
+            .await?)
+    }
+
     /// Asks the CA for a certificate for `default/sleep` with a token it cannot verify: whether it
     /// refused, as it must (counted as an authentication failure).
     pub async fn forged_token_refused(&self) -> Result<bool> {
-        let bundle = weft_ca::tls::TrustBundle::from_pem(&std::fs::read_to_string(&self.root)?)?;
-        let forged = weft_ca::client::CaClient::new(
-            &self.ca_addr,
-            &bundle,
-            weft_ca::server::ca_identity("cluster.local")?,
-            "not-a-token",
-        )?;
         let me = weft_ca::SpiffeId::new("cluster.local", "default", "sleep")?;
-        Ok(forged
+        Ok(self
+            .ca_client("not-a-token")?
             .fetch_credentials(&me, Duration::from_secs(600))
             .await
             .is_err())

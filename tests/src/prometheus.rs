@@ -21,9 +21,9 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
-/// `promtool check metrics` on `text`: the exit code (0 clean, 3 lint problems only, else the text
-/// does not parse) and every line it reported.
-pub fn check_metrics(text: &str, dir: &Path, name: &str) -> Result<(Option<i32>, Vec<String>)> {
+/// `promtool check metrics` on `text` (kept as `dir/<name>.prom`): the lint lines it reports, or an
+/// error when the text does not parse (an exit code other than 0, clean, or 3, lints only).
+pub fn lints(text: &str, dir: &Path, name: &str) -> Result<Vec<String>> {
     let file = dir.join(format!("{name}.prom"));
     std::fs::write(&file, text)?;
     let out = Command::new(tool("promtool"))
@@ -33,12 +33,17 @@ pub fn check_metrics(text: &str, dir: &Path, name: &str) -> Result<(Option<i32>,
         .context("run promtool")?;
     let report =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let lines = report
+    if !matches!(out.status.code(), Some(0 | 3)) {
+        bail!(
+            "{name}: promtool check metrics ({:?}):\n{report}",
+            out.status.code()
+        );
+    }
+    Ok(report
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_owned)
-        .collect();
-    Ok((out.status.code(), lines))
+        .collect())
 }
 
 /// A running Prometheus server.

@@ -126,12 +126,7 @@ impl Inbound {
         record.note_request_id(&parts.headers);
         hop.inject(&mut parts.headers);
         if self.sinks.tracer.enabled() && hop.sampled {
-            let service = snapshot
-                .routes
-                .tracing
-                .service_name
-                .clone()
-                .unwrap_or_else(|| self.sinks.service_name.clone());
+            let service = self.sinks.service_name(&snapshot.routes);
             let authority = record.authority.as_deref().unwrap_or_default();
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let mut attributes = span_tags::request(&parts, authority, path);

@@ -251,7 +251,7 @@ impl Outbound {
         let hop = Hop::from_request(&parts.headers, snapshot.routes.tracing.sampling_percent);
         ensure_request_id(&mut parts.headers);
         record.note_request_id(&parts.headers);
-        let service_name = self.service_name(&snapshot.routes);
+        let service_name = self.sinks.service_name(&snapshot.routes);
         if self.sinks.tracer.enabled() && hop.sampled {
             let mut attributes = span_tags::request(&parts, &authority, path.as_str());
             attributes.push(("weft.route", target.route.name.clone().into()));
@@ -331,13 +331,5 @@ impl Outbound {
         strip_hop_by_hop(resp.headers_mut());
         rewrite::response_headers(target.route, dest, resp.headers_mut());
         Ok(resp)
-    }
-
-    fn service_name(&self, table: &crate::route::RouteTable) -> Arc<str> {
-        table
-            .tracing
-            .service_name
-            .clone()
-            .unwrap_or_else(|| self.sinks.service_name.clone())
     }
 }

@@ -123,6 +123,18 @@ pub struct Sinks {
     pub unknown: Unknown,
 }
 
+impl Sinks {
+    /// `service.name` of the spans: pilot's name for this workload once pushed, else the one the
+    /// sidecar started with.
+    pub fn service_name(&self, routes: &crate::route::RouteTable) -> Arc<str> {
+        routes
+            .tracing
+            .service_name
+            .clone()
+            .unwrap_or_else(|| self.service_name.clone())
+    }
+}
+
 /// Istio's `unknown` labels, built once.
 #[derive(Debug, Clone)]
 pub struct Unknown {
@@ -522,6 +534,20 @@ impl Drop for Record<'_> {
 mod tests {
     use super::*;
 
+    /// Metrics only (no spans, no log), with `workload` on both sides.
+    fn sinks(workload: &super::super::Workload<'_>, service: &str) -> Sinks {
+        Sinks {
+            tracer: Tracer::disabled(),
+            metrics: Arc::new(Metrics::new(
+                super::super::workload_labels("source", workload),
+                super::super::workload_labels("destination", workload),
+            )),
+            access_log: AccessLog::Off,
+            service_name: Arc::from(service),
+            unknown: Unknown::default(),
+        }
+    }
+
     #[test]
     fn grpc_is_told_by_the_content_type() {
         let head = |ct: &'static str| {
@@ -552,16 +578,7 @@ mod tests {
 
     #[test]
     fn metrics_name_grpc_requests_and_their_status() {
-        let sinks = Sinks {
-            tracer: Tracer::disabled(),
-            metrics: Arc::new(Metrics::new(
-                super::super::workload_labels("source", &super::super::Workload::default()),
-                super::super::workload_labels("destination", &super::super::Workload::default()),
-            )),
-            access_log: AccessLog::Off,
-            service_name: Arc::from("a"),
-            unknown: Unknown::default(),
-        };
+        let sinks = sinks(&super::super::Workload::default(), "a");
         let req = http::Request::builder()
             .header("content-type", "application/grpc")
             .body(())
@@ -594,16 +611,7 @@ mod tests {
     #[tokio::test]
     async fn a_grpc_status_in_trailers_is_the_calls_and_is_counted_once_the_trailers_pass() {
         use http_body_util::BodyExt;
-        let sinks = Sinks {
-            tracer: Tracer::disabled(),
-            metrics: Arc::new(Metrics::new(
-                super::super::workload_labels("source", &super::super::Workload::default()),
-                super::super::workload_labels("destination", &super::super::Workload::default()),
-            )),
-            access_log: AccessLog::Off,
-            service_name: Arc::from("a"),
-            unknown: Unknown::default(),
-        };
+        let sinks = sinks(&super::super::Workload::default(), "a");
         let (parts, ()) = http::Request::builder()
             .header("content-type", "application/grpc")
             .body(())
@@ -681,16 +689,7 @@ mod tests {
             app: "sleep",
             ..Default::default()
         };
-        let sinks = Sinks {
-            tracer: Tracer::disabled(),
-            metrics: Arc::new(Metrics::new(
-                super::super::workload_labels("source", &sleep),
-                super::super::workload_labels("destination", &sleep),
-            )),
-            access_log: AccessLog::Off,
-            service_name: Arc::from("sleep"),
-            unknown: Unknown::default(),
-        };
+        let sinks = sinks(&sleep, "sleep");
         let (parts, ()) = http::Request::new(()).into_parts();
         let record = Record::start(Reporter::Source, &sinks, &parts);
         drop(record);

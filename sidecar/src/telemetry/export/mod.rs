@@ -245,6 +245,16 @@ impl Exporter {
         }
     }
 
+    /// Counts and logs (rate-limited) a batch of `n` spans dropped on an answer not worth retrying.
+    fn failed_non_retryable(&mut self, n: u64, why: &str) {
+        self.stats
+            .failed_non_retryable
+            .fetch_add(n, Ordering::Relaxed);
+        if let Some(suppressed) = self.log.allow(Instant::now()) {
+            tracing::warn!(spans = n, %why, suppressed, "span export failed (not retryable); spans dropped");
+        }
+    }
+
     /// Sends one batch, retrying within `OTEL_BSP_EXPORT_TIMEOUT` and `MAX_ATTEMPTS`; counts how
     /// it ended.
     async fn export(&mut self, batch: &[Span]) {
@@ -252,15 +262,7 @@ impl Exporter {
         let give_up = Instant::now() + self.batch.export_timeout;
         let payload = match self.wire.prepare(batch, &self.resource) {
             Ok(p) => p,
-            Err(why) => {
-                self.stats
-                    .failed_non_retryable
-                    .fetch_add(n, Ordering::Relaxed);
-                if let Some(suppressed) = self.log.allow(Instant::now()) {
-                    tracing::warn!(spans = n, %why, suppressed, "span export failed (not retryable); spans dropped");
-                }
-                return;
-            }
+            Err(why) => return self.failed_non_retryable(n, &why),
         };
         let mut attempt = 1;
         loop {
@@ -297,15 +299,7 @@ impl Exporter {
                     }
                     return;
                 }
-                Sent::Failed(why) => {
-                    self.stats
-                        .failed_non_retryable
-                        .fetch_add(n, Ordering::Relaxed);
-                    if let Some(suppressed) = self.log.allow(Instant::now()) {
-                        tracing::warn!(spans = n, %why, suppressed, "span export failed (not retryable); spans dropped");
-                    }
-                    return;
-                }
+                Sent::Failed(why) => return self.failed_non_retryable(n, &why),
                 Sent::Retry { after, why } => {
                     let delay = after.unwrap_or_else(|| backoff(attempt, fastrand::f64()));
                     if attempt >= MAX_ATTEMPTS || Instant::now() + delay >= give_up {
